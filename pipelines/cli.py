@@ -1,0 +1,162 @@
+"""`effnet`: the command line. Each subcommand is a thin wrapper over a flow or a pipeline function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipelines.settings import DATA_DIR_ENV, data_layout
+
+
+def _prefect_home(data_dir: str | None) -> None:
+    """Keep Prefect's local state (ephemeral server database, logs) inside the data directory.
+
+    Must run before prefect is imported; an explicit PREFECT_HOME or PREFECT_API_URL wins.
+    """
+    layout = data_layout(data_dir).ensure()
+    os.environ.setdefault("PREFECT_HOME", str(layout.root / "prefect"))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
+    os.environ.setdefault("MLFLOW_TRACKING_URI", layout.tracking_uri)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipelines.demo_data import write_demo_imagenet
+
+    s = write_demo_imagenet(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
+                            val_per_class=args.val_per_class, seed=args.seed)
+    print(f"{'reused' if s.reused else 'wrote'} demo ImageNet in {args.out}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    _prefect_home(args.data_dir)
+    from flows.stage_imagenet import stage_imagenet
+
+    minival = float(args.minival)
+    dest = stage_imagenet(args.source, args.out, tiers=args.tiers, shard_size=args.shard_size, minival=minival,
+                          seed=args.seed, jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
+    print(dest)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import load_recipe, parse_family_member
+    from pipelines.train import run_training, validate_job
+
+    recipe = load_recipe(args.recipe)
+    sections: dict = {}
+    if args.variant:
+        sections["model"] = parse_family_member(args.variant)
+    if args.epochs:
+        sections["schedule"] = {"epochs": args.epochs}
+    if args.workers:
+        sections["ray"] = {"num_workers": args.workers}
+    recipe = recipe.with_overrides(**sections) if sections else recipe
+    validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
+    result = run_training(recipe, args.data, data_layout(args.data_dir))
+    print(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
+def cmd_family(args: argparse.Namespace) -> int:
+    _prefect_home(args.data_dir)
+    from flows.train_family import train_family
+
+    overrides = {"schedule": {"epochs": args.epochs}} if args.epochs else None
+    train_family(args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir,
+                 overrides=overrides)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _prefect_home(args.data_dir)
+    from flows.demo import demo
+
+    layout = data_layout(args.data_dir)
+    demo(data_dir=str(layout.root), epochs=args.epochs)
+    print(f"\nResults are in {layout.root}:\n"
+          f"  demo archives   {layout.demo_archives}\n  staged shards   {layout.datasets}\n"
+          f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n"
+          f"Open the MLflow UI with:\n"
+          f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
+          f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
+          f"then browse http://127.0.0.1:5000 (experiment 'efficientnet-family', Models tab for the registry).")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.summary import family_table, format_table
+
+    rows = family_table(args.names or None)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effnet", description="Train the EfficientNet family on ImageNet.")
+    p.add_argument("--data-dir", default=None,
+                   help=f"where archives, shards, MLflow and Ray state live (default ${DATA_DIR_ENV} or ./data)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo-data", help="write a small ImageNet in the ILSVRC2012 archive format")
+    s.add_argument("out")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--train-per-class", type=int, default=40)
+    s.add_argument("--val-per-class", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo_data)
+
+    s = sub.add_parser("stage", help="stage ILSVRC2012 (archives, tree or Kaggle layout) into shards")
+    s.add_argument("--source", required=True)
+    s.add_argument("--out", required=True, help="datasets root; the version goes in a sub-folder")
+    s.add_argument("--tiers", type=int, nargs="+", default=None)
+    s.add_argument("--shard-size", type=int, default=1024)
+    s.add_argument("--minival", default="25000", help="images held out of train, or a fraction < 1")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--jpeg-quality", type=int, default=90)
+    s.add_argument("--max-bad-fraction", type=float, default=0.01)
+    s.set_defaults(fn=cmd_stage)
+
+    s = sub.add_parser("train", help="train one variant on Ray, early-stop on minival, register in MLflow")
+    s.add_argument("--variant", help="e.g. efficientnet_b0, or phi=-3 for B0 compound-scaled")
+    s.add_argument("--recipe", default="v1")
+    s.add_argument("--data", required=True, help="a staged dataset version directory")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--workers", type=int)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("family", help="train several variants (the train-family flow)")
+    s.add_argument("variants", nargs="+")
+    s.add_argument("--recipe", default="v1")
+    s.add_argument("--data", default=None, help="dataset version directory (default: latest staged)")
+    s.add_argument("--epochs", type=int)
+    s.set_defaults(fn=cmd_family)
+
+    s = sub.add_parser("demo", help="the main job end to end on the built-in demo dataset")
+    s.add_argument("--epochs", type=int)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("models", help="print the family table")
+    s.add_argument("names", nargs="*")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input: one clear line naming the problem, non-zero exit, no traceback.
+        print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

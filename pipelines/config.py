@@ -1,0 +1,161 @@
+"""The one typed schema for a training job. Recipes are YAML files that mirror it; unknown keys are rejected.
+
+A job = a recipe (how to train) + a variant (what to train) + a dataset version (on what). The variant's own
+facts (resolution, dropout, crop ratio) come from `models`' table unless the recipe overrides them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    variant: str = "efficientnet_b0"
+    # Compound-scaling overrides applied on top of the variant (phi=-3 gives a CPU-sized model).
+    phi: float | None = None
+    width_mult: float | None = None
+    depth_mult: float | None = None
+    resolution: int | None = Field(None, ge=16, description="train resolution; default: the variant's")
+    eval_resolution: int | None = Field(None, ge=16, description="eval resolution; default: the variant's")
+    dropout: float | None = Field(None, ge=0, lt=1)
+    stochastic_depth: float | None = Field(None, ge=0, lt=1)
+    # PyTorch convention (weight of the new batch). None keeps the paper's 0.01 (TF decay 0.99), which needs
+    # thousands of steps to settle; short runs need a faster average or their eval-mode BN is still at init.
+    bn_momentum: float | None = Field(None, gt=0, le=1)
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
+        keys = ("phi", "width_mult", "depth_mult", "resolution", "dropout", "stochastic_depth")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["rmsprop", "sgd", "adamw"] = "rmsprop"
+    # Learning rate for a global batch of 256; scaled linearly with the real global batch (paper convention).
+    lr_per_256: float = Field(0.016, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    rmsprop_decay: float = Field(0.9, gt=0, lt=1)
+    # TF's RMSProp adds eps inside the square root; 1e-3 there ~ 1e-3 outside at these magnitudes (see train.py).
+    eps: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    schedule: Literal["exponential", "cosine"] = "exponential"
+    warmup_epochs: float = Field(5.0, ge=0)
+    decay_rate: float = Field(0.97, gt=0, le=1)
+    decay_epochs: float = Field(2.4, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class RegularizationConfig(_Strict):
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(0.9999, gt=0, lt=1)
+
+
+class DataConfig(_Strict):
+    backend: Literal["wds"] = "wds"
+    batch_size: int = Field(128, ge=1, description="per worker")
+    loader_workers: int = Field(4, ge=0)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(350, ge=1)
+    patience: int | None = Field(None, ge=1, description="early stop after this many epochs without improvement")
+    eval_every: int = Field(1, ge=1)
+
+
+class RayConfig(_Strict):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+
+
+class RuntimeConfig(_Strict):
+    amp: bool = True  # bf16 autocast on GPU; off on CPU, where it is slower for these convolutions
+    channels_last: bool = True
+    compile: bool = False
+    torch_threads: int | None = Field(None, ge=1, description="per worker; default: cpus_per_worker")
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    data: DataConfig = DataConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    ray: RayConfig = RayConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _eval_every_fits(self) -> "Recipe":
+        if self.schedule.eval_every > self.schedule.epochs:
+            raise ValueError("schedule.eval_every is larger than schedule.epochs: minival would never run")
+        return self
+
+    def with_overrides(self, **sections: dict[str, Any]) -> "Recipe":
+        """A copy with some fields of some sections replaced, validated like a file."""
+        data = self.model_dump()
+        for section, values in sections.items():
+            if section not in data:
+                raise ValueError(f"unknown recipe section {section!r}")
+            if isinstance(data[section], dict):
+                data[section] = {**data[section], **values}
+            else:
+                data[section] = values
+        return Recipe.model_validate(data)
+
+
+class RecipeError(ValueError):
+    """A recipe that does not exist or does not validate."""
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A recipe by name (`v1`, `demo`, ...) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise RecipeError(f"recipe {str(name_or_path)!r} not found; known recipes: {', '.join(list_recipes())}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: invalid recipe:\n{exc}") from None
+
+
+def parse_family_member(member: str) -> dict[str, Any]:
+    """A family member as written in a flow parameter -> `model` section overrides.
+
+    `efficientnet_b3` is a registered variant; `phi=-3` (or `phi=1.5`) is B0 compound-scaled by that phi.
+    """
+    member = member.strip()
+    if member.startswith("phi="):
+        try:
+            phi = float(member[4:])
+        except ValueError:
+            raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
+        return {"variant": "efficientnet_b0", "phi": phi, "width_mult": None, "depth_mult": None,
+                "resolution": None, "eval_resolution": None}
+    return {"variant": member, "phi": None}

@@ -1,0 +1,131 @@
+"""MLflow: one run per logical training job, metrics per epoch, the chosen checkpoint registered with aliases.
+
+Everything points at one tracking URI (the SQLite store under the data directory, or a server), so the driver,
+the Ray workers and the Prefect flows see the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "efficientnet-family"
+CANDIDATE, CHAMPION = "candidate", "champion"
+
+
+def registered_name(variant_slug: str) -> str:
+    """`efficientnet_b0` -> `efficientnet-b0`: the registry name of a variant's models."""
+    slug = variant_slug.removeprefix("efficientnet_").removeprefix("efficientnet-")
+    return f"efficientnet-{slug}".replace("_", "-")
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(c: MlflowClient, artifact_root: str | None = None, name: str = EXPERIMENT) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root)
+    except MlflowException:  # created concurrently by another process
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def start_run(
+    c: MlflowClient, exp_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
+    """Create the run of a new training job and log its flattened, resolved config as params."""
+    run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
+    flat = flatten(params)
+    items = list(flat.items())
+    for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
+    return run.info.run_id
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None:
+    c.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), artifact_file)
+
+
+def register_best_checkpoint(
+    tracking_uri: str, run_id: str, model: Any, variant_slug: str, input_example: Any,
+    preprocessing: Mapping[str, Any], tags: Mapping[str, Any], val_top1: float, dataset_version: str,
+    state_dict_path: Path | None = None,
+) -> tuple[str, str, bool]:
+    """Log the chosen model to the run, register it as `efficientnet-<variant>`, set aliases.
+
+    The version gets alias `candidate`; `champion` moves to it only when its val top-1 beats the current
+    champion's on the same dataset version (a champion from another dataset version is not comparable, so
+    the first model on a new version becomes champion). Returns (model name, version, became_champion).
+    """
+    import mlflow.pytorch
+
+    c = client(tracking_uri)
+    name = registered_name(variant_slug)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="model", input_example=input_example, serialization_format="pickle",
+            metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
+        )
+        mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
+        if state_dict_path is not None:
+            # A plain state_dict plus the variant name rebuilds the model anywhere `models` is installed.
+            mlflow.log_artifact(str(state_dict_path), "checkpoint")
+    str_tags = {k: str(v) for k, v in tags.items()}
+    try:
+        c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
+    except MlflowException:
+        pass  # already registered
+    mv = c.create_model_version(name, info.model_uri, run_id=run_id, tags=str_tags)
+    _wait_ready(c, name, mv.version)
+    c.set_registered_model_alias(name, CANDIDATE, mv.version)
+    promote = True
+    try:
+        champ = c.get_model_version_by_alias(name, CHAMPION)
+        if champ.tags.get("dataset_version") == dataset_version:
+            promote = val_top1 > float(champ.tags.get("val_top1", "-inf"))
+    except MlflowException:
+        pass  # no champion yet
+    if promote:
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+    return name, str(mv.version), promote
+
+
+def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if c.get_model_version(name, version).status == "READY":
+            return
+        time.sleep(0.2)
+
+
+def temp_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="effnet-")
