@@ -6,6 +6,7 @@ facts (resolution, dropout, crop ratio) come from `models`' table unless the rec
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,6 +157,8 @@ def parse_family_member(member: str) -> dict[str, Any]:
             phi = float(member[4:])
         except ValueError:
             raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
+        if not math.isfinite(phi):
+            raise ValueError(f"family member {member!r}: phi must be a finite number, e.g. phi=-3")
         return {"variant": "efficientnet_b0", "phi": phi, "width_mult": None, "depth_mult": None,
                 "resolution": None, "eval_resolution": None}
     return {"variant": member, "phi": None}

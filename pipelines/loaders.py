@@ -121,11 +121,10 @@ def rank_positions(n: int, rank: int, world_size: int, pad: bool) -> list[int]:
     """Positions (into the epoch order) that `rank` reads: strided, padded to ceil(n/world) when `pad`."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    mine = list(range(rank, n, world_size))
     if pad and n:
-        per_rank = math.ceil(n / world_size)
-        mine += [p % n for p in range(per_rank - len(mine))]
-    return mine
+        # As DistributedSampler: the order is extended by its own start to ceil(n/world) x world, then strided.
+        return [p % n for p in range(rank, math.ceil(n / world_size) * world_size, world_size)]
+    return list(range(rank, n, world_size))
 
 
 # --------------------------------------------------------------------------------------------- wds backend
@@ -208,9 +207,17 @@ class WdsDataset(IterableDataset):
         """(position in epoch stream, key, parts) over the shards in this epoch's order."""
         pos = 0
         for shard in self._shard_order():
+            count = 0
             for key, parts in iter_tar_samples(shard.path):
+                if "jpg" not in parts or "cls" not in parts:
+                    raise DataError(f"{shard.path}: sample {key} lacks its .jpg or .cls (truncated shard?)")
                 yield pos, key, parts
                 pos += 1
+                count += 1
+            # A tar cut at a member boundary reads as a shorter valid tar: without this check ranks would
+            # silently get different numbers of samples (and batches), which hangs DDP.
+            if count != shard.samples:
+                raise DataError(f"{shard.path}: {count} samples, the manifest says {shard.samples} (truncated shard?)")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()

@@ -68,6 +68,8 @@ class StageParams:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.val_chunk < 1:
+            raise ValueError(f"val_chunk must be >= 1, got {self.val_chunk}")
 
 
 # --------------------------------------------------------------------------------------------- images

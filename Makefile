@@ -1,0 +1,61 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both run `make setup` first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+# FFCV compiles against these; pip has no FFCV wheels.
+FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
+STAMP := $(VENV)/.setup-stamp
+STAMP_INPUTS := pyproject.toml constraints.txt Makefile
+
+.PHONY: setup demo test test-unit test-integration bench constraints clean-data help
+
+help:
+	@echo "make demo   - the main job end to end on the built-in demo ImageNet (sets up first)"
+	@echo "make test   - the test suite (sets up first)"
+	@echo "make bench  - benchmarks; figures go to benchmarks/results/*.json"
+
+# A second run only compares a checksum of the inputs with the stamp and returns in seconds.
+setup:
+	@want=$$(cat $(STAMP_INPUTS) | sha256sum | cut -c1-16); \
+	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && $(PY) -c "import models, pipelines, flows" 2>/dev/null; then \
+		echo "setup: $(VENV) is up to date"; exit 0; fi; \
+	set -e; \
+	missing=$$(for p in $(FFCV_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then echo "setup: installing Debian packages for FFCV: $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "setup: FFCV needs the Debian packages: $$missing"; \
+			echo "       run: sudo apt-get install -y $$missing   (then make setup again)"; exit 1; fi; fi; \
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	$(PIP) install -q --upgrade pip wheel setuptools; \
+	echo "setup: installing torch $(TORCH_VERSION) first, so the project's torch range is already met"; \
+	$(PIP) install -q torch==$(TORCH_VERSION); \
+	echo "setup: installing the project with the pinned versions in constraints.txt (FFCV builds from source)"; \
+	$(PIP) install -q -c constraints.txt -e '.[dali,ffcv,test]'; \
+	echo "$$want" > $(STAMP); echo "setup: done"
+
+demo: setup
+	$(VENV)/bin/effnet demo
+
+test: setup
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests -m unit
+
+test-integration: setup
+	$(PY) -m pytest tests -m "integration or e2e"
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Regenerate the pins after changing dependencies (run in a fresh venv made by `make setup`).
+constraints:
+	@{ echo "# Exact versions a fresh machine resolves (pip install -c constraints.txt). Regenerate: make constraints"; \
+	  $(PIP) freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+.*/torch==\1/'; } > constraints.txt
+
+clean-data:
+	rm -rf data

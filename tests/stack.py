@@ -1,0 +1,41 @@
+"""Fixtures that start the real stack, small: a Prefect test server, a local Ray cluster, a SQLite MLflow store.
+
+Imported by the integration and e2e conftests (fixtures are found by name in a conftest's namespace).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pipelines.settings import DataLayout
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A temporary Prefect server (SQLite) for the whole session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """A real local Ray cluster sized like this machine; shut down at the end of the session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def data_layout_tmp(tmp_path: Path) -> DataLayout:
+    """A fresh data directory (MLflow SQLite store, Ray storage, logs) for one test."""
+    return DataLayout(tmp_path / "data").ensure()
