@@ -21,7 +21,6 @@ def _prefect_home(data_dir: str | None) -> None:
     os.environ.setdefault("PREFECT_HOME", str(layout.root / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
-    os.environ.setdefault("MLFLOW_TRACKING_URI", layout.tracking_uri)
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -89,6 +88,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    _prefect_home(args.data_dir)
+    from flows.deployments import serve_all
+
+    serve_all(args.deployments or None)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.summary import family_table, format_table
 
@@ -140,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the main job end to end on the built-in demo dataset")
     s.add_argument("--epochs", type=int)
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("serve", help="register the Prefect deployments (train-family/b0-b7, ...) and run them")
+    s.add_argument("deployments", nargs="*", help="flow/name of those to serve (default: all)")
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("models", help="print the family table")
     s.add_argument("names", nargs="*")

@@ -47,7 +47,13 @@ class DataLayout:
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """MLflow's own MLFLOW_TRACKING_URI when set (a shared server), else the SQLite store in here."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def artifact_root(self) -> str | None:
+        """Where new experiments keep artifacts: here for the local store; a server decides for itself."""
+        return self.mlflow_artifacts.as_uri() if self.tracking_uri.startswith("sqlite:") else None
 
     def ensure(self) -> "DataLayout":
         for p in (self.root, self.datasets, self.mlflow_db.parent, self.mlflow_artifacts, self.ray_storage, self.logs):

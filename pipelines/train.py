@@ -341,7 +341,7 @@ def run_training(
     spec, manifest = validate_job(recipe, dataset_dir)
 
     c = tracking.client(layout.tracking_uri)
-    exp_id = tracking.experiment_id(c, layout.mlflow_artifacts.as_uri())
+    exp_id = tracking.experiment_id(c, layout.artifact_root)
     key = _job_key(spec.name, recipe, manifest["version"])
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None

@@ -38,4 +38,5 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture
 def data_layout_tmp(tmp_path: Path) -> DataLayout:
     """A fresh data directory (MLflow SQLite store, Ray storage, logs) for one test."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the layout's own SQLite store, whatever the caller's shell says
     return DataLayout(tmp_path / "data").ensure()
