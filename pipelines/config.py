@@ -139,6 +139,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got a {type(data).__name__}")
     data.setdefault("name", path.stem)
     try:
         return Recipe.model_validate(data)

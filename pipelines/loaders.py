@@ -214,10 +214,11 @@ class WdsDataset(IterableDataset):
                 yield pos, key, parts
                 pos += 1
                 count += 1
-            # A tar cut at a member boundary reads as a shorter valid tar: without this check ranks would
-            # silently get different numbers of samples (and batches), which hangs DDP.
+            # tarfile reads a tar cut at a member boundary or inside a header as a shorter valid tar: without
+            # this check ranks would silently get different numbers of samples (and batches), which hangs DDP.
             if count != shard.samples:
-                raise DataError(f"{shard.path}: {count} samples, the manifest says {shard.samples} (truncated shard?)")
+                raise DataError(
+                    f"{shard.path}: {count} samples, the manifest says {shard.samples} (truncated shard?)")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()

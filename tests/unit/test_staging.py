@@ -1,0 +1,502 @@
+"""Staging turns the demo ILSVRC2012 archives into checked, deterministic WebDataset shards and a manifest.
+
+Expected values come from the generator (`DemoSummary`) and from reading the archives with plain `tarfile`,
+never from `pipelines.imagenet`, so a labelling bug in the readers cannot hide behind the same bug here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from helpers import STAGE_PARAMS, read_samples, shard_paths, stage_directly
+from PIL import Image
+
+from pipelines import staging
+from pipelines.demo_data import DemoSummary, extract_to_tree
+from pipelines.staging import BadImage, StageParams, StagingError, UnitResult, encode_tiers, minival_quota, tier_size
+
+pytestmark = pytest.mark.unit
+
+TIERS = STAGE_PARAMS.tiers
+
+
+# --------------------------------------------------------------------------------------------- expectations
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    reader = tar.extractfile(member)
+    assert reader is not None
+    return reader.read()
+
+
+def _archive_train(demo: DemoSummary) -> dict[str, tuple[str, bytes]]:
+    """key -> (wnid, original bytes) of every train file, read from the tar of class tars."""
+    out: dict[str, tuple[str, bytes]] = {}
+    with tarfile.open(demo.train_archive, "r:") as outer:
+        for m in outer:
+            wnid = m.name.removesuffix(".tar")
+            with tarfile.open(fileobj=io.BytesIO(_read(outer, m)), mode="r:") as inner:
+                for im in inner:
+                    out[im.name.removesuffix(".JPEG")] = (wnid, _read(inner, im))
+    return out
+
+
+def _archive_val(demo: DemoSummary) -> dict[str, bytes]:
+    with tarfile.open(demo.val_archive, "r:") as tar:
+        return {m.name.removesuffix(".JPEG"): _read(tar, m) for m in tar}
+
+
+def _oddity_keys(demo: DemoSummary, kind: str) -> list[str]:
+    return [o.file_name.removesuffix(".JPEG") for o in demo.oddities if o.kind == kind]
+
+
+def _good_train(demo: DemoSummary) -> dict[str, str]:
+    """key -> wnid of the train files that decode (all but the truncated one)."""
+    truncated = set(_oddity_keys(demo, "truncated_jpeg"))
+    return {k: wnid for k, (wnid, _) in _archive_train(demo).items() if k not in truncated}
+
+
+def _manifest(dataset: Path) -> dict:
+    return staging.read_manifest(dataset)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under root (work/ included) by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _mtimes(root: Path, pattern: str) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in sorted(root.rglob(pattern))}
+
+
+def _flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def same_code(staged_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restaging records the code version of the first staging: a commit made meanwhile must not differ."""
+    recorded = _manifest(staged_dataset)["code_version"]
+    monkeypatch.setattr(staging, "code_version", lambda: recorded)
+
+
+def _jpeg(size: tuple[int, int], mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    img = Image.new("RGB", size, (200, 60, 30))
+    img.paste((20, 120, 220), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- content
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_every_good_train_image_is_staged_once_with_its_label(
+    staged_dataset: Path, demo_summary: DemoSummary, tier: int
+) -> None:
+    expected = _good_train(demo_summary)
+    train, minival = read_samples(staged_dataset, "train", tier), read_samples(staged_dataset, "minival", tier)
+    assert not set(train) & set(minival)
+    staged = {**train, **minival}
+    assert sorted(staged) == sorted(expected)
+    for key, parts in staged.items():
+        wnid = expected[key]
+        assert sorted(parts) == ["cls", "jpg", "json"], key
+        assert int(parts["cls"]) == demo_summary.wnids.index(wnid), key
+        assert json.loads(parts["json"]) == {"wnid": wnid, "source": f"{key}.JPEG"}
+
+
+def test_manifest_counts_and_classes_match_the_generator(staged_dataset: Path, demo_summary: DemoSummary) -> None:
+    manifest = _manifest(staged_dataset)
+    assert manifest["classes"] == list(demo_summary.wnids) == sorted(demo_summary.wnids)
+    assert manifest["num_classes"] == len(demo_summary.wnids)
+    good = Counter(_good_train(demo_summary).values())
+    assert sum(good.values()) == demo_summary.num_train - 1
+    splits = manifest["splits"]
+    per_class = Counter(splits["train"]["per_class"]) + Counter(splits["minival"]["per_class"])
+    assert per_class == good
+    assert splits["train"]["samples"] + splits["minival"]["samples"] == sum(good.values())
+    assert splits["val"]["per_class"] == dict(Counter(demo_summary.val_wnids))
+    assert manifest["images_seen"] == demo_summary.num_train + demo_summary.num_val
+    assert manifest["tiers"] == list(TIERS)
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_val_labels_follow_the_ground_truth_not_the_ilsvrc_ids(
+    staged_dataset: Path, demo_summary: DemoSummary, tier: int
+) -> None:
+    # The trap this guards against: using ILSVRC2012_ID - 1 as the class index.
+    id_labels = [demo_summary.ilsvrc_ids[demo_summary.wnids.index(w)] - 1 for w in demo_summary.val_wnids]
+    true_labels = [demo_summary.wnids.index(w) for w in demo_summary.val_wnids]
+    assert id_labels != true_labels
+    val = read_samples(staged_dataset, "val", tier)
+    assert sorted(val) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(demo_summary.num_val)]
+    for i, wnid in enumerate(demo_summary.val_wnids):
+        parts = val[f"ILSVRC2012_val_{i + 1:08d}"]
+        assert int(parts["cls"]) == true_labels[i]
+        assert json.loads(parts["json"])["wnid"] == wnid
+
+
+def test_truncated_file_is_reported_and_in_no_shard(staged_dataset: Path, demo_summary: DemoSummary) -> None:
+    (name,) = [o.file_name for o in demo_summary.oddities if o.kind == "truncated_jpeg"]
+    bad = _manifest(staged_dataset)["bad_files"]
+    assert [(b["source"], b["split"]) for b in bad] == [(name, "train")]
+    assert "does not decode" in bad[0]["reason"] and "truncated" in bad[0]["reason"]
+    key = name.removesuffix(".JPEG")
+    for split in staging.SPLITS:
+        for tier in TIERS:
+            assert key not in read_samples(staged_dataset, split, tier)
+
+
+@pytest.mark.parametrize("kind", ["png_named_jpeg", "cmyk_jpeg", "grayscale_jpeg"])
+def test_odd_files_are_staged_as_rgb_jpegs(staged_dataset: Path, demo_summary: DemoSummary, kind: str) -> None:
+    keys = _oddity_keys(demo_summary, kind)
+    assert keys
+    for tier in TIERS:
+        staged = {s: read_samples(staged_dataset, s, tier) for s in staging.SPLITS}
+        for key in keys:
+            (parts,) = [samples[key] for samples in staged.values() if key in samples]
+            img = Image.open(io.BytesIO(parts["jpg"]))
+            assert (img.format, img.mode, len(img.getbands())) == ("JPEG", "RGB", 3), (kind, key, tier)
+            img.load()
+
+
+def test_every_staged_image_is_an_rgb_jpeg_scaled_down_to_its_tier(
+    staged_dataset: Path, demo_summary: DemoSummary
+) -> None:
+    originals = {k: data for k, (_, data) in _archive_train(demo_summary).items()} | _archive_val(demo_summary)
+    for split in staging.SPLITS:
+        for tier in TIERS:
+            for key, parts in read_samples(staged_dataset, split, tier).items():
+                img = Image.open(io.BytesIO(parts["jpg"]))
+                assert (img.format, img.mode) == ("JPEG", "RGB")
+                full = Image.open(io.BytesIO(originals[key])).size
+                assert img.size == tier_size(*full, tier), (split, tier, key)
+                assert min(img.size) == min(tier, *full)
+
+
+# --------------------------------------------------------------------------------------------- minival
+
+
+def test_minival_is_stratified_seeded_and_disjoint_from_train(
+    staged_dataset: Path, demo_summary: DemoSummary
+) -> None:
+    manifest = _manifest(staged_dataset)
+    good = Counter(_good_train(demo_summary).values())
+    quota = minival_quota(dict(good), STAGE_PARAMS.minival, STAGE_PARAMS.seed)
+    assert manifest["splits"]["minival"]["per_class"] == {c: q for c, q in quota.items() if q}
+    assert all(q >= 1 for q in quota.values())  # 0.25 of 11 or 12 images
+    minival = read_samples(staged_dataset, "minival", TIERS[0])
+    train = read_samples(staged_dataset, "train", TIERS[0])
+    assert manifest["minival_keys"] == sorted(minival)
+    assert not set(minival) & set(train)
+    assert Counter(json.loads(p["json"])["wnid"] for p in minival.values()) == Counter(quota)
+    # Both tiers hold the same images in each split.
+    for split in staging.SPLITS:
+        assert sorted(read_samples(staged_dataset, split, TIERS[1])) == sorted(
+            read_samples(staged_dataset, split, TIERS[0]))
+
+
+@pytest.mark.parametrize(
+    "counts, minival, expected",
+    [
+        ({}, 0.25, {}),
+        ({"a": 12, "b": 11}, 0.25, {"a": 3, "b": 3}),  # 2.75 rounds to 3
+        ({"a": 10, "b": 4}, 0.1, {"a": 1, "b": 0}),  # 0.4 rounds to 0
+        ({"a": 1, "b": 4}, 0.5, {"a": 0, "b": 2}),  # a lone image stays in train
+        ({"a": 4}, 0.9, {"a": 3}),  # 3.6 rounds to 4, capped so one image is left for train
+        ({"a": 10, "b": 10}, 0.0, {"a": 0, "b": 0}),
+        ({"a": 10, "b": 10, "c": 10}, 6, {"a": 2, "b": 2, "c": 2}),
+        ({"a": 10, "b": 10, "c": 10}, 0, {"a": 0, "b": 0, "c": 0}),
+        ({"a": 3, "b": 10}, 10, {"a": 2, "b": 5}),  # a keeps one image; its shortfall is not moved to b
+        ({"a": 1, "b": 1}, 4, {"a": 0, "b": 0}),
+        ({"a": 50}, 25, {"a": 25}),
+    ],
+)
+def test_minival_quota(counts: dict[str, int], minival: int | float, expected: dict[str, int]) -> None:
+    assert minival_quota(counts, minival, seed=0) == expected
+
+
+@pytest.mark.parametrize("minival", [1, 7, 13, 29])
+def test_minival_quota_remainder_goes_to_seeded_classes(minival: int) -> None:
+    counts = {f"n{i:08d}": 100 for i in range(10)}
+    quota = minival_quota(counts, minival, seed=3)
+    base, extra = divmod(minival, 10)
+    assert sum(quota.values()) == minival
+    assert sorted(quota.values()) == [base] * (10 - extra) + [base + 1] * extra
+    assert quota == minival_quota(counts, minival, seed=3)
+    # The remainder is spread by the seed, not always given to the first classes.
+    lucky = {tuple(c for c, q in minival_quota(counts, minival, seed=s).items() if q > base) for s in range(8)}
+    assert len(lucky) > 1
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+def test_manifest_checksums_and_sizes_match_the_shard_files(staged_dataset: Path) -> None:
+    manifest = _manifest(staged_dataset)
+    splits = manifest["splits"]
+    for entry in manifest["shards"]:
+        path = staged_dataset / entry["path"]
+        data = path.read_bytes()
+        assert entry["bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert path.with_name(path.name + ".sha256").read_text().strip() == entry["sha256"]
+        with tarfile.open(path, "r:") as tar:
+            assert len({m.name.partition(".")[0] for m in tar}) == entry["samples"]
+    for split in staging.SPLITS:
+        for tier in TIERS:
+            entries = [e for e in manifest["shards"] if (e["split"], e["tier"]) == (split, tier)]
+            assert len(entries) == math.ceil(splits[split]["samples"] / STAGE_PARAMS.shard_size)
+            assert sum(e["samples"] for e in entries) == splits[split]["samples"]
+            assert all(e["samples"] == STAGE_PARAMS.shard_size for e in entries[:-1])
+
+
+def test_shards_mix_classes(staged_dataset: Path) -> None:
+    first = shard_paths(staged_dataset, "train", TIERS[0])[0]
+    with tarfile.open(first, "r:") as tar:
+        labels = {_read(tar, m) for m in tar if m.name.endswith(".cls")}
+    assert len(labels) > 1
+
+
+@pytest.mark.parametrize("split", staging.SPLITS)
+def test_shards_read_back_with_plain_webdataset(staged_dataset: Path, split: str) -> None:
+    urls = [str(p) for p in shard_paths(staged_dataset, split, TIERS[0])]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    expected = read_samples(staged_dataset, split, TIERS[0])
+    assert [s["__key__"] for s in samples] == list(expected)
+    for s in samples:
+        parts = expected[s["__key__"]]
+        assert (s["jpg"], s["cls"], s["json"]) == (parts["jpg"], parts["cls"], parts["json"])
+        assert Image.open(io.BytesIO(s["jpg"])).mode == "RGB"
+        assert 0 <= int(s["cls"]) < 4
+
+
+# --------------------------------------------------------------------------------------------- determinism, resume
+
+
+@pytest.mark.usefixtures("same_code")
+def test_staging_twice_gives_identical_bytes(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
+    # Units processed in the opposite order, as a parallel or resumed run might finish them.
+    units = len(list((staged_dataset / "work" / "units").glob("*.tar")))
+    again = stage_directly(demo_archives, tmp_path, STAGE_PARAMS, unit_order=range(units - 1, -1, -1))
+    assert again.name == staged_dataset.name  # same version
+    first, second = _files(staged_dataset), _files(again)
+    assert list(first) == list(second)
+    for name in first:
+        assert first[name] == second[name], name
+
+
+@pytest.mark.parametrize("layout", ["tree", "kaggle"])
+def test_extracted_layouts_stage_to_the_same_shards(
+    staged_dataset: Path, demo_archives: Path, tmp_path: Path, layout: str
+) -> None:
+    source = extract_to_tree(demo_archives, tmp_path / layout, layout)  # type: ignore[arg-type]
+    other = stage_directly(source, tmp_path / "datasets", STAGE_PARAMS)
+    assert other.name != staged_dataset.name  # another source fingerprint, another version
+    assert _manifest(other)["source"]["kind"] == layout
+    for key in ("classes", "splits", "minival_keys", "shards", "bad_files", "images_seen"):
+        assert _manifest(other)[key] == _manifest(staged_dataset)[key], key
+
+
+def test_val_chunking_does_not_change_the_shards(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
+    chunked = dataclasses.replace(STAGE_PARAMS, val_chunk=5)
+    other = stage_directly(demo_archives, tmp_path, chunked)
+    assert len(list((other / "work" / "units").glob("val-*.tar"))) == 4  # 16 val images in chunks of 5
+    shards = lambda d: [(e["path"], e["sha256"]) for e in _manifest(d)["shards"]]  # noqa: E731
+    assert shards(other) == shards(staged_dataset)
+
+
+@pytest.mark.usefixtures("same_code")
+def test_rerun_reuses_spools_and_shards(
+    copy_staged: Path, demo_archives: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = (copy_staged / staging.MANIFEST).read_bytes()
+    before = _mtimes(copy_staged, "*.tar")
+    assert any(k.startswith("work/units/") for k in before) and any(k.startswith("32/") for k in before)
+    (copy_staged / staging.MANIFEST).unlink()  # killed after the shards, before the manifest
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished unit was decoded again")
+
+    monkeypatch.setattr(staging, "encode_tiers", no_decoding)
+    assert stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS) == copy_staged
+    assert _mtimes(copy_staged, "*.tar") == before
+    assert (copy_staged / staging.MANIFEST).read_bytes() == manifest
+
+
+def test_corrupted_shard_is_detected_and_rewritten(copy_staged: Path, demo_archives: Path) -> None:
+    victim = shard_paths(copy_staged, "train", TIERS[1])[1]
+    original = victim.read_bytes()
+    name = victim.relative_to(copy_staged).as_posix()
+    others = {k: v for k, v in _mtimes(copy_staged, "*.tar").items() if k != name}
+    _flip_byte(victim, 600)  # inside the first image's bytes: tar still reads, the checksum does not match
+    (copy_staged / staging.MANIFEST).unlink()
+    stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
+    assert victim.read_bytes() == original
+    assert {k: v for k, v in _mtimes(copy_staged, "*.tar").items() if k in others} == others
+
+
+@pytest.mark.usefixtures("same_code")
+def test_corrupted_spool_is_redone(copy_staged: Path, demo_archives: Path, demo_summary: DemoSummary) -> None:
+    work = copy_staged / "work"
+    unit_id = f"train-{demo_summary.wnids[0]}"
+    spool, _ = staging.unit_paths(work, unit_id)
+    original = spool.read_bytes()
+    files_before = _files(copy_staged)
+    assert staging.load_unit(work, unit_id, STAGE_PARAMS) is not None
+    _flip_byte(spool, 1000)
+    assert staging.load_unit(work, unit_id, STAGE_PARAMS) is None
+    # Spools are keyed by what changes their bytes: other tiers mean a redo.
+    other_tiers = dataclasses.replace(STAGE_PARAMS, tiers=(48,))
+    assert staging.load_unit(work, f"train-{demo_summary.wnids[1]}", other_tiers) is None
+    (copy_staged / staging.MANIFEST).unlink()
+    stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
+    assert spool.read_bytes() == original
+    assert _files(copy_staged) == files_before
+
+
+def test_too_many_bad_files_raise_naming_one(demo_archives: Path, demo_summary: DemoSummary, tmp_path: Path) -> None:
+    (name,) = [o.file_name for o in demo_summary.oddities if o.kind == "truncated_jpeg"]
+    strict = dataclasses.replace(STAGE_PARAMS, max_bad_fraction=0.01)  # the default; 1 in 64 is 1.6%
+    with pytest.raises(StagingError, match=rf"1 of 64 images.*max_bad_fraction.*{name}"):
+        stage_directly(demo_archives, tmp_path, strict)
+
+
+def _unit(split: str, good: int, bad: int, wnid: str = "n00000001") -> UnitResult:
+    records = tuple(
+        {"key": f"{wnid}_{split}_{i}", "wnid": wnid, "label": 0, "source": f"{wnid}_{i}.JPEG",
+         "tiers": {"32": [0, 1, 32, 32]}}
+        for i in range(good)
+    )
+    bad_files = tuple(
+        {"source": f"{wnid}_bad_{i}.JPEG", "split": split, "reason": "does not decode"} for i in range(bad))
+    return UnitResult(f"{split}-{wnid}", split, records, bad_files)
+
+
+@pytest.mark.parametrize("max_bad, raises", [(0.1, False), (0.0999, True), (0.0, True), (1.0, False)])
+def test_max_bad_fraction_boundary(max_bad: float, raises: bool) -> None:
+    params = StageParams(tiers=(32,), shard_size=4, minival=0, max_bad_fraction=max_bad)
+    units = [_unit("train", 9, 1)]  # exactly 10% bad
+    if raises:
+        with pytest.raises(StagingError, match="n00000001_bad_0.JPEG"):
+            staging.plan_dataset(units, ["n00000001"], params)
+    else:
+        plan = staging.plan_dataset(units, ["n00000001"], params)
+        assert len(plan.splits["train"]) == 9 and len(plan.bad) == 1
+
+
+def test_duplicate_keys_are_an_error() -> None:
+    params = StageParams(tiers=(32,), shard_size=4, minival=0)
+    with pytest.raises(StagingError, match="appears twice"):
+        staging.plan_dataset([_unit("train", 2, 0), _unit("train", 2, 0)], ["n00000001"], params)
+
+
+# --------------------------------------------------------------------------------------------- params, images
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(tiers=()), dict(tiers=(8,)), dict(tiers=(64, 15)), dict(shard_size=0), dict(shard_size=-3),
+        dict(minival=1.0), dict(minival=1.5), dict(minival=-0.1), dict(minival=-1), dict(jpeg_quality=0),
+        dict(jpeg_quality=101), dict(max_bad_fraction=-0.01), dict(max_bad_fraction=1.5), dict(val_chunk=0),
+    ],
+)
+def test_stage_params_reject_bad_values(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        StageParams(**kwargs)
+
+
+def test_stage_params_normalise_tiers() -> None:
+    assert StageParams(tiers=(64, 32, 64)).tiers == (32, 64)
+    assert StageParams(tiers=[128.0]).tiers == (128,)  # type: ignore[list-item]
+
+
+def test_dataset_version_depends_on_params_and_source() -> None:
+    fp = {"kind": "archives", "files": []}
+    base = staging.dataset_version(fp, STAGE_PARAMS)
+    assert base == staging.dataset_version(fp, dataclasses.replace(STAGE_PARAMS))
+    assert base != staging.dataset_version(fp, dataclasses.replace(STAGE_PARAMS, seed=1))
+    assert base != staging.dataset_version({"kind": "tree"}, STAGE_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "size, tier, expected",
+    [
+        ((640, 480), 128, (171, 128)),
+        ((480, 640), 128, (128, 171)),
+        ((333, 250), 128, (170, 128)),  # 170.496
+        ((128, 128), 128, (128, 128)),
+        ((100, 50), 128, (100, 50)),  # never upsampled
+        ((129, 300), 128, (128, 298)),
+        ((10_000, 100), 50, (5_000, 50)),
+        ((4000, 3), 16, (4000, 3)),
+    ],
+)
+def test_tier_size(size: tuple[int, int], tier: int, expected: tuple[int, int]) -> None:
+    assert tier_size(*size, tier) == expected
+
+
+def test_encode_tiers_keeps_small_rgb_jpegs_as_they_are() -> None:
+    data = _jpeg((50, 40))
+    out = encode_tiers(data, (32, 64, 128), quality=90)
+    assert out[64] == (data, 50, 40) and out[128] == (data, 50, 40)
+    small, w, h = out[32]
+    assert (w, h) == (40, 32) and Image.open(io.BytesIO(small)).size == (40, 32)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("P", "PNG")])
+def test_encode_tiers_converts_other_images_to_rgb_jpeg_without_upsampling(mode: str, fmt: str) -> None:
+    data = _jpeg((50, 40), mode, fmt)
+    out = encode_tiers(data, (32, 64), quality=90)
+    for tier, (jpeg, w, h) in out.items():
+        img = Image.open(io.BytesIO(jpeg))
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (w, h))
+        assert (w, h) == tier_size(50, 40, tier)
+        assert jpeg != data
+
+
+@pytest.mark.parametrize("size", [(800, 600), (601, 1203), (333, 250)])
+def test_encode_tiers_sizes_come_from_the_full_image_even_when_decoding_scaled(size: tuple[int, int]) -> None:
+    # Tiers far below the image: libjpeg's DCT scaling (draft) decodes at 1/2..1/8 first.
+    data = _jpeg(size)
+    out = encode_tiers(data, (16, 32, 64), quality=90)
+    for tier, (jpeg, w, h) in out.items():
+        assert (w, h) == tier_size(*size, tier)
+        assert Image.open(io.BytesIO(jpeg)).size == (w, h)
+        assert min(w, h) == tier and w <= size[0] and h <= size[1]
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"not an image at all", "does not decode"), (_jpeg((64, 48))[:300], "does not decode")],
+)
+def test_encode_tiers_rejects_broken_files(data: bytes, reason: str) -> None:
+    with pytest.raises(BadImage, match=reason):
+        encode_tiers(data, (32,), quality=90)
+
+
+def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_summary: DemoSummary) -> None:
+    work = staged_dataset / "work"
+    unit = staging.load_unit(work, f"train-{demo_summary.wnids[0]}", STAGE_PARAMS)
+    assert unit is not None and unit.records
+    spool = staging.unit_paths(work, unit.unit_id)[0].read_bytes()
+    for rec in unit.records:
+        for tier, (offset, size, w, h) in rec["tiers"].items():
+            img = Image.open(io.BytesIO(spool[offset:offset + size]))
+            img.load()
+            assert img.size == (w, h) and int(tier) in TIERS
