@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.stage_imagenet import latest_version
+from pipelines.staging import latest_version
 from pipelines.config import Recipe, load_recipe, parse_family_member
 from pipelines.settings import data_layout
 from pipelines.train import TrainResult, run_training

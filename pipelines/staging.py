@@ -25,15 +25,16 @@ import tarfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image
 
 from pipelines import imagenet
-from pipelines.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from pipelines.atomic import atomic_write_bytes, atomic_write_json, remove_stale_temporaries, sha256_file
 
 SPLITS = ("train", "minival", "val")
 MANIFEST = "manifest.json"
+LATEST = "LATEST"  # under a datasets root: the name of the most recently staged version
 MANIFEST_FORMAT = 1
 
 
@@ -403,6 +404,70 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
     path = out / MANIFEST
     atomic_write_json(path, manifest)
     return path
+
+
+# --------------------------------------------------------------------------------------------- the sequence
+
+
+def work_dir(root: Path, fingerprint: dict[str, Any], params: StageParams) -> Path:
+    """Spools shared by every version staged from the same source with the same encoding parameters.
+
+    A rerun with another shard size, minival or bad-file limit is a new version but decodes nothing again.
+    """
+    blob = json.dumps({"source": fingerprint, "unit": _unit_params(params)}, sort_keys=True, default=str)
+    return root / "work" / hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
+
+
+def sequential_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+    return [fn(*a) for a in args]
+
+
+def stage(
+    source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
+    map_units: Mapper = sequential_map, map_shards: Mapper = sequential_map, log: Callable[..., None] = print,
+) -> Path:
+    """Stage a source into `out/<version>`; returns that directory. Idempotent and resumable.
+
+    `map_units` / `map_shards` run a function over argument tuples and return results in order: sequential
+    by default; the Prefect flow passes mappers that submit tasks to its task runner.
+    """
+    src = imagenet.open_source(source_path)
+    fingerprint = src.fingerprint()
+    version = dataset_version(fingerprint, params)
+    root = Path(out).resolve()
+    dest = root / version
+    if (dest / MANIFEST).exists():
+        log(f"dataset {version} is already staged at {dest}: reusing it")
+        atomic_write_bytes(root / LATEST, (version + "\n").encode())
+        return dest
+    work = work_dir(root, fingerprint, params)
+    work.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(root)
+    if removed:
+        log(f"removed {removed} partial files left by an interrupted run")
+    units = [(src, u, "train", work, params) for u in src.train_units()]
+    units += [(src, u, "val", work, params) for u in src.val_units(params.val_chunk)]
+    log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}: "
+        f"{len(units)} units, tiers {list(params.tiers)}")
+    results = map_units(process_unit, units)
+    plan = plan_dataset(results, src.classes, params)
+    log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} images, {len(plan.bad)} bad files, "
+        f"{len(plan.shards)} shards")
+    entries = map_shards(write_shard, [(plan, shard, work, dest) for shard in plan.shards])
+    write_manifest(dest, build_manifest(plan, entries, params, fingerprint, src.kind, version, code_version()))
+    atomic_write_bytes(root / LATEST, (version + "\n").encode())
+    return dest
+
+
+def latest_version(out: str | os.PathLike[str]) -> Path:
+    """The most recently staged version under a datasets root."""
+    marker = Path(out) / LATEST
+    if not marker.exists():
+        raise FileNotFoundError(f"{out}: no staged dataset (no {LATEST} file); run `effnet stage` first")
+    return Path(out) / marker.read_text().strip()
 
 
 def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:

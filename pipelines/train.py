@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
-import os
 import random
 import re
 import tempfile

@@ -35,6 +35,6 @@ def staged_dataset(demo_archives: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture
 def copy_staged(staged_dataset: Path, tmp_path: Path) -> Path:
     """A private copy of the staged version (same folder name) for tests that damage files."""
-    dest = tmp_path / staged_dataset.parent.name / staged_dataset.name
-    shutil.copytree(staged_dataset, dest)
-    return dest
+    root = tmp_path / staged_dataset.parent.name
+    shutil.copytree(staged_dataset.parent, root)  # the whole datasets root: the spools live beside the versions
+    return root / staged_dataset.name

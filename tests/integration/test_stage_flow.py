@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.stage_imagenet import latest_version, stage_imagenet
+from flows.stage_imagenet import stage_imagenet
+from pipelines.staging import latest_version
 
 pytestmark = pytest.mark.integration
 

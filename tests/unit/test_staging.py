@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from helpers import STAGE_PARAMS, read_samples, shard_paths, stage_directly
+from helpers import STAGE_PARAMS, read_samples, shard_paths, stage_directly, work_of
 from PIL import Image
 
 from pipelines import staging
@@ -290,7 +290,7 @@ def test_shards_read_back_with_plain_webdataset(staged_dataset: Path, split: str
 @pytest.mark.usefixtures("same_code")
 def test_staging_twice_gives_identical_bytes(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
     # Units processed in the opposite order, as a parallel or resumed run might finish them.
-    units = len(list((staged_dataset / "work" / "units").glob("*.tar")))
+    units = len(list((work_of(staged_dataset, STAGE_PARAMS) / "units").glob("*.tar")))
     again = stage_directly(demo_archives, tmp_path, STAGE_PARAMS, unit_order=range(units - 1, -1, -1))
     assert again.name == staged_dataset.name  # same version
     first, second = _files(staged_dataset), _files(again)
@@ -314,7 +314,7 @@ def test_extracted_layouts_stage_to_the_same_shards(
 def test_val_chunking_does_not_change_the_shards(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
     chunked = dataclasses.replace(STAGE_PARAMS, val_chunk=5)
     other = stage_directly(demo_archives, tmp_path, chunked)
-    assert len(list((other / "work" / "units").glob("val-*.tar"))) == 4  # 16 val images in chunks of 5
+    assert len(list((work_of(other, chunked) / "units").glob("val-*.tar"))) == 4  # 16 val images in chunks of 5
     shards = lambda d: [(e["path"], e["sha256"]) for e in _manifest(d)["shards"]]  # noqa: E731
     assert shards(other) == shards(staged_dataset)
 
@@ -324,8 +324,8 @@ def test_rerun_reuses_spools_and_shards(
     copy_staged: Path, demo_archives: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = (copy_staged / staging.MANIFEST).read_bytes()
-    before = _mtimes(copy_staged, "*.tar")
-    assert any(k.startswith("work/units/") for k in before) and any(k.startswith("32/") for k in before)
+    before = _mtimes(copy_staged.parent, "*.tar")  # spools under work/ and the version's shards
+    assert any(k.startswith("work/") for k in before) and any(k.startswith(f"{copy_staged.name}/32/") for k in before)
     (copy_staged / staging.MANIFEST).unlink()  # killed after the shards, before the manifest
 
     def no_decoding(*args: object, **kwargs: object) -> None:
@@ -333,7 +333,7 @@ def test_rerun_reuses_spools_and_shards(
 
     monkeypatch.setattr(staging, "encode_tiers", no_decoding)
     assert stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS) == copy_staged
-    assert _mtimes(copy_staged, "*.tar") == before
+    assert _mtimes(copy_staged.parent, "*.tar") == before
     assert (copy_staged / staging.MANIFEST).read_bytes() == manifest
 
 
@@ -351,7 +351,7 @@ def test_corrupted_shard_is_detected_and_rewritten(copy_staged: Path, demo_archi
 
 @pytest.mark.usefixtures("same_code")
 def test_corrupted_spool_is_redone(copy_staged: Path, demo_archives: Path, demo_summary: DemoSummary) -> None:
-    work = copy_staged / "work"
+    work = work_of(copy_staged, STAGE_PARAMS)
     unit_id = f"train-{demo_summary.wnids[0]}"
     spool, _ = staging.unit_paths(work, unit_id)
     original = spool.read_bytes()
@@ -491,7 +491,7 @@ def test_encode_tiers_rejects_broken_files(data: bytes, reason: str) -> None:
 
 
 def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_summary: DemoSummary) -> None:
-    work = staged_dataset / "work"
+    work = work_of(staged_dataset, STAGE_PARAMS)
     unit = staging.load_unit(work, f"train-{demo_summary.wnids[0]}", STAGE_PARAMS)
     assert unit is not None and unit.records
     spool = staging.unit_paths(work, unit.unit_id)[0].read_bytes()
