@@ -54,6 +54,11 @@ class StageParams:
     jpeg_quality: int = 90
     max_bad_fraction: float = 0.01
     val_chunk: int = 1000
+    # Extra files written beside the WebDataset shards, by writers registered in EXTRA_FORMATS.
+    formats: tuple[str, ...] = ()
+    ffcv_write_mode: str = "jpg"  # FFCV RGBImageField write_mode: 'jpg' | 'raw' | 'proportion'
+    ffcv_compress_probability: float = 0.5  # for 'proportion'
+    ffcv_jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
         if not self.tiers or any(int(t) < 16 for t in self.tiers):
@@ -71,6 +76,31 @@ class StageParams:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.val_chunk < 1:
             raise ValueError(f"val_chunk must be >= 1, got {self.val_chunk}")
+        object.__setattr__(self, "formats", tuple(self.formats))
+        unknown = set(self.formats) - set(EXTRA_FORMATS)
+        if unknown:
+            raise ValueError(f"unknown formats {sorted(unknown)}; known: {sorted(EXTRA_FORMATS)}")
+        if self.ffcv_write_mode not in ("jpg", "raw", "proportion"):
+            raise ValueError(f"ffcv_write_mode must be jpg, raw or proportion, got {self.ffcv_write_mode!r}")
+        if not 0 <= self.ffcv_compress_probability <= 1:
+            raise ValueError(f"ffcv_compress_probability must be in [0, 1], got {self.ffcv_compress_probability}")
+
+
+# Writers of extra formats, run after the shards and before the manifest, as "module:function" so that
+# staging imports FFCV or DALI only when asked for them. A writer is called as
+# `fn(plan, shard_entries, work, dest, params) -> list[dict]` and returns manifest entries (each with at least
+# path, bytes, sha256); it must be idempotent (reuse its verified outputs) and write atomically.
+EXTRA_FORMATS: dict[str, str] = {
+    "ffcv": "pipelines.ffcv_backend:write_ffcv_files",
+    "dali": "pipelines.dali_backend:write_dali_indexes",
+}
+
+
+def extra_writer(fmt: str) -> Callable[..., list[dict[str, Any]]]:
+    import importlib
+
+    module, _, fn = EXTRA_FORMATS[fmt].partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -457,7 +487,9 @@ def stage(
     log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} images, {len(plan.bad)} bad files, "
         f"{len(plan.shards)} shards")
     entries = map_shards(write_shard, [(plan, shard, work, dest) for shard in plan.shards])
-    write_manifest(dest, build_manifest(plan, entries, params, fingerprint, src.kind, version, code_version()))
+    extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
+    manifest = build_manifest(plan, entries, params, fingerprint, src.kind, version, code_version())
+    write_manifest(dest, {**manifest, "extra": extras})
     atomic_write_bytes(root / LATEST, (version + "\n").encode())
     return dest
 
