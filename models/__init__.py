@@ -1,0 +1,63 @@
+"""EfficientNet V1 (B0-B8) and V2 (S/M/L/XL) built from one variant table. Depends on torch only.
+
+    model = create_model("efficientnet_b0", num_classes=1000)
+    tiny = create_model("efficientnet_b0", phi=-3)          # compound-scaled below B0
+    spec = resolve_variant("efficientnet_b0", phi=-3)       # metadata only: resolutions, crop, rates
+    set_regularization(model, dropout=0.3, stochastic_depth=0.1)
+"""
+
+from .efficientnet import (
+    BlockPlan,
+    EfficientNet,
+    NetworkPlan,
+    Regularization,
+    build_model,
+    create_model,
+    drop_path_rates,
+    plan_blocks,
+    set_regularization,
+    unwrap_model,
+)
+from .variants import (
+    ARCHITECTURES,
+    VARIANTS,
+    Architecture,
+    ProgressiveSpec,
+    ScaledCoefficients,
+    StageSpec,
+    VariantSpec,
+    compound_scale,
+    get_variant,
+    list_models,
+    resolve_variant,
+    round_channels,
+    round_repeats,
+    round_resolution,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "VARIANTS",
+    "Architecture",
+    "BlockPlan",
+    "EfficientNet",
+    "NetworkPlan",
+    "ProgressiveSpec",
+    "Regularization",
+    "ScaledCoefficients",
+    "StageSpec",
+    "VariantSpec",
+    "build_model",
+    "compound_scale",
+    "create_model",
+    "drop_path_rates",
+    "get_variant",
+    "list_models",
+    "plan_blocks",
+    "resolve_variant",
+    "round_channels",
+    "round_repeats",
+    "round_resolution",
+    "set_regularization",
+    "unwrap_model",
+]
