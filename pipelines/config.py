@@ -62,6 +62,35 @@ class RegularizationConfig(_Strict):
     ema_decay: float | None = Field(0.9999, gt=0, lt=1)
 
 
+class AugmentConfig(_Strict):
+    """Batch augmentations on the device (see pipelines/augment.py). Progressive learning overrides the
+    RandAugment magnitude and the mixup alpha stage by stage."""
+
+    policy: Literal["none", "randaugment", "autoaugment"] = "none"
+    randaug_ops: int = Field(2, ge=1)
+    randaug_magnitude: float = Field(9.0, ge=0)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+
+
+class ProgressiveConfig(_Strict):
+    """V2 progressive learning: training split into `stages` equal parts; in each, image size, dropout,
+    RandAugment magnitude and mixup alpha move from their min towards their max.
+
+    `rule: paper` is the V2 paper (stage i of n at min + (max - min) * i / (n - 1); Table 6 ranges);
+    `rule: automl` is the released code (min + (max - min) * (i + 1) / n, its own ranges, dropout constant).
+    Explicit [min, max] pairs override the variant's table.
+    """
+
+    enabled: bool = False
+    stages: int = Field(4, ge=1)
+    rule: Literal["paper", "automl"] = "paper"
+    image_size: tuple[int, int] | None = None
+    dropout: tuple[float, float] | None = None
+    randaug_magnitude: tuple[float, float] | None = None
+    mixup_alpha: tuple[float, float] | None = None
+
+
 class DataConfig(_Strict):
     backend: Literal["wds"] = "wds"
     batch_size: int = Field(128, ge=1, description="per worker")
@@ -96,6 +125,8 @@ class Recipe(_Strict):
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     regularization: RegularizationConfig = RegularizationConfig()
+    augment: AugmentConfig = AugmentConfig()
+    progressive: ProgressiveConfig = ProgressiveConfig()
     data: DataConfig = DataConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     ray: RayConfig = RayConfig()

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 import models
-from pipelines import loaders, tracking
+from pipelines import augment, loaders, tracking
 from pipelines.config import Recipe
-from pipelines.schedules import ema_decay_at, learning_rate
+from pipelines.schedules import EpochSettings, ema_decay_at, epoch_settings, learning_rate
 from pipelines.settings import DataLayout, data_layout
 from pipelines.staging import manifest_hash, read_manifest
 
@@ -112,6 +112,20 @@ def evaluate(
     return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": n}
 
 
+def prepare_batch(
+    images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, settings: EpochSettings, num_classes: int,
+    channels_last: bool, generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch on the device -> augmented, normalised input and soft targets (smoothing, mixup/cutmix)."""
+    if recipe.augment.policy == "randaugment":
+        images = augment.rand_augment(images, settings.randaug_magnitude, recipe.augment.randaug_ops, generator)
+    elif recipe.augment.policy == "autoaugment":
+        images = augment.auto_augment(images, generator)
+    x = loaders.normalize(images, channels_last)
+    return augment.mix_batch(x, labels, num_classes, settings.mixup_alpha, settings.cutmix_alpha,
+                             recipe.regularization.label_smoothing, generator)
+
+
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch) * 1_009 + rank
     random.seed(s)
@@ -186,6 +200,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(saved["optimizer"])
         state = LoopState(**saved["loop"])
         log.info("rank %d resumed at epoch %d", rank, state.epoch)
+        if rank == 0:
+            tracking.client(job.tracking_uri).set_tag(job.run_id, "resumed_at_epoch", str(state.epoch))
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     if recipe.runtime.compile:
@@ -202,13 +218,18 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     steps_per_epoch = loaders.batches_per_epoch(n_train, data.batch_size, world, data.loader_workers)
     if steps_per_epoch < 1:
         raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
-    resolution = spec.train_resolution
     eval_resolution = recipe.model.eval_resolution or spec.eval_resolution
 
     for epoch in range(state.epoch, recipe.schedule.epochs):
         if state.stopped_early:
             break
         seed_everything(recipe.seed, epoch, rank)
+        # Progressive learning (or constant settings): image size and regularisation for this epoch, set on
+        # the built model and the loader without restarting anything.
+        settings = epoch_settings(epoch, recipe, spec)
+        models.set_regularization(model, dropout=settings.dropout, stochastic_depth=settings.stochastic_depth)
+        resolution = settings.image_size
+        aug_gen = torch.Generator(device=device).manual_seed((recipe.seed * 1_000_003 + epoch) * 1_009 + rank)
         ddp_model.train()
         train_loader = loaders.make_loader(
             job.dataset_dir, "train", resolution, data.batch_size, rank, world, epoch, data.backend,
@@ -219,11 +240,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             lr = learning_rate(epoch + i / steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x = loaders.normalize(images.to(device, non_blocking=True), channels_last)
-            y = labels.to(device, non_blocking=True)
+            x, targets = prepare_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                       recipe, settings, job.num_classes, channels_last, aug_gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = ddp_model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.regularization.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.optim.grad_clip:
@@ -232,14 +253,15 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             state.step += 1
             if ema is not None:
                 update_ema(ema, model, ema_decay_at(state.step, recipe.regularization.ema_decay))
-            loss_sum += loss.item() * len(y)
-            seen += len(y)
+            loss_sum += loss.item() * len(labels)
+            seen += len(labels)
         elapsed = time.perf_counter() - t0
 
         row: dict[str, float] = {
             "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": lr,
-            "images_per_s": seen * world / elapsed, "image_size": resolution,
-            "dropout": spec.dropout, "stochastic_depth": spec.stochastic_depth,
+            "images_per_s": seen * world / elapsed, "image_size": resolution, "stage": settings.stage,
+            "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
+            "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
             "train_bad_samples": float(train_loader.dataset.bad_samples),
         }
         if (epoch + 1) % recipe.schedule.eval_every == 0 or epoch + 1 == recipe.schedule.epochs:
@@ -362,7 +384,8 @@ def run_training(
     atomic_write_json(marker, {"job_name": job_name, "run_id": run_id, "status": "running"})
 
     if not ray.is_initialized():
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=True,
+        # The dashboard serves the state API, which Ray Train uses to clean up after a failed worker group.
+        ray.init(address=ray_address, log_to_driver=True,
                  runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": layout.tracking_uri}})
     job = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
                   tracking_uri=layout.tracking_uri, run_id=run_id)

@@ -26,12 +26,17 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A real local Ray cluster sized like this machine; shut down at the end of the session."""
+def ray_cluster() -> Iterator[object]:
+    """A real local Ray cluster sized like this machine; shut down at the end of the session.
+
+    Yields the context (its `dashboard_url` addresses the state API of this cluster, not another one that
+    may run on the same machine).
+    """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
-    yield
+    # With the dashboard: its state API lets Ray Train clean up after a killed worker.
+    ctx = ray.init(num_cpus=2, log_to_driver=True, ignore_reinit_error=True)
+    yield ctx
     ray.shutdown()
 
 
