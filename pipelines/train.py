@@ -259,7 +259,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         row: dict[str, float] = {
             "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": lr,
-            "images_per_s": seen * world / elapsed, "image_size": resolution, "stage": settings.stage,
+            "images_per_s": seen * world / elapsed, "epoch_seconds": elapsed, "image_size": resolution,
+            "stage": settings.stage,
             "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
             "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
             "train_bad_samples": float(train_loader.dataset.bad_samples),
