@@ -92,7 +92,7 @@ class ProgressiveConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    backend: Literal["wds"] = "wds"
+    backend: Literal["wds", "ffcv", "dali"] = "wds"
     batch_size: int = Field(128, ge=1, description="per worker")
     loader_workers: int = Field(4, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)

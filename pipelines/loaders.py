@@ -25,7 +25,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from pipelines.staging import read_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKENDS = ("wds",)
+BACKENDS = ("wds", "ffcv", "dali")
 TRAIN_SPLITS = ("train",)
 EVAL_SPLITS = ("minival", "val")
 
@@ -117,10 +117,27 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 # --------------------------------------------------------------------------------------------- sharding math
 
 
-def rank_positions(n: int, rank: int, world_size: int, pad: bool) -> list[int]:
-    """Positions (into the epoch order) that `rank` reads: strided, padded to ceil(n/world) when `pad`."""
+def rank_positions(n: int, rank: int, world_size: int, pad: bool, shuffle_seed: int | None = None) -> list[int]:
+    """Positions (into the epoch order) that `rank` reads: strided, padded to ceil(n/world) when `pad`.
+
+    With `shuffle_seed`, which rank takes which position of each block of `world_size` consecutive positions
+    is drawn from the seed (the same on every rank): a sequential reader's ranks then see different samples
+    every epoch instead of the same residue class, with the same exact-once and equal-count guarantees.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if shuffle_seed is not None and world_size > 1:
+        rng = random.Random(shuffle_seed)
+        order = list(range(world_size))
+        out = []
+        for block in range(math.ceil(n / world_size)):
+            rng.shuffle(order)
+            p = block * world_size + order[rank]
+            if p < n:
+                out.append(p)
+            elif pad:
+                out.append(p % n)
+        return out
     if pad and n:
         # As DistributedSampler: the order is extended by its own start to ceil(n/world) x world, then strided.
         return [p % n for p in range(rank, math.ceil(n / world_size) * world_size, world_size)]
@@ -198,7 +215,8 @@ class WdsDataset(IterableDataset):
         return order
 
     def positions(self) -> list[int]:
-        return rank_positions(self.total, self.rank, self.world_size, pad=self.train)
+        shuffle = self.seed * 1_000_003 + self.epoch if self.train else None
+        return rank_positions(self.total, self.rank, self.world_size, pad=self.train, shuffle_seed=shuffle)
 
     def __len__(self) -> int:
         return len(self.positions())
@@ -261,12 +279,19 @@ class WdsDataset(IterableDataset):
 def make_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
     epoch: int = 0, backend: str = "wds", seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
-) -> DataLoader:
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """A DataLoader of (uint8 NCHW images, int64 labels) for one rank of one epoch of a staged split."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if split not in TRAIN_SPLITS + EVAL_SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(TRAIN_SPLITS + EVAL_SPLITS)}")
+    if backend in ("ffcv", "dali"):  # imported here: FFCV pulls in numba and OpenCV, DALI its own runtime
+        if backend == "ffcv":
+            from pipelines.ffcv_backend import make_ffcv_loader as make_backend_loader
+        else:
+            from pipelines.dali_backend import make_dali_loader as make_backend_loader
+        return make_backend_loader(dataset_dir, split, resolution, batch_size, rank, world_size, epoch, seed,
+                                   crop_ratio, num_workers)
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train = split in TRAIN_SPLITS

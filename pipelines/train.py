@@ -126,6 +126,12 @@ def prepare_batch(
                              recipe.regularization.label_smoothing, generator)
 
 
+def _bad_samples(loader: Any) -> int:
+    """Samples a loader skipped because they did not decode (counted in this process only: a DataLoader
+    worker's count stays in the worker)."""
+    return int(getattr(loader, "bad_samples", getattr(getattr(loader, "dataset", None), "bad_samples", 0)))
+
+
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
     s = (seed * 1_000_003 + epoch) * 1_009 + rank
     random.seed(s)
@@ -263,7 +269,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             "stage": settings.stage,
             "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
             "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
-            "train_bad_samples": float(train_loader.dataset.bad_samples),
+            "train_bad_samples": float(_bad_samples(train_loader)),
         }
         if (epoch + 1) % recipe.schedule.eval_every == 0 or epoch + 1 == recipe.schedule.epochs:
             minival_loader = loaders.make_loader(

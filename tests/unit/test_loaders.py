@@ -195,8 +195,8 @@ def test_normalize() -> None:
 def test_unknown_split_or_backend(staged_dataset: Path) -> None:
     with pytest.raises(ValueError, match="unknown split 'test'"):
         make_loader(staged_dataset, "test", 32, 4)
-    with pytest.raises(ValueError, match="unknown loader backend 'ffcv'"):
-        make_loader(staged_dataset, "train", 32, 4, backend="ffcv")
+    with pytest.raises(ValueError, match="unknown loader backend 'tfrecord'"):
+        make_loader(staged_dataset, "train", 32, 4, backend="tfrecord")
 
 
 # --------------------------------------------------------------------------------------------- pure functions

@@ -107,3 +107,17 @@ def test_mix_batch_targets_are_distributions():
         mixed, soft = augment.mix_batch(x, labels, 4, mixup, cutmix, 0.1, torch.Generator().manual_seed(5))
         assert soft.sum(1) == pytest.approx(torch.ones(8))
         assert not torch.equal(mixed, x)
+
+
+@pytest.mark.parametrize("n,world", [(10, 3), (12, 2), (7, 4), (1, 2), (100, 8)])
+def test_shuffled_rank_positions_keep_exact_once_and_equal_counts(n, world):
+    from pipelines.loaders import rank_positions
+
+    per_rank = [rank_positions(n, r, world, pad=True, shuffle_seed=11) for r in range(world)]
+    assert len({len(p) for p in per_rank}) == 1  # equal counts: no DDP hang
+    assert set().union(*map(set, per_rank)) == set(range(n))  # every sample at least once
+    assert sum(len(p) for p in per_rank) - n < world  # only padding repeats
+    evals = [rank_positions(n, r, world, pad=False, shuffle_seed=11) for r in range(world)]
+    assert sorted(p for e in evals for p in e) == list(range(n))  # eval: exactly once
+    if n >= 4 * world:  # the assignment changes with the seed (epoch)
+        assert rank_positions(n, 0, world, pad=True, shuffle_seed=12) != per_rank[0]

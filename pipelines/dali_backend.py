@@ -1,0 +1,281 @@
+"""DALI: an index file per WebDataset shard, written at staging, and a loader with the project's semantics.
+
+Writing (`write_dali_indexes`, registered in `staging.EXTRA_FORMATS`): `<tier>/<split>-NNNNNN.idx` beside each
+shard, in the format of DALI's `wds2idx` ("v1.2 <samples>", then per sample `<ext> <data offset> <size> <member
+name>` for each member). It is written here from the tar headers rather than by running `wds2idx`, which
+starts two `tar` processes per shard; an index whose bytes already match its shard is left alone.
+
+Loading (`make_dali_loader`): `fn.readers.webdataset` reads the samples an index lists, in the order listed, by
+seeking to their offsets. Its own sharding (`shard_id`/`num_shards`: contiguous blocks whose sizes differ by
+one, evened out by repeating a block's last sample) and shuffling (a buffer that keeps filling across the epoch
+boundary, so it repeats some samples and leaves others) cannot give the documented semantics. So for each
+epoch the loader writes small per-rank index files (in a temporary folder, removed when the epoch ends) that
+list exactly this rank's samples (`ffcv_backend.rank_epoch_indices`: the same samples the ffcv backend gives
+the rank), and the reader runs with `random_shuffle=False`:
+- train: the rank's ceil(N / world) samples of the (seed, epoch) permutation, padded as DistributedSampler;
+  exactly (N / world rounded up) // batch_size full batches on every rank. An index file can only point into
+  its own tar, so samples are read grouped by shard (shards in random order, samples within a shard in random
+  order), like the `wds` backend's shard shuffle; the shards themselves were shuffled across classes at staging.
+- eval: every sample exactly once across ranks, in the split's planned order; the last batch is partial.
+
+Train: `decoders.image_random_crop` (the RandomResizedCrop area and aspect ranges; only the crop is decoded),
+`resize` to the resolution, a coin-flip mirror, seeded from (seed, epoch, rank). Eval: exactly
+`loaders.center_crop_box` (`decoders.image_slice` of the centred square, then `resize`), so its pixels match
+the wds backend's to a fraction of a level. `crop_mirror_normalize` makes uint8 CHW without normalising.
+Decoding runs on the CPU (`device_id=None`), or with nvJPEG (`device="mixed"`) on the current CUDA device when
+torch sees one (images then arrive as CUDA tensors; untested here: no GPU). A pipeline is built per epoch (the
+interface is one loader per epoch), which also switches resolution; building one takes well under a second.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import staging
+from pipelines.atomic import atomic_write_bytes, sha256_file
+from pipelines.ffcv_backend import rank_epoch_indices
+from pipelines.loaders import TRAIN_SPLITS, DataError, select_tier, split_shards
+
+INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
+INDEX_SUFFIX = ".idx"
+EXTENSIONS = ("jpg", "cls")
+
+
+# --------------------------------------------------------------------------------------------- index files
+
+
+def index_path(shard: Path) -> Path:
+    """Where a shard's index lives: `train-000000.tar` -> `train-000000.idx` (what `wds2idx` names it)."""
+    return shard.with_suffix(INDEX_SUFFIX)
+
+
+def index_lines(shard: Path) -> list[str]:
+    """One line per sample of a WebDataset tar: `<ext> <data offset> <size> <member name>` per member."""
+    samples: list[list[str]] = []
+    last = None
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, ext = _split_name(member.name)
+                if not base or base.endswith("/"):
+                    continue  # as wds2idx: hidden files are not samples
+                component = f"{ext} {member.offset_data} {member.size} {member.name}"
+                if base != last:
+                    samples.append([])
+                    last = base
+                samples[-1].append(component)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{shard}: unreadable shard, cannot index it ({exc})") from exc
+    return [" ".join(components) for components in samples]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/key.a.b` -> (`dir/key`, `a.b`): the extension starts at the first dot of the file name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def index_text(lines: list[str]) -> str:
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def write_dali_indexes(
+    plan: staging.DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
+    params: staging.StageParams,
+) -> list[dict[str, Any]]:
+    """Staging hook: a DALI index beside every shard. An index is rewritten only if its bytes differ from
+    what the shard gives (so a second call writes nothing, and a stale or damaged index is replaced)."""
+    del plan, work, params  # everything needed is in the shards
+    entries = []
+    for shard in sorted(shard_entries, key=lambda s: s["path"]):
+        tar = Path(dest) / shard["path"]
+        path = index_path(tar)
+        data = index_text(index_lines(tar)).encode()
+        if not (path.exists() and path.read_bytes() == data):
+            atomic_write_bytes(path, data)
+        entries.append({"path": index_path(Path(shard["path"])).as_posix(), "shard": shard["path"],
+                        "bytes": len(data), "sha256": sha256_file(path)})
+    return entries
+
+
+def read_index(path: Path) -> list[str]:
+    """The sample lines of an index file, checked against its header."""
+    if not path.exists():
+        raise DataError(f"{path}: DALI index missing; stage with formats including 'dali'")
+    head, *lines = path.read_text().splitlines()
+    version, _, count = head.partition(" ")
+    if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
+        raise DataError(f"{path}: not a {INDEX_VERSION} index of {count or '?'} samples (damaged?)")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _device_id() -> int | None:
+    """The CUDA device the caller trains on (the training loop sets it), or None for a CPU-only pipeline."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def build_pipeline(
+    paths: list[str], index_paths: list[str], train: bool, resolution: int, crop_ratio: float, batch_size: int,
+    num_threads: int, seed: int, device_id: int | None,
+) -> Any:
+    """The DALI pipeline of one epoch: read (in index order), decode, crop, flip, uint8 CHW."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+    from nvidia.dali.pipeline import Pipeline
+
+    decode_on = "cpu" if device_id is None else "mixed"
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=2)
+    with pipe:
+        jpegs, cls = fn.readers.webdataset(
+            paths=paths, index_paths=index_paths, ext=list(EXTENSIONS), missing_component_behavior="error",
+            random_shuffle=False, name="reader",
+        )
+        if train:
+            # The area/aspect draw of loaders.random_resized_crop_box, with DALI's own generator.
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decode_on, output_type=types.RGB, random_area=[0.08, 1.0],
+                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+            )
+            images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            # loaders.center_crop_box: the centred square of side round(shorter side x crop_ratio), resized to
+            # the resolution (the same pixels as "resize shorter side to resolution / crop_ratio, centre crop",
+            # without DALI rounding the intermediate size). Only that square is decoded.
+            shape = fn.peek_image_shape(jpegs)  # H, W, C
+            height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+            side = dmath.floor(dmath.min(height, width) * crop_ratio + 0.5)
+            corner = fn.stack(dmath.floor((width - side) * 0.5), dmath.floor((height - side) * 0.5))  # x, y
+            images = fn.decoders.image_slice(
+                jpegs, corner, fn.stack(side, side), device=decode_on, output_type=types.RGB,
+                normalized_anchor=False, normalized_shape=False, axis_names="WH",
+            )
+            images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+            mirror = 0
+        # No mean/std: pixels stay uint8 and are normalised on the device (loaders.normalize).
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+        pipe.set_outputs(images, cls)
+    pipe.build()
+    return pipe
+
+
+class DaliLoader:
+    """One rank's epoch of a split through DALI: an iterable of (uint8 NCHW, int64) batches with len().
+
+    Images are CPU tensors, or CUDA tensors on the current device when decoding is 'mixed'; labels stay on
+    the CPU. Each iteration writes this epoch's per-rank index files and builds a pipeline over them.
+    """
+
+    bad_samples = 0  # DALI stops with an error on a sample that does not decode
+
+    def __init__(
+        self, shards: list[Path], lines: list[list[str]], indices: np.ndarray, train: bool, resolution: int,
+        batch_size: int, crop_ratio: float, num_workers: int, seed: int,
+    ) -> None:
+        self.shards, self.lines, self.indices, self.train = shards, lines, indices, train
+        self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
+        self.num_threads, self.seed = max(1, num_workers), seed
+        # position in the split's planned order -> (shard, line in its index)
+        self._shard_of = np.repeat(np.arange(len(lines)), [len(x) for x in lines])
+        self._line_of = np.concatenate([np.arange(len(x)) for x in lines]) if lines else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def samples(self) -> int:
+        """Samples this rank yields this epoch."""
+        return len(self) * self.batch_size if self.train else len(self.indices)
+
+    def _write_rank_indexes(self, folder: Path) -> tuple[list[str], list[str]]:
+        """Per-shard index files listing this rank's samples, shards in order of first appearance."""
+        groups: dict[int, list[str]] = {}
+        for position in self.indices.tolist():
+            shard = int(self._shard_of[position])
+            groups.setdefault(shard, []).append(self.lines[shard][int(self._line_of[position])])
+        paths, index_paths = [], []
+        for i, (shard, lines) in enumerate(groups.items()):
+            path = folder / f"{i:06d}{INDEX_SUFFIX}"
+            path.write_text(index_text(lines))
+            paths.append(str(self.shards[shard]))
+            index_paths.append(str(path))
+        return paths, index_paths
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if len(self) == 0:
+            return
+        folder = Path(tempfile.mkdtemp(prefix="dali-epoch-"))
+        try:
+            paths, index_paths = self._write_rank_indexes(folder)
+            device_id = _device_id()
+            pipe = build_pipeline(paths, index_paths, self.train, self.resolution, self.crop_ratio,
+                                  self.batch_size, self.num_threads, self.seed, device_id)
+            left = self.samples()
+            try:
+                while left > 0:
+                    images, cls = pipe.run()
+                    take = min(left, self.batch_size)  # the reader wraps into the next epoch: cut there
+                    yield _to_torch(images, take, device_id), _labels(cls, take)
+                    left -= take
+            finally:
+                del pipe
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _to_torch(images: Any, take: int, device_id: int | None) -> torch.Tensor:
+    if device_id is None:
+        return torch.from_numpy(np.array(images.as_tensor())[:take])  # np.array copies out of DALI's buffer
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = images.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.uint8, device=torch.device("cuda", device_id))
+    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device_id))
+    return out[:take]
+
+
+def _labels(cls: Any, take: int) -> torch.Tensor:
+    # A `.cls` member is the label as ASCII digits: DALI hands over its bytes.
+    return torch.tensor([int(np.asarray(cls[i]).tobytes()) for i in range(take)], dtype=torch.int64)
+
+
+def dali_seed(seed: int, epoch: int, rank: int) -> int:
+    """The pipeline seed of one rank's epoch (DALI wants a non-negative 31-bit int)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def make_dali_loader(
+    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
+    epoch: int = 0, seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
+) -> DaliLoader:
+    """`loaders.make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
+    dataset_dir = Path(dataset_dir)
+    manifest = staging.read_manifest(dataset_dir)
+    train = split in TRAIN_SPLITS
+    tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    shards = split_shards(dataset_dir, manifest, split, tier)
+    lines = []
+    for s in shards:
+        shard_lines = read_index(index_path(s.path))
+        if len(shard_lines) != s.samples:
+            raise DataError(f"{index_path(s.path)}: {len(shard_lines)} samples, the manifest says {s.samples}")
+        lines.append(shard_lines)
+    n = sum(s.samples for s in shards)
+    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch)
+    return DaliLoader([s.path for s in shards], lines, indices, train, resolution, batch_size, crop_ratio,
+                      num_workers, dali_seed(seed, epoch, rank))

@@ -1,0 +1,390 @@
+"""FFCV: one `.beton` per tier and split, written at staging, and a loader with the project's semantics.
+
+Writing (`write_ffcv_files`, registered in `staging.EXTRA_FORMATS`): `DATASET/<tier>/<split>.beton` holds the
+split's images in its planned (shuffled) order, so sample i of the beton is sample i of the split's shards read
+in name order: the same index space as the `wds` and `dali` backends. Images are the tier's JPEGs from the staging
+spools, decoded to RGB arrays (FFCV encodes them again as its `write_mode` says).
+
+NOTE: `RGBImageField(max_resolution=...)` caps the *longer* side, while a tier caps the *shorter* side (what
+`loaders.select_tier` relies on: eval at 224 needs 256 px of short side). Passing the tier would shrink a 341x256
+image to 256x192, so the field gets no max_resolution: the tier images are stored at their tier size.
+
+Loading (`make_ffcv_loader`): FFCV's own `distributed=True` wraps torch's DistributedSampler, which needs an
+initialised process group, and pads every split (an eval sample would be scored twice). So the loader computes
+each rank's sample indices itself (`rank_epoch_indices`: a (seed, epoch) permutation and
+`loaders.rank_positions`, exactly the documented semantics) and passes them as `indices=` with
+`OrderOption.SEQUENTIAL`, which reads them in the given order. FFCV 1.0.2 does not seed its augmentations
+(RandomHorizontalFlip draws from an unseeded generator on whichever thread runs it), so the train decoder here is
+RandomResizedCropRGBImageDecoder with the flip folded in, drawing from numba's generator seeded per sample with
+(seed, epoch, sample index): crops and flips depend on (seed, epoch) only, not on threads or world size.
+Batches are NCHW tensors in channels_last memory, as FFCV's ToTorchImage makes them.
+
+Resolution: a new FFCV `Loader` is built for every `make_loader` call (the interface is one loader per epoch;
+the epoch's seed is compiled into the decoder), so setting `decoder.output_size` on a long-lived loader, as
+ffcv-imagenet does, buys nothing here. Building one compiles its pipeline with numba: the start-up column of
+`benchmarks/loaders.py` (~2.5 s on 2 cores), about 0.5% of an ImageNet epoch of B0 on one A100.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines import staging
+from pipelines.atomic import atomic_write_bytes, sha256_file
+from pipelines.loaders import TRAIN_SPLITS, DataError, rank_positions, select_tier
+
+BETON_SUFFIX = ".beton"
+_MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
+
+
+# --------------------------------------------------------------------------------------------- sample order
+
+
+def rank_epoch_indices(n: int, train: bool, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Indices (into a split's planned order) that `rank` reads this epoch, in reading order.
+
+    train: a permutation that depends only on (seed, epoch), strided over ranks and padded as DistributedSampler
+    does (every rank gets ceil(n / world_size)). eval: the planned order, strided, every sample exactly once.
+    Shared by the ffcv and dali backends, so both give a rank the same samples.
+    """
+    positions = np.asarray(rank_positions(n, rank, world_size, pad=train), dtype=np.int64)
+    if not train:
+        return positions
+    order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    return order[positions]
+
+
+def augmentation_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for an epoch's random crops and flips (the sample index is mixed in per sample)."""
+    return int(np.random.SeedSequence([seed, epoch, 0xFFC7]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def beton_relpath(tier: int, split: str) -> str:
+    return f"{tier}/{split}{BETON_SUFFIX}"
+
+
+class _SpoolImages:
+    """The images of one split x tier in planned order, read from the staging spools: (RGB HWC uint8, label).
+
+    Indexable and picklable, as FFCV's DatasetWriter wants; it runs in the writer's worker processes.
+    """
+
+    def __init__(self, work: Path, spans: list[tuple[str, int, int, int]], seed: int) -> None:
+        self.work, self.spans, self.seed = work, spans, seed  # spans: (unit, offset, size, label)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        unit, offset, size, label = self.spans[i]
+        with open(staging.unit_paths(self.work, unit)[0], "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        # write_mode='proportion' draws from numpy's global generator in the worker: seeding it per sample makes
+        # the raw-or-JPEG choice of sample i the same whichever worker encodes it.
+        np.random.seed((self.seed * 1_000_003 + i) % (1 << 32))
+        image = Image.open(io.BytesIO(data)).convert("RGB")  # staging stored RGB already; this is a guard
+        return np.asarray(image, dtype=np.uint8), int(label)
+
+
+def _spans(plan: staging.DatasetPlan, split: str, tier: int, work: Path) -> list[tuple[str, int, int, int]]:
+    spans = []
+    for key in plan.splits[split]:
+        rec = plan.records[key]
+        offset, size, _, _ = rec["tiers"][str(tier)]
+        spans.append((rec["unit"], offset, size, rec["label"]))
+    # A worker that raises leaves FFCV's writer waiting forever for its samples: check the spools first.
+    for unit in {s[0] for s in spans}:
+        spool = staging.unit_paths(work, unit)[0]
+        if not spool.exists():
+            raise DataError(f"{spool}: staging spool missing; cannot write the FFCV files")
+    return spans
+
+
+def _page_size(plan: staging.DatasetPlan, split: str, tier: int) -> int:
+    """Smallest FFCV page (a power of two, >= 2 MiB) that holds two of the split's largest raw images."""
+    largest = max(
+        (w * h * 3 for key in plan.splits[split] for _, _, w, h in [plan.records[key]["tiers"][str(tier)]]),
+        default=0,
+    )
+    return max(_MIN_PAGE, 1 << math.ceil(math.log2(max(1, 2 * largest))))
+
+
+def write_beton(
+    plan: staging.DatasetPlan, split: str, tier: int, work: Path, dest: Path, params: staging.StageParams,
+    num_workers: int | None = None,
+) -> dict[str, Any]:
+    """Write (or reuse, if its checksum sidecar verifies) one split x tier beton; returns its manifest entry."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    rel = beton_relpath(tier, split)
+    path = dest / rel
+    sidecar = path.with_name(path.name + ".sha256")
+    entry = {"path": rel, "split": split, "tier": tier, "samples": len(plan.splits[split])}
+    if path.exists() and sidecar.exists():
+        digest = sha256_file(path)
+        if sidecar.read_text().strip() == digest:
+            return {**entry, "bytes": path.stat().st_size, "sha256": digest}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dataset = _SpoolImages(work, _spans(plan, split, tier, work), params.seed)
+    workers = num_workers or os.cpu_count() or 1
+    workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # staging.remove_stale_temporaries cleans these
+    fields = {
+        "image": RGBImageField(
+            write_mode=params.ffcv_write_mode, max_resolution=None, jpeg_quality=params.ffcv_jpeg_quality,
+            compress_probability=params.ffcv_compress_probability,
+        ),
+        "label": IntField(),
+    }
+    try:
+        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(plan, split, tier), num_workers=workers)
+        writer.from_indexed_dataset(dataset, chunksize=64)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(sidecar, (digest + "\n").encode())
+    return {**entry, "bytes": path.stat().st_size, "sha256": digest}
+
+
+def write_ffcv_files(
+    plan: staging.DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
+    params: staging.StageParams,
+) -> list[dict[str, Any]]:
+    """Staging hook: one beton per tier per non-empty split. Idempotent: verified betons are kept as they are.
+
+    NOTE: with several writer processes FFCV lays pages out in completion order, so two writes of the same
+    beton hold the same samples at the same indices but need not be byte-identical; the manifest records the
+    checksum of the file actually written.
+    """
+    del shard_entries  # the images come from the spools, which allow random access
+    entries = []
+    for tier in params.tiers:
+        for split in staging.SPLITS:
+            if plan.splits[split]:
+                entries.append(write_beton(plan, split, tier, Path(work), Path(dest), params))
+    return entries
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+@lru_cache(maxsize=1)
+def _fix_os_cache_state_type() -> None:
+    """Stop FFCV 1.0.2 from corrupting numba's type for writable uint8 arrays.
+
+    FFCV: `OSCacheManager.state_type` does `t1 = nb.uint8[::1]; t1.mutable = False`, which mutates numba's
+    interned type instance for *every* writable 1-D uint8 array in the process, so its hash changes after it has
+    been used as a dictionary key. Every compiled function keyed on it (FFCV's own decoders included) is then
+    corrupted: the second Loader of a process prints KeyErrors from numba finalizers, or fails to compile,
+    which leaves FFCV's loading thread dead and the consumer waiting forever. Build a distinct read-only type.
+    """
+    import numba as nb
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from ffcv.pipeline.compiler import Compiler
+
+    data = nb.types.Array(nb.uint8, 1, "C", readonly=True)
+    offsets = nb.types.Array(nb.uint64, 1, "C")
+    state = nb.types.Tuple([data, offsets, offsets])
+
+    def compile_reader(self: Any) -> Any:  # FFCV's own reader, typed with `state` instead of the mutated type
+        def read(address, mem_state):  # type: ignore[no-untyped-def]
+            size = mem_state[2][np.searchsorted(mem_state[1], address)]
+            return mem_state[0][address : address + size]
+
+        return Compiler.compile(read, data(nb.uint64, state))
+
+    OSCacheManager.state_type = property(lambda self: state)
+    OSCacheManager.compile_reader = compile_reader
+
+
+@lru_cache(maxsize=1)
+def _seeded_crop_decoder_class() -> type:
+    """RandomResizedCropRGBImageDecoder with per-sample seeding and the horizontal flip folded in.
+
+    Defined on first use so that importing this module does not import FFCV (numba, OpenCV: seconds).
+    """
+    from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.pipeline.compiler import Compiler
+
+    class SeededRandomResizedCropFlipDecoder(RandomResizedCropRGBImageDecoder):
+        """Decode, random-resized-crop and flip with probability 1/2, drawing from a generator seeded with
+        (epoch seed, sample index) for each sample: the same pixels whatever thread decodes the sample."""
+
+        def __init__(self, output_size: tuple[int, int], seed: int) -> None:
+            super().__init__(output_size)
+            self.seed = seed
+
+        def generate_code(self) -> Any:
+            jpg = IMAGE_MODES["jpg"]
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c = Compiler.compile(imdecode)
+            resize_crop_c = Compiler.compile(resize_crop)
+            get_crop_c = Compiler.compile(get_random_crop)
+            scale, ratio = np.array(self.scale), np.array(self.ratio)
+            base = np.uint64(self.seed)
+            mix = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier: spreads consecutive indices apart
+            shift = np.uint64(32)
+
+            def decode(batch_indices, my_storage, metadata, storage_state):  # type: ignore[no-untyped-def]
+                destination, temp_storage = my_storage
+                for dst_ix in my_range(len(batch_indices)):
+                    source_ix = batch_indices[dst_ix]
+                    np.random.seed((base ^ (np.uint64(source_ix) * mix)) >> shift)
+                    field = metadata[source_ix]
+                    image_data = mem_read(field["data_ptr"], storage_state)
+                    height = np.uint32(field["height"])
+                    width = np.uint32(field["width"])
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    out = destination[dst_ix]
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
+                    if np.random.random() < 0.5:
+                        cols = out.shape[1]
+                        for y in range(out.shape[0]):
+                            for x in range(cols // 2):
+                                for c in range(3):
+                                    t = out[y, x, c]
+                                    out[y, x, c] = out[y, cols - 1 - x, c]
+                                    out[y, cols - 1 - x, c] = t
+                return destination[: len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return SeededRandomResizedCropFlipDecoder
+
+
+class FfcvLoader:
+    """One rank's epoch of a split from a beton: an iterable of (uint8 NCHW, int64) CPU batches with len().
+
+    Images are NCHW tensors in channels_last memory (FFCV decodes HWC; training runs channels_last): no
+    transposition here, and `loaders.normalize` accepts any layout. Each iteration builds an FFCV Loader over
+    this rank's indices and copies every batch out of FFCV's recycled buffers (FFCV reuses them a few batches
+    later; callers may keep batches).
+    """
+
+    bad_samples = 0  # FFCV fails loudly on a broken beton rather than skipping samples
+
+    def __init__(
+        self, path: Path, indices: np.ndarray, train: bool, resolution: int, batch_size: int, crop_ratio: float,
+        num_workers: int, aug_seed: int,
+    ) -> None:
+        self.path, self.indices, self.train = path, indices, train
+        self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
+        self.num_workers, self.aug_seed = max(1, num_workers), aug_seed
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+
+    def build(self) -> Any:
+        """The FFCV Loader for this epoch (compiles its pipeline)."""
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+        _fix_os_cache_state_type()
+        res = (self.resolution, self.resolution)
+        if self.train:
+            decoder = _seeded_crop_decoder_class()(res, self.aug_seed)
+        else:
+            decoder = CenterCropRGBImageDecoder(res, ratio=self.crop_ratio)
+        threads = torch.get_num_threads()
+        try:
+            return Loader(
+                str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
+                order=OrderOption.SEQUENTIAL, indices=self.indices, drop_last=self.train, batches_ahead=2,
+                pipelines={
+                    "image": [decoder, ToTensor(), ToTorchImage(channels_last=True)],
+                    "label": [IntDecoder(), ToTensor(), Squeeze(1)],
+                },
+            )
+        finally:
+            torch.set_num_threads(threads)  # FFCV sets torch's thread count to its own: put it back
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if len(self) == 0:
+            return
+        threads = torch.get_num_threads()
+        loader = self.build()
+        try:
+            epoch = iter(loader)
+        finally:
+            torch.set_num_threads(threads)
+        for images, labels in _guarded(epoch, self.path):
+            # A same-layout copy (~1 ms per 64 x 224 px batch); making it NCHW-contiguous would cost 8x that.
+            yield (images.clone(memory_format=torch.channels_last),
+                   labels.to(torch.int64, copy=True).reshape(-1))
+
+
+def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
+    """FFCV's `EpochIterator.__next__`, except that it raises when the loading thread died.
+
+    FFCV decodes in a thread that catches only StopIteration: any other error (a compile failure, a corrupt
+    beton) kills it and its consumer waits on the queue forever. Python prints the thread's traceback.
+    """
+    from queue import Empty
+
+    try:
+        while True:
+            try:
+                item = epoch.output_queue.get(timeout=poll_s)
+            except Empty:
+                if epoch.is_alive():
+                    continue
+                try:  # it may have queued its end marker just before exiting
+                    item = epoch.output_queue.get_nowait()
+                except Empty:
+                    raise DataError(
+                        f"{path}: FFCV's loading thread stopped mid-epoch (see its traceback above)") from None
+            if item is None:
+                return
+            slot, result = item
+            stream = epoch.cuda_streams[slot]
+            if stream is not None:  # as FFCV: wait for the copy of this batch slot to finish
+                epoch.current_stream.wait_stream(stream)
+            yield result
+    finally:
+        epoch.close()
+
+
+def make_ffcv_loader(
+    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
+    epoch: int = 0, seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
+) -> FfcvLoader:
+    """`loaders.make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
+    dataset_dir = Path(dataset_dir)
+    manifest = staging.read_manifest(dataset_dir)
+    train = split in TRAIN_SPLITS
+    tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    n = manifest["splits"][split]["samples"]
+    path = dataset_dir / beton_relpath(tier, split)
+    listed = {e["path"] for e in manifest.get("extra", {}).get("ffcv", [])}
+    if n and (beton_relpath(tier, split) not in listed or not path.exists()):
+        raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including 'ffcv'")
+    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)
+    return FfcvLoader(path, indices, train, resolution, batch_size, crop_ratio, num_workers,
+                      augmentation_seed(seed, epoch))
