@@ -1,77 +1,110 @@
 """Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
 
 Only sequencing lives here; `pipelines.staging.stage` does the work and calls back into this flow to run its
-units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool (decoding and
-encoding release the GIL). A finished version is detected from its manifest and returned at once.
+units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. A unit task's
+thread hands the decoding to one of `workers` processes (threads alone use the cores only in part: see
+`pipelines.staging`). A finished version is detected from its manifest and returned at once; a source that
+grew is staged as a new version on top of the latest one (`base_version`).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from pipelines import staging
+from pipelines.imagenet import ImageNetSourceError
+
+# Bad input: a wrong path or parameter, a corrupt archive, too many undecodable images.
+BAD_INPUT = (ValueError, FileNotFoundError, staging.StagingError)
+
+
+def _run_step(step: Callable[..., Any], args: tuple) -> Any:
+    try:
+        return step(*args)
+    except (ImageNetSourceError, staging.StagingError) as exc:
+        # Bad input: a failed task with the reason and no traceback in the log; the flow raises `exc`.
+        return Failed(message=str(exc), data=exc)
+
+
+def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass on a second try (I/O); bad input fails the same way every time."""
+    return not isinstance(state.data, (ImageNetSourceError, staging.StagingError))
 
 
 # Idempotence comes from the files themselves (checksummed spools and shards), not from Prefect's cache.
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def stage_unit(*args: Any) -> staging.UnitResult:
-    return staging.process_unit(*args)
+# `step` is the staging function to run, wrapped by `stage` to count progress (and, for units, to run in a
+# worker process); its arguments travel quoted so that Prefect does not walk the (large) plan for futures.
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
+def stage_unit(step: Callable[..., staging.UnitResult], args: tuple) -> staging.UnitResult:
+    return _run_step(step, args)
 
 
-@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def stage_shard(*args: Any) -> dict:
-    return staging.write_shard(*args)
+@task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
+def stage_shard(step: Callable[..., dict], args: tuple) -> dict:
+    return _run_step(step, args)
 
 
-def _task_mapper(t: Any, what: str, name: Callable[[tuple], str]) -> staging.Mapper:
-    """A mapper that submits one task per argument tuple and logs progress with an ETA."""
+def _task_mapper(t: Any, name: Callable[[tuple], str]) -> staging.Mapper:
+    """A mapper that submits one task per argument tuple and returns the results in order."""
 
-    def run(_fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
-        logger = get_run_logger()
-        futures = [t.with_options(task_run_name=name(a)).submit(*a) for a in args]
-        t0, results = time.time(), []
-        for done, fut in enumerate(futures, 1):
-            results.append(fut.result())
-            if done % max(1, len(futures) // 20) == 0 or done == len(futures):
-                eta = (len(futures) - done) * (time.time() - t0) / done
-                logger.info("%s %d/%d, ETA %.0f s", what, done, len(futures), eta)
-        return results
+    def run(step: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
+        futures = [t.with_options(task_run_name=name(a)).submit(quote(step), quote(a)) for a in args]
+        return [f.result() for f in futures]
 
     return run
 
 
-def _workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=_workers()), log_prints=True)
-def stage_imagenet(
-    source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
-    seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01,
-) -> str:
-    """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
-
-    `minival` >= 1 is a number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it is
-    a fraction of each class. Returns the dataset version directory. Rerunning reuses everything finished.
-    """
-    logger = get_run_logger()
-    params = staging.StageParams(
+def stage_params(
+    tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000, seed: int = 0,
+    jpeg_quality: int = 90, max_bad_fraction: float = 0.01,
+) -> staging.StageParams:
+    """The flow's parameters as StageParams: `minival` >= 1 is a number of images, below 1 a fraction."""
+    return staging.StageParams(
         tiers=tuple(tiers) if tiers else staging.StageParams().tiers, shard_size=shard_size,
         minival=int(minival) if minival >= 1 else float(minival), seed=seed, jpeg_quality=jpeg_quality,
         max_bad_fraction=max_bad_fraction,
     )
+
+
+# Threads only wait (on unit processes, or on disk for shards): a few more than the cores keep both busy.
+@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=2 * staging.available_cores()),
+      log_prints=True)
+def stage_imagenet(
+    source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
+    seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = staging.AUTO,
+    workers: int | None = None, progress_bar: bool = False,
+) -> str:
+    """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
+
+    `minival` >= 1 is a number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it is
+    a fraction of each class. `base_version`: "auto" stages images added since the latest version as a new
+    version on top of it (same minival, its shards reused); a version name grows that one; null stages in
+    full. `workers`: decoding processes (default: all cores). `progress_bar`: draw a tqdm bar on stderr (the
+    CLI sets it on a terminal). Returns the dataset version directory. Rerunning reuses everything finished.
+    """
+    logger = get_run_logger()
+    workers = workers or staging.available_cores()
     t0 = time.time()
-    dest = staging.stage(
-        source, out, params,
-        map_units=_task_mapper(stage_unit, "units", lambda a: staging.unit_identifier(a[1], a[2])),
-        map_shards=_task_mapper(stage_shard, "shards", lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}"),
-        log=logger.info,
-    )
+    try:
+        dest = staging.stage(
+            source, out,
+            stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction),
+            map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1])),
+            map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}"),
+            log=logger.info, progress=staging.progress_bar() if progress_bar else None, workers=workers,
+            base_version=base_version,
+        )
+    except BAD_INPUT as exc:
+        # Bad input: a failed run with a one-line reason (the exception is raised to a direct caller), not a
+        # traceback in the log.
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
     logger.info("dataset ready in %.1f s: %s", time.time() - t0, dest)
     return str(dest)

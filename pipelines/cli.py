@@ -9,6 +9,7 @@ import sys
 from typing import Sequence
 
 from pipelines.settings import DATA_DIR_ENV, data_layout
+from pipelines.staging import StagingError
 
 
 def _prefect_home(data_dir: str | None) -> None:
@@ -32,12 +33,32 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if progress:
+        # The bar replaces the per-task log lines on the terminal; warnings still show, and the Prefect API
+        # (the UI) still gets every line.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     _prefect_home(args.data_dir)
-    from flows.stage_imagenet import stage_imagenet
+    from flows.stage_imagenet import stage_imagenet, stage_params
+    from pipelines import staging
 
-    minival = float(args.minival)
-    dest = stage_imagenet(args.source, args.out, tiers=args.tiers, shard_size=args.shard_size, minival=minival,
-                          seed=args.seed, jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
+    try:
+        minival = float(args.minival)
+    except ValueError:
+        raise ValueError(f"--minival must be a number of images or a fraction < 1, got {args.minival!r}") from None
+    knobs = dict(tiers=args.tiers, shard_size=args.shard_size, minival=minival, seed=args.seed,
+                 jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
+    # Checks the parameters and the source (a bad path or archive fails here, in one line) and returns a
+    # finished version at once, without starting Prefect.
+    base_version = None if args.full else args.base_version
+    done = staging.find_finished(args.source, args.out, stage_params(**knobs), base_version)
+    if done is not None:
+        print(f"already staged: {done.name}", file=sys.stderr)
+        staging.mark_latest(done.parent, done.name)
+        print(done)
+        return 0
+    dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=args.workers,
+                          progress_bar=progress)
     print(dest)
     return 0
 
@@ -126,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--jpeg-quality", type=int, default=90)
     s.add_argument("--max-bad-fraction", type=float, default=0.01)
+    growth = s.add_mutually_exclusive_group()
+    growth.add_argument("--base-version", default="auto",
+                        help="version to add new images to: 'auto' (the latest one the source grew from) or a name")
+    growth.add_argument("--full", action="store_true", help="stage every image afresh, not on top of a version")
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     s.set_defaults(fn=cmd_stage)
 
     s = sub.add_parser("train", help="train one variant on Ray, early-stop on minival, register in MLflow")
@@ -162,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, StagingError) as exc:
         # Bad input: one clear line naming the problem, non-zero exit, no traceback.
         print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -66,3 +66,72 @@ def work_of(dataset_dir: str | Path, params: staging.StageParams) -> Path:
     """The spool folder a staged version was made from (shared by versions of the same source + encoding)."""
     fingerprint = staging.read_manifest(dataset_dir)["source"]["fingerprint"]
     return staging.work_dir(Path(dataset_dir).parent, fingerprint, params)
+
+
+def add_images(tree: str | Path, wnids: Sequence[str], per_class: dict[str, int], start: int = 900_000,
+               split: str = "train") -> list[str]:
+    """Write new demo JPEGs into an extracted tree (`train/<wnid>/`, or `val/<wnid>/` for split='val'), as a
+    source that grew since it was staged; returns the new keys."""
+    import io
+
+    import numpy as np
+
+    from pipelines.demo_data import render_image
+
+    keys = []
+    for wnid, count in per_class.items():
+        label = list(wnids).index(wnid)
+        for i in range(count):
+            number = start + i
+            key = f"{wnid}_{number}" if split == "train" else f"ILSVRC2012_val_{number:08d}"
+            rng = np.random.default_rng([7, label, number])
+            buf = io.BytesIO()
+            render_image(label, len(wnids), (160, 120), rng).save(buf, format="JPEG", quality=90)
+            path = Path(tree) / split / wnid / f"{key}.JPEG"
+            path.write_bytes(buf.getvalue())
+            keys.append(key)
+    return keys
+
+
+# Bad input for the stager, as users have it: each kind must fail with an error naming the file.
+BAD_INPUTS = ["missing path", "missing val archive", "truncated train archive", "devkit with too few labels"]
+
+
+def _rewrite_devkit_ground_truth(devkit: Path, drop: int) -> None:
+    """The devkit with its last `drop` val labels removed: it no longer matches the val images."""
+    import io
+
+    with tarfile.open(devkit, "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar]  # type: ignore[union-attr]
+    with tarfile.open(devkit, "w:gz") as tar:
+        for m, data in members:
+            if data is not None and m.name.endswith("ILSVRC2012_validation_ground_truth.txt"):
+                data = b"".join(data.splitlines(keepends=True)[:-drop])
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data) if data is not None else None)
+
+
+def _damage(archives: Path, kind: str) -> str:
+    """Damage a copy of the demo archives; returns the file name the error must name."""
+    if kind == "missing val archive":
+        (archives / "ILSVRC2012_img_val.tar").unlink()
+        return "ILSVRC2012_img_val.tar"
+    if kind == "truncated train archive":
+        path = archives / "ILSVRC2012_img_train.tar"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return "ILSVRC2012_img_train.tar"
+    if kind == "devkit with too few labels":
+        _rewrite_devkit_ground_truth(archives / "ILSVRC2012_devkit_t12.tar.gz", drop=1)
+        return "ILSVRC2012_validation_ground_truth.txt"
+    raise AssertionError(kind)
+
+
+def damaged_source(demo_archives: Path, tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """(source folder, file the error must name) for one kind of bad input."""
+    import shutil
+
+    if kind == "missing path":
+        return tmp_path / "nowhere", "nowhere"
+    source = tmp_path / "archives"
+    shutil.copytree(demo_archives, source)
+    return source, _damage(source, kind)

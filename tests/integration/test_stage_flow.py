@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
+from helpers import add_images
 
 from flows.stage_imagenet import stage_imagenet
+from pipelines.demo_data import extract_to_tree
 from pipelines.staging import latest_version
 
 pytestmark = pytest.mark.integration
@@ -40,3 +47,65 @@ def test_stage_flow_bad_source_is_a_clear_error(tmp_path, prefect_server):
     with pytest.raises(ImageNetSourceError, match="nowhere"):
         stage_imagenet(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of an `effnet` subprocess that reports to this session's Prefect test server."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "ph")}
+
+
+def _effnet_stage(tmp_path: Path, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
+         str(source), "--out", str(out), "--tiers", "32", "64", "--shard-size", "8", "--minival", "0.25",
+         "--max-bad-fraction", "0.05", *extra],
+        capture_output=True, text=True, timeout=300, env=_cli_env(tmp_path),
+    )
+
+
+def test_cli_runs_the_flow_with_a_progress_bar(demo_archives, tmp_path, prefect_server):
+    out = tmp_path / "datasets"
+    run = _effnet_stage(tmp_path, demo_archives, out, "--progress")
+    assert run.returncode == 0, run.stderr[-3000:]
+    dest = Path(run.stdout.strip().splitlines()[-1])
+    assert latest_version(out) == dest and (dest / "manifest.json").exists()
+    manifest = json.loads((dest / "manifest.json").read_text())
+    bars = run.stderr.replace("\r", "\n")
+    assert "staging units: 100%" in bars
+    assert f"staging shards: 100%|██████████| {len(manifest['shards'])}/{len(manifest['shards'])}" in bars
+    assert "Task run" not in run.stderr  # the bar replaces per-task lines on the terminal
+
+
+def test_cli_corrupt_class_tar_fails_the_flow_in_one_line(demo_archives, tmp_path, prefect_server):
+    source = tmp_path / "archives"
+    shutil.copytree(demo_archives, source)
+    train = source / "ILSVRC2012_img_train.tar"
+    with tarfile.open(train, "r:") as tar:
+        victim = [m for m in tar if m.isfile()][1]
+    data = bytearray(train.read_bytes())
+    data[victim.offset_data : victim.offset_data + 512] = b"\xff" * 512  # the class tar's first header
+    train.write_bytes(bytes(data))
+    out = tmp_path / "datasets"
+    run = _effnet_stage(tmp_path, source, out)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(f"effnet stage: error: {victim.name} in {train}: corrupt")
+    assert not (out / "LATEST").exists() and not list(out.rglob("manifest.json"))
+
+
+def test_stage_flow_stages_a_grown_source_on_top_of_the_last_version(demo_archives, demo_summary, tmp_path,
+                                                                     prefect_server):
+    tree = extract_to_tree(demo_archives, tmp_path / "tree", "tree")
+    out = tmp_path / "datasets"
+    kwargs = dict(tiers=[32, 64], shard_size=8, minival=0.25, max_bad_fraction=0.05)
+    first = Path(stage_imagenet(str(tree), str(out), **kwargs))
+    new = add_images(tree, demo_summary.wnids, {demo_summary.wnids[1]: 4})
+    second = Path(stage_imagenet(str(tree), str(out), **kwargs))
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["base_version"] == first.name and latest_version(out) == second
+    old = json.loads((first / "manifest.json").read_text())
+    assert set(old["minival_keys"]) <= set(manifest["minival_keys"])
+    staged = sum(manifest["splits"][s]["samples"] for s in ("train", "minival"))
+    assert staged == sum(old["splits"][s]["samples"] for s in ("train", "minival")) + len(new)

@@ -11,13 +11,16 @@ import hashlib
 import io
 import json
 import math
+import os
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import webdataset as wds
-from helpers import STAGE_PARAMS, read_samples, shard_paths, stage_directly, work_of
+from helpers import (BAD_INPUTS, STAGE_PARAMS, add_images, damaged_source, read_samples, shard_paths,
+                     stage_directly, work_of)
 from PIL import Image
 
 from pipelines import staging
@@ -500,3 +503,259 @@ def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_sum
             img = Image.open(io.BytesIO(spool[offset:offset + size]))
             img.load()
             assert img.size == (w, h) and int(tier) in TIERS
+
+
+# --------------------------------------------------------------------------------------------- incremental versions
+
+
+@dataclasses.dataclass
+class Grown:
+    """A tree staged, then grown by new train images (and one new val image), then staged again."""
+
+    tree: Path
+    root: Path
+    old: Path
+    new: Path
+    new_train: list[str]
+    new_val: list[str]
+    decoded: list[int]  # encode_tiers calls of the second stage
+    logs: list[str]
+
+
+def _stage(source: Path, root: Path, params: StageParams = STAGE_PARAMS, **kwargs: object) -> Path:
+    return staging.stage(source, root, params, log=kwargs.pop("log", lambda *_: None), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def grown(demo_archives: Path, demo_summary: DemoSummary, tmp_path_factory: pytest.TempPathFactory) -> Grown:
+    tree = extract_to_tree(demo_archives, tmp_path_factory.mktemp("grown") / "tree", "tree", val_per_class=True)
+    root = tree.parent / "datasets"
+    old = _stage(tree, root)
+    wnids = demo_summary.wnids
+    # Classes grow unevenly (one not at all), as nightly additions do.
+    new_train = add_images(tree, wnids, {wnids[0]: 5, wnids[1]: 2, wnids[2]: 9})
+    new_val = add_images(tree, wnids, {wnids[3]: 1}, split="val")
+    decoded: list[int] = []
+    logs: list[str] = []
+    real = staging.encode_tiers
+
+    def counting(*args: object, **kwargs: object) -> object:
+        decoded.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    staging.encode_tiers = counting  # type: ignore[assignment]
+    try:
+        new = _stage(tree, root, log=logs.append)
+    finally:
+        staging.encode_tiers = real  # type: ignore[assignment]
+    return Grown(tree, root, old, new, new_train, new_val, decoded, logs)
+
+
+def _all_keys(dataset: Path, tier: int) -> dict[str, list[str]]:
+    return {split: sorted(read_samples(dataset, split, tier)) for split in staging.SPLITS}
+
+
+def test_incremental_version_names_its_base_and_links_its_shards(grown: Grown) -> None:
+    old, new = _manifest(grown.old), _manifest(grown.new)
+    assert grown.new.name != grown.old.name
+    assert new["base_version"] == grown.old.name and old["base_version"] is None
+    assert staging.latest_version(grown.root) == grown.new
+    new_entries = {e["path"]: e for e in new["shards"]}
+    for entry in old["shards"]:
+        assert new_entries[entry["path"]] == entry  # same name, checksum, size: the same shard
+        for name in (entry["path"], entry["path"] + ".sha256"):
+            # A hard link: the very file, not rewritten, no disk used.
+            assert os.path.samefile(grown.old / name, grown.new / name), name
+    added = [e for e in new["shards"] if e["path"] not in {o["path"] for o in old["shards"]}]
+    assert added and all(e["samples"] for e in added)
+    # New shards are numbered after the base's, per split and tier.
+    for split in ("train", "val"):
+        for tier in TIERS:
+            names = [Path(e["path"]).name for e in new["shards"] if (e["split"], e["tier"]) == (split, tier)]
+            assert names == [f"{split}-{i:06d}.tar" for i in range(len(names))]
+
+
+def test_incremental_version_decodes_only_the_new_images(grown: Grown) -> None:
+    assert len(grown.decoded) == len(grown.new_train) + len(grown.new_val)
+    assert any("on top of " + grown.old.name in line for line in grown.logs)
+
+
+def test_incremental_version_keeps_every_split_and_holds_every_image_once(grown: Grown) -> None:
+    for tier in TIERS:
+        old, new = _all_keys(grown.old, tier), _all_keys(grown.new, tier)
+        for split in staging.SPLITS:
+            assert set(old[split]) <= set(new[split]), (split, tier)  # no old image changed split
+        assert not set(new["train"]) & set(new["minival"])
+        assert sorted(new["train"] + new["minival"]) == sorted(old["train"] + old["minival"] + grown.new_train)
+        assert new["val"] == sorted(old["val"] + grown.new_val)
+    old_m, new_m = _manifest(grown.old), _manifest(grown.new)
+    assert set(old_m["minival_keys"]) <= set(new_m["minival_keys"])
+    assert new_m["minival_keys"] == _all_keys(grown.new, TIERS[0])["minival"]
+    assert new_m["images_seen"] == old_m["images_seen"] + len(grown.new_train) + len(grown.new_val)
+    assert new_m["bad_files"] == old_m["bad_files"]  # the base's bad file is not read again
+    for split in staging.SPLITS:
+        assert new_m["splits"][split]["samples"] == len(_all_keys(grown.new, TIERS[0])[split])
+
+
+def test_incremental_minival_keeps_the_per_class_rate(grown: Grown) -> None:
+    splits = _manifest(grown.new)["splits"]
+    totals = Counter(splits["train"]["per_class"]) + Counter(splits["minival"]["per_class"])
+    # What a fresh stage of the grown source would hold out per class (minival 0.25 of each class).
+    assert splits["minival"]["per_class"] == minival_quota(dict(totals), STAGE_PARAMS.minival, STAGE_PARAMS.seed)
+
+
+def test_incremental_version_reads_back_through_the_loader(grown: Grown) -> None:
+    from pipelines.loaders import make_loader
+
+    n = sum(len(labels) for _, labels in make_loader(grown.new, "val", 32, batch_size=4))
+    assert n == _manifest(grown.new)["splits"]["val"]["samples"]
+
+
+def test_keys_file_lists_every_image_of_a_version(grown: Grown) -> None:
+    for dataset in (grown.old, grown.new):
+        manifest = _manifest(dataset)
+        splits, bad = staging.read_keys(dataset)
+        assert {s: sorted(k) for s, k in splits.items()} == _all_keys(dataset, TIERS[0])
+        assert sorted(splits["minival"]) == manifest["minival_keys"]
+        assert sorted(bad) == sorted(Path(b["source"]).stem for b in manifest["bad_files"])
+        data = (dataset / staging.KEYS).read_bytes()
+        assert manifest["keys"] == {"path": staging.KEYS, "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_restaging_the_grown_source_reuses_the_incremental_version(grown: Grown) -> None:
+    before = _mtimes(grown.root, "*")
+    logs: list[str] = []
+    assert _stage(grown.tree, grown.root, log=logs.append) == grown.new
+    assert "already staged" in logs[0]
+    assert {k: v for k, v in _mtimes(grown.root, "*").items() if k != staging.LATEST} == {
+        k: v for k, v in before.items() if k != staging.LATEST}
+
+
+def test_full_stage_of_the_grown_source_has_no_base(grown: Grown, tmp_path: Path) -> None:
+    root = tmp_path / "datasets"
+    shutil.copytree(grown.root, root)
+    full = _stage(grown.tree, root, base_version=None)
+    assert full.name not in (grown.old.name, grown.new.name)
+    assert _manifest(full)["base_version"] is None
+    for split in staging.SPLITS:  # the same images, staged afresh
+        assert sum(_manifest(full)["splits"][split]["per_class"].values()) == \
+               _manifest(full)["splits"][split]["samples"]
+    assert sorted(k for s in staging.SPLITS for k in _all_keys(full, TIERS[0])[s]) == \
+           sorted(k for s in staging.SPLITS for k in _all_keys(grown.new, TIERS[0])[s])
+
+
+def test_a_source_that_lost_images_is_staged_in_full(grown: Grown, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    shutil.copytree(grown.tree, tree)
+    root = tmp_path / "datasets"
+    base = _stage(tree, root)
+    gone = sorted((tree / "train").glob("*/*.JPEG"))[3]
+    gone.unlink()
+    logs: list[str] = []
+    other = _stage(tree, root, log=logs.append)
+    assert _manifest(other)["base_version"] is None
+    assert any("staging in full" in line and gone.stem in line for line in logs)
+    with pytest.raises(ValueError, match=rf"cannot stage incrementally from {base.name}: .*{gone.stem}"):
+        _stage(tree, root, base_version=base.name)
+
+
+def test_a_class_tar_that_lost_images_is_an_error() -> None:
+    manifest = {"classes": ["n00000001"], "shards": [], "splits": {}}
+    base = staging.BaseVersion("v1", manifest, {"train": {"n00000001_1": "n00000001", "n00000001_2": "n00000001"},
+                                                "minival": {}, "val": {}}, {})
+    whole = UnitResult("train-n00000001", "train", (), (), skipped=2)
+    staging._check_base_seen([whole], base)
+    with pytest.raises(StagingError, match="n00000001: the source holds 1 of the 2 images.*v1"):
+        staging._check_base_seen([dataclasses.replace(whole, skipped=1)], base)
+
+
+def test_an_unknown_base_version_is_an_error(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="imagenet-nothere: base version is not a finished"):
+        _stage(demo_archives, tmp_path, base_version="imagenet-nothere")
+
+
+# --------------------------------------------------------------------------------------------- progress, workers
+
+
+def test_progress_reports_every_unit_and_shard(demo_archives: Path, tmp_path: Path) -> None:
+    events: list[tuple[str, int, int]] = []
+    logs: list[str] = []
+    dest = _stage(demo_archives, tmp_path, progress=lambda *e: events.append(e), log=logs.append)
+    units = len(list((work_of(dest, STAGE_PARAMS) / "units").glob("*.tar")))
+    shards = len(_manifest(dest)["shards"])
+    for phase, total in (("units", units), ("shards", shards)):
+        seen = [(d, t) for p, d, t in events if p == phase]
+        assert seen == [(i, total) for i in range(total + 1)], phase
+        assert f"{phase} {total}/{total}, ETA 0 s" in logs
+
+
+def test_thread_map_keeps_order_and_stops_at_the_first_error() -> None:
+    assert staging.thread_map(2)(lambda x: x * x, [(i,) for i in range(20)]) == [i * i for i in range(20)]
+
+    def fail_on_3(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad unit 3")
+        return x
+
+    with pytest.raises(ValueError, match="bad unit 3"):
+        staging.thread_map(2)(fail_on_3, [(i,) for i in range(6)])
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_is_a_clear_error_and_writes_nothing(demo_archives: Path, tmp_path: Path, kind: str) -> None:
+    from pipelines.imagenet import ImageNetSourceError
+
+    source, name = damaged_source(demo_archives, tmp_path, kind)
+    out = tmp_path / "out"
+    with pytest.raises(ImageNetSourceError, match=name.replace(".", r"\.")):
+        _stage(source, out)
+    assert not out.exists()
+
+
+def test_a_corrupt_class_tar_fails_mid_run_and_finishes_nothing(
+    demo_archives: Path, demo_summary: DemoSummary, tmp_path: Path
+) -> None:
+    from pipelines.imagenet import ImageNetSourceError
+
+    source = tmp_path / "archives"
+    shutil.copytree(demo_archives, source)
+    train = source / "ILSVRC2012_img_train.tar"
+    with tarfile.open(train, "r:") as tar:
+        victim = [m for m in tar if m.isfile()][2]  # the headers of the outer tar stay whole
+    data = bytearray(train.read_bytes())
+    data[victim.offset_data : victim.offset_data + 512] = b"\xff" * 512  # the class tar's first header
+    train.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*{train.name}: corrupt"):
+        _stage(source, out)
+    assert not (out / staging.LATEST).exists()
+    assert not list(out.rglob(staging.MANIFEST)) and not list(out.rglob("*.tmp"))
+    # What finished is kept for a rerun; no version folder was started.
+    assert [p.name for p in out.iterdir()] == [staging.WORK]
+
+
+def test_an_archive_fingerprint_is_remembered_until_an_archive_changes(
+    demo_archives: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines import imagenet
+
+    source = tmp_path / "archives"
+    shutil.copytree(demo_archives, source)
+    dest = _stage(source, tmp_path / "out")
+    real = imagenet.ImageNetSource.fingerprint
+
+    def hashing_again(self: imagenet.ImageNetSource) -> dict:
+        raise AssertionError("the archives were hashed again")
+
+    monkeypatch.setattr(imagenet.ImageNetSource, "fingerprint", hashing_again)
+    assert _stage(source, tmp_path / "out") == dest  # a quick no-op: no 145 GB to hash on ImageNet
+    val = source / "ILSVRC2012_img_val.tar"
+    os.utime(val, ns=(val.stat().st_atime_ns, val.stat().st_mtime_ns + 1_000_000_000))
+    with pytest.raises(AssertionError, match="hashed again"):
+        _stage(source, tmp_path / "out")
+    monkeypatch.setattr(imagenet.ImageNetSource, "fingerprint", real)
+    assert _stage(source, tmp_path / "out") == dest  # same bytes, same version

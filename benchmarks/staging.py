@@ -1,0 +1,374 @@
+"""Staging throughput: every resolution tier staged by `pipelines.staging` beside one FFCV file written the way
+ffcv-imagenet writes ImageNet, on the same images, in the same run.
+
+The images are made here: ImageNet-like JPEGs of 500x375 px (quality 90, about 110 KB: smooth gradients and
+blobs plus sensor-like noise, so they cost what a photo costs to decode), in the extracted layout
+`train/<wnid>/<wnid>_<k>.JPEG` and `val/<wnid>/...`, 10% of them val. They are kept between runs under --data.
+
+- staging: `staging.stage` with the default tiers (128..480 px), WebDataset shards of 1024, a 2% minival, with
+  `--workers` decoding processes (default: all cores), as `effnet stage` runs it (without Prefect's fixed cost
+  of starting a server). Timed from opening the source to the manifest, spools included.
+- FFCV: ffcv-imagenet's `write_imagenet.py` with its published ImageNet settings (write_imagenet.sh
+  `500 0.50 90`): RGBImageField(write_mode='proportion', max_resolution=500, compress_probability=0.5,
+  jpeg_quality=90), IntField labels, chunksize 100, `num_workers` = --workers, one file for train and one for
+  val, over a minimal ImageFolder equivalent (PIL open + convert('RGB'), as torchvision's loader does).
+
+Each side runs --repeats times into a fresh folder; the table and benchmarks/results/staging.json report the
+best run of each (the host is shared, so the fastest run is the one least disturbed), and every run, with how
+idle the host was before it (`--wait-idle S` waits up to S seconds for an idle host before each run). CPU time
+per image (this process and its workers) is reported too: other work on the host inflates it far less than
+wall time.
+
+    python benchmarks/staging.py [--images 2000] [--repeats 2] [--workers N] [--data DIR] [--wait-idle S]
+                                 [--profile]
+
+Two more sides stage with the units on threads and one at a time, to show what the processes buy.
+
+`--profile` also profiles one class through `process_unit` in this process and prints where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
+
+from pipelines import imagenet, staging  # noqa: E402
+
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "staging.json"
+IMAGE_SIZE = (500, 375)  # the most common ImageNet size
+NUM_CLASSES = 20
+VAL_FRACTION = 0.1
+JPEG_QUALITY = 90
+# ffcv-imagenet, write_imagenet.sh: `write_dataset train 500 0.50 90` (max_res, compress_probability, quality).
+FFCV_SETTINGS = {"write_mode": "proportion", "max_resolution": 500, "compress_probability": 0.5, "jpeg_quality": 90}
+FFCV_CHUNKSIZE = 100
+_DONE = "images.json"
+
+
+# --------------------------------------------------------------------------------------------- the images
+
+
+def render_photo(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE) -> Image.Image:
+    """An image that decodes and compresses like a photo: low-frequency structure plus per-pixel noise."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        a, b, p = rng.uniform(-1, 1, 3)
+        fx, fy = rng.uniform(2, 9, 2)
+        img[..., c] = 128 + 60 * np.sin(x / w * fx + p) * np.cos(y / h * fy + a) + 40 * b * (x / w - y / h)
+    blobs = rng.normal(0, 1, (h // 8 + 1, w // 8 + 1, 3))
+    blobs_img = Image.fromarray(np.clip(128 + 40 * blobs, 0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    img += np.asarray(blobs_img, np.float32) - 128
+    img += rng.normal(0, rng.uniform(17, 25), img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _write_class(root: str, wnid: str, index: int, train: int, val: int, seed: int) -> int:
+    total = 0
+    for split, count, offset in (("train", train, 0), ("val", val, train)):
+        folder = Path(root) / split / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            rng = np.random.default_rng([seed, index, offset + k])
+            buf = io.BytesIO()
+            render_photo(rng).save(buf, format="JPEG", quality=JPEG_QUALITY)
+            name = f"{wnid}_{offset + k + 1}.JPEG" if split == "train" else f"ILSVRC2012_val_{index:03d}{k:05d}.JPEG"
+            (folder / name).write_bytes(buf.getvalue())
+            total += buf.tell()
+    return total
+
+
+def make_images(root: Path, images: int, workers: int, seed: int = 0) -> dict[str, Any]:
+    """Write (or reuse) `images` JPEGs as an extracted ImageNet tree; returns its description."""
+    per_class = max(2, round(images / NUM_CLASSES))
+    val = max(1, round(per_class * VAL_FRACTION))
+    train = per_class - val
+    desc = {"classes": NUM_CLASSES, "train_per_class": train, "val_per_class": val, "image_size": list(IMAGE_SIZE),
+            "jpeg_quality": JPEG_QUALITY, "seed": seed}
+    marker = root / _DONE
+    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in desc} == desc:
+        return json.loads(marker.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    wnids = [f"n{10_000_000 + 7919 * i:08d}" for i in range(NUM_CLASSES)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        sizes = list(pool.map(_write_class, [str(root)] * NUM_CLASSES, wnids, range(NUM_CLASSES),
+                              [train] * NUM_CLASSES, [val] * NUM_CLASSES, [seed] * NUM_CLASSES))
+    n = NUM_CLASSES * per_class
+    desc.update(images=n, bytes=sum(sizes), mean_kb=round(sum(sizes) / n / 1000, 1))
+    print(f"wrote {n} images ({desc['mean_kb']} KB each) in {time.perf_counter() - t0:.0f} s to {root}")
+    marker.write_text(json.dumps(desc, indent=1) + "\n")
+    return desc
+
+
+# --------------------------------------------------------------------------------------------- staging
+
+
+def _timed(mapper: staging.Mapper, into: dict[str, float], phase: str) -> staging.Mapper:
+    def run(fn: Any, args: list[tuple[Any, ...]]) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return mapper(fn, args)
+        finally:
+            into[phase] = time.perf_counter() - t0
+
+    return run
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children: unlike wall time, not inflated by other work on
+    a shared host."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _figures(images: int, seconds: float, cpu: float, nbytes: int) -> dict[str, Any]:
+    return {"seconds": round(seconds, 2), "images": images, "images_per_s": round(images / seconds, 1),
+            "cpu_s": round(cpu, 2), "cpu_ms_per_image": round(cpu / images * 1e3, 2), "bytes": nbytes}
+
+
+def run_staging(source: Path, out: Path, workers: int, units_on: str = "processes") -> dict[str, Any]:
+    """Units decoded in `workers` processes (`units_on="processes"`, what `effnet stage` does), on `workers`
+    threads of this process ("threads"), or one after the other here ("serial")."""
+    params = staging.StageParams(minival=0.02)  # default tiers, shard size and JPEG quality
+    if units_on != "processes":
+        staging._torch().set_num_threads(1)  # as in a unit worker: the threads are the parallelism
+    unit_threads = 1 if units_on == "serial" else workers
+    phases: dict[str, float] = {}
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    dest = staging.stage(source, out, params, map_units=_timed(staging.thread_map(unit_threads), phases, "units"),
+                         map_shards=_timed(staging.thread_map(workers), phases, "shards"), log=lambda *_: None,
+                         workers=workers if units_on == "processes" else 1, base_version=None)
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    manifest = staging.read_manifest(dest)
+    images = sum(manifest["splits"][s]["samples"] for s in staging.SPLITS)
+    spools = sum(p.stat().st_size for p in (out / staging.WORK).rglob("*.tar"))
+    return {**_figures(images, seconds, cpu, sum(s["bytes"] for s in manifest["shards"])), "spool_bytes": spools,
+            "phases_s": {k: round(v, 2) for k, v in phases.items()}, "bad_files": len(manifest["bad_files"])}
+
+
+# --------------------------------------------------------------------------------------------- FFCV
+
+
+class ImageFolder:
+    """The part of torchvision's ImageFolder that ffcv-imagenet's writer uses: (PIL RGB image, label)."""
+
+    def __init__(self, root: Path) -> None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.samples = [(str(p), label) for label, c in enumerate(classes) for p in sorted((root / c).iterdir())]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB"), label
+
+
+def run_ffcv(source: Path, out: Path, workers: int) -> dict[str, Any]:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    images = 0
+    for split in ("train", "val"):
+        dataset = ImageFolder(source / split)
+        writer = DatasetWriter(str(out / f"{split}.ffcv"), {"image": RGBImageField(**FFCV_SETTINGS), "label": IntField()},
+                               num_workers=workers)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the writer's progress bar
+            writer.from_indexed_dataset(dataset, chunksize=FFCV_CHUNKSIZE)
+        images += len(dataset)
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return _figures(images, seconds, cpu, sum(p.stat().st_size for p in out.glob("*.ffcv")))
+
+
+# --------------------------------------------------------------------------------------------- profile
+
+
+def profile_one_class(source: Path, scratch: Path, top: int = 18) -> None:
+    """Where one class's time goes in process_unit (decode, resize, encode, spool), in this process."""
+    unit = imagenet.open_source(source).train_units()[0]
+    params = staging.StageParams()
+    prof = cProfile.Profile()
+    prof.enable()
+    staging.process_unit(unit, "train", scratch, params)
+    prof.disable()
+    print(f"\nprocess_unit on one class ({len(unit.names)} images), by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _idle_fraction(seconds: float = 2.0) -> float | None:
+    """How idle the host's CPUs were over `seconds` (Linux /proc/stat), or None where unknown."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)
+
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((idle1 - idle0) / max(1, total1 - total0), 3)
+
+
+def wait_until_idle(limit: float, threshold: float = 0.9) -> float | None:
+    """On a shared host, wait (at most `limit` seconds) until others leave the CPUs nearly idle; returns the
+    idle fraction seen last."""
+    deadline = time.monotonic() + limit
+    idle = _idle_fraction()
+    while idle is not None and idle < threshold and time.monotonic() < deadline:
+        idle = _idle_fraction()
+    return idle
+
+
+def machine() -> dict[str, Any]:
+    import PIL
+
+    model = ""
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, Any] = {"platform": platform.platform(), "cpu": model or platform.processor(),
+                            "cores": staging.available_cores(), "python": platform.python_version(),
+                            "pillow": PIL.__version__}
+    try:
+        from PIL import features
+
+        info["libjpeg_turbo"] = bool(features.check_feature("libjpeg_turbo"))
+    except Exception:  # noqa: BLE001 (an optional detail)
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+SIDES = {
+    "staging": "staging, units in processes (effnet stage)",
+    "staging-threads": "staging, units on threads",
+    "staging-serial": "staging, units one at a time",
+    "ffcv": "FFCV, ffcv-imagenet settings",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=2000, help="images to generate (train + val), 20 classes")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported")
+    p.add_argument("--workers", type=int, default=staging.available_cores())
+    p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "effnet-staging-bench",
+                   help="where the generated images are kept between runs")
+    p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    p.add_argument("--profile", action="store_true", help="profile one class through process_unit")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for the host to be idle (a shared machine)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    info = machine()
+    source = args.data / f"images-{args.images}"
+    images = make_images(source, args.images, args.workers)
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+    with tempfile.TemporaryDirectory(prefix="staging-bench-") as tmp:
+        for r in range(args.repeats):
+            # Rotate the order so that no side always runs first (on a cooler or a busier machine).
+            order = args.sides[r % len(args.sides):] + args.sides[: r % len(args.sides)]
+            for side in order:
+                idle = wait_until_idle(args.wait_idle) if args.wait_idle else _idle_fraction(0.5)
+                out = Path(tmp) / f"{side}-{r}"
+                if side == "ffcv":
+                    result = run_ffcv(source, out, args.workers)
+                else:
+                    result = run_staging(source, out, args.workers, side.partition("-")[2] or "processes")
+                result["host_idle_before"] = idle
+                runs[side].append(result)
+                print(f"  run {r + 1} {side:16s} {result['images_per_s']:7.1f} images/s  {result['seconds']:6.2f} s  "
+                      f"{result['cpu_ms_per_image']:5.2f} CPU ms/image  (host {'?' if idle is None else f'{idle:.0%}'} idle)")
+                shutil.rmtree(out, ignore_errors=True)
+        if args.profile:
+            profile_one_class(source, Path(tmp) / "profile")
+
+    best = {side: max(rs, key=lambda x: x["images_per_s"]) for side, rs in runs.items()}
+    tiers = list(staging.StageParams().tiers)
+    print(f"\n{images['images']} images of {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} px (~{images['mean_kb']} KB), "
+          f"{args.workers} workers, {info['cores']} cores ({info['cpu']}), best of {args.repeats}")
+    print(f"staging writes {len(tiers)} tiers ({', '.join(map(str, tiers))} px) of WebDataset shards; FFCV writes one "
+          f"file per split at max 500 px (half the images JPEG q90, half raw pixels)")
+    print(f"{'side':42s} {'images/s':>9s} {'seconds':>8s} {'CPU ms/img':>11s} {'MB out':>8s}")
+    for side, r in best.items():
+        print(f"{SIDES[side]:42s} {r['images_per_s']:9.1f} {r['seconds']:8.2f} {r['cpu_ms_per_image']:11.2f} "
+              f"{r['bytes'] / 1e6:8.1f}")
+    ratio = None
+    if "ffcv" in best and "staging" in best:
+        ratio = round(best["staging"]["images_per_s"] / best["ffcv"]["images_per_s"], 3)
+        verdict = "met" if ratio >= 1 else "NOT met"
+        print(f"staging / FFCV: {ratio:.2f} in images/s, "
+              f"{best['ffcv']['cpu_ms_per_image'] / best['staging']['cpu_ms_per_image']:.2f} in CPU per image; "
+              f"goal (every tier at least as fast as one FFCV file) {verdict}")
+    for side in ("staging", "staging-threads", "staging-serial"):
+        if side in best:
+            print(f"{side} phases (best run, s): {best[side]['phases_s']}")
+    scaling = {}
+    if "staging-serial" in best:
+        serial = best["staging-serial"]["phases_s"]["units"]
+        scaling = {side: round(serial / best[side]["phases_s"]["units"], 2)
+                   for side in ("staging-threads", "staging") if side in best}
+        print(f"units phase speed-up over one at a time with {args.workers} workers: {scaling} "
+              f"(processes include their start-up, ~2 s)")
+
+    report = {
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": info,
+        "images": images,
+        "workers": args.workers,
+        "repeats": args.repeats,
+        "tiers": tiers,
+        "staging_settings": {"shard_size": 1024, "minival": 0.02, "jpeg_quality": staging.StageParams().jpeg_quality,
+                             "encoding": staging.ENCODING},
+        "ffcv_settings": {**FFCV_SETTINGS, "chunksize": FFCV_CHUNKSIZE, "num_workers": args.workers,
+                          "source": "ffcv-imagenet write_imagenet.sh (500 0.50 90)"},
+        "best": best,
+        "runs": runs,
+        "staging_over_ffcv": ratio,
+        "units_speedup_over_serial": scaling,
+        "goal_met": None if ratio is None else ratio >= 1,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
