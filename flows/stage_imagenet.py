@@ -63,13 +63,13 @@ def _task_mapper(t: Any, name: Callable[[tuple], str]) -> staging.Mapper:
 
 def stage_params(
     tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000, seed: int = 0,
-    jpeg_quality: int = 90, max_bad_fraction: float = 0.01,
+    jpeg_quality: int = 90, max_bad_fraction: float = 0.01, formats: list[str] | None = None,
 ) -> staging.StageParams:
     """The flow's parameters as StageParams: `minival` >= 1 is a number of images, below 1 a fraction."""
     return staging.StageParams(
         tiers=tuple(tiers) if tiers else staging.StageParams().tiers, shard_size=shard_size,
         minival=int(minival) if minival >= 1 else float(minival), seed=seed, jpeg_quality=jpeg_quality,
-        max_bad_fraction=max_bad_fraction,
+        max_bad_fraction=max_bad_fraction, formats=tuple(formats or ()),
     )
 
 
@@ -79,7 +79,7 @@ def stage_params(
 def stage_imagenet(
     source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
     seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = staging.AUTO,
-    workers: int | None = None, progress_bar: bool = False,
+    workers: int | None = None, progress_bar: bool = False, formats: list[str] | None = None,
 ) -> str:
     """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
 
@@ -87,7 +87,8 @@ def stage_imagenet(
     a fraction of each class. `base_version`: "auto" stages images added since the latest version as a new
     version on top of it (same minival, its shards reused); a version name grows that one; null stages in
     full. `workers`: decoding processes (default: all cores). `progress_bar`: draw a tqdm bar on stderr (the
-    CLI sets it on a terminal). Returns the dataset version directory. Rerunning reuses everything finished.
+    CLI sets it on a terminal). `formats`: extra files beside the shards ("ffcv" .beton per tier and
+    split, "dali" shard indexes). Returns the dataset version directory. Rerunning reuses everything finished.
     """
     logger = get_run_logger()
     workers = workers or staging.available_cores()
@@ -95,7 +96,7 @@ def stage_imagenet(
     try:
         dest = staging.stage(
             source, out,
-            stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction),
+            stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction, formats),
             map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1])),
             map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}"),
             log=logger.info, progress=staging.progress_bar() if progress_bar else None, workers=workers,

@@ -47,7 +47,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--minival must be a number of images or a fraction < 1, got {args.minival!r}") from None
     knobs = dict(tiers=args.tiers, shard_size=args.shard_size, minival=minival, seed=args.seed,
-                 jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction)
+                 jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction, formats=args.formats)
     # Checks the parameters and the source (a bad path or archive fails here, in one line) and returns a
     # finished version at once, without starting Prefect.
     base_version = None if args.full else args.base_version
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--jpeg-quality", type=int, default=90)
     s.add_argument("--max-bad-fraction", type=float, default=0.01)
+    s.add_argument("--formats", nargs="*", default=[], choices=["ffcv", "dali"],
+                   help="extra files beside the WebDataset shards: FFCV .beton per tier, DALI shard indexes "
+                        "(either makes the stage a full one, not incremental)")
     growth = s.add_mutually_exclusive_group()
     growth.add_argument("--base-version", default="auto",
                         help="version to add new images to: 'auto' (the latest one the source grew from) or a name")
