@@ -86,7 +86,7 @@ def test_unknown_keys_are_rejected_by_name(tmp_path: Path, text: str, named: str
         ("optim:\n  warmup_epochs: -1\n", r"optim\.warmup_epochs"),
         ("optim:\n  decay_rate: 1.5\n", r"optim\.decay_rate"),
         ("data:\n  batch_size: 0\n", r"data\.batch_size"),
-        ("data:\n  backend: dali\n", r"data\.backend"),
+        ("data:\n  backend: tfrecord\n", r"data\.backend"),
         ("schedule:\n  epochs: 0\n", r"schedule\.epochs"),
         ("regularization:\n  label_smoothing: 1.0\n", r"regularization\.label_smoothing"),
         ("model:\n  dropout: 1.0\n", r"model\.dropout"),
