@@ -301,7 +301,19 @@ def make_loader(
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
         persistent_workers=False, collate_fn=_collate,
+        # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process
+        # holding gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
+        multiprocessing_context=_worker_context() if num_workers > 0 else None,
     )
+
+
+def _worker_context() -> Any:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    # The fork server imports this module (and torch, PIL) once; each epoch's workers then fork from it warm.
+    ctx.set_forkserver_preload(["pipelines.loaders"])
+    return ctx
 
 
 def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
