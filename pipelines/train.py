@@ -221,7 +221,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(job.dataset_dir)
     n_train = manifest["splits"]["train"]["samples"]
     global_batch = data.batch_size * world
-    steps_per_epoch = loaders.batches_per_epoch(n_train, data.batch_size, world, data.loader_workers)
+    # Only the wds DataLoader splits a rank's share across worker processes (each drops its own partial batch).
+    split_workers = data.loader_workers if data.backend == "wds" else 0
+    steps_per_epoch = loaders.batches_per_epoch(n_train, data.batch_size, world, split_workers)
     if steps_per_epoch < 1:
         raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
     eval_resolution = recipe.model.eval_resolution or spec.eval_resolution
