@@ -41,13 +41,13 @@ demo: setup
 	$(VENV)/bin/effnet demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest
 
 test-unit: setup
-	$(PY) -m pytest tests -m unit
+	$(PY) -m pytest -m unit
 
 test-integration: setup
-	$(PY) -m pytest tests -m "integration or e2e"
+	$(PY) -m pytest -m "integration or e2e"
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
