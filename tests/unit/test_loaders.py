@@ -55,7 +55,7 @@ def keyed_loader(dataset: Path, split: str, resolution: int, batch_size: int, **
     keyed = _KeyedWds(ds.shards, ds.train, ds.resolution, ds.rank, ds.world_size, ds.epoch, ds.seed,
                       ds.crop_ratio, ds.shuffle_buffer)
     return DataLoader(keyed, batch_size=batch_size, num_workers=base.num_workers, drop_last=base.drop_last,
-                      collate_fn=_collate_keys)
+                      collate_fn=_collate_keys, multiprocessing_context=base.multiprocessing_context)
 
 
 def _keys(loader: DataLoader) -> list[str]:
