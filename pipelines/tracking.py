@@ -7,7 +7,6 @@ the Ray workers and the Prefect flows see the same runs.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -125,7 +124,3 @@ def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60) -
         if c.get_model_version(name, version).status == "READY":
             return
         time.sleep(0.2)
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="effnet-")
