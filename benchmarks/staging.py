@@ -5,9 +5,10 @@ The images are made here: ImageNet-like JPEGs of 500x375 px (quality 90, about 1
 blobs plus sensor-like noise, so they cost what a photo costs to decode), in the extracted layout
 `train/<wnid>/<wnid>_<k>.JPEG` and `val/<wnid>/...`, 10% of them val. They are kept between runs under --data.
 
-- staging: `staging.stage` with the default tiers (128..480 px), WebDataset shards of 1024, a 2% minival, with
-  `--workers` decoding processes (default: all cores), as `effnet stage` runs it (without Prefect's fixed cost
-  of starting a server). Timed from opening the source to the manifest, spools included.
+- staging: `staging.stage` with the default tiers (128, 256, 512 px), WebDataset shards of 1024, a 2% minival,
+  `--workers` units at a time on threads (default: all cores), as `effnet stage` runs it (without Prefect's
+  fixed cost of starting a server). Timed from opening the source to the manifest, spools included, until
+  every byte written is on disk (`os.sync()`: FFCV's writer does not flush, staging fsyncs its shards).
 - FFCV: ffcv-imagenet's `write_imagenet.py` with its published ImageNet settings (write_imagenet.sh
   `500 0.50 90`): RGBImageField(write_mode='proportion', max_resolution=500, compress_probability=0.5,
   jpeg_quality=90), IntField labels, chunksize 100, `num_workers` = --workers, one file for train and one for
@@ -22,7 +23,8 @@ wall time.
     python benchmarks/staging.py [--images 2000] [--repeats 2] [--workers N] [--data DIR] [--wait-idle S]
                                  [--profile]
 
-Two more sides stage with the units on threads and one at a time, to show what the processes buy.
+Two more sides stage with the units in processes (`--processes`) and one at a time, to show what each buys.
+`--tiers` stages other tiers than the default (e.g. the six 128 192 256 320 384 480) to show what a tier costs.
 
 `--profile` also profiles one class through `process_unit` in this process and prints where the time goes.
 """
@@ -151,18 +153,20 @@ def _figures(images: int, seconds: float, cpu: float, nbytes: int) -> dict[str, 
             "cpu_s": round(cpu, 2), "cpu_ms_per_image": round(cpu / images * 1e3, 2), "bytes": nbytes}
 
 
-def run_staging(source: Path, out: Path, workers: int, units_on: str = "processes") -> dict[str, Any]:
-    """Units decoded in `workers` processes (`units_on="processes"`, what `effnet stage` does), on `workers`
-    threads of this process ("threads"), or one after the other here ("serial")."""
-    params = staging.StageParams(minival=0.02)  # default tiers, shard size and JPEG quality
-    if units_on != "processes":
-        staging._torch().set_num_threads(1)  # as in a unit worker: the threads are the parallelism
-    unit_threads = 1 if units_on == "serial" else workers
+def run_staging(
+    source: Path, out: Path, workers: int, units_on: str = "threads", tiers: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Units decoded `workers` at a time on threads (`units_on="threads"`, what `effnet stage` does), in
+    `workers` processes ("processes", `effnet stage --processes`), or one after the other ("serial")."""
+    params = staging.StageParams(minival=0.02, **({"tiers": tuple(tiers)} if tiers else {}))
     phases: dict[str, float] = {}
     c0, t0 = _cpu_seconds(), time.perf_counter()
+    unit_threads = 1 if units_on == "serial" else workers
     dest = staging.stage(source, out, params, map_units=_timed(staging.thread_map(unit_threads), phases, "units"),
                          map_shards=_timed(staging.thread_map(workers), phases, "shards"), log=lambda *_: None,
-                         workers=workers if units_on == "processes" else 1, base_version=None)
+                         workers=1 if units_on == "serial" else workers, base_version=None,
+                         processes=units_on == "processes")
+    os.sync()  # the finish line is the same for both sides: every byte written is on disk
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     manifest = staging.read_manifest(dest)
     images = sum(manifest["splits"][s]["samples"] for s in staging.SPLITS)
@@ -204,6 +208,7 @@ def run_ffcv(source: Path, out: Path, workers: int) -> dict[str, Any]:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # the writer's progress bar
             writer.from_indexed_dataset(dataset, chunksize=FFCV_CHUNKSIZE)
         images += len(dataset)
+    os.sync()  # FFCV's writer does not flush; staging flushes its shards before the manifest
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     return _figures(images, seconds, cpu, sum(p.stat().st_size for p in out.glob("*.ffcv")))
 
@@ -275,8 +280,8 @@ def machine() -> dict[str, Any]:
 
 
 SIDES = {
-    "staging": "staging, units in processes (effnet stage)",
-    "staging-threads": "staging, units on threads",
+    "staging": "staging, units on threads (effnet stage)",
+    "staging-processes": "staging, units in processes",
     "staging-serial": "staging, units one at a time",
     "ffcv": "FFCV, ffcv-imagenet settings",
 }
@@ -290,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "effnet-staging-bench",
                    help="where the generated images are kept between runs")
     p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    p.add_argument("--tiers", type=int, nargs="+", help="stage these tiers instead of the default ones")
     p.add_argument("--profile", action="store_true", help="profile one class through process_unit")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each run, wait up to this long for the host to be idle (a shared machine)")
@@ -307,10 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for side in order:
                 idle = wait_until_idle(args.wait_idle) if args.wait_idle else _idle_fraction(0.5)
                 out = Path(tmp) / f"{side}-{r}"
+                os.sync()  # start clean: no run pays for writing back the previous run's files
                 if side == "ffcv":
                     result = run_ffcv(source, out, args.workers)
                 else:
-                    result = run_staging(source, out, args.workers, side.partition("-")[2] or "processes")
+                    result = run_staging(source, out, args.workers, side.partition("-")[2] or "threads", args.tiers)
                 result["host_idle_before"] = idle
                 runs[side].append(result)
                 print(f"  run {r + 1} {side:16s} {result['images_per_s']:7.1f} images/s  {result['seconds']:6.2f} s  "
@@ -320,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile_one_class(source, Path(tmp) / "profile")
 
     best = {side: max(rs, key=lambda x: x["images_per_s"]) for side, rs in runs.items()}
-    tiers = list(staging.StageParams().tiers)
+    tiers = list(staging.StageParams(**({"tiers": tuple(args.tiers)} if args.tiers else {})).tiers)
     print(f"\n{images['images']} images of {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} px (~{images['mean_kb']} KB), "
           f"{args.workers} workers, {info['cores']} cores ({info['cpu']}), best of {args.repeats}")
     print(f"staging writes {len(tiers)} tiers ({', '.join(map(str, tiers))} px) of WebDataset shards; FFCV writes one "
@@ -336,16 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"staging / FFCV: {ratio:.2f} in images/s, "
               f"{best['ffcv']['cpu_ms_per_image'] / best['staging']['cpu_ms_per_image']:.2f} in CPU per image; "
               f"goal (every tier at least as fast as one FFCV file) {verdict}")
-    for side in ("staging", "staging-threads", "staging-serial"):
+    for side in ("staging", "staging-processes", "staging-serial"):
         if side in best:
             print(f"{side} phases (best run, s): {best[side]['phases_s']}")
     scaling = {}
     if "staging-serial" in best:
         serial = best["staging-serial"]["phases_s"]["units"]
         scaling = {side: round(serial / best[side]["phases_s"]["units"], 2)
-                   for side in ("staging-threads", "staging") if side in best}
+                   for side in ("staging", "staging-processes") if side in best}
         print(f"units phase speed-up over one at a time with {args.workers} workers: {scaling} "
-              f"(processes include their start-up, ~2 s)")
+              f"(processes include their start-up)")
 
     report = {
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

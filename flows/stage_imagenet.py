@@ -1,9 +1,9 @@
 """Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
 
 Only sequencing lives here; `pipelines.staging.stage` does the work and calls back into this flow to run its
-units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. A unit task's
-thread hands the decoding to one of `workers` processes (threads alone use the cores only in part: see
-`pipelines.staging`). A finished version is detected from its manifest and returned at once; a source that
+units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. At most
+`workers` unit tasks decode at once, on their own threads or, with `processes`, each handing its unit to one of
+`workers` processes (see `pipelines.staging.unit_runner`). A finished version is detected from its manifest and returned at once; a source that
 grew is staged as a new version on top of the latest one (`base_version`).
 """
 
@@ -80,13 +80,15 @@ def stage_imagenet(
     source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
     seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = staging.AUTO,
     workers: int | None = None, progress_bar: bool = False, formats: list[str] | None = None,
+    processes: bool = False,
 ) -> str:
     """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
 
     `minival` >= 1 is a number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it is
     a fraction of each class. `base_version`: "auto" stages images added since the latest version as a new
     version on top of it (same minival, its shards reused); a version name grows that one; null stages in
-    full. `workers`: decoding processes (default: all cores). `progress_bar`: draw a tqdm bar on stderr (the
+    full. `workers`: units decoded at once (default: all cores); `processes`: in worker processes rather than
+    threads (for many cores). `progress_bar`: draw a tqdm bar on stderr (the
     CLI sets it on a terminal). `formats`: extra files beside the shards ("ffcv" .beton per tier and
     split, "dali" shard indexes). Returns the dataset version directory. Rerunning reuses everything finished.
     """
@@ -100,7 +102,7 @@ def stage_imagenet(
             map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1])),
             map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}"),
             log=logger.info, progress=staging.progress_bar() if progress_bar else None, workers=workers,
-            base_version=base_version,
+            base_version=base_version, processes=processes,
         )
     except BAD_INPUT as exc:
         # Bad input: a failed run with a one-line reason (the exception is raised to a direct caller), not a

@@ -58,7 +58,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(done)
         return 0
     dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=args.workers,
-                          progress_bar=progress)
+                          progress_bar=progress, processes=args.processes)
     print(dest)
     return 0
 
@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     growth.add_argument("--base-version", default="auto",
                         help="version to add new images to: 'auto' (the latest one the source grew from) or a name")
     growth.add_argument("--full", action="store_true", help="stage every image afresh, not on top of a version")
-    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    s.add_argument("--workers", type=int, default=None, help="images decoded at once (default: all cores)")
+    s.add_argument("--processes", action="store_true",
+                   help="decode in worker processes rather than threads (scales further on many cores)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     s.set_defaults(fn=cmd_stage)

@@ -83,14 +83,14 @@ class _SpoolImages:
     """
 
     def __init__(self, work: Path, spans: list[tuple[str, int, int, int]], seed: int) -> None:
-        self.work, self.spans, self.seed = work, spans, seed  # spans: (unit, offset, size, label)
+        self.work, self.spans, self.seed = work, spans, seed  # spans: (file, offset, size, label)
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        unit, offset, size, label = self.spans[i]
-        with open(staging.unit_paths(self.work, unit)[0], "rb") as f:
+        path, offset, size, label = self.spans[i]
+        with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
         # write_mode='proportion' draws from numpy's global generator in the worker: seeding it per sample makes
@@ -101,16 +101,13 @@ class _SpoolImages:
 
 
 def _spans(plan: staging.DatasetPlan, split: str, tier: int, work: Path) -> list[tuple[str, int, int, int]]:
-    spans = []
-    for key in plan.splits[split]:
-        rec = plan.records[key]
-        offset, size, _, _ = rec["tiers"][str(tier)]
-        spans.append((rec["unit"], offset, size, rec["label"]))
-    # A worker that raises leaves FFCV's writer waiting forever for its samples: check the spools first.
-    for unit in {s[0] for s in spans}:
-        spool = staging.unit_paths(work, unit)[0]
-        if not spool.exists():
-            raise DataError(f"{spool}: staging spool missing; cannot write the FFCV files")
+    """(file, offset, size, label) of every sample of a split at a tier, in the split's order."""
+    reader = staging.SampleReader(work)
+    spans = [(*reader.where(plan.records[key], tier), plan.records[key]["label"]) for key in plan.splits[split]]
+    # A worker that raises leaves FFCV's writer waiting forever for its samples: check the files first.
+    for path in {s[0] for s in spans}:
+        if not Path(path).exists():
+            raise DataError(f"{path}: staged image bytes missing; cannot write the FFCV files")
     return spans
 
 

@@ -68,6 +68,9 @@ class RawImage:
     wnid: str
     label: int  # position of wnid in the sorted WNIDs
     data: bytes
+    # The file and offset where `data` lies verbatim (a tree's image file, or inside an archive), so that staging
+    # can copy an original it keeps as it is from there instead of spooling a second copy.
+    origin: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,8 @@ def read_train_unit(unit: TrainUnit) -> Iterator[RawImage]:
     if unit.offset < 0:
         folder = Path(unit.path)
         for name in unit.names:
-            yield RawImage(Path(name).stem, name, unit.wnid, unit.label, _read_file(folder / name))
+            path = folder / name
+            yield RawImage(Path(name).stem, name, unit.wnid, unit.label, _read_file(path), (str(path), 0))
         return
     yield from _read_inner_tar(unit)
 
@@ -296,7 +300,8 @@ def read_val_unit(unit: ValUnit) -> Iterator[RawImage]:
     path = Path(unit.path)
     if path.is_dir():
         for e in unit.entries:
-            yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, _read_file(path / e.name))
+            yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, _read_file(path / e.name),
+                           (str(path / e.name), 0))
         return
     try:
         with open(path, "rb") as f:
@@ -305,7 +310,7 @@ def read_val_unit(unit: ValUnit) -> Iterator[RawImage]:
                 data = f.read(e.size)
                 if len(data) != e.size:
                     raise ImageNetSourceError(f"{path}: truncated: member {e.name} ends past the end of the file")
-                yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, data)
+                yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, data, (str(path), e.offset))
     except OSError as exc:
         raise ImageNetSourceError(f"{path}: cannot read: {exc}") from None
 
@@ -329,7 +334,8 @@ def _read_inner_tar(unit: TrainUnit) -> Iterator[RawImage]:
                 assert reader is not None  # regular files always have a reader
                 data = reader.read()
                 name = PurePosixPath(m.name).name
-                yield RawImage(Path(name).stem, name, unit.wnid, unit.label, data)
+                yield RawImage(Path(name).stem, name, unit.wnid, unit.label, data,
+                               (unit.path, unit.offset + m.offset_data))
     except _ARCHIVE_ERRORS as exc:
         raise ImageNetSourceError(f"{where}: corrupt or truncated class tar: {exc}") from None
 

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.integration
 
 EFFNET = [sys.executable, "-m", "pipelines.cli"]
 
-# Stages argv[1] into argv[2] with two worker processes. Shards are written a little slower than they would
-# be, so that a kill lands among them reliably; the code version is pinned, so a commit made meanwhile does not
-# change the manifest.
+# Stages argv[1] into argv[2] with two worker processes (whose exit with the killed parent is checked too).
+# Shards are written a little slower than they would be, so that a kill lands among them reliably; the code
+# version is pinned, so a commit made meanwhile does not change the manifest.
 STAGE_SCRIPT = """
 import sys, time
 from pipelines import staging
@@ -34,7 +34,7 @@ def slow_write_shard(*args):
     return write_shard(*args)
 staging.write_shard = slow_write_shard
 staging.code_version = lambda: "pinned"
-staging.stage(sys.argv[1], sys.argv[2], params, log=print, workers=2, base_version=None)
+staging.stage(sys.argv[1], sys.argv[2], params, log=print, workers=2, base_version=None, processes=True)
 """
 RESUME_PARAMS = staging.StageParams(tiers=(64, 128), shard_size=16, minival=0.1, seed=0)
 

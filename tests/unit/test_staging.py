@@ -505,6 +505,37 @@ def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_sum
             assert img.size == (w, h) and int(tier) in TIERS
 
 
+@pytest.mark.parametrize("layout", ["archives", "tree"])
+def test_originals_kept_as_they_are_come_from_the_source(demo_archives: Path, tmp_path: Path, layout: str) -> None:
+    # A tier above every image keeps the RGB JPEGs byte for byte; they are not spooled but read at their origin
+    # (an image file, or its span inside the train or val archive).
+    source = demo_archives if layout == "archives" else extract_to_tree(demo_archives, tmp_path / layout, layout)
+    params = dataclasses.replace(STAGE_PARAMS, tiers=(32, 4096))
+    dest = stage_directly(source, tmp_path / "datasets", params)
+    originals = {}
+    for tar_path in sorted((dest / "4096").rglob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".jpg"):
+                    originals[m.name[:-4]] = tar.extractfile(m).read()  # type: ignore[union-attr]
+    kept = 0
+    for unit_file in (work_of(dest, params) / "units").glob("*.json"):
+        meta = json.loads(unit_file.read_text())
+        spool_size = staging.unit_paths(work_of(dest, params), meta["unit"])[0].stat().st_size
+        for rec in meta["records"]:
+            offset, size, _, _ = rec["tiers"]["4096"]
+            if offset is None:
+                path, at = rec["origin"]
+                with open(path, "rb") as f:
+                    f.seek(at)
+                    assert f.read(size) == originals[rec["key"]]
+                assert Image.open(io.BytesIO(originals[rec["key"]])).format == "JPEG"
+                kept += 1
+            else:  # re-encoded (CMYK, grayscale, PNG): spooled
+                assert offset + size <= spool_size
+    assert kept >= len(originals) - 8  # all but the planted odd files
+
+
 # --------------------------------------------------------------------------------------------- incremental versions
 
 
