@@ -23,6 +23,7 @@ import io
 import math
 import random
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -199,13 +200,19 @@ class WdsDataset(IterableDataset):
 
     def __init__(
         self, shards: list[ShardInfo], train: bool, resolution: int, rank: int, world_size: int, epoch: int,
-        seed: int, crop_ratio: float, shuffle_buffer: int = 512,
+        seed: int, crop_ratio: float, shuffle_buffer: int = 512, context: Any = None,
     ) -> None:
         self.shards, self.train, self.resolution = shards, train, resolution
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.crop_ratio, self.shuffle_buffer = crop_ratio, shuffle_buffer
         self.total = sum(s.samples for s in shards)
-        self.bad_samples = 0
+        # Samples that failed to decode, counted in whichever process decodes them: a shared counter when
+        # DataLoader workers (started from `context`) do.
+        self._bad = context.Value("q", 0) if context is not None else _Count()
+
+    @property
+    def bad_samples(self) -> int:
+        return int(self._bad.value)
 
     def _shard_order(self) -> list[ShardInfo]:
         if not self.train:
@@ -247,17 +254,25 @@ class WdsDataset(IterableDataset):
                 wanted[p] = wanted.get(p, 0) + 1
         rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank * 64 + worker)
         buffer: list[tuple[torch.Tensor, int]] = []
+        # Train: a sample that fails to decode is counted and stood in for by this worker's next good one, so
+        # that every rank still yields its exact share (equal batches: no DDP hang). Eval skips it (counted).
+        owed, last = 0, None
         for pos, key, parts in self._stream():
             for _ in range(wanted.get(pos, 0)):
                 sample = self._decode(key, parts, rng)
                 if sample is None:
+                    owed += self.train
                     continue
                 if not self.train:
                     yield sample
                     continue
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
+                for _ in range(1 + owed):
+                    buffer.append(sample)
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield buffer.pop(rng.randrange(len(buffer)))
+                owed, last = 0, sample
+        if owed and last is not None:  # bad samples after this worker's last good one
+            buffer.extend([last] * owed)
         rng.shuffle(buffer)
         yield from buffer
 
@@ -270,8 +285,9 @@ class WdsDataset(IterableDataset):
             else:
                 box = lambda w, h: center_crop_box(w, h, self.resolution, self.crop_ratio)  # noqa: E731
                 hwc = decode_crop(parts["jpg"], box, self.resolution)
-        except Exception:  # a sample that fails to decode is skipped and counted, not fatal
-            self.bad_samples += 1
+        except Exception:  # a sample that fails to decode is counted, not fatal (see __iter__)
+            with self._bad.get_lock():
+                self._bad.value += 1
             return None
         return torch.from_numpy(hwc).permute(2, 0, 1).contiguous(), label
 
@@ -297,14 +313,31 @@ def make_loader(
     train = split in TRAIN_SPLITS
     tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
     shards = split_shards(dataset_dir, manifest, split, tier)
-    dataset = WdsDataset(shards, train, resolution, rank, world_size, epoch, seed, crop_ratio)
+    # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process holding
+    # gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
+    context = _worker_context() if num_workers > 0 else None
+    dataset = WdsDataset(shards, train, resolution, rank, world_size, epoch, seed, crop_ratio, context=context)
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
-        persistent_workers=False, collate_fn=_collate,
-        # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process
-        # holding gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
-        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        persistent_workers=False, collate_fn=_collate, multiprocessing_context=context,
     )
+
+
+class _Count:
+    """The part of a `multiprocessing.Value` that WdsDataset uses, for decoding in this process."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+    def __getstate__(self) -> int:  # a copy sent to a worker process counts there, unseen (no shared context)
+        return self.value
+
+    def __setstate__(self, value: int) -> None:
+        self.value, self._lock = value, threading.Lock()
 
 
 def _worker_context() -> Any:

@@ -53,7 +53,7 @@ def keyed_loader(dataset: Path, split: str, resolution: int, batch_size: int, **
     ds = base.dataset
     assert isinstance(ds, WdsDataset)
     keyed = _KeyedWds(ds.shards, ds.train, ds.resolution, ds.rank, ds.world_size, ds.epoch, ds.seed,
-                      ds.crop_ratio, ds.shuffle_buffer)
+                      ds.crop_ratio, ds.shuffle_buffer, context=base.multiprocessing_context)
     return DataLoader(keyed, batch_size=batch_size, num_workers=base.num_workers, drop_last=base.drop_last,
                       collate_fn=_collate_keys, multiprocessing_context=base.multiprocessing_context)
 
@@ -340,3 +340,36 @@ def test_truncated_shard_is_named(copy_staged: Path, cut: str) -> None:
     loader = make_loader(copy_staged, "train", 32, 4)
     with pytest.raises(DataError, match=victim.name):
         list(loader)
+
+
+def _spoil_jpegs(path: Path, count: int) -> list[str]:
+    """Overwrite the bytes of the first `count` JPEGs of a shard with zeros (the tar stays valid)."""
+    data = bytearray(path.read_bytes())
+    spoiled = []
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if m.name.endswith(".jpg") and len(spoiled) < count:
+                data[m.offset_data:m.offset_data + m.size] = bytes(m.size)
+                spoiled.append(m.name[:-4])
+    path.write_bytes(bytes(data))
+    return spoiled
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_samples_are_counted_and_ranks_keep_equal_batches(copy_staged: Path, num_workers: int) -> None:
+    for shard in shard_paths(copy_staged, "train", 32)[:2]:
+        _spoil_jpegs(shard, 2)
+    n = _samples(copy_staged, "train")
+    counts = []
+    for rank in range(2):
+        loader = make_loader(copy_staged, "train", 32, 4, rank=rank, world_size=2, num_workers=num_workers)
+        batches = list(loader)
+        assert len(batches) == len(loader) == batches_per_epoch(n, 4, 2, num_workers)
+        counts.append(loader.dataset.bad_samples)  # type: ignore[attr-defined]
+    assert sum(counts) == 4  # every spoiled sample counted once, in whichever worker process decoded it
+    # Eval skips them (counted), and keeps every other sample exactly once.
+    eval_shard = shard_paths(copy_staged, "val", select_tier(STAGE_PARAMS.tiers, 32, 0.875))[0]
+    _spoil_jpegs(eval_shard, 1)
+    loader = make_loader(copy_staged, "val", 32, 4, num_workers=num_workers)
+    assert sum(len(labels) for _, labels in loader) == _samples(copy_staged, "val") - 1
+    assert loader.dataset.bad_samples == 1  # type: ignore[attr-defined]
