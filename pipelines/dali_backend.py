@@ -10,7 +10,7 @@ seeking to their offsets. Its own sharding (`shard_id`/`num_shards`: contiguous 
 one, evened out by repeating a block's last sample) and shuffling (a buffer that keeps filling across the epoch
 boundary, so it repeats some samples and leaves others) cannot give the documented semantics. So for each
 epoch the loader writes small per-rank index files (in a temporary folder, removed when the epoch ends) that
-list exactly this rank's samples (`ffcv_backend.rank_epoch_indices`: the same samples the ffcv backend gives
+list exactly this rank's samples (`loaders.rank_epoch_indices`: the same samples the ffcv backend gives
 the rank), and the reader runs with `random_shuffle=False`:
 - train: the rank's ceil(N / world) samples of the (seed, epoch) permutation, padded as DistributedSampler;
   exactly (N / world rounded up) // batch_size full batches on every rank. An index file can only point into
@@ -42,8 +42,7 @@ import torch
 
 from pipelines import staging
 from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.ffcv_backend import rank_epoch_indices
-from pipelines.loaders import TRAIN_SPLITS, DataError, select_tier, split_shards
+from pipelines.loaders import TRAIN_SPLITS, DataError, rank_epoch_indices, select_tier, split_shards
 
 INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
 INDEX_SUFFIX = ".idx"

@@ -11,7 +11,7 @@ image to 256x192, so the field gets no max_resolution: the tier images are store
 
 Loading (`make_ffcv_loader`): FFCV's own `distributed=True` wraps torch's DistributedSampler, which needs an
 initialised process group, and pads every split (an eval sample would be scored twice). So the loader computes
-each rank's sample indices itself (`rank_epoch_indices`: a (seed, epoch) permutation and
+each rank's sample indices itself (`loaders.rank_epoch_indices`: a (seed, epoch) permutation and
 `loaders.rank_positions`, exactly the documented semantics) and passes them as `indices=` with
 `OrderOption.SEQUENTIAL`, which reads them in the given order. FFCV 1.0.2 does not seed its augmentations
 (RandomHorizontalFlip draws from an unseeded generator on whichever thread runs it), so the train decoder here is
@@ -41,27 +41,13 @@ from PIL import Image
 
 from pipelines import staging
 from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.loaders import TRAIN_SPLITS, DataError, rank_positions, select_tier
+from pipelines.loaders import TRAIN_SPLITS, DataError, rank_epoch_indices, select_tier
 
 BETON_SUFFIX = ".beton"
 _MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
 
 
 # --------------------------------------------------------------------------------------------- sample order
-
-
-def rank_epoch_indices(n: int, train: bool, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
-    """Indices (into a split's planned order) that `rank` reads this epoch, in reading order.
-
-    train: a permutation that depends only on (seed, epoch), strided over ranks and padded as DistributedSampler
-    does (every rank gets ceil(n / world_size)). eval: the planned order, strided, every sample exactly once.
-    Shared by the ffcv and dali backends, so both give a rank the same samples.
-    """
-    positions = np.asarray(rank_positions(n, rank, world_size, pad=train), dtype=np.int64)
-    if not train:
-        return positions
-    order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
-    return order[positions]
 
 
 def augmentation_seed(seed: int, epoch: int) -> int:

@@ -154,6 +154,20 @@ class ShardInfo:
     samples: int
 
 
+def rank_epoch_indices(n: int, train: bool, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
+    """Indices (into a split's planned order) that `rank` reads this epoch, in reading order.
+
+    train: a permutation that depends only on (seed, epoch), strided over ranks and padded as DistributedSampler
+    does (every rank gets ceil(n / world_size)). eval: the planned order, strided, every sample exactly once.
+    The ffcv and dali backends feed these indices to their readers, so both give a rank the same samples.
+    """
+    positions = np.asarray(rank_positions(n, rank, world_size, pad=train), dtype=np.int64)
+    if not train:
+        return positions
+    order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    return order[positions]
+
+
 def select_tier(tiers: Sequence[int], resolution: int, crop_ratio: float | None = None) -> int:
     """Smallest staged tier whose images still serve `resolution` (eval needs resolution / crop_ratio)."""
     need = resolution / crop_ratio if crop_ratio else resolution

@@ -23,7 +23,7 @@ import torch
 from helpers import STAGE_PARAMS, read_samples, stage_directly
 from PIL import Image
 
-from pipelines import dali_backend, ffcv_backend, staging
+from pipelines import dali_backend, ffcv_backend, loaders, staging
 from pipelines.loaders import DataError, make_loader, rank_positions
 from pipelines.staging import read_manifest
 
@@ -53,29 +53,29 @@ def _epoch(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.unit
 @pytest.mark.parametrize("n, world_size", [(35, 1), (35, 2), (35, 3), (12, 4), (2, 3), (0, 2)])
 def test_rank_epoch_indices_train_is_a_padded_permutation(n: int, world_size: int) -> None:
-    shares = [ffcv_backend.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
+    shares = [loaders.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
     assert {len(s) for s in shares} == {math.ceil(n / world_size)}
     seen = np.concatenate(shares) if n else np.zeros(0, np.int64)
     assert set(seen.tolist()) == set(range(n))
     assert len(seen) - n == (-n) % world_size if n else len(seen) == 0  # only DistributedSampler's padding
-    again = [ffcv_backend.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
+    again = [loaders.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
     assert all(np.array_equal(a, b) for a, b in zip(shares, again, strict=True))
 
 
 @pytest.mark.unit
 def test_rank_epoch_indices_depend_on_seed_and_epoch_only() -> None:
-    base = ffcv_backend.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=0)
+    base = loaders.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=0)
     assert not np.array_equal(base, np.arange(100))
-    assert not np.array_equal(base, ffcv_backend.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=1))
-    assert not np.array_equal(base, ffcv_backend.rank_epoch_indices(100, True, 0, 1, seed=1, epoch=0))
+    assert not np.array_equal(base, loaders.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=1))
+    assert not np.array_equal(base, loaders.rank_epoch_indices(100, True, 0, 1, seed=1, epoch=0))
     # Strided over the same permutation: rank r of 2 reads positions r, r + 2, ... of the one-rank order.
-    assert np.array_equal(ffcv_backend.rank_epoch_indices(100, True, 1, 2, seed=0, epoch=0), base[1::2])
+    assert np.array_equal(loaders.rank_epoch_indices(100, True, 1, 2, seed=0, epoch=0), base[1::2])
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("n, world_size", [(16, 2), (17, 2), (5, 3), (2, 4)])
 def test_rank_epoch_indices_eval_is_exactly_once_in_planned_order(n: int, world_size: int) -> None:
-    shares = [ffcv_backend.rank_epoch_indices(n, False, r, world_size, seed=5, epoch=7) for r in range(world_size)]
+    shares = [loaders.rank_epoch_indices(n, False, r, world_size, seed=5, epoch=7) for r in range(world_size)]
     assert sorted(np.concatenate(shares).tolist()) == list(range(n))
     assert [s.tolist() for s in shares] == [rank_positions(n, r, world_size, pad=False) for r in range(world_size)]
 
@@ -241,7 +241,7 @@ def test_train_ranks_get_equal_batch_counts_and_their_share(formats_dataset: Pat
             assert set(sizes) == {batch_size} and len(sizes) == len(loader)
             counts.append(len(sizes))
             if batch_size == 3:  # 18 = 6 x 3: the whole share is read, so its labels are known
-                share = ffcv_backend.rank_epoch_indices(n, True, rank, 2, seed=0, epoch=0)
+                share = loaders.rank_epoch_indices(n, True, rank, 2, seed=0, epoch=0)
                 assert Counter(_epoch(loader)[1].tolist()) == Counter(planned[i] for i in share)
         assert counts == [math.ceil(n / 2) // batch_size] * 2
 
