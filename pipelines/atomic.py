@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -90,10 +91,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
-    """Delete leftovers of writers that were killed mid-write (names start with '.' and end with '.tmp')."""
+def remove_stale_temporaries(folder: str | os.PathLike[str], recursive: bool = True, older_than_s: float = 0) -> int:
+    """Delete leftovers of writers that were killed mid-write (names start with '.' and end with '.tmp'),
+    under `folder` (or directly in it), last modified more than `older_than_s` seconds ago."""
     n = 0
-    for p in Path(folder).rglob(".*.tmp"):
-        p.unlink(missing_ok=True)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    cutoff = time.time() - older_than_s
+    for p in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        try:
+            if older_than_s and p.stat().st_mtime > cutoff:
+                continue
+            p.unlink()
+        except FileNotFoundError:
+            continue
         n += 1
     return n

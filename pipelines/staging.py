@@ -1185,6 +1185,9 @@ def stage(
     `base_version`: AUTO grows the latest finished version under `out` that holds a subset of this source's
     images (same classes and parameters); a version name grows that one (an error if it cannot); None stages
     everything afresh.
+
+    One run at a time per source and encoding: a second one fails at once with a StagingError (the lock is the
+    work folder's flock, released when the first run ends or dies).
     """
     src = imagenet.open_source(source_path)
     root = Path(out).resolve()
@@ -1201,41 +1204,77 @@ def stage(
     created = [p for p in (root, root / WORK, work, dest) if not p.exists()]
     try:
         work.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temporaries(root)
-        if removed:
-            log(f"removed {removed} partial files left by an interrupted run")
-        units = _unit_args(src, work, params, base)
-        log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
-            f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
-            f"{max(1, workers)} worker(s)")
-        with unit_runner(workers, processes) as run_unit:
-            tracker = _Tracker("units", len(units), log, progress)
-            # Largest units first, so that no big one is left running alone at the end; results in unit order.
-            order = sorted(range(len(units)), key=lambda i: -_unit_images(units[i][0]))
-            done_units = (map_units or thread_map(workers))(_Counted(run_unit, tracker), [units[i] for i in order])
-            results = [r for _, r in sorted(zip(order, done_units), key=lambda pair: pair[0])]
-        if base is not None and src.kind == "archives":
-            _check_base_seen(results, base)
-        plan = plan_dataset(results, src.classes, params, base)
-        log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
-            f"{len(plan.shards)} shards to write")
-        inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
-        tracker = _Tracker("shards", len(plan.shards), log, progress)
-        # Largest shards first (full-size tiers), for the same reason as the units; entries in plan order.
-        order = sorted(range(len(plan.shards)), key=lambda i: -_shard_bytes(plan, plan.shards[i]))
-        written = (map_shards or thread_map(workers))(
-            _Counted(write_shard, tracker), [(plan, plan.shards[i], work, dest) for i in order])
-        entries = [e for _, e in sorted(zip(order, written), key=lambda pair: pair[0])]
-        extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
-        fsync_files(dest / e["path"] for e in entries)
-        keys = write_keys(dest, plan)
-        manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
-        write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
+        with _exclusive(work):
+            return _stage_locked(src, source_path, root, work, dest, version, base, fingerprint, params, map_units,
+                                 map_shards, log, progress, workers, processes)
     except BaseException:
         # Finished spools and shards stay for a rerun to reuse; folders this run made and left empty go.
         for p in reversed(created):
             _remove_empty_tree(p)
         raise
+
+
+@contextmanager
+def _exclusive(work: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a work folder (flock on the directory itself: released when the process dies,
+    even by SIGKILL). Two runs staging the same source would otherwise write the same spools and shards and
+    delete each other's temporary files."""
+    import fcntl
+
+    fd = os.open(work, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StagingError(f"{work}: another staging run of this source is in progress; let it finish (or stop "
+                           f"it) and run again") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stage_locked(
+    src: imagenet.ImageNetSource, source_path: str | os.PathLike[str], root: Path, work: Path, dest: Path,
+    version: str, base: BaseVersion | None, fingerprint: dict[str, Any], params: StageParams,
+    map_units: Mapper | None, map_shards: Mapper | None, log: Callable[..., None], progress: Progress | None,
+    workers: int, processes: bool,
+) -> Path:
+    """The body of `stage`, run while it holds the lock on the source's work folder."""
+    # Only this run's folders (it holds their lock); elsewhere under the root only what is clearly stale
+    # (LATEST and fingerprint caches are rewritten in a blink by whichever run finishes).
+    removed = (remove_stale_temporaries(work) + remove_stale_temporaries(dest)
+               + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
+               + remove_stale_temporaries(root / WORK / "fingerprints", older_than_s=3600))
+    if removed:
+        log(f"removed {removed} partial files left by an interrupted run")
+    units = _unit_args(src, work, params, base)
+    log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
+        f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
+        f"{max(1, workers)} worker(s)")
+    with unit_runner(workers, processes) as run_unit:
+        tracker = _Tracker("units", len(units), log, progress)
+        # Largest units first, so that no big one is left running alone at the end; results in unit order.
+        order = sorted(range(len(units)), key=lambda i: -_unit_images(units[i][0]))
+        done_units = (map_units or thread_map(workers))(_Counted(run_unit, tracker), [units[i] for i in order])
+        results = [r for _, r in sorted(zip(order, done_units), key=lambda pair: pair[0])]
+    if base is not None and src.kind == "archives":
+        _check_base_seen(results, base)
+    plan = plan_dataset(results, src.classes, params, base)
+    log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
+        f"{len(plan.shards)} shards to write")
+    inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
+    tracker = _Tracker("shards", len(plan.shards), log, progress)
+    # Largest shards first (full-size tiers), for the same reason as the units; entries in plan order.
+    order = sorted(range(len(plan.shards)), key=lambda i: -_shard_bytes(plan, plan.shards[i]))
+    written = (map_shards or thread_map(workers))(
+        _Counted(write_shard, tracker), [(plan, plan.shards[i], work, dest) for i in order])
+    entries = [e for _, e in sorted(zip(order, written), key=lambda pair: pair[0])]
+    extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
+    fsync_files(dest / e["path"] for e in entries)
+    keys = write_keys(dest, plan)
+    manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
+    write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
     _finish(root, version, src, fingerprint)
     return dest
 

@@ -322,6 +322,21 @@ def test_val_chunking_does_not_change_the_shards(staged_dataset: Path, demo_arch
     assert shards(other) == shards(staged_dataset)
 
 
+def test_a_second_run_of_the_same_source_fails_at_once_and_leaves_other_runs_files(
+    copy_staged: Path, demo_archives: Path
+) -> None:
+    work = work_of(copy_staged, STAGE_PARAMS)
+    (copy_staged / staging.MANIFEST).unlink()  # unfinished: a rerun would stage it
+    stray = copy_staged.parent / "imagenet-other" / ".shard.tar.123.tmp"  # another run's file being written
+    stray.parent.mkdir()
+    stray.write_bytes(b"partial")
+    with staging._exclusive(work):  # a first run holds the source's work folder
+        with pytest.raises(StagingError, match="another staging run of this source is in progress"):
+            stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
+    again = stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)  # the lock went with the first run
+    assert (again / staging.MANIFEST).is_file() and stray.read_bytes() == b"partial"
+
+
 @pytest.mark.usefixtures("same_code")
 def test_rerun_reuses_spools_and_shards(
     copy_staged: Path, demo_archives: Path, monkeypatch: pytest.MonkeyPatch
