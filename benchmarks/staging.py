@@ -154,18 +154,16 @@ def _figures(images: int, seconds: float, cpu: float, nbytes: int) -> dict[str, 
 
 
 def run_staging(
-    source: Path, out: Path, workers: int, units_on: str = "threads", tiers: Sequence[int] | None = None
+    source: Path, out: Path, params: staging.StageParams, workers: int, units_on: str = "threads"
 ) -> dict[str, Any]:
     """Units decoded `workers` at a time on threads (`units_on="threads"`, what `effnet stage` does), in
     `workers` processes ("processes", `effnet stage --processes`), or one after the other ("serial")."""
-    params = staging.StageParams(minival=0.02, **({"tiers": tuple(tiers)} if tiers else {}))
     phases: dict[str, float] = {}
+    unit_workers = 1 if units_on == "serial" else workers
     c0, t0 = _cpu_seconds(), time.perf_counter()
-    unit_threads = 1 if units_on == "serial" else workers
-    dest = staging.stage(source, out, params, map_units=_timed(staging.thread_map(unit_threads), phases, "units"),
+    dest = staging.stage(source, out, params, map_units=_timed(staging.thread_map(unit_workers), phases, "units"),
                          map_shards=_timed(staging.thread_map(workers), phases, "shards"), log=lambda *_: None,
-                         workers=1 if units_on == "serial" else workers, base_version=None,
-                         processes=units_on == "processes")
+                         workers=unit_workers, base_version=None, processes=units_on == "processes")
     os.sync()  # the finish line is the same for both sides: every byte written is on disk
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     manifest = staging.read_manifest(dest)
@@ -303,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     info = machine()
+    # Default tiers, shard size and JPEG quality unless --tiers; a 2 % minival.
+    params = staging.StageParams(minival=0.02, **({"tiers": tuple(args.tiers)} if args.tiers else {}))
     source = args.data / f"images-{args.images}"
     images = make_images(source, args.images, args.workers)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if side == "ffcv":
                     result = run_ffcv(source, out, args.workers)
                 else:
-                    result = run_staging(source, out, args.workers, side.partition("-")[2] or "threads", args.tiers)
+                    result = run_staging(source, out, params, args.workers, side.partition("-")[2] or "threads")
                 result["host_idle_before"] = idle
                 runs[side].append(result)
                 print(f"  run {r + 1} {side:16s} {result['images_per_s']:7.1f} images/s  {result['seconds']:6.2f} s  "
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile_one_class(source, Path(tmp) / "profile")
 
     best = {side: max(rs, key=lambda x: x["images_per_s"]) for side, rs in runs.items()}
-    tiers = list(staging.StageParams(**({"tiers": tuple(args.tiers)} if args.tiers else {})).tiers)
+    tiers = list(params.tiers)
     print(f"\n{images['images']} images of {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} px (~{images['mean_kb']} KB), "
           f"{args.workers} workers, {info['cores']} cores ({info['cpu']}), best of {args.repeats}")
     print(f"staging writes {len(tiers)} tiers ({', '.join(map(str, tiers))} px) of WebDataset shards; FFCV writes one "
@@ -361,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workers": args.workers,
         "repeats": args.repeats,
         "tiers": tiers,
-        "staging_settings": {"shard_size": 1024, "minival": 0.02, "jpeg_quality": staging.StageParams().jpeg_quality,
-                             "encoding": staging.ENCODING},
+        "staging_settings": {"shard_size": params.shard_size, "minival": params.minival,
+                             "jpeg_quality": params.jpeg_quality, "encoding": staging.ENCODING},
         "ffcv_settings": {**FFCV_SETTINGS, "chunksize": FFCV_CHUNKSIZE, "num_workers": args.workers,
                           "source": "ffcv-imagenet write_imagenet.sh (500 0.50 90)"},
         "best": best,

@@ -8,8 +8,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
 _CHUNK = 1 << 20

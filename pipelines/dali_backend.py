@@ -42,7 +42,7 @@ import torch
 
 from pipelines import staging
 from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.loaders import TRAIN_SPLITS, DataError, rank_epoch_indices, select_tier, split_shards
+from pipelines.loaders import DataError, rank_epoch_indices, split_shards, split_tier
 
 INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
 INDEX_SUFFIX = ".idx"
@@ -265,8 +265,7 @@ def make_dali_loader(
     """`loaders.make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
     manifest = staging.read_manifest(dataset_dir)
-    train = split in TRAIN_SPLITS
-    tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    train, tier = split_tier(manifest, split, resolution, crop_ratio)
     shards = split_shards(dataset_dir, manifest, split, tier)
     lines = []
     for s in shards:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from pipelines import staging
 from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.loaders import TRAIN_SPLITS, DataError, rank_epoch_indices, select_tier
+from pipelines.loaders import DataError, rank_epoch_indices, split_tier
 
 BETON_SUFFIX = ".beton"
 _MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
@@ -62,14 +62,14 @@ def beton_relpath(tier: int, split: str) -> str:
     return f"{tier}/{split}{BETON_SUFFIX}"
 
 
-class _SpoolImages:
-    """The images of one split x tier in planned order, read from the staging spools: (RGB HWC uint8, label).
+class _StagedImages:
+    """The images of one split x tier in planned order, read from the spools or the source: (RGB HWC uint8, label).
 
     Indexable and picklable, as FFCV's DatasetWriter wants; it runs in the writer's worker processes.
     """
 
-    def __init__(self, work: Path, spans: list[tuple[str, int, int, int]], seed: int) -> None:
-        self.work, self.spans, self.seed = work, spans, seed  # spans: (file, offset, size, label)
+    def __init__(self, spans: list[tuple[str, int, int, int]], seed: int) -> None:
+        self.spans, self.seed = spans, seed  # spans: (file, offset, size, label)
 
     def __len__(self) -> int:
         return len(self.spans)
@@ -123,7 +123,7 @@ def write_beton(
         if sidecar.read_text().strip() == digest:
             return {**entry, "bytes": path.stat().st_size, "sha256": digest}
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset = _SpoolImages(work, _spans(plan, split, tier, work), params.seed)
+    dataset = _StagedImages(_spans(plan, split, tier, work), params.seed)
     workers = num_workers or os.cpu_count() or 1
     workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # staging.remove_stale_temporaries cleans these
@@ -361,8 +361,7 @@ def make_ffcv_loader(
     """`loaders.make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
     dataset_dir = Path(dataset_dir)
     manifest = staging.read_manifest(dataset_dir)
-    train = split in TRAIN_SPLITS
-    tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    train, tier = split_tier(manifest, split, resolution, crop_ratio)
     n = manifest["splits"][split]["samples"]
     path = dataset_dir / beton_relpath(tier, split)
     listed = {e["path"] for e in manifest.get("extra", {}).get("ffcv", [])}

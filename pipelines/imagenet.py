@@ -300,8 +300,8 @@ def read_val_unit(unit: ValUnit) -> Iterator[RawImage]:
     path = Path(unit.path)
     if path.is_dir():
         for e in unit.entries:
-            yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, _read_file(path / e.name),
-                           (str(path / e.name), 0))
+            file = path / e.name
+            yield RawImage(Path(e.source_name).stem, e.source_name, e.wnid, e.label, _read_file(file), (str(file), 0))
         return
     try:
         with open(path, "rb") as f:

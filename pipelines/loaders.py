@@ -175,6 +175,13 @@ def select_tier(tiers: Sequence[int], resolution: int, crop_ratio: float | None 
     return fitting[0] if fitting else max(tiers)
 
 
+def split_tier(manifest: dict[str, Any], split: str, resolution: int, crop_ratio: float) -> tuple[bool, int]:
+    """(whether `split` is trained on, the staged tier that serves it at `resolution`): training crops at any
+    scale, evaluation needs the resize before the centre crop (resolution / crop_ratio)."""
+    train = split in TRAIN_SPLITS
+    return train, select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+
+
 def split_shards(dataset_dir: Path, manifest: dict[str, Any], split: str, tier: int) -> list[ShardInfo]:
     shards = [
         ShardInfo(dataset_dir / s["path"], s["samples"])
@@ -324,8 +331,7 @@ def make_loader(
                                    crop_ratio, num_workers)
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
-    train = split in TRAIN_SPLITS
-    tier = select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    train, tier = split_tier(manifest, split, resolution, crop_ratio)
     shards = split_shards(dataset_dir, manifest, split, tier)
     # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process holding
     # gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).

@@ -172,23 +172,19 @@ def _decode(
         # Nothing needs pixels when every tier keeps the original bytes: decode at 1/8 only to check the file.
         scale = _dct_scale(full, needed) if needed else 8
         # EXIF orientation is not applied: the stored original is not rotated either, and the tiers must agree.
-        flags = _CV2_REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION
+        reduced = cv2.IMREAD_COLOR if scale == 1 else getattr(cv2, f"IMREAD_REDUCED_COLOR_{scale}")
+        flags = reduced | cv2.IMREAD_IGNORE_ORIENTATION
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if pixels is None:  # OpenCV's decoder fails on a truncated or corrupt stream (PIL says why)
             raise BadImage(f"does not decode: {_pil_error(data)}")
         return pixels, passthrough, full
     try:
-        if fmt == "JPEG" and mode == "L":
-            img.draft("L", full)
         img.load()
     except Exception as exc:
         raise BadImage(f"does not decode: {type(exc).__name__}: {exc}") from None
     # CMYK, grayscale, palette, RGBA, 16-bit... all become 3-channel RGB (FFCV and the loaders need it).
     rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), passthrough, full
-
-
-_CV2_REDUCED: dict[int, int] = {}  # DCT scale denominator -> imdecode flag, filled on first use by _cv2()
 
 
 def _dct_scale(full: tuple[int, int], needed: Sequence[tuple[int, int]]) -> int:
@@ -261,9 +257,6 @@ _OCTAVE = 1.95
 def _cv2() -> Any:
     import cv2  # only where images are decoded and resized: the CLI's other commands need not pay for it
 
-    if not _CV2_REDUCED:
-        _CV2_REDUCED.update({1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-                             8: cv2.IMREAD_REDUCED_COLOR_8})
     return cv2
 
 
@@ -1169,6 +1162,16 @@ def find_finished(
     return find_staged(root, source_fingerprint(src, root), params, base_version)
 
 
+def _largest_first(
+    mapper: Mapper, fn: Callable[..., Any], args: list[tuple[Any, ...]], size: Callable[[tuple[Any, ...]], float]
+) -> list[Any]:
+    """`mapper(fn, args)` with the largest arguments submitted first, so that no big one is left running alone
+    at the end; results in the order of `args`."""
+    order = sorted(range(len(args)), key=lambda i: -size(args[i]))
+    done = mapper(fn, [args[i] for i in order])
+    return [r for _, r in sorted(zip(order, done), key=lambda pair: pair[0])]
+
+
 def stage(
     source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
     map_units: Mapper | None = None, map_shards: Mapper | None = None, log: Callable[..., None] = print, *,
@@ -1205,8 +1208,38 @@ def stage(
     try:
         work.mkdir(parents=True, exist_ok=True)
         with _exclusive(work):
-            return _stage_locked(src, source_path, root, work, dest, version, base, fingerprint, params, map_units,
-                                 map_shards, log, progress, workers, processes)
+            # Only this run's folders (it holds their lock); elsewhere under the root only what is clearly stale
+            # (LATEST and fingerprint caches are rewritten in a blink by whichever run finishes).
+            removed = (remove_stale_temporaries(work) + remove_stale_temporaries(dest)
+                       + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
+                       + remove_stale_temporaries(root / WORK / "fingerprints", older_than_s=3600))
+            if removed:
+                log(f"removed {removed} partial files left by an interrupted run")
+            units = _unit_args(src, work, params, base)
+            log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
+                f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
+                f"{max(1, workers)} worker(s)")
+            with unit_runner(workers, processes) as run_unit:
+                tracker = _Tracker("units", len(units), log, progress)
+                results = _largest_first(map_units or thread_map(workers), _Counted(run_unit, tracker), units,
+                                         lambda a: _unit_images(a[0]))
+            if base is not None and src.kind == "archives":
+                _check_base_seen(results, base)
+            plan = plan_dataset(results, src.classes, params, base)
+            log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
+                f"{len(plan.shards)} shards to write")
+            inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
+            tracker = _Tracker("shards", len(plan.shards), log, progress)
+            entries = _largest_first(map_shards or thread_map(workers), _Counted(write_shard, tracker),
+                                     [(plan, shard, work, dest) for shard in plan.shards],
+                                     lambda a: _shard_bytes(plan, a[1]))
+            extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
+            fsync_files(dest / e["path"] for e in entries)
+            keys = write_keys(dest, plan)
+            manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
+            write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
+            _finish(root, version, src, fingerprint)
+            return dest
     except BaseException:
         # Finished spools and shards stay for a rerun to reuse; folders this run made and left empty go.
         for p in reversed(created):
@@ -1232,51 +1265,6 @@ def _exclusive(work: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _stage_locked(
-    src: imagenet.ImageNetSource, source_path: str | os.PathLike[str], root: Path, work: Path, dest: Path,
-    version: str, base: BaseVersion | None, fingerprint: dict[str, Any], params: StageParams,
-    map_units: Mapper | None, map_shards: Mapper | None, log: Callable[..., None], progress: Progress | None,
-    workers: int, processes: bool,
-) -> Path:
-    """The body of `stage`, run while it holds the lock on the source's work folder."""
-    # Only this run's folders (it holds their lock); elsewhere under the root only what is clearly stale
-    # (LATEST and fingerprint caches are rewritten in a blink by whichever run finishes).
-    removed = (remove_stale_temporaries(work) + remove_stale_temporaries(dest)
-               + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
-               + remove_stale_temporaries(root / WORK / "fingerprints", older_than_s=3600))
-    if removed:
-        log(f"removed {removed} partial files left by an interrupted run")
-    units = _unit_args(src, work, params, base)
-    log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
-        f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
-        f"{max(1, workers)} worker(s)")
-    with unit_runner(workers, processes) as run_unit:
-        tracker = _Tracker("units", len(units), log, progress)
-        # Largest units first, so that no big one is left running alone at the end; results in unit order.
-        order = sorted(range(len(units)), key=lambda i: -_unit_images(units[i][0]))
-        done_units = (map_units or thread_map(workers))(_Counted(run_unit, tracker), [units[i] for i in order])
-        results = [r for _, r in sorted(zip(order, done_units), key=lambda pair: pair[0])]
-    if base is not None and src.kind == "archives":
-        _check_base_seen(results, base)
-    plan = plan_dataset(results, src.classes, params, base)
-    log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
-        f"{len(plan.shards)} shards to write")
-    inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
-    tracker = _Tracker("shards", len(plan.shards), log, progress)
-    # Largest shards first (full-size tiers), for the same reason as the units; entries in plan order.
-    order = sorted(range(len(plan.shards)), key=lambda i: -_shard_bytes(plan, plan.shards[i]))
-    written = (map_shards or thread_map(workers))(
-        _Counted(write_shard, tracker), [(plan, plan.shards[i], work, dest) for i in order])
-    entries = [e for _, e in sorted(zip(order, written), key=lambda pair: pair[0])]
-    extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
-    fsync_files(dest / e["path"] for e in entries)
-    keys = write_keys(dest, plan)
-    manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
-    write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
-    _finish(root, version, src, fingerprint)
-    return dest
 
 
 def _finish(root: Path, version: str, src: imagenet.ImageNetSource, fingerprint: dict[str, Any]) -> None:
