@@ -35,6 +35,6 @@ def demo(
         str(layout.demo_archives), str(layout.datasets), tiers=list(DEMO_TIERS), shard_size=64, minival=0.2,
         seed=seed, max_bad_fraction=0.05,  # the demo plants one undecodable file among a few hundred
     )
-    overrides = {"schedule": {"epochs": epochs}} if epochs else None
+    overrides = {"schedule": {"epochs": epochs}} if epochs is not None else None
     return train_family(list(family), recipe="demo", dataset_dir=dataset, data_dir=str(layout.root),
                         overrides=overrides)

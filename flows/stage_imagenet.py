@@ -1,15 +1,19 @@
 """Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
 
 Only sequencing lives here; `pipelines.staging.stage` does the work and calls back into this flow to run its
-units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. At most
-`workers` unit tasks decode at once, on their own threads or, with `processes`, each handing its unit to one of
-`workers` processes (see `pipelines.staging.unit_runner`). A finished version is detected from its manifest and returned at once; a source that
-grew is staged as a new version on top of the latest one (`base_version`).
+units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. Exactly
+`workers` unit tasks run (and decode) at once, on their own threads or, with `processes`, each handing its unit
+to one of `workers` processes (see `pipelines.staging.unit_runner`); the first unit or shard that fails (bad
+input at once, anything else after its retries) ends the run, and no task is started after it. A finished
+version is detected from its manifest and returned at once; a source that grew is staged as a new version on top
+of the latest one (`base_version`).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, task
@@ -51,12 +55,28 @@ def stage_shard(step: Callable[..., dict], args: tuple) -> dict:
     return _run_step(step, args)
 
 
-def _task_mapper(t: Any, name: Callable[[tuple], str]) -> staging.Mapper:
-    """A mapper that submits one task per argument tuple and returns the results in order."""
+def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> staging.Mapper:
+    """A mapper that submits one task per argument tuple, `window` at a time, and returns the results in order.
+
+    Tasks are submitted as others finish rather than all at once: what runs is what the window says (no task
+    sits in Running while it waits for a slot), and the first failure, whichever task it is, ends the map with
+    nothing more submitted: only the tasks already running finish.
+    """
 
     def run(step: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
-        futures = [t.with_options(task_run_name=name(a)).submit(quote(step), quote(a)) for a in args]
-        return [f.result() for f in futures]
+        results: list[Any] = [None] * len(args)
+        queue = iter(enumerate(args))
+        running: dict[Any, tuple[int, Any]] = {}  # the task's concurrent future -> (index, Prefect future)
+        while True:
+            for i, a in itertools.islice(queue, window - len(running)):
+                future = t.with_options(task_run_name=name(a)).submit(quote(step), quote(a))
+                running[future.wrapped_future] = (i, future)
+            if not running:
+                return results
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for finished in done:
+                i, future = running.pop(finished)
+                results[i] = future.result()  # raises the task's error
 
     return run
 
@@ -65,44 +85,51 @@ def stage_params(
     tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000, seed: int = 0,
     jpeg_quality: int = 90, max_bad_fraction: float = 0.01, formats: list[str] | None = None,
 ) -> staging.StageParams:
-    """The flow's parameters as StageParams: `minival` >= 1 is a number of images, below 1 a fraction."""
+    """The flow's parameters as StageParams: `minival` >= 1 is a whole number of images, below 1 a fraction.
+    Only None means a default (an empty `tiers` is an error, not the default tiers)."""
     return staging.StageParams(
-        tiers=tuple(tiers) if tiers else staging.StageParams().tiers, shard_size=shard_size,
-        minival=int(minival) if minival >= 1 else float(minival), seed=seed, jpeg_quality=jpeg_quality,
+        tiers=staging.StageParams().tiers if tiers is None else tuple(tiers), shard_size=shard_size,
+        minival=staging.minival_value(minival), seed=seed, jpeg_quality=jpeg_quality,
         max_bad_fraction=max_bad_fraction, formats=tuple(formats or ()),
     )
 
 
-# Threads only wait (on unit processes, or on disk for shards): a few more than the cores keep both busy.
-@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=2 * staging.available_cores()),
+# The mappers bound what runs at once (units: `workers`, shards: `_SHARD_TASKS`); the runner only needs enough
+# threads for the larger of the two windows.
+_SHARD_TASKS = 2 * staging.available_cores()  # shard tasks wait on disk: a few more than the cores keep it busy
+
+
+@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(staging.MAX_WORKERS, _SHARD_TASKS)),
       log_prints=True)
 def stage_imagenet(
     source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
     seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = staging.AUTO,
     workers: int | None = None, progress_bar: bool = False, formats: list[str] | None = None,
-    processes: bool = False,
+    processes: bool = False, min_train_per_class: int = staging.MIN_TRAIN_PER_CLASS,
 ) -> str:
     """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
 
-    `minival` >= 1 is a number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it is
-    a fraction of each class. `base_version`: "auto" stages images added since the latest version as a new
+    `minival` >= 1 is a whole number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it
+    is a fraction of each class. A minival that leaves a class fewer than `min_train_per_class` train images is
+    refused (0 allows it). `base_version`: "auto" stages images added since the latest version as a new
     version on top of it (same minival, its shards reused); a version name grows that one; null stages in
-    full. `workers`: units decoded at once (default: all cores); `processes`: in worker processes rather than
-    threads (for many cores). `progress_bar`: draw a tqdm bar on stderr (the
+    full. `workers`: units decoded at once (default, null: all cores); `processes`: in worker processes rather
+    than threads (for many cores). `progress_bar`: draw a tqdm bar on stderr (the
     CLI sets it on a terminal). `formats`: extra files beside the shards ("ffcv" .beton per tier and
     split, "dali" shard indexes). Returns the dataset version directory. Rerunning reuses everything finished.
     """
     logger = get_run_logger()
-    workers = workers or staging.available_cores()
     t0 = time.time()
     try:
+        workers = staging.resolve_workers(workers)
         dest = staging.stage(
             source, out,
             stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction, formats),
-            map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1])),
-            map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}"),
+            map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1]), workers),
+            map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}",
+                                    _SHARD_TASKS),
             log=logger.info, progress=staging.progress_bar() if progress_bar else None, workers=workers,
-            base_version=base_version, processes=processes,
+            base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
         )
     except BAD_INPUT as exc:
         # Bad input: a failed run with a one-line reason (the exception is raised to a direct caller), not a

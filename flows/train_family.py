@@ -1,7 +1,8 @@
 """Prefect flow `train-family`: one Ray Train job per variant, then a side-by-side summary from MLflow.
 
 Deployments of this flow (`train-family/b0-b7`, `train-family/v2-s-m-l`, `train-family/demo`) are declared in
-`flows/deployments.py`. Variants run one after another: each job already spreads over the whole Ray cluster.
+`flows/deployments.py`. Every variant, the recipe, the dataset and the cluster's resources are checked before the
+first job starts; then variants run one after another (each job already spreads over the whole Ray cluster).
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
 
-from pipelines.staging import latest_version
+from pipelines import cluster
 from pipelines.config import Recipe, load_recipe, parse_family_member
 from pipelines.settings import data_layout
-from pipelines.train import TrainResult, run_training
+from pipelines.staging import StagingError, latest_version
+from pipelines.train import TrainResult, run_training, validate_job
+
+# Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
+# fit the job.
+BAD_INPUT = (ValueError, FileNotFoundError, StagingError)
+FLOW_RUN_TAG = "prefect_flow_run_id"  # on each MLflow run: the flow run that trained it (the last one, if resumed)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{variant}")
 def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str | None) -> dict:
     """One job; on a crash the next run of the flow resumes it (see `run_training`)."""
-    tuned = recipe.with_overrides(model=parse_family_member(variant))
-    result: TrainResult = run_training(tuned, dataset_dir, data_layout(data_dir))
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    result: TrainResult = run_training(recipe, dataset_dir, data_layout(data_dir), progress=logger.info,
+                                       tags={FLOW_RUN_TAG: str(flow_run.id)})
     return asdict(result)
 
 
@@ -37,6 +48,28 @@ def format_summary(rows: list[dict]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
 
 
+def plan_family(
+    variants: list[str], recipe: str, dataset_dir: str | None, data_dir: str | None, overrides: dict | None,
+) -> tuple[Path, list[tuple[str, Recipe]]]:
+    """Every member's recipe, checked (variant, recipe, overrides, dataset), before anything trains.
+
+    Raises ValueError / FileNotFoundError naming the first problem.
+    """
+    if not variants:
+        raise ValueError("no variants given")
+    layout = data_layout(data_dir)
+    base = load_recipe(recipe)
+    if overrides:
+        base = base.with_overrides(**overrides)
+    dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
+    jobs = []
+    for variant in variants:
+        tuned = base.with_overrides(model=parse_family_member(variant))
+        validate_job(tuned, dataset)
+        jobs.append((variant, tuned))
+    return dataset, jobs
+
+
 @flow(name="train-family", log_prints=True)
 def train_family(
     variants: list[str], recipe: str = "v1", dataset_dir: str | None = None, data_dir: str | None = None,
@@ -44,17 +77,25 @@ def train_family(
 ) -> list[dict]:
     """Train each variant with one recipe on one staged dataset version (default: the latest staged one).
 
-    `overrides` maps recipe sections to fields, e.g. {"schedule": {"epochs": 3}}.
+    `recipe` is a recipe name (v1, v2-progressive, demo, ...) or a path to a recipe YAML file; `overrides` maps
+    recipe sections to fields, e.g. {"schedule": {"epochs": 3}}.
     """
     logger = get_run_logger()
     layout = data_layout(data_dir)
-    base = load_recipe(recipe)
-    if overrides:
-        base = base.with_overrides(**overrides)
-    dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
+    try:
+        dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides)
+        cluster.connect(layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
+        for _, tuned in jobs:
+            cluster.check_fits(tuned)
+    except BAD_INPUT as exc:
+        # Bad input: one line in the run's log and a Failed run with that message, no traceback (a direct
+        # caller, such as `effnet family`, gets the exception raised).
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
+    logger.info("training %d variant(s) on %s: %s", len(jobs), dataset.name, ", ".join(v for v, _ in jobs))
     rows = []
-    for variant in variants:
-        rows.append(train_variant(variant, base, str(dataset), data_dir))
+    for variant, tuned in jobs:
+        rows.append(train_variant(variant, tuned, str(dataset), data_dir))
         logger.info("%s: val top-1 %.2f (model %s v%s)", variant, rows[-1]["val_top1"],
                     rows[-1]["registered_model"], rows[-1]["version"])
     print("\n" + format_summary(rows))

@@ -8,8 +8,10 @@ import os
 import sys
 from typing import Sequence
 
-from pipelines.settings import DATA_DIR_ENV, data_layout
-from pipelines.staging import StagingError
+from pipelines.settings import DATA_DIR_ENV, StackError, data_layout
+from pipelines.staging import MIN_TRAIN_PER_CLASS, StagingError
+
+RECIPE_HELP = "a recipe name (v1, v2-progressive, demo, demo-progressive) or the path to a recipe YAML file"
 
 
 def _prefect_home(data_dir: str | None) -> None:
@@ -42,23 +44,28 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from flows.stage_imagenet import stage_imagenet, stage_params
     from pipelines import staging
 
-    try:
-        minival = float(args.minival)
-    except ValueError:
-        raise ValueError(f"--minival must be a number of images or a fraction < 1, got {args.minival!r}") from None
-    knobs = dict(tiers=args.tiers, shard_size=args.shard_size, minival=minival, seed=args.seed,
-                 jpeg_quality=args.jpeg_quality, max_bad_fraction=args.max_bad_fraction, formats=args.formats)
-    # Checks the parameters and the source (a bad path or archive fails here, in one line) and returns a
+    def whole(x: float | int | None) -> float | int | None:
+        # Numbers are parsed as floats, so that inf, nan and 1.5 reach staging's checks (one line each) rather
+        # than argparse's usage message; whole ones go on as ints, for the flow's typed parameters.
+        return int(x) if isinstance(x, float) and x.is_integer() else x
+
+    knobs = dict(tiers=[whole(t) for t in args.tiers] if args.tiers is not None else None,
+                 shard_size=whole(args.shard_size), minival=args.minival, seed=whole(args.seed),
+                 jpeg_quality=whole(args.jpeg_quality), max_bad_fraction=args.max_bad_fraction, formats=args.formats)
+    workers = staging.resolve_workers(whole(args.workers))
+    floor = 0 if args.allow_small_train else staging.whole_number("--min-train-per-class",
+                                                                  whole(args.min_train_per_class), 0)
+    # Checks the parameters, the source and the output folder (each fails here, in one line) and returns a
     # finished version at once, without starting Prefect.
     base_version = None if args.full else args.base_version
-    done = staging.find_finished(args.source, args.out, stage_params(**knobs), base_version)
+    done = staging.find_finished(args.source, args.out, stage_params(**knobs), base_version, floor)
     if done is not None:
         print(f"already staged: {done.name}", file=sys.stderr)
         staging.mark_latest(done.parent, done.name)
         print(done)
         return 0
-    dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=args.workers,
-                          progress_bar=progress, processes=args.processes)
+    dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=workers,
+                          progress_bar=progress, processes=args.processes, min_train_per_class=floor)
     print(dest)
     return 0
 
@@ -71,13 +78,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     sections: dict = {}
     if args.variant:
         sections["model"] = parse_family_member(args.variant)
-    if args.epochs:
+    # `is not None`: an explicit 0 is checked by the recipe schema (and refused), never silently ignored.
+    if args.epochs is not None:
         sections["schedule"] = {"epochs": args.epochs}
-    if args.workers:
+    if args.workers is not None:
         sections["ray"] = {"num_workers": args.workers}
     recipe = recipe.with_overrides(**sections) if sections else recipe
     validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
-    result = run_training(recipe, args.data, data_layout(args.data_dir))
+    result = run_training(recipe, args.data, data_layout(args.data_dir),
+                          progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result.__dict__, indent=1))
     return 0
 
@@ -86,7 +95,7 @@ def cmd_family(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
     from flows.train_family import train_family
 
-    overrides = {"schedule": {"epochs": args.epochs}} if args.epochs else None
+    overrides = {"schedule": {"epochs": args.epochs}} if args.epochs is not None else None
     train_family(args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir,
                  overrides=overrides)
     return 0
@@ -98,13 +107,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     layout = data_layout(args.data_dir)
     demo(data_dir=str(layout.root), epochs=args.epochs)
+    if layout.stack is not None:
+        ui = (f"The runs and models are on the stack's MLflow server: {layout.stack.mlflow_tracking_uri} "
+              "(experiment 'efficientnet-family', Models tab for the registry).")
+    else:
+        ui = (f"Open the MLflow UI with:\n"
+              f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
+              f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
+              f"then browse http://127.0.0.1:5000 (experiment 'efficientnet-family', Models tab for the registry).")
     print(f"\nResults are in {layout.root}:\n"
           f"  demo archives   {layout.demo_archives}\n  staged shards   {layout.datasets}\n"
-          f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n"
-          f"Open the MLflow UI with:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
-          f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
-          f"then browse http://127.0.0.1:5000 (experiment 'efficientnet-family', Models tab for the registry).")
+          f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n{ui}")
     return 0
 
 
@@ -113,6 +126,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_all
 
     serve_all(args.deployments or None)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.staging import check_version, read_manifest, version_files
+
+    check_version(args.version, checksums=not args.sizes_only)
+    files = version_files(read_manifest(args.version))
+    what = "sizes" if args.sizes_only else "sizes and sha256"
+    print(f"{args.version}: {len(files)} files, {sum(f.get('bytes', 0) for f in files):,} bytes, {what} as in "
+          "the manifest")
     return 0
 
 
@@ -141,11 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stage", help="stage ILSVRC2012 (archives, tree or Kaggle layout) into shards")
     s.add_argument("--source", required=True)
     s.add_argument("--out", required=True, help="datasets root; the version goes in a sub-folder")
-    s.add_argument("--tiers", type=int, nargs="+", default=None)
-    s.add_argument("--shard-size", type=int, default=1024)
-    s.add_argument("--minival", default="25000", help="images held out of train, or a fraction < 1")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--jpeg-quality", type=int, default=90)
+    # Numbers as floats: staging checks them (whole numbers, ranges, inf and nan) and says what is wrong in a line.
+    s.add_argument("--tiers", type=float, nargs="+", default=None, help="shorter sides in px (default 128 256 512)")
+    s.add_argument("--shard-size", type=float, default=1024)
+    s.add_argument("--minival", type=float, default=25000,
+                   help="images held out of train (a whole number), or a fraction < 1 of each class")
+    small = s.add_mutually_exclusive_group()
+    small.add_argument("--min-train-per-class", type=float, default=MIN_TRAIN_PER_CLASS,
+                       help="refuse a minival that leaves a class fewer train images (default %(default)s)")
+    small.add_argument("--allow-small-train", action="store_true",
+                       help="stage even if the minival leaves a class fewer than --min-train-per-class images")
+    s.add_argument("--seed", type=float, default=0)
+    s.add_argument("--jpeg-quality", type=float, default=90)
     s.add_argument("--max-bad-fraction", type=float, default=0.01)
     s.add_argument("--formats", nargs="*", default=[], choices=["ffcv", "dali"],
                    help="extra files beside the WebDataset shards: FFCV .beton per tier, DALI shard indexes "
@@ -154,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     growth.add_argument("--base-version", default="auto",
                         help="version to add new images to: 'auto' (the latest one the source grew from) or a name")
     growth.add_argument("--full", action="store_true", help="stage every image afresh, not on top of a version")
-    s.add_argument("--workers", type=int, default=None, help="images decoded at once (default: all cores)")
+    s.add_argument("--workers", type=float, default=None, help="units (classes, val chunks) decoded at once "
+                   "(default: all cores)")
     s.add_argument("--processes", action="store_true",
                    help="decode in worker processes rather than threads (scales further on many cores)")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -163,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train one variant on Ray, early-stop on minival, register in MLflow")
     s.add_argument("--variant", help="e.g. efficientnet_b0, or phi=-3 for B0 compound-scaled")
-    s.add_argument("--recipe", default="v1")
+    s.add_argument("--recipe", default="v1", help=RECIPE_HELP)
     s.add_argument("--data", required=True, help="a staged dataset version directory")
     s.add_argument("--epochs", type=int)
     s.add_argument("--workers", type=int)
@@ -171,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("family", help="train several variants (the train-family flow)")
     s.add_argument("variants", nargs="+")
-    s.add_argument("--recipe", default="v1")
+    s.add_argument("--recipe", default="v1", help=RECIPE_HELP)
     s.add_argument("--data", default=None, help="dataset version directory (default: latest staged)")
     s.add_argument("--epochs", type=int)
     s.set_defaults(fn=cmd_family)
@@ -184,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("deployments", nargs="*", help="flow/name of those to serve (default: all)")
     s.set_defaults(fn=cmd_serve)
 
+    s = sub.add_parser("verify", help="check a staged version's files against its manifest (sizes and checksums)")
+    s.add_argument("version", help="a staged dataset version directory")
+    s.add_argument("--sizes-only", action="store_true", help="only check that every file exists with its size "
+                   "(what every training job checks before it starts)")
+    s.set_defaults(fn=cmd_verify)
+
     s = sub.add_parser("models", help="print the family table")
     s.add_argument("names", nargs="*")
     s.add_argument("--json", action="store_true")
@@ -191,11 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# Commands that start servers of their own (a temporary Prefect server, a local Ray instance).
+STARTS_SERVERS = ("stage", "train", "family", "demo")
+
+
+def main(argv: Sequence[str] | None = None, watch: bool | None = None) -> int:
+    """The `effnet` command. `watch` (default: when run as the program, not called from Python) starts the
+    watchdog that stops the servers a command started if the command is killed."""
     args = build_parser().parse_args(argv)
+    if (argv is None if watch is None else watch) and args.command in STARTS_SERVERS:
+        from pipelines import watchdog
+
+        watchdog.start()
     try:
+        # Before Prefect, MLflow or Ray is imported: a stack started on this data directory is used by every
+        # command (its servers, its Ray head); without one, local stores and a local Ray on 127.0.0.1.
+        data_layout(args.data_dir).use_stack(check=args.command not in ("models", "demo-data", "verify"))
         return args.fn(args)
-    except (ValueError, FileNotFoundError, StagingError) as exc:
+    except (ValueError, FileNotFoundError, StagingError, StackError) as exc:
         # Bad input: one clear line naming the problem, non-zero exit, no traceback.
         print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

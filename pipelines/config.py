@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
+class RecipeError(ValueError):
+    """A recipe that does not exist or does not validate."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,11 +152,10 @@ class Recipe(_Strict):
                 data[section] = {**data[section], **values}
             else:
                 data[section] = values
-        return Recipe.model_validate(data)
-
-
-class RecipeError(ValueError):
-    """A recipe that does not exist or does not validate."""
+        try:
+            return Recipe.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"invalid recipe {self.name!r} after overrides: {describe_errors(exc)}") from None
 
 
 def list_recipes() -> list[str]:
@@ -176,7 +179,17 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{path}: invalid recipe:\n{exc}") from None
+        raise RecipeError(f"{path}: invalid recipe: {describe_errors(exc)}") from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One clause per problem: the key path, what was given, what is allowed."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        given = f" (given {err['input']!r})" if err["loc"] and err["type"] != "missing" and "input" in err else ""
+        parts.append(f"{where}{given}: {err['msg']}")
+    return "; ".join(parts)
 
 
 def parse_family_member(member: str) -> dict[str, Any]:

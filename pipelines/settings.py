@@ -6,11 +6,60 @@ it to a bigger disk: the generated archives, the staged shards, the MLflow store
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.request
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 DATA_DIR_ENV = "EFFNET_DATA_DIR"
+STACK_FILE = "stack.json"  # written by infra/local-stack.sh start, removed by stop
+# Ray's switch for a single-machine cluster: its node address becomes 127.0.0.1 and every Ray server binds
+# loopback only (otherwise Ray swaps 127.0.0.1 for the host's address and listens on all interfaces).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class StackError(RuntimeError):
+    """The data directory names a stack that does not answer."""
+
+
+class StackSettings(BaseModel):
+    """Where the local stack's servers listen: one file under the data directory, read by every command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefect_api_url: str
+    mlflow_tracking_uri: str
+    ray_address: str
+    ray_dashboard_url: str
+    ray_auth_mode: str = "token"
+
+    def environment(self) -> dict[str, str]:
+        """The variables the libraries' own clients read (Prefect, MLflow, Ray auth)."""
+        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+                "RAY_AUTH_MODE": self.ray_auth_mode}
+
+    def unreachable(self, timeout: float = 3.0) -> list[str]:
+        """The stack's HTTP services that do not answer their health check."""
+        checks = {"Prefect": f"{self.prefect_api_url}/health", "MLflow": f"{self.mlflow_tracking_uri}/health"}
+        down = []
+        for name, url in checks.items():
+            try:
+                with urllib.request.urlopen(url, timeout=timeout):  # noqa: S310 (http on loopback, from our file)
+                    pass
+            except OSError:
+                down.append(f"{name} ({url})")
+        return down
+
+
+def is_loopback_address(address: str | None) -> bool:
+    """A Ray address on this machine only (None: a local instance that this process starts)."""
+    if address is None or address == "local":
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 # The checkout root: pipelines/ sits directly under it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,14 +95,59 @@ class DataLayout:
         return self.root / "logs"
 
     @property
+    def stack_file(self) -> Path:
+        return self.root / STACK_FILE
+
+    @cached_property
+    def stack(self) -> StackSettings | None:
+        """The local stack's settings when it was started on this data directory, else None."""
+        try:
+            text = self.stack_file.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return StackSettings.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as exc:
+            raise StackError(f"{self.stack_file}: not a stack settings file ({exc.__class__.__name__}); "
+                             "restart the stack or remove the file") from None
+
+    @property
     def tracking_uri(self) -> str:
-        """MLflow's own MLFLOW_TRACKING_URI when set (a shared server), else the SQLite store in here."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+        """MLflow's own MLFLOW_TRACKING_URI when set (a shared server), else the stack's server, else the
+        SQLite store in here (the same database the stack's server uses)."""
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return self.stack.mlflow_tracking_uri if self.stack else f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def ray_address(self) -> str | None:
+        """The Ray cluster to join: $RAY_ADDRESS, else the stack's head, else None (start a local instance)."""
+        return os.environ.get("RAY_ADDRESS") or (self.stack.ray_address if self.stack else None)
 
     @property
     def artifact_root(self) -> str | None:
-        """Where new experiments keep artifacts: here for the local store; a server decides for itself."""
+        """Where new experiments keep artifacts: here, for the local store; a remote server decides for itself
+        (the local stack's server also puts them here)."""
         return self.mlflow_artifacts.as_uri() if self.tracking_uri.startswith("sqlite:") else None
+
+    def use_stack(self, check: bool = True) -> StackSettings | None:
+        """Point this process's Prefect, MLflow and Ray clients at the stack, when one was started here.
+
+        Variables the caller set win. With `check`, a stack that does not answer is an error (it was stopped
+        without `infra/local-stack.sh stop`, or died): silently falling back to local servers would split the
+        run history between two Prefect databases.
+        """
+        stack = self.stack
+        if stack is not None:
+            if check and (down := stack.unreachable()):
+                raise StackError(
+                    f"the local stack recorded in {self.stack_file} does not answer: {', '.join(down)}; "
+                    "start it (infra/local-stack.sh start) or clear it (infra/local-stack.sh stop)")
+            for key, value in stack.environment().items():
+                os.environ.setdefault(key, value)
+        if is_loopback_address(self.ray_address):
+            os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
+        return stack
 
     def ensure(self) -> "DataLayout":
         for p in (self.root, self.datasets, self.mlflow_db.parent, self.mlflow_artifacts, self.ray_storage, self.logs):

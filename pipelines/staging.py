@@ -19,6 +19,9 @@ A source that grew since an earlier version is staged incrementally: the new ver
 stays), and decodes only the images the base does not hold. `keys.json.gz` in each version lists its images,
 so the next version knows what is new without reading shards.
 
+Each work folder notes (`work.json`) the source path and inputs its spools are for and the versions it backs, so
+that a run can remove what a failed run left and no run will reuse (`remove_orphans`).
+
 The flow in `flows/stage_imagenet.py` only sequences these functions.
 """
 
@@ -32,6 +35,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -39,7 +43,7 @@ import tarfile
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -59,12 +63,22 @@ MANIFEST = "manifest.json"
 KEYS = "keys.json.gz"  # in each version: every image key by split (with its WNID) and the bad files' keys
 LATEST = "LATEST"  # under a datasets root: the name of the most recently staged version
 WORK = "work"  # under a datasets root: spools and caches, never a version
+WORK_META = "work.json"  # in each work folder: the source path and inputs of its spools, the versions it backs
+FINGERPRINTS = "fingerprints"  # under WORK: archive fingerprints remembered by finished runs
 MANIFEST_FORMAT = 1
 # Bump when encode_tiers' output bytes change for the same input: spools and versions of older code are redone.
 # 2: resized by torch's antialiased bilinear kernel (PIL's filter, values within 1 of PIL's).
 # 3: resized by supersampling (`resize`) and encoded by OpenCV's libjpeg-turbo.
-ENCODING = 3
+# 4: EXIF orientation applied at decode (an image carrying the tag is re-encoded upright at every tier, never kept);
+#    16-bit samples scaled to 8 bits (value * 255 / 65535) instead of clipped; bad-file reasons without addresses.
+ENCODING = 4
 AUTO = "auto"  # base_version: the latest compatible version under the datasets root, if the source grew from it
+# The fewest train images a minival may leave a class it takes from: below this a class is barely learnt and its
+# minival images say little. ImageNet keeps >= 707 per class with the default minival; the tests' tiny demo 8.
+# `min_train_per_class=0` (`effnet stage --allow-small-train`) turns the check off.
+MIN_TRAIN_PER_CLASS = 5
+# More unit workers than any host has cores; a typo (--workers 10000) would otherwise start that many processes.
+MAX_WORKERS = 512
 
 
 class StagingError(RuntimeError):
@@ -94,29 +108,79 @@ class StageParams:
     ffcv_jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        if not self.tiers or any(int(t) < 16 for t in self.tiers):
+        # Every number is checked here, once, whoever passes it (CLI, flow, Python): one line for inf, nan, a
+        # fraction where a count belongs or a value out of range, instead of a failure deep in a run.
+        tiers = self.tiers if isinstance(self.tiers, (tuple, list)) else ()
+        if not tiers:
             raise ValueError(f"tiers must be a non-empty list of sizes >= 16 px, got {self.tiers!r}")
-        object.__setattr__(self, "tiers", tuple(sorted({int(t) for t in self.tiers})))
-        if self.shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
-        if isinstance(self.minival, float) and not 0 <= self.minival < 1:
-            raise ValueError(f"minival as a fraction must be in [0, 1), got {self.minival}")
-        if isinstance(self.minival, int) and self.minival < 0:
-            raise ValueError(f"minival must be >= 0 images, got {self.minival}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.val_chunk < 1:
-            raise ValueError(f"val_chunk must be >= 1, got {self.val_chunk}")
+        object.__setattr__(self, "tiers", tuple(sorted({whole_number("tiers", t, 16) for t in tiers})))
+        object.__setattr__(self, "shard_size", whole_number("shard_size", self.shard_size, 1))
+        object.__setattr__(self, "minival", _checked_minival(self.minival))
+        object.__setattr__(self, "seed", whole_number("seed", self.seed, 0))
+        object.__setattr__(self, "jpeg_quality", whole_number("jpeg_quality", self.jpeg_quality, 1, 100))
+        object.__setattr__(self, "max_bad_fraction", fraction("max_bad_fraction", self.max_bad_fraction))
+        object.__setattr__(self, "val_chunk", whole_number("val_chunk", self.val_chunk, 1))
         object.__setattr__(self, "formats", tuple(self.formats))
         unknown = set(self.formats) - set(EXTRA_FORMATS)
         if unknown:
             raise ValueError(f"unknown formats {sorted(unknown)}; known: {sorted(EXTRA_FORMATS)}")
         if self.ffcv_write_mode not in ("jpg", "raw", "proportion"):
             raise ValueError(f"ffcv_write_mode must be jpg, raw or proportion, got {self.ffcv_write_mode!r}")
-        if not 0 <= self.ffcv_compress_probability <= 1:
-            raise ValueError(f"ffcv_compress_probability must be in [0, 1], got {self.ffcv_compress_probability}")
+        object.__setattr__(self, "ffcv_compress_probability",
+                           fraction("ffcv_compress_probability", self.ffcv_compress_probability))
+        object.__setattr__(self, "ffcv_jpeg_quality", whole_number("ffcv_jpeg_quality", self.ffcv_jpeg_quality, 1, 100))
+
+
+# --------------------------------------------------------------------------------------------- checked numbers
+
+
+def whole_number(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]: an int, or a float without a fraction (JSON, YAML and the CLI give
+    floats); ValueError (one line naming `name`) for anything else, inf and nan included."""
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer())
+    if integral and not isinstance(value, bool) and low <= value and (high is None or value <= high):
+        return int(value)
+    bounds = f">= {low}" if high is None else f"in {low}..{high}"
+    raise ValueError(f"{name} must be a whole number {bounds}, got {value!r}")
+
+
+def fraction(name: str, value: Any) -> float:
+    """`value` as a float in [0, 1]; ValueError (one line naming `name`) for anything else, nan included."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _checked_minival(value: Any) -> int | float:
+    """StageParams' minival: an int is a number of images, a float a fraction in [0, 1) (see `minival_value`)."""
+    if isinstance(value, float) and not 0 <= value < 1:
+        raise ValueError(f"minival as a fraction must be in [0, 1) (a number of images is an int), got {value!r}")
+    if isinstance(value, float):
+        return value
+    return whole_number("minival (a number of images)", value, 0)
+
+
+def minival_value(value: Any) -> int | float:
+    """A minival as the flow and the CLI take it, for StageParams: below 1 a fraction of each class, from 1 a
+    whole number of images (1.5 is an error, not 1); inf, nan and negative values are errors."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            math.isfinite(value) and value >= 0):
+        raise ValueError(f"minival must be a number of images (>= 1) or a fraction of each class (< 1), "
+                         f"got {value!r}")
+    if value < 1:
+        return float(value)
+    if not float(value).is_integer():
+        raise ValueError(f"minival {value!r} is neither a fraction < 1 nor a whole number of images")
+    return int(value)
+
+
+def resolve_workers(workers: Any) -> int:
+    """Units decoded at once: None is every core; anything else a whole number in 1..MAX_WORKERS (0 is an
+    error, not "the default")."""
+    if workers is None:
+        return available_cores()
+    return whole_number("workers", workers, 1, MAX_WORKERS)
 
 
 # Writers of extra formats, run after the shards and before the manifest, as "module:function" so that
@@ -143,48 +207,134 @@ class BadImage(ValueError):
     """An image that does not decode; the message is the reason recorded in the manifest."""
 
 
-def _decode(
-    data: bytes, sizes_needed: Callable[[int, int], list[tuple[int, int]]]
-) -> tuple[np.ndarray, bool, tuple[int, int]]:
-    """(BGR pixels (H, W, 3) uint8, original bytes storable as is, full size (w, h)).
+def _decode(data: bytes, tiers: Sequence[int]) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """(upright BGR pixels (H, W, 3) uint8, original bytes storable as is, upright full size (w, h)).
 
-    `sizes_needed(w, h)` lists the sizes that need pixels; JPEGs are decoded at the smallest DCT scale that
-    still covers them. The whole file is decoded at any scale (every entropy-coded byte is read), so a
-    truncated or corrupt file fails here, not in a training job.
+    JPEGs are decoded at the smallest DCT scale that still covers every tier that needs pixels. The whole file
+    is decoded at any scale (every entropy-coded byte is read), so a truncated or corrupt file fails here, not in
+    a training job.
 
     RGB JPEGs (nearly all of ImageNet) are decoded by OpenCV's libjpeg-turbo straight into the BGR array its
-    resizer and encoder take (PIL's decode plus the copy out of PIL cost 0.6 ms more per image); everything
-    else (PNG, CMYK, grayscale, palette, 16-bit...) goes through PIL and is converted to RGB.
+    resizer and encoder take (PIL's decode plus the copy out of PIL cost 0.6 ms more per image); 16-bit PNGs by
+    OpenCV at 16 bits; everything else (CMYK, grayscale, palette, 16-bit TIFF or PGM...) goes through PIL
+    (`_pil_pixels`). 16-bit samples become value * 255 / 65535, rounded (`_to_8_bits`), not PIL's clipping.
+
+    EXIF orientation is applied here, once, as PIL's `ImageOps.exif_transpose` applies it (the EXIF tag, else
+    XMP's tiff:Orientation), and no tier carries the tag: decoders that honour it (exif_transpose, OpenCV's
+    default IMREAD_COLOR) and decoders that do not then see the same pixels. So an image that carries the tag at
+    all is never kept as its original bytes.
     """
     if not data:
         raise BadImage("empty file")
     cv2 = _cv2()
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-        fmt, mode, full = img.format, img.mode, img.size
+        fmt, mode, stored = img.format, img.mode, img.size
+        orientation = _orientation(img)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise BadImage(f"does not decode: {type(exc).__name__}: {exc}") from None
-    if full[0] < 1 or full[1] < 1:
+        raise BadImage(f"does not decode: {_describe(exc)}") from None
+    if stored[0] < 1 or stored[1] < 1:
         raise BadImage("zero-sized image")
-    passthrough = fmt == "JPEG" and mode == "RGB"
-    if passthrough:
-        needed = sizes_needed(*full)
+    rgb_jpeg = fmt == "JPEG" and mode == "RGB"
+    keep = rgb_jpeg and orientation is None
+    # IMREAD_IGNORE_ORIENTATION: OpenCV would rotate by the EXIF tag alone, not by XMP; `_upright` does both.
+    flags = cv2.IMREAD_IGNORE_ORIENTATION
+    if rgb_jpeg:
+        # Tier sizes are symmetric in (w, h), so the stored orientation needs the same scale as the upright one.
+        needed = [size for size in (tier_size(*stored, t) for t in tiers) if not (keep and size == stored)]
         # Nothing needs pixels when every tier keeps the original bytes: decode at 1/8 only to check the file.
-        scale = _dct_scale(full, needed) if needed else 8
-        # EXIF orientation is not applied: the stored original is not rotated either, and the tiers must agree.
-        reduced = cv2.IMREAD_COLOR if scale == 1 else getattr(cv2, f"IMREAD_REDUCED_COLOR_{scale}")
-        flags = reduced | cv2.IMREAD_IGNORE_ORIENTATION
+        scale = _dct_scale(stored, needed) if needed else 8
+        flags |= cv2.IMREAD_COLOR if scale == 1 else getattr(cv2, f"IMREAD_REDUCED_COLOR_{scale}")
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
         if pixels is None:  # OpenCV's decoder fails on a truncated or corrupt stream (PIL says why)
             raise BadImage(f"does not decode: {_pil_error(data)}")
-        return pixels, passthrough, full
+    elif fmt == "PNG" and data[_PNG_BIT_DEPTH] == 16:
+        # PIL reads 16-bit RGB(A) PNGs as 8-bit by their high bytes and clips 16-bit grey ones in convert("RGB").
+        wide = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+        if wide is None:
+            raise BadImage(f"does not decode: {_pil_error(data)}")
+        pixels = _to_8_bits(wide)
+    else:
+        pixels = _pil_pixels(img)
+    return _upright(pixels, orientation), keep, _upright_size(stored, orientation)
+
+
+_PNG_BIT_DEPTH = 24  # byte offset of the bit depth in a PNG: 8-byte signature, IHDR length, type, width, height
+_ORIENTATION = 0x0112  # the EXIF (TIFF) orientation tag
+# EXIF orientation -> the array operation on (H, W, C) pixels that is ImageOps.exif_transpose's Image.Transpose.
+_UPRIGHT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.transpose(1, 0, 2),  # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),  # ROTATE_270 (counter-clockwise, i.e. 90 degrees clockwise)
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),  # ROTATE_90
+}
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The orientation tag as exif_transpose reads it (EXIF, else XMP), or None when the image has none.
+
+    EXIF that PIL cannot parse counts as orientation 1: the image is re-encoded without it rather than kept, as
+    decoders may disagree on it.
+    """
+    try:
+        value = img.getexif().get(_ORIENTATION)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) or value is None else 1
+
+
+def _upright(pixels: np.ndarray, orientation: int | None) -> np.ndarray:
+    turn = _UPRIGHT.get(orientation) if orientation is not None else None
+    return pixels if turn is None else np.ascontiguousarray(turn(pixels))
+
+
+def _upright_size(size: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
+
+
+def _to_8_bits(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples as 8-bit ones: value * 255 / 65535, rounded (never a tie: 65535 / 255 = 257 is odd)."""
+    return ((samples.astype(np.uint32) * 255 + 65535 // 2) // 65535).astype(np.uint8)
+
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _pil_pixels(img: Image.Image) -> np.ndarray:
+    """BGR pixels of an image PIL decodes. CMYK, grayscale, palette, RGBA... become RGB by PIL's convert (FFCV and
+    the loaders need 3 channels); 16-bit grey (modes I;16*, and I, which is how PIL gives 16-bit PGMs) is scaled
+    by `_to_8_bits`; 32-bit samples outside 0..65535 and floating-point ones have no defined 8-bit scale."""
+    cv2 = _cv2()
     try:
         img.load()
+        if img.mode == "F":
+            raise BadImage("floating-point samples (PIL mode F) have no defined 8-bit scale")
+        if img.mode in _SIXTEEN_BIT or img.mode == "I":
+            samples = np.asarray(img)
+            if samples.min() < 0 or samples.max() > 65535:
+                raise BadImage("32-bit integer samples outside 0..65535 (PIL mode I) have no defined 8-bit scale")
+            return cv2.cvtColor(_to_8_bits(samples.astype(np.uint16)), cv2.COLOR_GRAY2BGR)
+        rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except BadImage:
+        raise
     except Exception as exc:
-        raise BadImage(f"does not decode: {type(exc).__name__}: {exc}") from None
-    # CMYK, grayscale, palette, RGBA, 16-bit... all become 3-channel RGB (FFCV and the loaders need it).
-    rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), passthrough, full
+        raise BadImage(f"does not decode: {_describe(exc)}") from None
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+# A Python object's repr with its memory address, as PIL names the BytesIO it could not read ("cannot identify
+# image file <_io.BytesIO object at 0x7f02e010bab0>"), and any other long hex address.
+_ADDRESS = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>|0x[0-9a-fA-F]{8,}")
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as a bad file's reason: its type and message without memory addresses, so that every run
+    writes the same manifest."""
+    text = _ADDRESS.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _dct_scale(full: tuple[int, int], needed: Sequence[tuple[int, int]]) -> int:
@@ -201,8 +351,8 @@ def _pil_error(data: bytes) -> str:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return "OpenCV's JPEG decoder rejected the stream"
+        return _describe(exc)
+    return "OpenCV's decoder rejected the stream"
 
 
 def tier_size(width: int, height: int, tier: int) -> tuple[int, int]:
@@ -214,29 +364,22 @@ def tier_size(width: int, height: int, tier: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def encode_tiers(
-    data: bytes, tiers: Sequence[int], quality: int, original_size: tuple[int, int] | None = None
-) -> dict[int, tuple[bytes, int, int]]:
-    """JPEG bytes (and size) of the image at each tier. Raises BadImage.
+def encode_tiers(data: bytes, tiers: Sequence[int], quality: int) -> dict[int, tuple[bytes, int, int]]:
+    """JPEG bytes (and size) of the upright image at each tier. Raises BadImage.
 
-    An RGB JPEG no larger than a tier is stored as it is (no second lossy pass; every such tier gets the same
-    bytes object); every other tier is resized with `resize`, from the smallest pixels already at hand that are
-    at least twice its size (an octave below a tier costs a 2x2 mean), and encoded by OpenCV's libjpeg-turbo
-    (a quarter faster than PIL's encoder on these sizes).
+    An RGB JPEG without an orientation tag no larger than a tier is stored as it is (no second lossy pass; every
+    such tier gets the same bytes object); every other tier is resized with `resize`, from the smallest pixels
+    already at hand that are at least twice its size (an octave below a tier costs a 2x2 mean), and encoded by
+    OpenCV's libjpeg-turbo (a quarter faster than PIL's encoder on these sizes), without metadata.
     """
     cv2 = _cv2()
     tiers = sorted(tiers, reverse=True)
-
-    def sizes_needed(w: int, h: int) -> list[tuple[int, int]]:
-        return [tier_size(w, h, t) for t in tiers if min(w, h) > t]
-
-    decoded, passthrough, full = _decode(data, sizes_needed)
-    full = original_size or full
+    decoded, keep, full = _decode(data, tiers)
     out: dict[int, tuple[bytes, int, int]] = {}
     sources = [decoded]  # largest first
     for tier in tiers:
         w, h = tier_size(*full, tier)
-        if (w, h) == full and passthrough:
+        if (w, h) == full and keep:
             out[tier] = (data, w, h)  # already small enough: keep the original bytes
             continue
         src = next((p for p in reversed(sources) if min(p.shape[1] / w, p.shape[0] / h) >= _OCTAVE), decoded)
@@ -698,12 +841,32 @@ def minival_quota(counts: dict[str, int], minival: int | float, seed: int) -> di
     return {c: max(0, min(counts[c] - 1, base + (c in lucky))) for c in classes}
 
 
+def check_minival(
+    totals: dict[str, int], held: dict[str, int], minival: int | float, min_train_per_class: int
+) -> None:
+    """StagingError, in one line, for a minival that asks for more images than there are, or that leaves a class
+    it takes from (`held` per class, of `totals`) with fewer than `min_train_per_class` train images."""
+    total = sum(totals.values())
+    if isinstance(minival, int) and minival > total:
+        raise StagingError(f"minival {minival} is more than the {total} train images of the source")
+    short = sorted((c for c in totals if held.get(c, 0) and totals[c] - held[c] < min_train_per_class),
+                   key=lambda c: (totals[c] - held[c], c))
+    if short:
+        shown = ", ".join(f"{c}: {totals[c] - held[c]} of {totals[c]}" for c in short[:3])
+        raise StagingError(
+            f"minival {minival} leaves {len(short)} of {len(totals)} classes with fewer than {min_train_per_class} "
+            f"train images ({shown}{', ...' if len(short) > 3 else ''}); hold out fewer, or stage it anyway with "
+            f"--allow-small-train (min_train_per_class=0)")
+
+
 def plan_dataset(
-    units: Iterable[UnitResult], classes: Sequence[str], params: StageParams, base: BaseVersion | None = None
+    units: Iterable[UnitResult], classes: Sequence[str], params: StageParams, base: BaseVersion | None = None,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> DatasetPlan:
     """Split, shuffle and shard the units' images. With a base, only its new images are planned: the minival
     takes as many of a class's new images as brings the class to its quota over old and new images together
-    (the base's minival images stay), and the new shards are numbered after the base's."""
+    (the base's minival images stay), and the new shards are numbered after the base's. A minival that leaves a
+    class with fewer than `min_train_per_class` train images is refused (`check_minival`)."""
     records: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, str]] = []
     by_split: dict[str, list[str]] = defaultdict(list)
@@ -732,6 +895,8 @@ def plan_dataset(
     totals = {c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
               for c in set(per_class) | set(old_train) | set(old_minival)}
     quota = minival_quota(totals, params.minival, params.seed)
+    check_minival(totals, {c: max(quota[c], old_minival.get(c, 0)) for c in totals}, params.minival,
+                  min_train_per_class)
     held: set[str] = set()
     for wnid, keys in per_class.items():
         take = max(0, quota[wnid] - old_minival.get(wnid, 0))
@@ -949,7 +1114,8 @@ def sequential_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[
 
 
 def thread_map(workers: int) -> Mapper:
-    """A mapper running `workers` calls at a time on threads; on the first error the rest is cancelled."""
+    """A mapper running `workers` calls at a time on threads. The first error, whichever call raises it, ends the
+    map at once: calls not started are cancelled, those running finish."""
 
     def run(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
         if workers <= 1:
@@ -957,6 +1123,8 @@ def thread_map(workers: int) -> Mapper:
         ex = ThreadPoolExecutor(workers, thread_name_prefix="staging")
         try:
             futures = [ex.submit(fn, *a) for a in args]
+            for f in as_completed(futures):
+                f.result()
             return [f.result() for f in futures]
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
@@ -1053,8 +1221,9 @@ def unit_runner(workers: int, processes: bool = False) -> Iterator[Callable[...,
     ~5 % of each image spent in Python starts to bind. They are spawned, not forked: the parent may hold
     threads (Prefect's) and their locks, which a fork would copy mid-use.
     """
+    # Limited even for one worker: the mapper may call from more threads than `workers` (any mapper may).
     if workers <= 1:
-        yield process_unit
+        yield _Limited(process_unit, 1)  # one unit at a time, OpenCV's own threads inside it
         return
     if not processes:
         cv2 = _cv2()
@@ -1069,20 +1238,34 @@ def unit_runner(workers: int, processes: bool = False) -> Iterator[Callable[...,
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        yield _InPool(pool, process_unit)
+        # Limited here too, so that no unit waits in the pool's queue: a failed run has none left to finish.
+        yield _Limited(_InPool(pool, process_unit), workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+class NotStarted(StagingError):
+    """A unit not started because another failed on bad input; `stage` raises that one's error instead."""
+
+
 class _Limited:
-    """`fn` run on the calling thread, by at most `limit` threads at once (the flow's task runner has more)."""
+    """`fn` run on the calling thread, by at most `limit` threads at once (a mapper may call from more), and no
+    longer started once a call failed on bad input: a corrupt class tar ends the run, rather than every unit
+    waiting for a slot behind it running first. Other errors (I/O) are left to the caller's retries."""
 
     def __init__(self, fn: Callable[..., Any], limit: int) -> None:
         self.fn, self._slots = fn, threading.BoundedSemaphore(limit)
+        self.failure: Exception | None = None
 
     def __call__(self, *args: Any) -> Any:
         with self._slots:
-            return self.fn(*args)
+            if self.failure is not None:
+                raise NotStarted(f"not started: {self.failure}")
+            try:
+                return self.fn(*args)
+            except (imagenet.ImageNetSourceError, StagingError) as exc:
+                self.failure = self.failure or exc
+                raise
 
 
 def progress_bar(file: Any = None) -> Progress:
@@ -1118,11 +1301,16 @@ def work_dir(
     A rerun with another shard size, minival or bad-file limit is a new version but decodes nothing again. An
     incremental version's spools (its new images only) are kept apart, by base.
     """
+    blob = json.dumps(_work_inputs(fingerprint, params, base_version), sort_keys=True, default=str)
+    return root / WORK / hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _work_inputs(fingerprint: dict[str, Any], params: StageParams, base_version: str | None) -> dict[str, Any]:
+    """What a work folder's spools depend on (its name hashes it)."""
     inputs: dict[str, Any] = {"source": fingerprint, "unit": _unit_params(params)}
     if base_version is not None:
         inputs["base_version"] = base_version
-    blob = json.dumps(inputs, sort_keys=True, default=str)
-    return root / WORK / hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return inputs
 
 
 def source_fingerprint(src: imagenet.ImageNetSource, root: Path) -> dict[str, Any]:
@@ -1146,20 +1334,63 @@ def _fingerprint_cache(src: imagenet.ImageNetSource, root: Path) -> Path:
         st = (src.root / name).stat()
         stats.append([str(src.root / name), st.st_size, st.st_mtime_ns, st.st_ino])
     key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
-    return root / WORK / "fingerprints" / f"{key}.json"
+    return root / WORK / FINGERPRINTS / f"{key}.json"
 
 
 def find_finished(
     source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
-    base_version: str | None = AUTO,
+    base_version: str | None = AUTO, min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> Path | None:
     """The finished version that staging this source with these parameters would return at once, or None.
 
-    Opens (and checks) the source, so bad input fails here with an ImageNetSourceError naming the file.
+    Checks what `stage` checks before its first unit (the source, the output folder and, when there is no
+    finished version, the minival against a listed source), so bad input fails here, in one line.
     """
     src = imagenet.open_source(source_path)
     root = Path(out).resolve()
-    return find_staged(root, source_fingerprint(src, root), params, base_version)
+    check_out(root, src)
+    done = find_staged(root, source_fingerprint(src, root), params, base_version)
+    if done is None:
+        _precheck_minival(src, params, min_train_per_class)
+    return done
+
+
+def check_out(root: Path, src: imagenet.ImageNetSource) -> None:
+    """StagingError, in one line, for an output folder that cannot hold versions: a file, under a file, not
+    writable, or inside a folder the source lists (its train/ or val/: the next run would read the versions as
+    classes or images). Before any work, so that a run does not fail at its first write.
+
+    Writability is what access(2) says: it sees permission bits (but as root), read-only mounts and ACLs; what
+    only a write can tell (a file system that refuses folders, such as sysfs) fails at `stage`'s first mkdir.
+    """
+    if root.exists() and not root.is_dir():
+        raise StagingError(f"{root}: the output folder is a file")
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        raise StagingError(f"{root}: the output folder cannot be made: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StagingError(f"{root}: the output folder is not writable ({existing} is not)")
+    for folder in src.folders:
+        folder = folder.resolve()
+        if root == folder or folder in root.parents:
+            raise StagingError(f"{root}: the output folder is inside the source's {folder}, where the next run "
+                               f"would read it as part of the source; choose a folder outside it")
+
+
+def _listed_train_counts(src: imagenet.ImageNetSource) -> dict[str, int] | None:
+    """Train files per class where the source lists them without reading (trees), else None (class tars)."""
+    if src.kind == "archives":
+        return None
+    return {u.wnid: len(u.names) for u in src.train_units()}
+
+
+def _precheck_minival(src: imagenet.ImageNetSource, params: StageParams, min_train_per_class: int) -> None:
+    """`check_minival` on the listed file counts, before any unit is decoded: bad files only lower the counts,
+    and fewer images never leave a class more train images, so what fails here fails after decoding too."""
+    counts = _listed_train_counts(src)
+    if counts is not None:
+        check_minival(counts, minival_quota(counts, params.minival, params.seed), params.minival,
+                      min_train_per_class)
 
 
 def _largest_first(
@@ -1176,6 +1407,7 @@ def stage(
     source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
     map_units: Mapper | None = None, map_shards: Mapper | None = None, log: Callable[..., None] = print, *,
     progress: Progress | None = None, workers: int = 1, base_version: str | None = AUTO, processes: bool = False,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> Path:
     """Stage a source into `out/<version>`; returns that directory. Idempotent and resumable.
 
@@ -1191,41 +1423,60 @@ def stage(
 
     One run at a time per source and encoding: a second one fails at once with a StagingError (the lock is the
     work folder's flock, released when the first run ends or dies).
+
+    Bad input fails before any unit runs where it can be seen without decoding: the source (`open_source`), the
+    output folder (`check_out`), the parameters, and a minival that leaves a class fewer than
+    `min_train_per_class` train images (for archives, whose class tars must be read to count them, after the
+    units; `plan_dataset`).
     """
+    workers = resolve_workers(workers)
+    min_train_per_class = whole_number("min_train_per_class", min_train_per_class, 0)
     src = imagenet.open_source(source_path)
     root = Path(out).resolve()
+    check_out(root, src)
     fingerprint = source_fingerprint(src, root)
     done = find_staged(root, fingerprint, params, base_version)
     if done is not None:
         log(f"dataset {done.name} is already staged at {done}: reusing it")
         _finish(root, done.name, src, fingerprint)
         return done
+    _precheck_minival(src, params, min_train_per_class)
     base = resolve_base(root, base_version, src, params, log)
     version = dataset_version(fingerprint, params, base.name if base else None)
     dest = root / version
     work = work_dir(root, fingerprint, params, base.name if base else None)
     created = [p for p in (root, root / WORK, work, dest) if not p.exists()]
     try:
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StagingError(f"{root}: cannot create the output folder: {exc.strerror or exc}") from None
         with _exclusive(work):
+            _record_work(work, src.root, _work_inputs(fingerprint, params, base.name if base else None), version)
             # Only this run's folders (it holds their lock); elsewhere under the root only what is clearly stale
             # (LATEST and fingerprint caches are rewritten in a blink by whichever run finishes).
             removed = (remove_stale_temporaries(work) + remove_stale_temporaries(dest)
                        + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
-                       + remove_stale_temporaries(root / WORK / "fingerprints", older_than_s=3600))
+                       + remove_stale_temporaries(root / WORK / FINGERPRINTS, older_than_s=3600))
             if removed:
                 log(f"removed {removed} partial files left by an interrupted run")
+            orphans = remove_orphans(root, work, src.root, version)
+            if orphans:
+                log(f"removed what failed runs left and no run will reuse: {', '.join(orphans)}")
             units = _unit_args(src, work, params, base)
             log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
                 f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
-                f"{max(1, workers)} worker(s)")
+                f"{workers} worker(s)")
             with unit_runner(workers, processes) as run_unit:
                 tracker = _Tracker("units", len(units), log, progress)
-                results = _largest_first(map_units or thread_map(workers), _Counted(run_unit, tracker), units,
-                                         lambda a: _unit_images(a[0]))
+                try:
+                    results = _largest_first(map_units or thread_map(workers), _Counted(run_unit, tracker), units,
+                                             lambda a: _unit_images(a[0]))
+                except NotStarted:
+                    raise run_unit.failure from None  # the unit that failed, not one stopped behind it
             if base is not None and src.kind == "archives":
                 _check_base_seen(results, base)
-            plan = plan_dataset(results, src.classes, params, base)
+            plan = plan_dataset(results, src.classes, params, base, min_train_per_class)
             log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
                 f"{len(plan.shards)} shards to write")
             inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
@@ -1241,7 +1492,10 @@ def stage(
             _finish(root, version, src, fingerprint)
             return dest
     except BaseException:
-        # Finished spools and shards stay for a rerun to reuse; folders this run made and left empty go.
+        # Finished spools and shards stay for a rerun to reuse; folders this run made and left empty go (a work
+        # folder holding nothing but its note counts as empty).
+        if work in created and not (work / "units").exists():
+            (work / WORK_META).unlink(missing_ok=True)
         for p in reversed(created):
             _remove_empty_tree(p)
         raise
@@ -1252,19 +1506,101 @@ def _exclusive(work: Path) -> Iterator[None]:
     """Hold an exclusive lock on a work folder (flock on the directory itself: released when the process dies,
     even by SIGKILL). Two runs staging the same source would otherwise write the same spools and shards and
     delete each other's temporary files."""
+    with _locked(work) as held:
+        if not held:
+            raise StagingError(f"{work}: another staging run of this source is in progress; let it finish (or "
+                               f"stop it) and run again")
+        yield
+
+
+@contextmanager
+def _locked(work: Path) -> Iterator[bool]:
+    """Try to lock a work folder (see `_exclusive`); yields whether this process holds it."""
     import fcntl
 
     fd = os.open(work, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StagingError(f"{work}: another staging run of this source is in progress; let it finish (or stop "
-                           f"it) and run again") from None
-    try:
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
+
+
+def _work_meta(work: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads((work / WORK_META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _record_work(work: Path, source: Path, inputs: dict[str, Any], version: str) -> None:
+    """Note in a work folder the source path and inputs of its spools and every version it was used for, the
+    facts `remove_orphans` decides by. Sorted and free of times, like every file staging writes."""
+    old = _work_meta(work) or {}
+    meta = {"source": str(source), "inputs": inputs, "versions": sorted({*old.get("versions", []), version})}
+    if meta != old:
+        atomic_write_json(work / WORK_META, meta)
+
+
+def _spool_encoding(work: Path) -> int | None:
+    """The ENCODING of a work folder's spools, from a unit index (folders of code older than WORK_META)."""
+    for index in sorted((work / "units").glob("*.json"))[:1]:
+        try:
+            return json.loads(index.read_text())["params"]["encoding"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def remove_orphans(root: Path, work: Path, source: Path, version: str) -> list[str]:
+    """Remove what failed runs left under a datasets root that no run will reuse; returns the names removed.
+
+    A work folder is named by its inputs (source fingerprint, tiers, JPEG quality, ENCODING, base version), so
+    a failed run's spools are reused only by a run with those very inputs. Removed, where no run holds them:
+
+    - this run's work folder's unfinished versions but its own (a failed run with another shard size, minival
+      or bad-file limit; their shards are cheap to write again from the spools);
+    - work folders of this source path that back no finished version: a failed run of this source with other
+      inputs (the source changed since, or other tiers or quality were asked for), which only those inputs
+      again would reuse; with their unfinished versions;
+    - work folders of another ENCODING, whoever's: no run of this code reads their spools.
+
+    Work folders of other sources that failed are kept until a run of that source (their own rerun reuses them).
+    """
+    removed: list[str] = []
+
+    def remove_unfinished(names: Iterable[str], but: str | None = None) -> None:
+        for name in names:
+            path = root / name
+            if name != but and path.is_dir() and not (path / MANIFEST).exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+
+    remove_unfinished((_work_meta(work) or {}).get("versions", []), but=version)
+    others = sorted(p for p in (root / WORK).iterdir() if p.is_dir() and p not in (work, root / WORK / FINGERPRINTS))
+    for other in others:
+        meta = _work_meta(other)
+        encoding = meta.get("inputs", {}).get("unit", {}).get("encoding") if meta else _spool_encoding(other)
+        stale = encoding is not None and encoding != ENCODING
+        failed = meta is not None and meta.get("source") == str(source) and not any(
+            (root / v / MANIFEST).is_file() for v in meta.get("versions", []))
+        if not (stale or failed):
+            continue
+        try:
+            with _locked(other) as held:
+                if not held:
+                    continue  # a run is using it
+                remove_unfinished(meta.get("versions", []) if meta else ())
+                shutil.rmtree(other, ignore_errors=True)
+        except FileNotFoundError:
+            continue  # another run removed it first
+        removed.append(f"{WORK}/{other.name}")
+    return removed
 
 
 def _finish(root: Path, version: str, src: imagenet.ImageNetSource, fingerprint: dict[str, Any]) -> None:
@@ -1312,6 +1648,42 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: corrupt manifest: {exc}") from None
+
+
+def version_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file a version's manifest lists (shards, keys, FFCV/DALI extras), each with its `path` and, where
+    recorded, `bytes` and `sha256`."""
+    extras = [e for entries in manifest.get("extra", {}).values() for e in entries]
+    return [*manifest["shards"], *([manifest["keys"]] if manifest.get("keys") else []), *extras]
+
+
+def damaged_files(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> list[str]:
+    """What is wrong with a staged version's files against its manifest: missing files and wrong sizes (a stat
+    each), and with `checksums` every recorded sha256 (reads every byte). Empty when the version is whole."""
+    root = Path(dataset_dir)
+    problems = []
+    for entry in version_files(read_manifest(root)):
+        path = root / entry["path"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{entry['path']} is missing")
+            continue
+        if "bytes" in entry and size != entry["bytes"]:
+            problems.append(f"{entry['path']} has {size} bytes, the manifest says {entry['bytes']}")
+        elif checksums and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['path']} does not match its sha256")
+    return problems
+
+
+def check_version(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> None:
+    """Raise StagingError naming the damaged files of a staged version and how to stage it again."""
+    problems = damaged_files(dataset_dir, checksums)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise StagingError(
+            f"{dataset_dir}: the staged version is damaged ({shown}); remove {dataset_dir} and run `effnet stage` "
+            "again with the same source and options (finished spools in work/ are reused)")
 
 
 def manifest_hash(dataset_dir: str | os.PathLike[str]) -> str:

@@ -74,6 +74,9 @@ def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None
     c.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), artifact_file)
 
 
+REGISTERED_TAG = "registered_version"  # on the run: "<name>/<version>" once its model is registered
+
+
 def register_best_checkpoint(
     tracking_uri: str, run_id: str, model: Any, variant_slug: str, input_example: Any,
     preprocessing: Mapping[str, Any], tags: Mapping[str, Any], val_top1: float, dataset_version: str,
@@ -84,38 +87,85 @@ def register_best_checkpoint(
     The version gets alias `candidate`; `champion` moves to it only when its val top-1 beats the current
     champion's on the same dataset version (a champion from another dataset version is not comparable, so
     the first model on a new version becomes champion). Returns (model name, version, became_champion).
+
+    Works against a tracking server as well as a SQLite store: MLflow 3 registers a logged model by its model
+    id. A failure removes what this call made (logged model, version, a registered model it created), so a
+    retry starts clean; a run whose model is already registered (the process died after registering) is not
+    registered twice.
     """
     import mlflow.pytorch
 
     c = client(tracking_uri)
     name = registered_name(variant_slug)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=input_example, serialization_format="pickle",
-            metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
-        )
-        mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
-        if state_dict_path is not None:
-            # A plain state_dict plus the variant name rebuilds the model anywhere `models` is installed.
-            mlflow.log_artifact(str(state_dict_path), "checkpoint")
-    str_tags = {k: str(v) for k, v in tags.items()}
+    done = c.get_run(run_id).data.tags.get(REGISTERED_TAG)
+    if done:
+        return _aliases_of(c, *done.split("/", 1))
+    made: dict[str, Any] = {}
     try:
-        c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example, serialization_format="pickle",
+                metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
+            )
+            made["model_id"] = info.model_id
+            mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
+            if state_dict_path is not None:
+                # A plain state_dict plus the variant name rebuilds the model anywhere `models` is installed.
+                mlflow.log_artifact(str(state_dict_path), "checkpoint")
+        if _registered_model(c, name) is None:
+            c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
+            made["registered_model"] = name
+        mv = c.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
+                                    tags={k: str(v) for k, v in tags.items()})
+        made["version"] = mv.version
+        _wait_ready(c, name, mv.version)
+        c.set_registered_model_alias(name, CANDIDATE, mv.version)
+        promote = _beats_champion(c, name, val_top1, dataset_version)
+        if promote:
+            c.set_registered_model_alias(name, CHAMPION, mv.version)
+        c.set_tag(run_id, REGISTERED_TAG, f"{name}/{mv.version}")
+    except BaseException:
+        _undo_registration(c, name, made)
+        raise
+    return name, str(mv.version), promote
+
+
+def _registered_model(c: MlflowClient, name: str) -> Any:
+    try:
+        return c.get_registered_model(name)
     except MlflowException:
-        pass  # already registered
-    mv = c.create_model_version(name, info.model_uri, run_id=run_id, tags=str_tags)
-    _wait_ready(c, name, mv.version)
-    c.set_registered_model_alias(name, CANDIDATE, mv.version)
-    promote = True
+        return None
+
+
+def _beats_champion(c: MlflowClient, name: str, val_top1: float, dataset_version: str) -> bool:
     try:
         champ = c.get_model_version_by_alias(name, CHAMPION)
-        if champ.tags.get("dataset_version") == dataset_version:
-            promote = val_top1 > float(champ.tags.get("val_top1", "-inf"))
     except MlflowException:
-        pass  # no champion yet
-    if promote:
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return name, str(mv.version), promote
+        return True  # no champion yet
+    if champ.tags.get("dataset_version") != dataset_version:
+        return True
+    return val_top1 > float(champ.tags.get("val_top1", "-inf"))
+
+
+def _aliases_of(c: MlflowClient, name: str, version: str) -> tuple[str, str, bool]:
+    mv = c.get_model_version(name, version)
+    return name, str(version), CHAMPION in (mv.aliases or [])
+
+
+def _undo_registration(c: MlflowClient, name: str, made: Mapping[str, Any]) -> None:
+    """Best effort, newest first: what is left after a failure here is at most what the failure itself left."""
+    steps = []
+    if "version" in made:
+        steps.append(lambda: c.delete_model_version(name, made["version"]))
+    if "registered_model" in made:
+        steps.append(lambda: c.delete_registered_model(name))
+    if "model_id" in made:
+        steps.append(lambda: c.delete_logged_model(made["model_id"]))
+    for step in steps:
+        try:
+            step()
+        except Exception:  # noqa: BLE001 (the original error is the one to report)
+            pass
 
 
 def _wait_ready(c: MlflowClient, name: str, version: str, timeout: float = 60) -> None:

@@ -15,15 +15,19 @@ the checkpoint's history has that MLflow lacks, so the run's history stays conti
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import math
 import random
 import re
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -31,15 +35,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 import models
-from pipelines import augment, loaders, tracking
+from pipelines import augment, cluster, loaders, tracking
+from pipelines.atomic import atomic_write_json
 from pipelines.config import Recipe
 from pipelines.schedules import EpochSettings, ema_decay_at, epoch_settings, learning_rate
 from pipelines.settings import DataLayout, data_layout
-from pipelines.staging import manifest_hash, read_manifest
+from pipelines.staging import check_version, manifest_hash, read_manifest
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 SCORE = "minival_top1"
+FIRST_STEP_TAG = "first_step_unix"
 
 
 class JobSpec(BaseModel):
@@ -168,6 +174,18 @@ def _last_logged_epoch(c: Any, run_id: str) -> int:
 # --------------------------------------------------------------------------------------------- the loop
 
 
+def _quiet_ray_train_reports() -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        # NOTE: Ray 2.60 logs "Reporting training result ..." on a logger named by its file path, outside the
+        # ray.train hierarchy.
+        from ray.train.v2._internal.execution import context as ray_train_context
+
+        logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The per-worker training loop run by Ray Train's TorchTrainer."""
     import ray.train
@@ -175,6 +193,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     job = JobSpec.model_validate(config)
     recipe = job.recipe
+    # Ray Train logs every report (the whole metrics dict) and every checkpoint at INFO from each worker: ~20
+    # lines an epoch on the driver's console. The driver prints one line per epoch instead (EpochProgress).
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(recipe.runtime.torch_threads or max(1, int(recipe.ray.cpus_per_worker)))
@@ -259,6 +280,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
             optimizer.step()
             state.step += 1
+            if state.step == 1 and c is not None:
+                # When the job's first step ended: the start-up latency a user waits through (flow run -> here).
+                c.set_tag(job.run_id, FIRST_STEP_TAG, f"{time.time():.3f}")
             if ema is not None:
                 update_ema(ema, model, ema_decay_at(state.step, recipe.regularization.ema_decay))
             loss_sum += loss.item() * len(labels)
@@ -336,88 +360,293 @@ class TrainResult:
 
 
 def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant_slug}__{recipe.name}__{dataset_version}")
+    """Names one job: the variant, the recipe after every override, the dataset version. Any change to one of
+    them is another job (a rerun with `--epochs 1` must not resume an unfinished 10-epoch job)."""
+    recipe_hash = hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant_slug}__{recipe.name}-{recipe_hash}__{dataset_version}")
 
 
 def _job_marker(layout: DataLayout, key: str) -> Path:
     return layout.ray_storage / "jobs" / f"{key}.json"
 
 
+# A job's marker status -> its MLflow run status. "running" left behind means the driver died (SIGKILL, power):
+# the next run with the same key resumes it, as it does a failed or killed one (from its last checkpoint).
+RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
 def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Everything that can be checked before Ray starts: the variant, the dataset, the batch size."""
+    """Everything that can be checked before Ray starts: the variant, the dataset and its files."""
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     manifest = read_manifest(dataset_dir)
     for split in ("train", "minival", "val"):
         if manifest["splits"].get(split, {}).get("samples", 0) == 0:
             raise ValueError(f"{dataset_dir}: the staged dataset has no {split} images")
+    # A stat per file: a deleted or truncated shard is found here, not inside the Ray workers after retries.
+    check_version(dataset_dir)
     return spec, manifest
 
 
-def run_training(
-    recipe: Recipe, dataset_dir: str | Path, layout: DataLayout | None = None, ray_address: str | None = None,
-) -> TrainResult:
-    """Train one variant to the end (or early stop), evaluate the chosen checkpoint on val, register it.
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    name: str
+    run_id: str
+    resumed: bool
+    marker: Path
 
-    An unfinished job with the same variant, recipe and dataset version is resumed (same Ray run, same MLflow
-    run); a finished one is not touched and a new job starts.
-    """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    def mark(self, status: str) -> None:
+        atomic_write_json(self.marker, {"job_name": self.name, "run_id": self.run_id, "status": status})
 
-    layout = (layout or data_layout()).ensure()
-    dataset_dir = Path(dataset_dir).resolve()
-    spec, manifest = validate_job(recipe, dataset_dir)
 
-    c = tracking.client(layout.tracking_uri)
-    exp_id = tracking.experiment_id(c, layout.artifact_root)
+def _open_job(
+    c: Any, exp_id: str, layout: DataLayout, spec: Any, recipe: Recipe, manifest: dict, tags: Mapping[str, str],
+) -> _Job:
+    """The unfinished job with this key (reopened), or a new one with a new MLflow run; `tags` go on the run
+    either way (e.g. the Prefect flow run that drives it now)."""
     key = _job_key(spec.name, recipe, manifest["version"])
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None
-    resumed = previous is not None and previous.get("status") != "finished"
-    if resumed:
-        job_name, run_id = previous["job_name"], previous["run_id"]
-        log.info("resuming unfinished job %s (MLflow run %s)", job_name, run_id)
+    if previous is not None and previous.get("status") != "finished":
+        job = _Job(key, previous["job_name"], previous["run_id"], True, marker)
+        c.update_run(job.run_id, status="RUNNING")
+        for k, v in tags.items():
+            c.set_tag(job.run_id, k, v)
+        log.info("resuming unfinished job %s (MLflow run %s, was %s)", job.name, job.run_id, previous["status"])
     else:
-        job_name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(
             c, exp_id, run_name=f"{spec.name} {recipe.name}", params=recipe.model_dump(),
             tags={"variant": spec.name, "recipe": recipe.name, "dataset_version": manifest["version"],
-                  "job_name": job_name},
+                  "job_name": name, "job_key": key, **tags},
         )
         tracking.log_dict(c, run_id, recipe.model_dump(), "config/recipe.json")
         tracking.log_dict(c, run_id, {"variant": spec.__dict__ if hasattr(spec, "__dict__") else str(spec)},
                           "config/variant.json")
-    from pipelines.atomic import atomic_write_json
+        job = _Job(key, name, run_id, False, marker)
+    job.mark("running")
+    return job
 
-    atomic_write_json(marker, {"job_name": job_name, "run_id": run_id, "status": "running"})
 
-    if not ray.is_initialized():
-        # The dashboard serves the state API, which Ray Train uses to clean up after a failed worker group.
-        ray.init(address=ray_address, log_to_driver=True,
-                 runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": layout.tracking_uri}})
-    job = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
-                  tracking_uri=layout.tracking_uri, run_id=run_id)
-    trainer = TorchTrainer(
+class _Trainer:
+    """A TorchTrainer whose run can be aborted from the driver (a cancelled flow run, Ctrl-C), so Ray Train
+    stops its workers and withdraws its resource request instead of leaving them to the owner's death."""
+
+    @staticmethod
+    def build(*args: Any, **kwargs: Any) -> Any:
+        from ray.train.torch import TorchTrainer
+
+        class AbortableTorchTrainer(TorchTrainer):
+            controller: Any = None
+
+            # NOTE: Ray 2.60's only hook that sees the controller actor (DataParallelTrainer registers its own
+            # SIGINT handler with it); pinned in constraints.txt.
+            def _register_sigint_handler(self, controller: Any) -> None:
+                self.controller = controller
+                super()._register_sigint_handler(controller)
+
+        return AbortableTorchTrainer(*args, **kwargs)
+
+    @staticmethod
+    def abort(trainer: Any) -> None:
+        import ray
+
+        if getattr(trainer, "controller", None) is None:
+            return
+        try:
+            ray.get(trainer.controller.abort.remote(), timeout=25)
+        except Exception:  # noqa: BLE001 (already gone: nothing left to stop)
+            pass
+
+
+class _StopOnSigterm:
+    """SIGTERM (a cancelled Prefect flow run, `kill`) while Ray Train runs the job.
+
+    The driver waits in `ray.get`, which runs a signal handler at once but raises the handler's exception only
+    when the job has ended (as a SystemError): the cancellation would wait for the whole training. So the
+    handler here keeps the exception that the handler before it (Prefect's TerminationSignal, or exit) raises,
+    and stops the job from a thread (`on_stop`); once `fit` returns, `reraise` raises that exception.
+    """
+
+    def __init__(self, on_stop: Callable[[], Any]):
+        self.on_stop, self.exc, self.previous = on_stop, None, None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_StopOnSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.exc is not None:
+            return  # already stopping
+        try:
+            if callable(self.previous):
+                self.previous(signum, frame)
+            self.exc = SystemExit(128 + signum)  # the default action, after the job is stopped
+        except BaseException as exc:  # noqa: BLE001 (kept, raised by `reraise`)
+            self.exc = exc
+        self.thread = threading.Thread(target=self.on_stop, name="stop-job", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float = 30) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def reraise(self) -> None:
+        if self.exc is not None:
+            self.wait()
+            raise self.exc
+
+
+class EpochProgress:
+    """One line per finished epoch, read from the job's MLflow run while Ray trains (rank 0 logs each epoch
+    there as soon as its checkpoint is persisted), so the driver's log (the Prefect run's) follows the job."""
+
+    KEYS = ("train_loss", "minival_top1", "best_minival_top1", "images_per_s", "epoch_seconds", "image_size")
+
+    def __init__(self, c: Any, run_id: str, label: str, epochs: int, emit: Callable[[str], None],
+                 interval: float = 2.0):
+        self.c, self.run_id, self.label, self.epochs, self.emit, self.interval = c, run_id, label, epochs, emit, interval
+        self.shown = _last_logged_epoch(c, run_id)  # a resumed job shows only its new epochs
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
+
+    def __enter__(self) -> "EpochProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.poll()  # the last epoch's line, if it landed after the final poll
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception as exc:  # noqa: BLE001 (a missed poll is shown by the next one)
+                log.debug("progress poll failed: %s", exc)
+
+    def poll(self) -> None:
+        # An epoch's metrics land in one batch: once its `epoch_seconds` is seen, the rest of its row is there
+        # too, so that key is read first and decides which epochs are complete.
+        done = sorted({m.step for m in self.c.get_metric_history(self.run_id, "epoch_seconds") if m.step > self.shown})
+        if not done:
+            return
+        rows: dict[int, dict[str, float]] = {epoch: {} for epoch in done}
+        for key in self.KEYS:
+            for m in self.c.get_metric_history(self.run_id, key):
+                if m.step in rows:
+                    rows[m.step][key] = m.value
+        for epoch in done:
+            self.emit(format_epoch_line(self.label, epoch, self.epochs, rows[epoch]))
+            self.shown = epoch
+
+
+def format_epoch_line(label: str, epoch: int, epochs: int, row: Mapping[str, float]) -> str:
+    parts = [f"{label} epoch {epoch + 1}/{epochs}"]
+    if "train_loss" in row:
+        parts.append(f"train loss {row['train_loss']:.3f}")
+    if not math.isnan(row.get("minival_top1", math.nan)):
+        parts.append(f"minival top-1 {row['minival_top1']:.1f}")
+    if "best_minival_top1" in row:
+        parts.append(f"best {row['best_minival_top1']:.1f}")
+    if "image_size" in row:
+        parts.append(f"{row['image_size']:.0f} px")
+    if "images_per_s" in row:
+        parts.append(f"{row['images_per_s']:.0f} img/s")
+    if "epoch_seconds" in row:
+        parts.append(f"{row['epoch_seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def run_training(
+    recipe: Recipe, dataset_dir: str | Path, layout: DataLayout | None = None, ray_address: str | None = None,
+    progress: Callable[[str], None] | None = None, tags: Mapping[str, str] | None = None,
+) -> TrainResult:
+    """Train one variant to the end (or early stop), evaluate the chosen checkpoint on val, register it.
+
+    Before anything starts, the job is checked against the cluster (ClusterError names what is missing). An
+    unfinished job with the same variant, recipe and dataset version is resumed (same Ray run, same MLflow run);
+    a finished one is not touched and a new job starts. A job that fails or is cancelled (SIGTERM, Ctrl-C)
+    leaves its MLflow run FAILED or KILLED, its marker saying so, and its Ray workers and resource request
+    withdrawn. `progress` gets one line per epoch (default: this module's logger); `tags` go on the MLflow run.
+    """
+    import ray
+    import ray.train
+
+    layout = (layout or data_layout()).ensure()
+    dataset_dir = Path(dataset_dir).resolve()
+    spec, manifest = validate_job(recipe, dataset_dir)
+    cluster.connect(ray_address or layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
+    cluster.check_fits(recipe)
+
+    c = tracking.client(layout.tracking_uri)
+    exp_id = tracking.experiment_id(c, layout.artifact_root)
+    job = _open_job(c, exp_id, layout, spec, recipe, manifest, tags or {})
+    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
+                               tracking_uri=layout.tracking_uri, run_id=job.run_id)
+    trainer = _Trainer.build(
         train_worker,
-        train_loop_config=job.model_dump(),
+        train_loop_config=spec_for_workers.model_dump(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=recipe.ray.num_workers, use_gpu=recipe.ray.use_gpu,
-            resources_per_worker={"CPU": recipe.ray.cpus_per_worker, **({"GPU": 1} if recipe.ray.use_gpu else {})},
+            resources_per_worker=cluster.worker_resources(recipe),
         ),
         run_config=ray.train.RunConfig(
-            name=job_name, storage_path=str(layout.ray_storage),
+            name=job.name, storage_path=str(layout.ray_storage),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=recipe.ray.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training job {job_name} failed: {result.error}") from result.error
+    def record(status: str) -> None:
+        job.mark(status)
+        try:
+            c.set_terminated(job.run_id, RUN_STATUS[status])
+        except Exception:  # noqa: BLE001 (the tracking server may be what failed)
+            log.warning("could not mark MLflow run %s %s", job.run_id, RUN_STATUS[status])
+
+    stop = _StopOnSigterm(lambda: (record("killed"), _Trainer.abort(trainer)))
+    try:
+        with EpochProgress(c, job.run_id, spec.name, recipe.schedule.epochs, progress or log.info), stop:
+            result = trainer.fit()
+        stop.reraise()
+        if result.error is not None:
+            raise RuntimeError(f"training job {job.name} failed: {result.error}") from result.error
+        out = _evaluate_and_register(c, layout, job, recipe, spec, manifest, dataset_dir, result)
+    except BaseException as exc:
+        if stop.exc is not None:
+            # Stopped from outside (recorded as killed by the stop itself); whatever `fit` raised on the way
+            # out (the aborted controller) is an echo of that.
+            stop.wait()
+            raise stop.exc from None
+        # An Exception is a failure; anything else (KeyboardInterrupt, Prefect's TerminationSignal on cancel,
+        # SystemExit) is the job being stopped from outside. Recorded first, as a canceller waits only so long
+        # (Prefect's runner: 30 s) before a SIGKILL; stopping Ray Train's workers takes longer.
+        record("failed" if isinstance(exc, Exception) else "killed")
+        _Trainer.abort(trainer)
+        raise
+    c.set_terminated(job.run_id, "FINISHED")
+    job.mark("finished")
+    return out
+
+
+def _evaluate_and_register(
+    c: Any, layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict, dataset_dir: Path,
+    result: Any,
+) -> TrainResult:
+    """Val on the chosen (best-minival) checkpoint only, then registration with the variant's tags."""
+    import ray
+
     best = result.get_best_checkpoint(SCORE, "max")
     if best is None:
-        raise RuntimeError(f"training job {job_name} reported no checkpoint")
+        raise RuntimeError(f"training job {job.name} reported no checkpoint")
     with best.as_directory() as d:
         saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     loop = saved["loop"]
@@ -436,7 +665,7 @@ def run_training(
         .options(num_cpus=recipe.ray.cpus_per_worker, num_gpus=1 if recipe.ray.use_gpu else 0)
         .remote(model, str(dataset_dir), "val", eval_resolution, spec.crop_ratio, recipe)
     )
-    tracking.log_metrics(c, run_id, {"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]},
+    tracking.log_metrics(c, job.run_id, {"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]},
                          step=int(loop["best_epoch"]))
 
     params = sum(p.numel() for p in model.parameters())
@@ -459,15 +688,14 @@ def run_training(
         torch.save({"state_dict": model.state_dict(), "model_args": saved["model_args"]}, sd)
         example = np.zeros((1, 3, eval_resolution, eval_resolution), dtype=np.float32)
         name, version, champion = tracking.register_best_checkpoint(
-            layout.tracking_uri, run_id, model, spec.name, example, preprocessing, tags, val["top1"],
+            layout.tracking_uri, job.run_id, model, spec.name, example, preprocessing, tags, val["top1"],
             manifest["version"], sd,
         )
-    c.set_terminated(run_id, "FINISHED")
-    atomic_write_json(marker, {"job_name": job_name, "run_id": run_id, "status": "finished"})
     return TrainResult(
-        variant=spec.name, run_id=run_id, job_name=job_name, registered_model=name, version=version,
-        champion=champion, best_epoch=int(loop["best_epoch"]), epochs_run=epochs_run, stopped_early=stopped_early, minival_top1=float(loop["best_top1"]),
-        val_top1=val["top1"], val_top5=val["top5"], params=params, resumed=resumed,
+        variant=spec.name, run_id=job.run_id, job_name=job.name, registered_model=name, version=version,
+        champion=champion, best_epoch=int(loop["best_epoch"]), epochs_run=epochs_run, stopped_early=stopped_early,
+        minival_top1=float(loop["best_top1"]), val_top1=val["top1"], val_top5=val["top5"], params=params,
+        resumed=job.resumed,
     )
 
 

@@ -135,3 +135,73 @@ def damaged_source(demo_archives: Path, tmp_path: Path, kind: str) -> tuple[Path
     source = tmp_path / "archives"
     shutil.copytree(demo_archives, source)
     return source, _damage(source, kind)
+
+
+# --------------------------------------------------------------------------------------------- odd inputs
+
+
+def plant_train_file(tree: str | Path, wnid: str, name: str, data: bytes) -> Path:
+    """Put a file among a class's train images in an extracted tree (a file users have, not one the generator
+    makes); returns its path."""
+    path = Path(tree) / "train" / wnid / name
+    path.write_bytes(data)
+    return path
+
+
+def class_tar_members(train_archive: str | Path, index: int) -> tuple[tarfile.TarInfo, list[tarfile.TarInfo]]:
+    """(the outer member, its inner members) of the `index`-th class tar of a train archive, read with plain
+    `tarfile`."""
+    import io
+
+    with tarfile.open(train_archive, "r:") as outer:
+        victim = [m for m in outer if m.isfile()][index]
+        reader = outer.extractfile(victim)
+        assert reader is not None
+        with tarfile.open(fileobj=io.BytesIO(reader.read()), mode="r:") as inner:
+            return victim, inner.getmembers()
+
+
+def damage_class_tar(train_archive: str | Path, index: int, member: int = 0) -> tarfile.TarInfo:
+    """Overwrite the header of inner member `member` of the `index`-th class tar with 0xff bytes (the outer tar's
+    headers stay whole); returns the outer member, whose name the error must give."""
+    victim, inner = class_tar_members(train_archive, index)
+    at = victim.offset_data + inner[member].offset
+    path = Path(train_archive)
+    data = bytearray(path.read_bytes())
+    data[at : at + 512] = b"\xff" * 512
+    path.write_bytes(bytes(data))
+    return victim
+
+
+class ConcurrencyProbe:
+    """Wraps `staging.process_unit` (monkeypatch it in) to count units running at once and when each started and
+    ended; `pause` seconds inside each unit let overlaps show."""
+
+    def __init__(self, fn: Any, pause: float = 0.05) -> None:
+        import threading
+
+        self.fn, self.pause, self.lock = fn, pause, threading.Lock()
+        self.now = self.most = 0
+        self.starts: list[float] = []
+        self.failed_at: float | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        import time
+
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.starts.append(time.monotonic())
+        try:
+            time.sleep(self.pause)
+            return self.fn(*args)
+        except Exception:
+            with self.lock:
+                self.failed_at = self.failed_at or time.monotonic()
+            raise
+        finally:
+            with self.lock:
+                self.now -= 1
+
+    def started_after_failure(self) -> int:
+        return sum(t > self.failed_at for t in self.starts) if self.failed_at is not None else 0

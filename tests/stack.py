@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from pipelines.settings import DataLayout
+from pipelines.settings import RAY_LOOPBACK_ENV, DataLayout
 
 
 @pytest.fixture(scope="session")
@@ -32,10 +32,14 @@ def ray_cluster() -> Iterator[object]:
     Yields the context (its `dashboard_url` addresses the state API of this cluster, not another one that
     may run on the same machine).
     """
+    # Before ray is imported (Ray reads it then): the node address is 127.0.0.1 and Ray listens on loopback only.
+    os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
     import ray
 
-    # With the dashboard: its state API lets Ray Train clean up after a killed worker.
-    ctx = ray.init(num_cpus=2, log_to_driver=True, ignore_reinit_error=True)
+    # address="local": a new instance of our own, never a stack's head that may run on this machine. With the
+    # dashboard: its state API lets Ray Train clean up after a killed worker.
+    ctx = ray.init(address="local", num_cpus=2, log_to_driver=True, include_dashboard=True,
+                   dashboard_host="127.0.0.1", ignore_reinit_error=True)  # each tier's conftest has this fixture
     yield ctx
     ray.shutdown()
 

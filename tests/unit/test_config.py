@@ -144,11 +144,11 @@ def test_with_overrides_validates_like_a_file() -> None:
     v1 = load_recipe("v1")
     with pytest.raises(ValueError, match="unknown recipe section 'optimiser'"):
         v1.with_overrides(optimiser={"lr_per_256": 0.1})
-    with pytest.raises(ValidationError, match=r"optim\.nope"):
+    with pytest.raises(RecipeError, match=r"optim\.nope"):
         v1.with_overrides(optim={"nope": 1})
-    with pytest.raises(ValidationError, match=r"data\.batch_size"):
+    with pytest.raises(RecipeError, match=r"data\.batch_size"):
         v1.with_overrides(data={"batch_size": -1})
-    with pytest.raises(ValidationError, match="eval_every"):
+    with pytest.raises(RecipeError, match="eval_every"):
         v1.with_overrides(schedule={"epochs": 1, "eval_every": 2})
 
 

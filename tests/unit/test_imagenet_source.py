@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import damage_class_tar
 
 from pipelines import imagenet
 from pipelines.demo_data import DemoSummary, extract_to_tree, write_demo_imagenet
@@ -202,22 +203,67 @@ def test_tar_cut_between_members_is_truncated(layouts: dict[str, Path], tmp_path
     assert imagenet.TRAIN_ARCHIVE in message and "truncated" in message
 
 
-def test_corrupt_class_tar_is_named_when_read(layouts: dict[str, Path], tmp_path: Path, demo: DemoSummary) -> None:
-    root = _copy(layouts, "archives", tmp_path)
+def _rewrite_train(root: Path, edit: dict[str, bytes]) -> None:
+    """Replace (or add) class tars of the train archive, written with plain `tarfile`."""
     members = {}
     with tarfile.open(root / imagenet.TRAIN_ARCHIVE) as tar:
         for m in tar:
             members[m.name] = tar.extractfile(m).read()  # type: ignore[union-attr]
-    broken = f"{demo.wnids[1]}.tar"
-    members[broken] = b"garbage" * 1000
+    members.update(edit)
     with tarfile.open(root / imagenet.TRAIN_ARCHIVE, "w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    src = open_source(root)  # headers only: opening succeeds
-    with pytest.raises(ImageNetSourceError, match=broken):
-        list(src.iter_train())
+
+
+def test_corrupt_class_tar_is_named_when_the_archive_is_opened(
+    layouts: dict[str, Path], tmp_path: Path, demo: DemoSummary
+) -> None:
+    # Each class tar's first header is read with the index (one block each), not when its unit's turn comes.
+    root = _copy(layouts, "archives", tmp_path)
+    broken = f"{demo.wnids[1]}.tar"
+    _rewrite_train(root, {broken: b"garbage" * 1000})
+    with pytest.raises(ImageNetSourceError, match=rf"^{broken} in .*{imagenet.TRAIN_ARCHIVE}: corrupt"):
+        open_source(root)
+
+
+def test_empty_class_tar_is_named_when_the_archive_is_opened(
+    layouts: dict[str, Path], tmp_path: Path, demo: DemoSummary
+) -> None:
+    # Like a tree's empty class folder: a class without a train image is not a dataset.
+    root = _copy(layouts, "archives", tmp_path)
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w").close()
+    _rewrite_train(root, {f"{demo.wnids[2]}.tar": empty.getvalue()})
+    with pytest.raises(ImageNetSourceError, match=rf"{demo.wnids[2]}.tar in .*: holds no images"):
+        open_source(root)
+
+
+def test_class_tar_damaged_inside_is_named_when_read_not_read_shorter(
+    layouts: dict[str, Path], tmp_path: Path, demo: DemoSummary
+) -> None:
+    # tarfile alone stops quietly at a bad header past the first and yields the members before it.
+    root = _copy(layouts, "archives", tmp_path)
+    victim = damage_class_tar(root / imagenet.TRAIN_ARCHIVE, 1, member=2)
+    src = open_source(root)  # the first header is whole: opening succeeds
+    unit = src.train_units()[1]
+    assert f"{unit.wnid}.tar" == victim.name
+    with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*: corrupt.*bad member header"):
+        list(src.iter_train_unit(unit))
+    assert len(list(src.iter_train_unit(src.train_units()[0]))) == SMALL["train_per_class"]  # others read whole
+
+
+def test_outer_tar_damaged_inside_is_named_not_read_shorter(layouts: dict[str, Path], tmp_path: Path) -> None:
+    root = _copy(layouts, "archives", tmp_path)
+    path = root / imagenet.VAL_ARCHIVE
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[2]
+    data = bytearray(path.read_bytes())
+    data[third.offset : third.offset + 512] = b"\xff" * 512
+    path.write_bytes(bytes(data))
+    message = _error(root)
+    assert message.startswith(f"{path}: corrupt: bad member header at byte {third.offset}"), message
 
 
 def _rewrite_devkit(root: Path, edit: dict[str, bytes]) -> None:

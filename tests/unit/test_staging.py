@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from helpers import (BAD_INPUTS, STAGE_PARAMS, add_images, damaged_source, read_samples, shard_paths,
-                     stage_directly, work_of)
+from helpers import (BAD_INPUTS, STAGE_PARAMS, ConcurrencyProbe, add_images, damage_class_tar, damaged_source,
+                     read_samples, shard_paths, stage_directly, work_of)
 from PIL import Image
 
 from pipelines import staging
@@ -762,22 +762,36 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(demo_archives: Path, tmp_
     assert not out.exists()
 
 
-def test_a_corrupt_class_tar_fails_mid_run_and_finishes_nothing(
-    demo_archives: Path, demo_summary: DemoSummary, tmp_path: Path
+def test_a_corrupt_class_tar_fails_when_the_archive_is_indexed(demo_archives: Path, tmp_path: Path) -> None:
+    from pipelines.imagenet import ImageNetSourceError
+
+    source = tmp_path / "archives"
+    shutil.copytree(demo_archives, source)
+    train = source / "ILSVRC2012_img_train.tar"
+    victim = damage_class_tar(train, 2)  # the class tar's first header; the outer tar's headers stay whole
+    out = tmp_path / "out"
+    with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*{train.name}: corrupt"):
+        _stage(source, out)
+    assert not out.exists()  # before anything was written, not when the unit's turn came
+
+
+def test_a_class_tar_damaged_inside_fails_mid_run_at_once_and_finishes_nothing(
+    demo_archives: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipelines.imagenet import ImageNetSourceError
 
     source = tmp_path / "archives"
     shutil.copytree(demo_archives, source)
     train = source / "ILSVRC2012_img_train.tar"
-    with tarfile.open(train, "r:") as tar:
-        victim = [m for m in tar if m.isfile()][2]  # the headers of the outer tar stay whole
-    data = bytearray(train.read_bytes())
-    data[victim.offset_data : victim.offset_data + 512] = b"\xff" * 512  # the class tar's first header
-    train.write_bytes(bytes(data))
+    victim = damage_class_tar(train, 1, member=3)  # a later header: found only when the unit reads it
+    probe = ConcurrencyProbe(staging.process_unit)
+    monkeypatch.setattr(staging, "process_unit", probe)
     out = tmp_path / "out"
-    with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*{train.name}: corrupt"):
-        _stage(source, out)
+    with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*{train.name}: corrupt.*bad member header"):
+        # More mapper threads than workers, as the flow's task runner has: the others must not go on.
+        _stage(source, out, map_units=staging.thread_map(4), workers=1)
+    assert probe.failed_at is not None and probe.started_after_failure() == 0
+    assert len(probe.starts) < 5  # 4 class units + 1 val unit: the run ended at the bad one
     assert not (out / staging.LATEST).exists()
     assert not list(out.rglob(staging.MANIFEST)) and not list(out.rglob("*.tmp"))
     # What finished is kept for a rerun; no version folder was started.

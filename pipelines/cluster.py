@@ -1,0 +1,108 @@
+"""The Ray cluster a job runs on: joining it (or starting a local one), and checking a job fits before it starts.
+
+Ray Train waits for resources that never come (an 8-GPU recipe on a CPU machine retries its worker group without
+limit), so every job's request is compared with the cluster's nodes first and refused in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+from pipelines.config import Recipe
+from pipelines.settings import RAY_LOOPBACK_ENV
+
+Resources = Mapping[str, float]
+# Resource names Ray adds by itself (node:<ip>, memory, object store): never asked for by a recipe.
+_SHOWN = ("CPU", "GPU")
+
+
+class ClusterError(ValueError):
+    """The cluster cannot run the job as asked."""
+
+
+def worker_resources(recipe: Recipe) -> dict[str, float]:
+    """What one Ray Train worker of this recipe asks for."""
+    return {"CPU": float(recipe.ray.cpus_per_worker), **({"GPU": 1.0} if recipe.ray.use_gpu else {})}
+
+
+def _describe(resources: Resources) -> str:
+    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in _SHOWN if resources.get(k)) + "}"
+
+
+def unmet_request(workers: int, per_worker: Resources, nodes: Sequence[Resources]) -> str | None:
+    """Why `workers` bundles of `per_worker` cannot all be placed on `nodes` (total resources of each alive
+    node), or None when they can. Placement is first-fit, as Ray's SPREAD/PACK strategies both need every
+    bundle whole on one node."""
+    free = [dict(n) for n in nodes]
+    placed = 0
+    for _ in range(workers):
+        for node in free:
+            if all(node.get(k, 0.0) >= v for k, v in per_worker.items()):
+                for k, v in per_worker.items():
+                    node[k] = node.get(k, 0.0) - v
+                placed += 1
+                break
+        else:
+            break
+    if placed == workers:
+        return None
+    totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in _SHOWN}
+    missing = [k for k, v in per_worker.items() if v * workers > totals.get(k, 0.0)] or [
+        f"room on one node for a whole worker ({_describe(per_worker)})"]
+    return (f"the job asks for {workers} workers x {_describe(per_worker)}, the cluster has {len(nodes)} "
+            f"node(s) with {_describe(totals)} in all (per node: {', '.join(_describe(n) for n in nodes)}); "
+            f"missing: {', '.join(missing)}. Lower ray.num_workers / ray.cpus_per_worker, set ray.use_gpu: false, "
+            "or add nodes")
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(recipe: Recipe, extra_tasks: int = 0) -> None:
+    """Raise ClusterError unless the connected cluster can hold the recipe's workers (plus `extra_tasks` more
+    worker-sized tasks alongside, e.g. none: val runs after training)."""
+    problem = unmet_request(recipe.ray.num_workers + extra_tasks, worker_resources(recipe), alive_node_resources())
+    if problem:
+        raise ClusterError(problem)
+
+
+def connect(address: str | None, env: Mapping[str, str] | None = None) -> Any:
+    """Join the cluster at `address`, or start a local instance bound to 127.0.0.1 when it is None.
+
+    Explicit: ray.init() without an address would join whatever cluster `ray start` last left on this machine.
+    """
+    local = address is None or address == "local"
+    if local:
+        # Read by Ray when it is first imported: `effnet` sets it at start (settings.use_stack); this covers
+        # callers of the Python API that have not imported ray yet.
+        os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
+    import ray
+
+    if ray.is_initialized():
+        return None
+    runtime_env = {"env_vars": dict(env)} if env else None
+    with _keep_sigterm_handler():
+        if local:
+            return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                            log_to_driver=True, runtime_env=runtime_env)
+        return ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """A Ray driver replaces the SIGTERM handler with sys.exit. Where one was installed before (Prefect's, which
+    turns the runner's SIGTERM into a cancellation), keep it: under Ray's, a cancelled flow run ends Crashed."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)

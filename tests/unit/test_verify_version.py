@@ -1,0 +1,51 @@
+"""A staged version is checked against its manifest before a job reads it: missing or truncated files (a stat
+each) before Ray starts; every byte on request (`effnet verify`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines import cli, staging
+from pipelines.config import load_recipe
+from pipelines.train import validate_job
+
+pytestmark = pytest.mark.unit
+
+
+def _shard(version, split="train"):
+    return next(version / s["path"] for s in staging.read_manifest(version)["shards"] if s["split"] == split)
+
+
+def test_a_whole_version_passes_every_check(staged_dataset, capsys):
+    assert staging.damaged_files(staged_dataset, checksums=True) == []
+    assert cli.main(["verify", str(staged_dataset)]) == 0
+    assert "sizes and sha256 as in the manifest" in capsys.readouterr().out
+
+
+def test_a_truncated_or_deleted_shard_stops_the_job_before_ray(copy_staged, capsys):
+    truncated, deleted = _shard(copy_staged, "train"), _shard(copy_staged, "minival")
+    truncated.write_bytes(truncated.read_bytes()[:512])
+    deleted.unlink()
+    recipe = load_recipe("demo").with_overrides(model={"phi": -9})
+    with pytest.raises(staging.StagingError) as err:
+        validate_job(recipe, copy_staged)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"{deleted.relative_to(copy_staged)} is missing" in message
+    assert f"{truncated.relative_to(copy_staged)} has 512 bytes" in message
+    assert "run `effnet stage` again" in message
+    assert cli.main(["verify", str(copy_staged), "--sizes-only"]) == 2
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_a_changed_byte_is_found_by_the_checksums_only(copy_staged, capsys):
+    shard = _shard(copy_staged)
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert staging.damaged_files(copy_staged) == []  # same size: the quick check before a job passes
+    assert staging.damaged_files(copy_staged, checksums=True) == [
+        f"{shard.relative_to(copy_staged)} does not match its sha256"]
+    assert cli.main(["verify", str(copy_staged)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not match its sha256" in err
