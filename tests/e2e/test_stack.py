@@ -307,8 +307,8 @@ def test_stop_leaves_nothing_and_the_data_dir_works_without_the_stack(stack: Sta
                            "--data", str(stack.root / "datasets" / version), env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     result = json.loads(trained.stdout)
-    local = DataLayout(stack.root).tracking_uri
-    assert local.startswith("sqlite:")
+    # The store the data directory holds (this process's MLFLOW_TRACKING_URI may name another test's store).
+    local = f"sqlite:///{DataLayout(stack.root).mlflow_db}"
     c = MlflowClient(tracking_uri=local, registry_uri=local)
     # The stack's version 1 and this one, in the one registry.
     assert result["version"] == "2"
