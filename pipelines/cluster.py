@@ -16,7 +16,7 @@ from pipelines.config import Recipe
 from pipelines.settings import RAY_LOOPBACK_ENV
 
 Resources = Mapping[str, float]
-# Resource names Ray adds by itself (node:<ip>, memory, object store): never asked for by a recipe.
+# The resources a recipe asks for, the only ones messages show (Ray also lists memory, object store, node:<ip>).
 _SHOWN = ("CPU", "GPU")
 
 
@@ -65,10 +65,10 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
 
 
-def check_fits(recipe: Recipe, extra_tasks: int = 0) -> None:
-    """Raise ClusterError unless the connected cluster can hold the recipe's workers (plus `extra_tasks` more
-    worker-sized tasks alongside, e.g. none: val runs after training)."""
-    problem = unmet_request(recipe.ray.num_workers + extra_tasks, worker_resources(recipe), alive_node_resources())
+def check_fits(recipe: Recipe) -> None:
+    """Raise ClusterError unless the connected cluster can hold the recipe's workers (val runs after training,
+    in one worker's resources, so it needs nothing more)."""
+    problem = unmet_request(recipe.ray.num_workers, worker_resources(recipe), alive_node_resources())
     if problem:
         raise ClusterError(problem)
 

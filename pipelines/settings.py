@@ -60,6 +60,8 @@ def is_loopback_address(address: str | None) -> bool:
         return True
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     return host in ("127.0.0.1", "localhost", "::1")
+
+
 # The checkout root: pipelines/ sits directly under it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

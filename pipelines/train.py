@@ -428,35 +428,32 @@ def _open_job(
     return job
 
 
-class _Trainer:
-    """A TorchTrainer whose run can be aborted from the driver (a cancelled flow run, Ctrl-C), so Ray Train
-    stops its workers and withdraws its resource request instead of leaving them to the owner's death."""
+def _abortable_trainer(*args: Any, **kwargs: Any) -> Any:
+    """A TorchTrainer whose run can be aborted from the driver (a cancelled flow run), so Ray Train stops its
+    workers and withdraws its resource request instead of leaving them to the owner's death (`_abort`)."""
+    from ray.train.torch import TorchTrainer
 
-    @staticmethod
-    def build(*args: Any, **kwargs: Any) -> Any:
-        from ray.train.torch import TorchTrainer
+    class AbortableTorchTrainer(TorchTrainer):
+        controller: Any = None
 
-        class AbortableTorchTrainer(TorchTrainer):
-            controller: Any = None
+        # NOTE: Ray 2.60's only hook that sees the controller actor (DataParallelTrainer registers its own
+        # SIGINT handler with it); pinned in constraints.txt.
+        def _register_sigint_handler(self, controller: Any) -> None:
+            self.controller = controller
+            super()._register_sigint_handler(controller)
 
-            # NOTE: Ray 2.60's only hook that sees the controller actor (DataParallelTrainer registers its own
-            # SIGINT handler with it); pinned in constraints.txt.
-            def _register_sigint_handler(self, controller: Any) -> None:
-                self.controller = controller
-                super()._register_sigint_handler(controller)
+    return AbortableTorchTrainer(*args, **kwargs)
 
-        return AbortableTorchTrainer(*args, **kwargs)
 
-    @staticmethod
-    def abort(trainer: Any) -> None:
-        import ray
+def _abort(trainer: Any) -> None:
+    import ray
 
-        if getattr(trainer, "controller", None) is None:
-            return
-        try:
-            ray.get(trainer.controller.abort.remote(), timeout=25)
-        except Exception:  # noqa: BLE001 (already gone: nothing left to stop)
-            pass
+    if getattr(trainer, "controller", None) is None:
+        return
+    try:
+        ray.get(trainer.controller.abort.remote(), timeout=25)
+    except Exception:  # noqa: BLE001 (already gone: nothing left to stop)
+        pass
 
 
 class _StopOnSigterm:
@@ -507,7 +504,10 @@ class EpochProgress:
     """One line per finished epoch, read from the job's MLflow run while Ray trains (rank 0 logs each epoch
     there as soon as its checkpoint is persisted), so the driver's log (the Prefect run's) follows the job."""
 
-    KEYS = ("train_loss", "minival_top1", "best_minival_top1", "images_per_s", "epoch_seconds", "image_size")
+    # An epoch's metrics land in one batch: once its `epoch_seconds` is seen, the rest of its row is there too,
+    # so that key is read first and decides which epochs are complete.
+    DONE_KEY = "epoch_seconds"
+    KEYS = ("train_loss", "minival_top1", "best_minival_top1", "images_per_s", "image_size")
 
     def __init__(self, c: Any, run_id: str, label: str, epochs: int, emit: Callable[[str], None],
                  interval: float = 2.0):
@@ -533,17 +533,15 @@ class EpochProgress:
                 log.debug("progress poll failed: %s", exc)
 
     def poll(self) -> None:
-        # An epoch's metrics land in one batch: once its `epoch_seconds` is seen, the rest of its row is there
-        # too, so that key is read first and decides which epochs are complete.
-        done = sorted({m.step for m in self.c.get_metric_history(self.run_id, "epoch_seconds") if m.step > self.shown})
-        if not done:
+        rows = {m.step: {self.DONE_KEY: m.value}
+                for m in self.c.get_metric_history(self.run_id, self.DONE_KEY) if m.step > self.shown}
+        if not rows:
             return
-        rows: dict[int, dict[str, float]] = {epoch: {} for epoch in done}
         for key in self.KEYS:
             for m in self.c.get_metric_history(self.run_id, key):
                 if m.step in rows:
                     rows[m.step][key] = m.value
-        for epoch in done:
+        for epoch in sorted(rows):
             self.emit(format_epoch_line(self.label, epoch, self.epochs, rows[epoch]))
             self.shown = epoch
 
@@ -591,7 +589,7 @@ def run_training(
     job = _open_job(c, exp_id, layout, spec, recipe, manifest, tags or {})
     spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
                                tracking_uri=layout.tracking_uri, run_id=job.run_id)
-    trainer = _Trainer.build(
+    trainer = _abortable_trainer(
         train_worker,
         train_loop_config=spec_for_workers.model_dump(),
         scaling_config=ray.train.ScalingConfig(
@@ -612,7 +610,7 @@ def run_training(
         except Exception:  # noqa: BLE001 (the tracking server may be what failed)
             log.warning("could not mark MLflow run %s %s", job.run_id, RUN_STATUS[status])
 
-    stop = _StopOnSigterm(lambda: (record("killed"), _Trainer.abort(trainer)))
+    stop = _StopOnSigterm(lambda: (record("killed"), _abort(trainer)))
     try:
         with EpochProgress(c, job.run_id, spec.name, recipe.schedule.epochs, progress or log.info), stop:
             result = trainer.fit()
@@ -630,10 +628,9 @@ def run_training(
         # SystemExit) is the job being stopped from outside. Recorded first, as a canceller waits only so long
         # (Prefect's runner: 30 s) before a SIGKILL; stopping Ray Train's workers takes longer.
         record("failed" if isinstance(exc, Exception) else "killed")
-        _Trainer.abort(trainer)
+        _abort(trainer)
         raise
-    c.set_terminated(job.run_id, "FINISHED")
-    job.mark("finished")
+    record("finished")
     return out
 
 
