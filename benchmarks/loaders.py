@@ -51,7 +51,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines import loaders, staging  # noqa: E402
+from pipelines.dataset import read_manifest, select_tier
+from pipelines.loading import make_loader
+from pipelines.loading.transforms import random_resized_crop_box
+from pipelines.loading.wds import _collate
+from pipelines.staging import stager  # noqa: E402
+from pipelines.staging.params import StageParams
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "loaders.json"
 RESOLUTIONS = (128, 224)
@@ -95,7 +100,7 @@ class JpegFolder(Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)
         with open(path, "rb") as f:
             img = Image.open(f).convert("RGB")  # a full decode, as torchvision's pil_loader
-        left, top, w, h = loaders.random_resized_crop_box(img.width, img.height, rng)
+        left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
         img = img.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR,
                          box=(left, top, left + w, top + h))
         if rng.random() < 0.5:
@@ -105,7 +110,7 @@ class JpegFolder(Dataset):
 
 def baseline_loader(root: Path, resolution: int, batch: int, workers: int) -> DataLoader:
     return DataLoader(JpegFolder(root, resolution), batch_size=batch, shuffle=True, num_workers=workers,
-                      drop_last=True, collate_fn=loaders._collate)
+                      drop_last=True, collate_fn=_collate)
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -128,17 +133,17 @@ def measure(make: Callable[[], Any]) -> dict[str, Any]:
 
 def stage(source: Path, out: Path, tiers: tuple[int, ...], workers: int, ffcv_write_mode: str = "jpg"
           ) -> tuple[Path, float]:
-    params = staging.StageParams(tiers=tiers, shard_size=256, minival=0, formats=("ffcv", "dali"),
+    params = StageParams(tiers=tiers, shard_size=256, minival=0, formats=("ffcv", "dali"),
                                  ffcv_write_mode=ffcv_write_mode)
     t0 = time.perf_counter()
-    dest = staging.stage(source, out, params, log=lambda *a: print("  ", *a), workers=workers, base_version=None)
+    dest = stager.stage(source, out, params, log=lambda *a: print("  ", *a), workers=workers, base_version=None)
     return dest, time.perf_counter() - t0
 
 
 def profile_wds(dataset: Path, resolution: int, batch: int, batches: int = 8, top: int = 14) -> str:
     """Where the wds backend's time goes, in-process, by own time. With one torch thread, as in a DataLoader
     worker (on a busy 2-core host, torch's 2-thread copies of one small image take milliseconds)."""
-    loader = loaders.make_loader(dataset, "train", resolution, batch, num_workers=0)
+    loader = make_loader(dataset, "train", resolution, batch, num_workers=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     prof = cProfile.Profile()
@@ -160,7 +165,7 @@ def gpu_section(dataset: Path, batch: int, workers: int) -> dict[str, Any]:
         message = "--gpu: CUDA is not available on this machine; DALI 'mixed' decoding was not measured."
         print(message)
         return {"skipped": message}
-    r = measure(lambda: loaders.make_loader(dataset, "train", 224, batch, num_workers=workers, backend="dali"))
+    r = measure(lambda: make_loader(dataset, "train", 224, batch, num_workers=workers, backend="dali"))
     gpus = r["images_per_s"] / B0_A100_IMAGES_PER_S
     print(f"--gpu: DALI mixed at 224 px: {r['images_per_s']:.0f} img/s = {gpus:.2f} A100s of B0 training "
           f"({B0_A100_IMAGES_PER_S} img/s each)")
@@ -195,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiered, tiered_s = stage(source, staged, TIERS, cores)
     tiered_raw, tiered_raw_s = stage(source, staged, TIERS, cores, ffcv_write_mode="raw")
     originals, originals_s = stage(source, staged, (ORIGINALS_TIER,), cores)
-    n_train = staging.read_manifest(tiered)["splits"]["train"]["samples"]
+    n_train = read_manifest(tiered)["splits"]["train"]["samples"]
 
     configs: dict[tuple[str, str, int], Callable[[], Any]] = {}
     for res in RESOLUTIONS:
@@ -203,10 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             source / "train", res, args.batch, args.workers)
         for backend in BACKENDS:
             for where, dataset in (("tier", tiered), ("originals", originals)):
-                configs[(backend, where, res)] = lambda b=backend, d=dataset, res=res: loaders.make_loader(
+                configs[(backend, where, res)] = lambda b=backend, d=dataset, res=res: make_loader(
                     d, "train", res, args.batch, num_workers=args.workers, backend=b)
         # FFCV's own trade: pixels stored raw (no JPEG decode when loading) for ~6x the disk of tier JPEGs.
-        configs[("ffcv-raw", "tier", res)] = lambda res=res: loaders.make_loader(
+        configs[("ffcv-raw", "tier", res)] = lambda res=res: make_loader(
             tiered_raw, "train", res, args.batch, num_workers=args.workers, backend="ffcv")
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {key: [] for key in configs}
     for r in range(args.rounds):
@@ -221,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = {res: best[("baseline", "originals", res)]["images_per_s"] for res in RESOLUTIONS}
     rows = []
     for (backend, where, res), b in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][0] != "baseline")):
-        source_desc = "original JPEGs" if where == "originals" else f"tier {loaders.select_tier(TIERS, res)}"
+        source_desc = "original JPEGs" if where == "originals" else f"tier {select_tier(TIERS, res)}"
         rows.append({"backend": backend, "source": source_desc, "resolution": res,
                      "images_per_s": round(b["images_per_s"], 1), "per_core": round(b["images_per_s"] / cores, 1),
                      "vs_baseline": round(b["images_per_s"] / base[res], 2), "startup_s": b["startup_s"]})
@@ -269,10 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # This run's staging calls: ~0 when the staged copies under --data were reused.
         "staging_s": {"tiers": round(tiered_s, 1), "tiers_ffcv_raw": round(tiered_raw_s, 1),
                       "originals": round(originals_s, 1)},
-        "disk_mb": {name: round(sum(e["bytes"] for e in staging.read_manifest(d)["extra"]["ffcv"]
+        "disk_mb": {name: round(sum(e["bytes"] for e in read_manifest(d)["extra"]["ffcv"]
                                     if e["split"] == "train") / 1e6, 1)
                     for name, d in (("ffcv_jpg_train", tiered), ("ffcv_raw_train", tiered_raw))}
-        | {"wds_train": round(sum(s["bytes"] for s in staging.read_manifest(tiered)["shards"]
+        | {"wds_train": round(sum(s["bytes"] for s in read_manifest(tiered)["shards"]
                                   if s["split"] == "train") / 1e6, 1)},
         "results": rows,
         "goals": goals,

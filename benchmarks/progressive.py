@@ -42,19 +42,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines import staging
-    from pipelines.config import load_recipe
-    from pipelines.demo_data import write_demo_imagenet
     from pipelines.settings import DataLayout
-    from pipelines.train import run_training
+    from pipelines.source.demo import write_demo_imagenet
+    from pipelines.staging.params import StageParams
+    from pipelines.staging.stager import stage
+    from pipelines.training.job import run_training
+    from pipelines.training.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-progressive-"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     archives = write_demo_imagenet(work / "archives", num_classes=args.classes,
                                    train_per_class=args.train_per_class, val_per_class=10, seed=7,
                                    image_size=tuple(args.image_size)).out_dir
-    params = staging.StageParams(tiers=tuple(args.sizes), shard_size=64, minival=0.2, seed=0, max_bad_fraction=0.05)
-    dataset = staging.stage(archives, work / "datasets", params, log=lambda *_: None)
+    params = StageParams(tiers=tuple(args.sizes), shard_size=64, minival=0.2, seed=0, max_bad_fraction=0.05)
+    dataset = stage(archives, work / "datasets", params, log=lambda *_: None)
 
     progressive = load_recipe("demo-progressive").with_overrides(
         schedule={"epochs": args.epochs}, model={"phi": args.phi}, progressive={"image_size": list(args.sizes)})

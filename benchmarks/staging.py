@@ -56,7 +56,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines import imagenet, staging  # noqa: E402
+from pipelines.dataset import SPLITS, read_manifest
+from pipelines.source import imagenet
+from pipelines.staging.params import ENCODING, WORK, StageParams
+from pipelines.staging.runners import Mapper, available_cores, thread_map
+from pipelines.staging.spools import process_unit
+from pipelines.staging.stager import stage  # noqa: E402
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "staging.json"
 IMAGE_SIZE = (500, 375)  # the most common ImageNet size
@@ -130,7 +135,7 @@ def make_images(root: Path, images: int, workers: int, seed: int = 0) -> dict[st
 # --------------------------------------------------------------------------------------------- staging
 
 
-def _timed(mapper: staging.Mapper, into: dict[str, float], phase: str) -> staging.Mapper:
+def _timed(mapper: Mapper, into: dict[str, float], phase: str) -> Mapper:
     def run(fn: Any, args: list[tuple[Any, ...]]) -> list[Any]:
         t0 = time.perf_counter()
         try:
@@ -154,21 +159,21 @@ def _figures(images: int, seconds: float, cpu: float, nbytes: int) -> dict[str, 
 
 
 def run_staging(
-    source: Path, out: Path, params: staging.StageParams, workers: int, units_on: str = "threads"
+    source: Path, out: Path, params: StageParams, workers: int, units_on: str = "threads"
 ) -> dict[str, Any]:
     """Units decoded `workers` at a time on threads (`units_on="threads"`, what `effnet stage` does), in
     `workers` processes ("processes", `effnet stage --processes`), or one after the other ("serial")."""
     phases: dict[str, float] = {}
     unit_workers = 1 if units_on == "serial" else workers
     c0, t0 = _cpu_seconds(), time.perf_counter()
-    dest = staging.stage(source, out, params, map_units=_timed(staging.thread_map(unit_workers), phases, "units"),
-                         map_shards=_timed(staging.thread_map(workers), phases, "shards"), log=lambda *_: None,
+    dest = stage(source, out, params, map_units=_timed(thread_map(unit_workers), phases, "units"),
+                         map_shards=_timed(thread_map(workers), phases, "shards"), log=lambda *_: None,
                          workers=unit_workers, base_version=None, processes=units_on == "processes")
     os.sync()  # the finish line is the same for both sides: every byte written is on disk
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    manifest = staging.read_manifest(dest)
-    images = sum(manifest["splits"][s]["samples"] for s in staging.SPLITS)
-    spools = sum(p.stat().st_size for p in (out / staging.WORK).rglob("*.tar"))
+    manifest = read_manifest(dest)
+    images = sum(manifest["splits"][s]["samples"] for s in SPLITS)
+    spools = sum(p.stat().st_size for p in (out / WORK).rglob("*.tar"))
     return {**_figures(images, seconds, cpu, sum(s["bytes"] for s in manifest["shards"])), "spool_bytes": spools,
             "phases_s": {k: round(v, 2) for k, v in phases.items()}, "bad_files": len(manifest["bad_files"])}
 
@@ -217,10 +222,10 @@ def run_ffcv(source: Path, out: Path, workers: int) -> dict[str, Any]:
 def profile_one_class(source: Path, scratch: Path, top: int = 18) -> None:
     """Where one class's time goes in process_unit (decode, resize, encode, spool), in this process."""
     unit = imagenet.open_source(source).train_units()[0]
-    params = staging.StageParams()
+    params = StageParams()
     prof = cProfile.Profile()
     prof.enable()
-    staging.process_unit(unit, "train", scratch, params)
+    process_unit(unit, "train", scratch, params)
     prof.disable()
     print(f"\nprocess_unit on one class ({len(unit.names)} images), by own time:")
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
@@ -264,7 +269,7 @@ def machine() -> dict[str, Any]:
     except (OSError, StopIteration):
         pass
     info: dict[str, Any] = {"platform": platform.platform(), "cpu": model or platform.processor(),
-                            "cores": staging.available_cores(), "python": platform.python_version(),
+                            "cores": available_cores(), "python": platform.python_version(),
                             "pillow": PIL.__version__}
     try:
         from PIL import features
@@ -289,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=2000, help="images to generate (train + val), 20 classes")
     p.add_argument("--repeats", type=int, default=2, help="runs per side; the best is reported")
-    p.add_argument("--workers", type=int, default=staging.available_cores())
+    p.add_argument("--workers", type=int, default=available_cores())
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "effnet-staging-bench",
                    help="where the generated images are kept between runs")
     p.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
@@ -302,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     info = machine()
     # Default tiers, shard size and JPEG quality unless --tiers; a 2 % minival.
-    params = staging.StageParams(minival=0.02, **({"tiers": tuple(args.tiers)} if args.tiers else {}))
+    params = StageParams(minival=0.02, **({"tiers": tuple(args.tiers)} if args.tiers else {}))
     source = args.data / f"images-{args.images}"
     images = make_images(source, args.images, args.workers)
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
@@ -362,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "tiers": tiers,
         "staging_settings": {"shard_size": params.shard_size, "minival": params.minival,
-                             "jpeg_quality": params.jpeg_quality, "encoding": staging.ENCODING},
+                             "jpeg_quality": params.jpeg_quality, "encoding": ENCODING},
         "ffcv_settings": {**FFCV_SETTINGS, "chunksize": FFCV_CHUNKSIZE, "num_workers": args.workers,
                           "source": "ffcv-imagenet write_imagenet.sh (500 0.50 90)"},
         "best": best,

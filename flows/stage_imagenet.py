@@ -1,6 +1,6 @@
 """Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
 
-Only sequencing lives here; `pipelines.staging.stage` does the work and calls back into this flow to run its
+Only sequencing lives here; `pipelines.staging.stager` does the work and calls back into this flow to run its
 units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. Exactly
 `workers` unit tasks run (and decode) at once, on their own threads or, with `processes`, each handing its unit
 to one of `workers` processes (see `pipelines.staging.unit_runner`); the first unit or shard that fails (bad
@@ -22,31 +22,36 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from pipelines import staging
-from pipelines.imagenet import ImageNetSourceError
+from pipelines.dataset import DataError
+from pipelines.source.imagenet import ImageNetSourceError
+from pipelines.staging import runners
+from pipelines.staging.params import AUTO, MIN_TRAIN_PER_CLASS, StageParams, StagingError, minival_value
+from pipelines.staging.runners import MAX_WORKERS, Mapper, available_cores, resolve_workers
+from pipelines.staging.spools import UnitResult, unit_identifier
+from pipelines.staging.stager import stage
 
 # Bad input: a wrong path or parameter, a corrupt archive, too many undecodable images.
-BAD_INPUT = (ValueError, FileNotFoundError, staging.StagingError)
+BAD_INPUT = (ValueError, FileNotFoundError, DataError)
 
 
 def _run_step(step: Callable[..., Any], args: tuple) -> Any:
     try:
         return step(*args)
-    except (ImageNetSourceError, staging.StagingError) as exc:
+    except (ImageNetSourceError, StagingError) as exc:
         # Bad input: a failed task with the reason and no traceback in the log; the flow raises `exc`.
         return Failed(message=str(exc), data=exc)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """Retry what may pass on a second try (I/O); bad input fails the same way every time."""
-    return not isinstance(state.data, (ImageNetSourceError, staging.StagingError))
+    return not isinstance(state.data, (ImageNetSourceError, StagingError))
 
 
 # Idempotence comes from the files themselves (checksummed spools and shards), not from Prefect's cache.
 # `step` is the staging function to run, wrapped by `stage` to count progress (and, for units, to run in a
 # worker process); its arguments travel quoted so that Prefect does not walk the (large) plan for futures.
 @task(retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_bad_input)
-def stage_unit(step: Callable[..., staging.UnitResult], args: tuple) -> staging.UnitResult:
+def stage_unit(step: Callable[..., UnitResult], args: tuple) -> UnitResult:
     return _run_step(step, args)
 
 
@@ -55,7 +60,7 @@ def stage_shard(step: Callable[..., dict], args: tuple) -> dict:
     return _run_step(step, args)
 
 
-def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> staging.Mapper:
+def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> Mapper:
     """A mapper that submits one task per argument tuple, `window` at a time, and returns the results in order.
 
     Tasks are submitted as others finish rather than all at once: what runs is what the window says (no task
@@ -84,28 +89,28 @@ def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> staging.M
 def stage_params(
     tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000, seed: int = 0,
     jpeg_quality: int = 90, max_bad_fraction: float = 0.01, formats: list[str] | None = None,
-) -> staging.StageParams:
+) -> StageParams:
     """The flow's parameters as StageParams: `minival` >= 1 is a whole number of images, below 1 a fraction.
     Only None means a default (an empty `tiers` is an error, not the default tiers)."""
-    return staging.StageParams(
-        tiers=staging.StageParams().tiers if tiers is None else tuple(tiers), shard_size=shard_size,
-        minival=staging.minival_value(minival), seed=seed, jpeg_quality=jpeg_quality,
+    return StageParams(
+        tiers=StageParams().tiers if tiers is None else tuple(tiers), shard_size=shard_size,
+        minival=minival_value(minival), seed=seed, jpeg_quality=jpeg_quality,
         max_bad_fraction=max_bad_fraction, formats=tuple(formats or ()),
     )
 
 
 # The mappers bound what runs at once (units: `workers`, shards: `_SHARD_TASKS`); the runner only needs enough
 # threads for the larger of the two windows.
-_SHARD_TASKS = 2 * staging.available_cores()  # shard tasks wait on disk: a few more than the cores keep it busy
+_SHARD_TASKS = 2 * available_cores()  # shard tasks wait on disk: a few more than the cores keep it busy
 
 
-@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(staging.MAX_WORKERS, _SHARD_TASKS)),
+@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(MAX_WORKERS, _SHARD_TASKS)),
       log_prints=True)
 def stage_imagenet(
     source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
-    seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = staging.AUTO,
+    seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = AUTO,
     workers: int | None = None, progress_bar: bool = False, formats: list[str] | None = None,
-    processes: bool = False, min_train_per_class: int = staging.MIN_TRAIN_PER_CLASS,
+    processes: bool = False, min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> str:
     """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
 
@@ -121,14 +126,14 @@ def stage_imagenet(
     logger = get_run_logger()
     t0 = time.time()
     try:
-        workers = staging.resolve_workers(workers)
-        dest = staging.stage(
+        workers = resolve_workers(workers)
+        dest = stage(
             source, out,
             stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction, formats),
-            map_units=_task_mapper(stage_unit, lambda a: staging.unit_identifier(a[0], a[1]), workers),
+            map_units=_task_mapper(stage_unit, lambda a: unit_identifier(a[0], a[1]), workers),
             map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}",
                                     _SHARD_TASKS),
-            log=logger.info, progress=staging.progress_bar() if progress_bar else None, workers=workers,
+            log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
             base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
         )
     except BAD_INPUT as exc:

@@ -14,15 +14,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from pipelines import cluster
-from pipelines.config import Recipe, load_recipe, parse_family_member
+from pipelines.dataset import DataError, latest_version
 from pipelines.settings import data_layout
-from pipelines.staging import StagingError, latest_version
-from pipelines.train import TrainResult, run_training, validate_job
+from pipelines.training import cluster
+from pipelines.training.job import TrainResult, run_training, validate_job
+from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
 
 # Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
 # fit the job.
-BAD_INPUT = (ValueError, FileNotFoundError, StagingError)
+BAD_INPUT = (ValueError, FileNotFoundError, DataError)
 FLOW_RUN_TAG = "prefect_flow_run_id"  # on each MLflow run: the flow run that trained it (the last one, if resumed)
 
 

@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_KWARGS, STAGE_PARAMS, stage_directly
 
-from pipelines.demo_data import DemoSummary, write_demo_imagenet
+from pipelines.source.demo import DemoSummary, write_demo_imagenet
+
+from helpers import DEMO_KWARGS, STAGE_PARAMS, stage_directly
 
 
 @pytest.fixture(scope="session")

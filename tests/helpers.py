@@ -9,19 +9,20 @@ import tarfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines import staging
+from pipelines.dataset import read_manifest
+from pipelines.staging.params import StageParams
+from pipelines.staging.stager import stage, work_dir
 
 # The tiny demo ImageNet: 4 classes x 12 train (one of them truncated) + 4 val per class, 160x120 px +-15%.
 DEMO_KWARGS: dict[str, Any] = dict(num_classes=4, train_per_class=12, val_per_class=4, seed=0)
 
 # One bad file in 64 is 1.6%, above the default max_bad_fraction of 1%: the tiny set needs a looser limit.
-STAGE_PARAMS = staging.StageParams(tiers=(32, 64), shard_size=8, minival=0.25, seed=0, max_bad_fraction=0.05)
+STAGE_PARAMS = StageParams(tiers=(32, 64), shard_size=8, minival=0.25, seed=0, max_bad_fraction=0.05)
 
-LATEST = staging.LATEST
 
 
 def stage_directly(
-    source_dir: str | Path, out_dir: str | Path, params: staging.StageParams,
+    source_dir: str | Path, out_dir: str | Path, params: StageParams,
     unit_order: Sequence[int] | None = None,
 ) -> Path:
     """The `stage-imagenet` flow's sequence without Prefect; returns the dataset version directory.
@@ -35,12 +36,12 @@ def stage_directly(
         done = {i: fn(*args[i]) for i in order}
         return [done[i] for i in range(len(args))]
 
-    return staging.stage(source_dir, out_dir, params, map_units=map_units, log=lambda *_: None)
+    return stage(source_dir, out_dir, params, map_units=map_units, log=lambda *_: None)
 
 
 def shard_paths(dataset_dir: str | Path, split: str, tier: int) -> list[Path]:
     """The shard files of one split x tier, in manifest (= name) order."""
-    manifest = staging.read_manifest(dataset_dir)
+    manifest = read_manifest(dataset_dir)
     return [Path(dataset_dir) / s["path"] for s in manifest["shards"] if s["split"] == split and s["tier"] == tier]
 
 
@@ -62,10 +63,10 @@ def read_samples(dataset_dir: str | Path, split: str, tier: int) -> dict[str, di
     return samples
 
 
-def work_of(dataset_dir: str | Path, params: staging.StageParams) -> Path:
+def work_of(dataset_dir: str | Path, params: StageParams) -> Path:
     """The spool folder a staged version was made from (shared by versions of the same source + encoding)."""
-    fingerprint = staging.read_manifest(dataset_dir)["source"]["fingerprint"]
-    return staging.work_dir(Path(dataset_dir).parent, fingerprint, params)
+    fingerprint = read_manifest(dataset_dir)["source"]["fingerprint"]
+    return work_dir(Path(dataset_dir).parent, fingerprint, params)
 
 
 def add_images(tree: str | Path, wnids: Sequence[str], per_class: dict[str, int], start: int = 900_000,
@@ -76,7 +77,7 @@ def add_images(tree: str | Path, wnids: Sequence[str], per_class: dict[str, int]
 
     import numpy as np
 
-    from pipelines.demo_data import render_image
+    from pipelines.source.demo import render_image
 
     keys = []
     for wnid, count in per_class.items():
@@ -174,7 +175,7 @@ def damage_class_tar(train_archive: str | Path, index: int, member: int = 0) -> 
 
 
 class ConcurrencyProbe:
-    """Wraps `staging.process_unit` (monkeypatch it in) to count units running at once and when each started and
+    """Wraps `runners.process_unit` (monkeypatch it in) to count units running at once and when each started and
     ended; `pause` seconds inside each unit let overlaps show."""
 
     def __init__(self, fn: Any, pause: float = 0.05) -> None:

@@ -193,8 +193,13 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
 
 
 def test_scheduler_creates_runs(stack: Stack):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
-    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.train_family import train_family
-from pipelines import cluster
-from pipelines.config import load_recipe
-from pipelines.train import run_training
+from pipelines.training import cluster
+from pipelines.training.job import run_training
+from pipelines.training.recipe import load_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,7 @@ def test_run_training_refuses_an_unfit_recipe_before_starting(staged_dataset, da
 
 
 def test_a_damaged_dataset_fails_the_family_before_ray(copy_staged, data_layout_tmp, prefect_server):
-    from pipelines.staging import read_manifest
+    from pipelines.dataset import read_manifest
 
     shard = next(copy_staged / s["path"] for s in read_manifest(copy_staged)["shards"] if s["split"] == "train")
     shard.unlink()

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import models
-from pipelines import tracking
+from pipelines.training import tracking
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import add_images
 
 from flows.stage_imagenet import stage_imagenet
-from pipelines.demo_data import extract_to_tree
-from pipelines.staging import latest_version
+from pipelines.dataset import latest_version
+from pipelines.source.demo import extract_to_tree
+
+from helpers import add_images
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +43,7 @@ def test_stage_flow_writes_a_version_and_reuses_it(demo_archives, tmp_path, pref
 
 
 def test_stage_flow_bad_source_is_a_clear_error(tmp_path, prefect_server):
-    from pipelines.imagenet import ImageNetSourceError
+    from pipelines.source.imagenet import ImageNetSourceError
 
     with pytest.raises(ImageNetSourceError, match="nowhere"):
         stage_imagenet(str(tmp_path / "nowhere"), str(tmp_path / "out"))
@@ -58,7 +59,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 
 def _effnet_stage(tmp_path: Path, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
+        [sys.executable, "-m", "flows.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
          str(source), "--out", str(out), "--tiers", "32", "64", "--shard-size", "8", "--minival", "0.25",
          "--max-bad-fraction", "0.05", *extra],
         capture_output=True, text=True, timeout=300, env=_cli_env(tmp_path),

@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ConcurrencyProbe, damage_class_tar
 
 from flows.stage_imagenet import stage_imagenet
-from pipelines import staging
-from pipelines.demo_data import extract_to_tree
-from pipelines.imagenet import ImageNetSourceError
-from pipelines.staging import StagingError
+from pipelines.dataset import LATEST, MANIFEST
+from pipelines.source.demo import extract_to_tree
+from pipelines.source.imagenet import ImageNetSourceError
+from pipelines.staging import runners
+from pipelines.staging.params import StagingError
+from pipelines.staging.spools import process_unit
+
+from helpers import ConcurrencyProbe, damage_class_tar
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +35,11 @@ def tree(demo_archives: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_flow_decodes_workers_units_at_once(
     tree: Path, tmp_path: Path, prefect_server: None, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
-    probe = ConcurrencyProbe(staging.process_unit, pause=0.2)
-    monkeypatch.setattr(staging, "process_unit", probe)
+    probe = ConcurrencyProbe(process_unit, pause=0.2)
+    monkeypatch.setattr(runners, "process_unit", probe)
     dest = Path(stage_imagenet(str(tree), str(tmp_path / "datasets"), **{**KNOBS, "minival": 0.25},
                                workers=workers))
-    assert (dest / staging.MANIFEST).is_file()
+    assert (dest / MANIFEST).is_file()
     assert len(probe.starts) == 5 and probe.most == workers  # 4 classes + 1 val chunk
 
 
@@ -46,8 +49,8 @@ def test_flow_corrupt_class_tar_mid_run_ends_the_run_at_once(
     source = Path(shutil.copytree(demo_archives, tmp_path / "archives"))
     train = source / "ILSVRC2012_img_train.tar"
     victim = damage_class_tar(train, 0, member=4)  # inside the class tar: found when its unit reads it
-    probe = ConcurrencyProbe(staging.process_unit)
-    monkeypatch.setattr(staging, "process_unit", probe)
+    probe = ConcurrencyProbe(process_unit)
+    monkeypatch.setattr(runners, "process_unit", probe)
     state = stage_imagenet(str(source), str(tmp_path / "datasets"), **KNOBS, workers=1, return_state=True)
     assert state.is_failed()
     assert state.message.startswith(f"{victim.name} in {train}: corrupt or truncated class tar: bad member header")
@@ -74,8 +77,8 @@ def test_flow_bad_input_is_a_failed_run_with_the_message_before_any_unit(
 ) -> None:
     source = Path(shutil.copytree(tree, tmp_path / "tree"))
     (tmp_path / "FILE").write_bytes(b"")
-    probe = ConcurrencyProbe(staging.process_unit)
-    monkeypatch.setattr(staging, "process_unit", probe)
+    probe = ConcurrencyProbe(process_unit)
+    monkeypatch.setattr(runners, "process_unit", probe)
     kwargs = {**KNOBS, **change}
     out = str(kwargs.pop("out", "datasets")).replace("SOURCE", str(source))
     state = stage_imagenet(str(source), str(tmp_path / out), **kwargs, return_state=True)
@@ -93,7 +96,7 @@ def _effnet_stage(tmp_path: Path, source: Path, out: Path, *extra: str) -> subpr
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "ph")}
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
+        [sys.executable, "-m", "flows.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
          str(source), "--out", str(out), "--tiers", "32", "64", "--shard-size", "8", "--minival", "0.25",
          "--max-bad-fraction", "0.05", *extra],
         capture_output=True, text=True, timeout=300, env=env,
@@ -161,4 +164,4 @@ def test_cli_corrupt_class_tar_mid_run_is_one_line(demo_archives: Path, tmp_path
     out = tmp_path / "datasets"
     message = _one_error_line(_effnet_stage(tmp_path, source, out, "--workers", "1"), before_prefect=False)
     assert message.startswith(f"{victim.name} in {train}: corrupt or truncated class tar: bad member header")
-    assert not (out / staging.LATEST).exists() and not list(out.rglob(staging.MANIFEST))
+    assert not (out / LATEST).exists() and not list(out.rglob(MANIFEST))

@@ -12,31 +12,37 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from helpers import BAD_INPUTS, STAGE_PARAMS, damaged_source, stage_directly
 
-from pipelines import staging
-from pipelines.demo_data import write_demo_imagenet
+from pipelines.atomic import sha256_file
+from pipelines.dataset import LATEST, MANIFEST, read_manifest
+from pipelines.source.demo import write_demo_imagenet
+from pipelines.staging import stager
+from pipelines.staging.params import StageParams
+from pipelines.staging.stager import stage
+
+from helpers import BAD_INPUTS, STAGE_PARAMS, damaged_source, stage_directly
 
 pytestmark = pytest.mark.integration
 
-EFFNET = [sys.executable, "-m", "pipelines.cli"]
+EFFNET = [sys.executable, "-m", "flows.cli"]
 
 # Stages argv[1] into argv[2] with two worker processes (whose exit with the killed parent is checked too).
 # Shards are written a little slower than they would be, so that a kill lands among them reliably; the code
 # version is pinned, so a commit made meanwhile does not change the manifest.
 STAGE_SCRIPT = """
 import sys, time
-from pipelines import staging
-params = staging.StageParams(tiers=(64, 128), shard_size=16, minival=0.1, seed=0)
-write_shard = staging.write_shard
+from pipelines.staging import stager
+from pipelines.staging.params import StageParams
+params = StageParams(tiers=(64, 128), shard_size=16, minival=0.1, seed=0)
+write_shard = stager.write_shard
 def slow_write_shard(*args):
     time.sleep(0.03)
     return write_shard(*args)
-staging.write_shard = slow_write_shard
-staging.code_version = lambda: "pinned"
-staging.stage(sys.argv[1], sys.argv[2], params, log=print, workers=2, base_version=None, processes=True)
+stager.write_shard = slow_write_shard
+stager.code_version = lambda: "pinned"
+stager.stage(sys.argv[1], sys.argv[2], params, log=print, workers=2, base_version=None, processes=True)
 """
-RESUME_PARAMS = staging.StageParams(tiers=(64, 128), shard_size=16, minival=0.1, seed=0)
+RESUME_PARAMS = StageParams(tiers=(64, 128), shard_size=16, minival=0.1, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -97,34 +103,34 @@ def test_killed_twice_then_rerun_gives_the_bytes_of_an_uninterrupted_run(
     # ...then, rerun, killed while writing shards.
     _kill_when(bigger_demo, out, lambda: any(out.glob("imagenet-*/*/*.tar")), log)
     assert not list(out.glob("*/manifest.json"))
-    assert not (out / staging.LATEST).exists()
+    assert not (out / LATEST).exists()
     done = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(bigger_demo), str(out)], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "partial files left by an interrupted run" in done.stdout or not list(out.rglob("*.tmp"))
 
     # The same source staged in one go, in this process, by one worker.
-    monkeypatch.setattr(staging, "code_version", lambda: "pinned")
+    monkeypatch.setattr(stager, "code_version", lambda: "pinned")
     clean = tmp_path / "clean"
-    dest = staging.stage(bigger_demo, clean, RESUME_PARAMS, log=lambda *_: None, workers=1, base_version=None)
+    dest = stage(bigger_demo, clean, RESUME_PARAMS, log=lambda *_: None, workers=1, base_version=None)
 
     killed, uninterrupted = _files(out), _files(clean)
-    assert (out / dest.name / staging.MANIFEST).read_bytes() == (dest / staging.MANIFEST).read_bytes()
+    assert (out / dest.name / MANIFEST).read_bytes() == (dest / MANIFEST).read_bytes()
     assert sorted(killed) == sorted(uninterrupted)  # spools, shards, sidecars, keys, manifest, LATEST
     assert [name for name in killed if killed[name] != uninterrupted[name]] == []
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     shards = [p for p in (out / dest.name).rglob("*.tar")]
-    assert len(shards) == len(staging.read_manifest(dest)["shards"])
+    assert len(shards) == len(read_manifest(dest)["shards"])
     for shard in shards:
         sidecar = shard.with_name(shard.name + ".sha256")
         assert sidecar.exists(), f"{shard} has no checksum sidecar"
-        assert sidecar.read_text().strip() == staging.sha256_file(shard)
+        assert sidecar.read_text().strip() == sha256_file(shard)
 
 
 def test_rerunning_a_finished_stage_from_the_cli_is_a_quick_no_op(demo_archives: Path, tmp_path: Path) -> None:
     out = tmp_path / "datasets"
     dest = stage_directly(demo_archives, out, STAGE_PARAMS)
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != staging.LATEST}
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != LATEST}
     t0 = time.monotonic()
     run = subprocess.run(
         [*EFFNET, "--data-dir", str(tmp_path / "data"), "stage", "--source", str(demo_archives), "--out", str(out),

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import stage_directly
+from pipelines.source.demo import write_demo_imagenet
+from pipelines.staging.params import StageParams
+from pipelines.training.job import run_training
+from pipelines.training.recipe import load_recipe
 
-from pipelines import staging
-from pipelines.config import load_recipe
-from pipelines.demo_data import write_demo_imagenet
-from pipelines.train import run_training
+from helpers import stage_directly
 
 pytestmark = pytest.mark.integration
 CLASSES = 4
@@ -22,7 +22,7 @@ def learnable_dataset(tmp_path_factory):
     dataset gives two steps an epoch)."""
     archives = write_demo_imagenet(tmp_path_factory.mktemp("archives"), num_classes=CLASSES, train_per_class=40,
                                    val_per_class=8, seed=1).out_dir
-    params = staging.StageParams(tiers=(64,), shard_size=32, minival=0.2, seed=0, max_bad_fraction=0.05)
+    params = StageParams(tiers=(64,), shard_size=32, minival=0.2, seed=0, max_bad_fraction=0.05)
     return stage_directly(archives, tmp_path_factory.mktemp("datasets"), params)
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_recipe
+from pipelines.training.recipe import load_recipe
 
 pytestmark = pytest.mark.integration
 EPOCHS = 6
@@ -31,7 +31,7 @@ def test_killed_driver_resumes_on_rerun(staged_dataset, data_layout_tmp, ray_clu
     recipe = load_recipe("demo").with_overrides(schedule={"epochs": EPOCHS, "patience": None})
     recipe_file = tmp_path / "no-early-stop.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "pipelines.cli", "--data-dir", str(data_layout_tmp.root), "train",
+    cmd = [sys.executable, "-m", "flows.cli", "--data-dir", str(data_layout_tmp.root), "train",
            "--variant", "phi=-9", "--recipe", str(recipe_file), "--data", str(staged_dataset)]
     # The driver joins this session's Ray cluster, as a driver on a real cluster would.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}

@@ -11,8 +11,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import load_recipe
-from pipelines.train import run_training
+from pipelines.training.job import run_training
+from pipelines.training.recipe import load_recipe
 
 pytestmark = pytest.mark.integration
 EPOCHS = 6

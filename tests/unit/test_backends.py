@@ -20,12 +20,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import STAGE_PARAMS, read_samples, stage_directly
 from PIL import Image
 
-from pipelines import dali_backend, ffcv_backend, loaders, staging
-from pipelines.loaders import DataError, make_loader, rank_positions
-from pipelines.staging import read_manifest
+from pipelines.atomic import sha256_file
+from pipelines.dataset import MANIFEST, SPLITS, DataError, index_path, read_manifest
+from pipelines.loading import ffcv as ffcv_loading
+from pipelines.loading import make_loader
+from pipelines.loading.ffcv import _seeded_crop_decoder_class
+from pipelines.loading.sampling import rank_epoch_indices, rank_positions
+from pipelines.staging.dali_index import index_lines, index_text
+
+from helpers import STAGE_PARAMS, read_samples, stage_directly
 
 BACKENDS = ("ffcv", "dali")
 FORMATS_PARAMS = dataclasses.replace(STAGE_PARAMS, formats=("ffcv", "dali"))
@@ -53,29 +58,29 @@ def _epoch(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.unit
 @pytest.mark.parametrize("n, world_size", [(35, 1), (35, 2), (35, 3), (12, 4), (2, 3), (0, 2)])
 def test_rank_epoch_indices_train_is_a_padded_permutation(n: int, world_size: int) -> None:
-    shares = [loaders.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
+    shares = [rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
     assert {len(s) for s in shares} == {math.ceil(n / world_size)}
     seen = np.concatenate(shares) if n else np.zeros(0, np.int64)
     assert set(seen.tolist()) == set(range(n))
     assert len(seen) - n == (-n) % world_size if n else len(seen) == 0  # only DistributedSampler's padding
-    again = [loaders.rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
+    again = [rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
     assert all(np.array_equal(a, b) for a, b in zip(shares, again, strict=True))
 
 
 @pytest.mark.unit
 def test_rank_epoch_indices_depend_on_seed_and_epoch_only() -> None:
-    base = loaders.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=0)
+    base = rank_epoch_indices(100, True, 0, 1, seed=0, epoch=0)
     assert not np.array_equal(base, np.arange(100))
-    assert not np.array_equal(base, loaders.rank_epoch_indices(100, True, 0, 1, seed=0, epoch=1))
-    assert not np.array_equal(base, loaders.rank_epoch_indices(100, True, 0, 1, seed=1, epoch=0))
+    assert not np.array_equal(base, rank_epoch_indices(100, True, 0, 1, seed=0, epoch=1))
+    assert not np.array_equal(base, rank_epoch_indices(100, True, 0, 1, seed=1, epoch=0))
     # Strided over the same permutation: rank r of 2 reads positions r, r + 2, ... of the one-rank order.
-    assert np.array_equal(loaders.rank_epoch_indices(100, True, 1, 2, seed=0, epoch=0), base[1::2])
+    assert np.array_equal(rank_epoch_indices(100, True, 1, 2, seed=0, epoch=0), base[1::2])
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("n, world_size", [(16, 2), (17, 2), (5, 3), (2, 4)])
 def test_rank_epoch_indices_eval_is_exactly_once_in_planned_order(n: int, world_size: int) -> None:
-    shares = [loaders.rank_epoch_indices(n, False, r, world_size, seed=5, epoch=7) for r in range(world_size)]
+    shares = [rank_epoch_indices(n, False, r, world_size, seed=5, epoch=7) for r in range(world_size)]
     assert sorted(np.concatenate(shares).tolist()) == list(range(n))
     assert [s.tolist() for s in shares] == [rank_positions(n, r, world_size, pad=False) for r in range(world_size)]
 
@@ -96,7 +101,7 @@ def test_index_lines_follow_the_wds2idx_format(tmp_path: Path) -> None:
     path = tmp_path / "s.tar"
     _tar(path, [("k1.jpg", b"x" * 700), ("k1.cls", b"3"), ("d/k2.seg.png", b"yy"), ("d/k2.cls", b"12"),
                 (".hidden.txt", b"z")])
-    lines = dali_backend.index_lines(path)
+    lines = index_lines(path)
     with tarfile.open(path) as tar:
         at = {m.name: m.offset_data for m in tar}
     assert lines == [
@@ -104,7 +109,7 @@ def test_index_lines_follow_the_wds2idx_format(tmp_path: Path) -> None:
         f"seg.png {at['d/k2.seg.png']} 2 d/k2.seg.png cls {at['d/k2.cls']} 2 d/k2.cls",
     ]
     assert all(int(x) % 512 == 0 for line in lines for x in line.split()[1::4])
-    assert dali_backend.index_text(lines).startswith("v1.2 2\n")
+    assert index_text(lines).startswith("v1.2 2\n")
 
 
 @pytest.mark.unit
@@ -112,7 +117,7 @@ def test_index_of_a_broken_shard_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "s.tar"
     path.write_bytes(b"not a tar at all" * 100)
     with pytest.raises(DataError, match="s.tar"):
-        dali_backend.index_lines(path)
+        index_lines(path)
 
 
 # --------------------------------------------------------------------------------------------- writers
@@ -122,7 +127,7 @@ def test_index_of_a_broken_shard_is_an_error(tmp_path: Path) -> None:
 def test_manifest_lists_every_extra_file_with_its_checksum(formats_dataset: Path) -> None:
     manifest = read_manifest(formats_dataset)
     ffcv = manifest["extra"]["ffcv"]
-    assert {(e["tier"], e["split"]) for e in ffcv} == {(t, s) for t in (32, 64) for s in staging.SPLITS}
+    assert {(e["tier"], e["split"]) for e in ffcv} == {(t, s) for t in (32, 64) for s in SPLITS}
     for e in ffcv:
         assert e["samples"] == manifest["splits"][e["split"]]["samples"]
     dali = manifest["extra"]["dali"]
@@ -130,7 +135,7 @@ def test_manifest_lists_every_extra_file_with_its_checksum(formats_dataset: Path
     for e in ffcv + dali:
         path = formats_dataset / e["path"]
         assert path.stat().st_size == e["bytes"]
-        assert staging.sha256_file(path) == e["sha256"]
+        assert sha256_file(path) == e["sha256"]
 
 
 @pytest.mark.integration
@@ -139,7 +144,7 @@ def test_dali_indexes_match_the_wds2idx_tool(formats_dataset: Path) -> None:
     if not tool.exists() or shutil.which("tar") is None:
         pytest.skip("DALI's wds2idx (or GNU tar, which it runs) is not installed")
     shard = formats_dataset / read_manifest(formats_dataset)["extra"]["dali"][0]["shard"]
-    ours = dali_backend.index_path(shard).read_bytes()
+    ours = index_path(shard).read_bytes()
     subprocess.run([str(tool), str(shard), str(shard.parent / "reference.idx")], check=True, capture_output=True)
     try:
         assert (shard.parent / "reference.idx").read_bytes() == ours
@@ -149,7 +154,7 @@ def test_dali_indexes_match_the_wds2idx_tool(formats_dataset: Path) -> None:
 
 def _restage(dataset: Path, source: Path) -> None:
     """Run staging again over a version whose manifest was removed: every writer runs again."""
-    (dataset / staging.MANIFEST).unlink()
+    (dataset / MANIFEST).unlink()
     assert stage_directly(source, dataset.parent, FORMATS_PARAMS) == dataset
 
 
@@ -170,14 +175,14 @@ def test_writers_reuse_verified_files_and_replace_damaged_ones(
 
     beton = dataset / "32" / "val.beton"
     beton.write_bytes(beton.read_bytes()[:-100])  # truncated: its sidecar no longer verifies
-    index = dali_backend.index_path(dataset / "64" / "train-000001.tar")
+    index = index_path(dataset / "64" / "train-000001.tar")
     index.write_text("v1.2 1\njpg 0 1 x.jpg\n")
     _restage(dataset, demo_archives)
     again = read_manifest(dataset)
     for fmt in ("ffcv", "dali"):
         for e in again["extra"][fmt]:
-            assert staging.sha256_file(dataset / e["path"]) == e["sha256"]
-    assert index.read_bytes() == dali_backend.index_text(dali_backend.index_lines(index.with_suffix(".tar"))).encode()
+            assert sha256_file(dataset / e["path"]) == e["sha256"]
+    assert index.read_bytes() == index_text(index_lines(index.with_suffix(".tar"))).encode()
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in extras if p not in (beton, index)} == {
         p: v for p, v in before.items() if p not in (beton, index)}
 
@@ -241,7 +246,7 @@ def test_train_ranks_get_equal_batch_counts_and_their_share(formats_dataset: Pat
             assert set(sizes) == {batch_size} and len(sizes) == len(loader)
             counts.append(len(sizes))
             if batch_size == 3:  # 18 = 6 x 3: the whole share is read, so its labels are known
-                share = loaders.rank_epoch_indices(n, True, rank, 2, seed=0, epoch=0)
+                share = rank_epoch_indices(n, True, rank, 2, seed=0, epoch=0)
                 assert Counter(_epoch(loader)[1].tolist()) == Counter(planned[i] for i in share)
         assert counts == [math.ceil(n / 2) // batch_size] * 2
 
@@ -286,7 +291,7 @@ def test_ffcv_loading_thread_failure_is_an_error_not_a_hang(
     formats_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """FFCV's loading thread dies on any error and its consumer would wait forever: the loader must raise."""
-    real = ffcv_backend._seeded_crop_decoder_class()
+    real = _seeded_crop_decoder_class()
 
     class Broken(real):  # type: ignore[misc, valid-type]
         def generate_code(self) -> Any:
@@ -297,7 +302,7 @@ def test_ffcv_loading_thread_failure_is_an_error_not_a_hang(
             decode.is_parallel = True
             return decode
 
-    monkeypatch.setattr(ffcv_backend, "_seeded_crop_decoder_class", lambda: Broken)
+    monkeypatch.setattr(ffcv_loading, "_seeded_crop_decoder_class", lambda: Broken)
     with pytest.raises(DataError, match="loading thread stopped"):
         list(make_loader(formats_dataset, "train", 32, 4, backend="ffcv"))
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipelines import cluster
-from pipelines.config import RecipeError, load_recipe
 from pipelines.settings import DataLayout, StackError, is_loopback_address
-from pipelines.train import _job_key, format_epoch_line
+from pipelines.training import cluster
+from pipelines.training.job import _job_key, format_epoch_line
+from pipelines.training.recipe import RecipeError, load_recipe
 
 pytestmark = pytest.mark.unit
 

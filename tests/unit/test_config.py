@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pipelines.config import (
+from pipelines.training.recipe import (
     RECIPES_DIR,
     ModelConfig,
     Recipe,

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 from scipy.io import loadmat
 
-from pipelines import demo_data, imagenet
-from pipelines.demo_data import DemoSummary, write_demo_imagenet
+from pipelines.source import demo as demo_data
+from pipelines.source import imagenet
+from pipelines.source.demo import DemoSummary, write_demo_imagenet
 
 pytestmark = pytest.mark.unit
 

@@ -12,11 +12,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import damage_class_tar
 
-from pipelines import imagenet
-from pipelines.demo_data import DemoSummary, extract_to_tree, write_demo_imagenet
-from pipelines.imagenet import ImageNetSourceError, RawImage, open_source
+from pipelines.source import imagenet
+from pipelines.source.demo import DemoSummary, extract_to_tree, write_demo_imagenet
+from pipelines.source.imagenet import ImageNetSourceError, RawImage, open_source
+
+from helpers import damage_class_tar
 
 pytestmark = pytest.mark.unit
 

@@ -11,22 +11,21 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import STAGE_PARAMS, read_samples, shard_paths
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pipelines import loaders
-from pipelines.loaders import (
-    DataError,
-    WdsDataset,
-    batches_per_epoch,
+from pipelines.dataset import DataError, read_manifest, select_tier
+from pipelines.loading import make_loader
+from pipelines.loading.sampling import batches_per_epoch, rank_positions
+from pipelines.loading.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     center_crop_box,
-    make_loader,
     normalize,
     random_resized_crop_box,
-    rank_positions,
-    select_tier,
 )
-from pipelines.staging import read_manifest
+from pipelines.loading.wds import WdsDataset, _collate
+
+from helpers import STAGE_PARAMS, read_samples, shard_paths
 
 pytestmark = pytest.mark.unit
 
@@ -43,7 +42,7 @@ class _KeyedWds(WdsDataset):
 
 
 def _collate_keys(batch: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    images, labels = loaders._collate([(b[0], b[1]) for b in batch])
+    images, labels = _collate([(b[0], b[1]) for b in batch])
     return images, labels, [b[2] for b in batch]
 
 
@@ -187,7 +186,7 @@ def test_normalize() -> None:
     out = normalize(images)
     assert out.dtype == torch.float32 and out.shape == images.shape
     expected = [(255 - 255 * m) / (255 * s) if c == 0 else -m / s
-                for c, (m, s) in enumerate(zip(loaders.IMAGENET_MEAN, loaders.IMAGENET_STD))]
+                for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))]
     assert torch.allclose(out[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
     assert normalize(images, channels_last=True).is_contiguous(memory_format=torch.channels_last)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import models
-from pipelines import augment
-from pipelines.config import load_recipe
-from pipelines.schedules import epoch_settings, progressive_stage, stage_fraction
+from pipelines.training import augment
+from pipelines.training.recipe import load_recipe
+from pipelines.training.schedules import epoch_settings, progressive_stage, stage_fraction
 
 pytestmark = pytest.mark.unit
 
@@ -111,7 +111,7 @@ def test_mix_batch_targets_are_distributions():
 
 @pytest.mark.parametrize("n,world", [(10, 3), (12, 2), (7, 4), (1, 2), (100, 8)])
 def test_shuffled_rank_positions_keep_exact_once_and_equal_counts(n, world):
-    from pipelines.loaders import rank_positions
+    from pipelines.loading.sampling import rank_positions
 
     per_rank = [rank_positions(n, r, world, pad=True, shuffle_seed=11) for r in range(world)]
     assert len({len(p) for p in per_rank}) == 1  # equal counts: no DDP hang

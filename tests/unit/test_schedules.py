@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pipelines.config import OptimConfig, load_recipe
-from pipelines.schedules import ema_decay_at, learning_rate, peak_lr
+from pipelines.training.recipe import OptimConfig, load_recipe
+from pipelines.training.schedules import ema_decay_at, learning_rate, peak_lr
 
 pytestmark = pytest.mark.unit
 

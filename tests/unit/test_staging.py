@@ -19,13 +19,31 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from helpers import (BAD_INPUTS, STAGE_PARAMS, ConcurrencyProbe, add_images, damage_class_tar, damaged_source,
-                     read_samples, shard_paths, stage_directly, work_of)
 from PIL import Image
 
-from pipelines import staging
-from pipelines.demo_data import DemoSummary, extract_to_tree
-from pipelines.staging import BadImage, StageParams, StagingError, UnitResult, encode_tiers, minival_quota, tier_size
+from pipelines.dataset import KEYS, LATEST, MANIFEST, SPLITS, latest_version, read_keys, read_manifest
+from pipelines.source.demo import DemoSummary, extract_to_tree
+from pipelines.staging import runners, spools, stager
+from pipelines.staging.images import BadImage, encode_tiers, tier_size
+from pipelines.staging.params import WORK, StageParams, StagingError
+from pipelines.staging.plan import minival_quota, plan_dataset
+from pipelines.staging.runners import thread_map
+from pipelines.staging.spools import UnitResult, load_unit, process_unit, unit_paths
+from pipelines.staging.stager import _exclusive, stage
+from pipelines.staging.versions import BaseVersion, _check_base_seen, dataset_version
+
+from helpers import (
+    BAD_INPUTS,
+    STAGE_PARAMS,
+    ConcurrencyProbe,
+    add_images,
+    damage_class_tar,
+    damaged_source,
+    read_samples,
+    shard_paths,
+    stage_directly,
+    work_of,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +87,7 @@ def _good_train(demo: DemoSummary) -> dict[str, str]:
 
 
 def _manifest(dataset: Path) -> dict:
-    return staging.read_manifest(dataset)
+    return read_manifest(dataset)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -91,7 +109,7 @@ def _flip_byte(path: Path, at: int) -> None:
 def same_code(staged_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Restaging records the code version of the first staging: a commit made meanwhile must not differ."""
     recorded = _manifest(staged_dataset)["code_version"]
-    monkeypatch.setattr(staging, "code_version", lambda: recorded)
+    monkeypatch.setattr(stager, "code_version", lambda: recorded)
 
 
 def _jpeg(size: tuple[int, int], mode: str = "RGB", fmt: str = "JPEG") -> bytes:
@@ -158,7 +176,7 @@ def test_truncated_file_is_reported_and_in_no_shard(staged_dataset: Path, demo_s
     assert [(b["source"], b["split"]) for b in bad] == [(name, "train")]
     assert "does not decode" in bad[0]["reason"] and "truncated" in bad[0]["reason"]
     key = name.removesuffix(".JPEG")
-    for split in staging.SPLITS:
+    for split in SPLITS:
         for tier in TIERS:
             assert key not in read_samples(staged_dataset, split, tier)
 
@@ -168,7 +186,7 @@ def test_odd_files_are_staged_as_rgb_jpegs(staged_dataset: Path, demo_summary: D
     keys = _oddity_keys(demo_summary, kind)
     assert keys
     for tier in TIERS:
-        staged = {s: read_samples(staged_dataset, s, tier) for s in staging.SPLITS}
+        staged = {s: read_samples(staged_dataset, s, tier) for s in SPLITS}
         for key in keys:
             (parts,) = [samples[key] for samples in staged.values() if key in samples]
             img = Image.open(io.BytesIO(parts["jpg"]))
@@ -180,7 +198,7 @@ def test_every_staged_image_is_an_rgb_jpeg_scaled_down_to_its_tier(
     staged_dataset: Path, demo_summary: DemoSummary
 ) -> None:
     originals = {k: data for k, (_, data) in _archive_train(demo_summary).items()} | _archive_val(demo_summary)
-    for split in staging.SPLITS:
+    for split in SPLITS:
         for tier in TIERS:
             for key, parts in read_samples(staged_dataset, split, tier).items():
                 img = Image.open(io.BytesIO(parts["jpg"]))
@@ -207,7 +225,7 @@ def test_minival_is_stratified_seeded_and_disjoint_from_train(
     assert not set(minival) & set(train)
     assert Counter(json.loads(p["json"])["wnid"] for p in minival.values()) == Counter(quota)
     # Both tiers hold the same images in each split.
-    for split in staging.SPLITS:
+    for split in SPLITS:
         assert sorted(read_samples(staged_dataset, split, TIERS[1])) == sorted(
             read_samples(staged_dataset, split, TIERS[0]))
 
@@ -259,7 +277,7 @@ def test_manifest_checksums_and_sizes_match_the_shard_files(staged_dataset: Path
         assert path.with_name(path.name + ".sha256").read_text().strip() == entry["sha256"]
         with tarfile.open(path, "r:") as tar:
             assert len({m.name.partition(".")[0] for m in tar}) == entry["samples"]
-    for split in staging.SPLITS:
+    for split in SPLITS:
         for tier in TIERS:
             entries = [e for e in manifest["shards"] if (e["split"], e["tier"]) == (split, tier)]
             assert len(entries) == math.ceil(splits[split]["samples"] / STAGE_PARAMS.shard_size)
@@ -274,7 +292,7 @@ def test_shards_mix_classes(staged_dataset: Path) -> None:
     assert len(labels) > 1
 
 
-@pytest.mark.parametrize("split", staging.SPLITS)
+@pytest.mark.parametrize("split", SPLITS)
 def test_shards_read_back_with_plain_webdataset(staged_dataset: Path, split: str) -> None:
     urls = [str(p) for p in shard_paths(staged_dataset, split, TIERS[0])]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
@@ -326,33 +344,33 @@ def test_a_second_run_of_the_same_source_fails_at_once_and_leaves_other_runs_fil
     copy_staged: Path, demo_archives: Path
 ) -> None:
     work = work_of(copy_staged, STAGE_PARAMS)
-    (copy_staged / staging.MANIFEST).unlink()  # unfinished: a rerun would stage it
+    (copy_staged / MANIFEST).unlink()  # unfinished: a rerun would stage it
     stray = copy_staged.parent / "imagenet-other" / ".shard.tar.123.tmp"  # another run's file being written
     stray.parent.mkdir()
     stray.write_bytes(b"partial")
-    with staging._exclusive(work):  # a first run holds the source's work folder
+    with _exclusive(work):  # a first run holds the source's work folder
         with pytest.raises(StagingError, match="another staging run of this source is in progress"):
             stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
     again = stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)  # the lock went with the first run
-    assert (again / staging.MANIFEST).is_file() and stray.read_bytes() == b"partial"
+    assert (again / MANIFEST).is_file() and stray.read_bytes() == b"partial"
 
 
 @pytest.mark.usefixtures("same_code")
 def test_rerun_reuses_spools_and_shards(
     copy_staged: Path, demo_archives: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = (copy_staged / staging.MANIFEST).read_bytes()
+    manifest = (copy_staged / MANIFEST).read_bytes()
     before = _mtimes(copy_staged.parent, "*.tar")  # spools under work/ and the version's shards
     assert any(k.startswith("work/") for k in before) and any(k.startswith(f"{copy_staged.name}/32/") for k in before)
-    (copy_staged / staging.MANIFEST).unlink()  # killed after the shards, before the manifest
+    (copy_staged / MANIFEST).unlink()  # killed after the shards, before the manifest
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished unit was decoded again")
 
-    monkeypatch.setattr(staging, "encode_tiers", no_decoding)
+    monkeypatch.setattr(spools, "encode_tiers", no_decoding)
     assert stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS) == copy_staged
     assert _mtimes(copy_staged.parent, "*.tar") == before
-    assert (copy_staged / staging.MANIFEST).read_bytes() == manifest
+    assert (copy_staged / MANIFEST).read_bytes() == manifest
 
 
 def test_corrupted_shard_is_detected_and_rewritten(copy_staged: Path, demo_archives: Path) -> None:
@@ -361,7 +379,7 @@ def test_corrupted_shard_is_detected_and_rewritten(copy_staged: Path, demo_archi
     name = victim.relative_to(copy_staged).as_posix()
     others = {k: v for k, v in _mtimes(copy_staged, "*.tar").items() if k != name}
     _flip_byte(victim, 600)  # inside the first image's bytes: tar still reads, the checksum does not match
-    (copy_staged / staging.MANIFEST).unlink()
+    (copy_staged / MANIFEST).unlink()
     stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
     assert victim.read_bytes() == original
     assert {k: v for k, v in _mtimes(copy_staged, "*.tar").items() if k in others} == others
@@ -371,16 +389,16 @@ def test_corrupted_shard_is_detected_and_rewritten(copy_staged: Path, demo_archi
 def test_corrupted_spool_is_redone(copy_staged: Path, demo_archives: Path, demo_summary: DemoSummary) -> None:
     work = work_of(copy_staged, STAGE_PARAMS)
     unit_id = f"train-{demo_summary.wnids[0]}"
-    spool, _ = staging.unit_paths(work, unit_id)
+    spool, _ = unit_paths(work, unit_id)
     original = spool.read_bytes()
     files_before = _files(copy_staged)
-    assert staging.load_unit(work, unit_id, STAGE_PARAMS) is not None
+    assert load_unit(work, unit_id, STAGE_PARAMS) is not None
     _flip_byte(spool, 1000)
-    assert staging.load_unit(work, unit_id, STAGE_PARAMS) is None
+    assert load_unit(work, unit_id, STAGE_PARAMS) is None
     # Spools are keyed by what changes their bytes: other tiers mean a redo.
     other_tiers = dataclasses.replace(STAGE_PARAMS, tiers=(48,))
-    assert staging.load_unit(work, f"train-{demo_summary.wnids[1]}", other_tiers) is None
-    (copy_staged / staging.MANIFEST).unlink()
+    assert load_unit(work, f"train-{demo_summary.wnids[1]}", other_tiers) is None
+    (copy_staged / MANIFEST).unlink()
     stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
     assert spool.read_bytes() == original
     assert _files(copy_staged) == files_before
@@ -410,16 +428,16 @@ def test_max_bad_fraction_boundary(max_bad: float, raises: bool) -> None:
     units = [_unit("train", 9, 1)]  # exactly 10% bad
     if raises:
         with pytest.raises(StagingError, match="n00000001_bad_0.JPEG"):
-            staging.plan_dataset(units, ["n00000001"], params)
+            plan_dataset(units, ["n00000001"], params)
     else:
-        plan = staging.plan_dataset(units, ["n00000001"], params)
+        plan = plan_dataset(units, ["n00000001"], params)
         assert len(plan.splits["train"]) == 9 and len(plan.bad) == 1
 
 
 def test_duplicate_keys_are_an_error() -> None:
     params = StageParams(tiers=(32,), shard_size=4, minival=0)
     with pytest.raises(StagingError, match="appears twice"):
-        staging.plan_dataset([_unit("train", 2, 0), _unit("train", 2, 0)], ["n00000001"], params)
+        plan_dataset([_unit("train", 2, 0), _unit("train", 2, 0)], ["n00000001"], params)
 
 
 # --------------------------------------------------------------------------------------------- params, images
@@ -445,10 +463,10 @@ def test_stage_params_normalise_tiers() -> None:
 
 def test_dataset_version_depends_on_params_and_source() -> None:
     fp = {"kind": "archives", "files": []}
-    base = staging.dataset_version(fp, STAGE_PARAMS)
-    assert base == staging.dataset_version(fp, dataclasses.replace(STAGE_PARAMS))
-    assert base != staging.dataset_version(fp, dataclasses.replace(STAGE_PARAMS, seed=1))
-    assert base != staging.dataset_version({"kind": "tree"}, STAGE_PARAMS)
+    base = dataset_version(fp, STAGE_PARAMS)
+    assert base == dataset_version(fp, dataclasses.replace(STAGE_PARAMS))
+    assert base != dataset_version(fp, dataclasses.replace(STAGE_PARAMS, seed=1))
+    assert base != dataset_version({"kind": "tree"}, STAGE_PARAMS)
 
 
 @pytest.mark.parametrize(
@@ -510,9 +528,9 @@ def test_encode_tiers_rejects_broken_files(data: bytes, reason: str) -> None:
 
 def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_summary: DemoSummary) -> None:
     work = work_of(staged_dataset, STAGE_PARAMS)
-    unit = staging.load_unit(work, f"train-{demo_summary.wnids[0]}", STAGE_PARAMS)
+    unit = load_unit(work, f"train-{demo_summary.wnids[0]}", STAGE_PARAMS)
     assert unit is not None and unit.records
-    spool = staging.unit_paths(work, unit.unit_id)[0].read_bytes()
+    spool = unit_paths(work, unit.unit_id)[0].read_bytes()
     for rec in unit.records:
         for tier, (offset, size, w, h) in rec["tiers"].items():
             img = Image.open(io.BytesIO(spool[offset:offset + size]))
@@ -536,7 +554,7 @@ def test_originals_kept_as_they_are_come_from_the_source(demo_archives: Path, tm
     kept = 0
     for unit_file in (work_of(dest, params) / "units").glob("*.json"):
         meta = json.loads(unit_file.read_text())
-        spool_size = staging.unit_paths(work_of(dest, params), meta["unit"])[0].stat().st_size
+        spool_size = unit_paths(work_of(dest, params), meta["unit"])[0].stat().st_size
         for rec in meta["records"]:
             offset, size, _, _ = rec["tiers"]["4096"]
             if offset is None:
@@ -569,7 +587,7 @@ class Grown:
 
 
 def _stage(source: Path, root: Path, params: StageParams = STAGE_PARAMS, **kwargs: object) -> Path:
-    return staging.stage(source, root, params, log=kwargs.pop("log", lambda *_: None), **kwargs)  # type: ignore[arg-type]
+    return stage(source, root, params, log=kwargs.pop("log", lambda *_: None), **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -583,29 +601,29 @@ def grown(demo_archives: Path, demo_summary: DemoSummary, tmp_path_factory: pyte
     new_val = add_images(tree, wnids, {wnids[3]: 1}, split="val")
     decoded: list[int] = []
     logs: list[str] = []
-    real = staging.encode_tiers
+    real = spools.encode_tiers
 
     def counting(*args: object, **kwargs: object) -> object:
         decoded.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    staging.encode_tiers = counting  # type: ignore[assignment]
+    spools.encode_tiers = counting  # type: ignore[assignment]
     try:
         new = _stage(tree, root, log=logs.append)
     finally:
-        staging.encode_tiers = real  # type: ignore[assignment]
+        spools.encode_tiers = real  # type: ignore[assignment]
     return Grown(tree, root, old, new, new_train, new_val, decoded, logs)
 
 
 def _all_keys(dataset: Path, tier: int) -> dict[str, list[str]]:
-    return {split: sorted(read_samples(dataset, split, tier)) for split in staging.SPLITS}
+    return {split: sorted(read_samples(dataset, split, tier)) for split in SPLITS}
 
 
 def test_incremental_version_names_its_base_and_links_its_shards(grown: Grown) -> None:
     old, new = _manifest(grown.old), _manifest(grown.new)
     assert grown.new.name != grown.old.name
     assert new["base_version"] == grown.old.name and old["base_version"] is None
-    assert staging.latest_version(grown.root) == grown.new
+    assert latest_version(grown.root) == grown.new
     new_entries = {e["path"]: e for e in new["shards"]}
     for entry in old["shards"]:
         assert new_entries[entry["path"]] == entry  # same name, checksum, size: the same shard
@@ -629,7 +647,7 @@ def test_incremental_version_decodes_only_the_new_images(grown: Grown) -> None:
 def test_incremental_version_keeps_every_split_and_holds_every_image_once(grown: Grown) -> None:
     for tier in TIERS:
         old, new = _all_keys(grown.old, tier), _all_keys(grown.new, tier)
-        for split in staging.SPLITS:
+        for split in SPLITS:
             assert set(old[split]) <= set(new[split]), (split, tier)  # no old image changed split
         assert not set(new["train"]) & set(new["minival"])
         assert sorted(new["train"] + new["minival"]) == sorted(old["train"] + old["minival"] + grown.new_train)
@@ -639,7 +657,7 @@ def test_incremental_version_keeps_every_split_and_holds_every_image_once(grown:
     assert new_m["minival_keys"] == _all_keys(grown.new, TIERS[0])["minival"]
     assert new_m["images_seen"] == old_m["images_seen"] + len(grown.new_train) + len(grown.new_val)
     assert new_m["bad_files"] == old_m["bad_files"]  # the base's bad file is not read again
-    for split in staging.SPLITS:
+    for split in SPLITS:
         assert new_m["splits"][split]["samples"] == len(_all_keys(grown.new, TIERS[0])[split])
 
 
@@ -651,7 +669,7 @@ def test_incremental_minival_keeps_the_per_class_rate(grown: Grown) -> None:
 
 
 def test_incremental_version_reads_back_through_the_loader(grown: Grown) -> None:
-    from pipelines.loaders import make_loader
+    from pipelines.loading import make_loader
 
     n = sum(len(labels) for _, labels in make_loader(grown.new, "val", 32, batch_size=4))
     assert n == _manifest(grown.new)["splits"]["val"]["samples"]
@@ -660,12 +678,12 @@ def test_incremental_version_reads_back_through_the_loader(grown: Grown) -> None
 def test_keys_file_lists_every_image_of_a_version(grown: Grown) -> None:
     for dataset in (grown.old, grown.new):
         manifest = _manifest(dataset)
-        splits, bad = staging.read_keys(dataset)
+        splits, bad = read_keys(dataset)
         assert {s: sorted(k) for s, k in splits.items()} == _all_keys(dataset, TIERS[0])
         assert sorted(splits["minival"]) == manifest["minival_keys"]
         assert sorted(bad) == sorted(Path(b["source"]).stem for b in manifest["bad_files"])
-        data = (dataset / staging.KEYS).read_bytes()
-        assert manifest["keys"] == {"path": staging.KEYS, "bytes": len(data),
+        data = (dataset / KEYS).read_bytes()
+        assert manifest["keys"] == {"path": KEYS, "bytes": len(data),
                                     "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -674,8 +692,8 @@ def test_restaging_the_grown_source_reuses_the_incremental_version(grown: Grown)
     logs: list[str] = []
     assert _stage(grown.tree, grown.root, log=logs.append) == grown.new
     assert "already staged" in logs[0]
-    assert {k: v for k, v in _mtimes(grown.root, "*").items() if k != staging.LATEST} == {
-        k: v for k, v in before.items() if k != staging.LATEST}
+    assert {k: v for k, v in _mtimes(grown.root, "*").items() if k != LATEST} == {
+        k: v for k, v in before.items() if k != LATEST}
 
 
 def test_full_stage_of_the_grown_source_has_no_base(grown: Grown, tmp_path: Path) -> None:
@@ -684,11 +702,11 @@ def test_full_stage_of_the_grown_source_has_no_base(grown: Grown, tmp_path: Path
     full = _stage(grown.tree, root, base_version=None)
     assert full.name not in (grown.old.name, grown.new.name)
     assert _manifest(full)["base_version"] is None
-    for split in staging.SPLITS:  # the same images, staged afresh
+    for split in SPLITS:  # the same images, staged afresh
         assert sum(_manifest(full)["splits"][split]["per_class"].values()) == \
                _manifest(full)["splits"][split]["samples"]
-    assert sorted(k for s in staging.SPLITS for k in _all_keys(full, TIERS[0])[s]) == \
-           sorted(k for s in staging.SPLITS for k in _all_keys(grown.new, TIERS[0])[s])
+    assert sorted(k for s in SPLITS for k in _all_keys(full, TIERS[0])[s]) == \
+           sorted(k for s in SPLITS for k in _all_keys(grown.new, TIERS[0])[s])
 
 
 def test_a_source_that_lost_images_is_staged_in_full(grown: Grown, tmp_path: Path) -> None:
@@ -708,12 +726,12 @@ def test_a_source_that_lost_images_is_staged_in_full(grown: Grown, tmp_path: Pat
 
 def test_a_class_tar_that_lost_images_is_an_error() -> None:
     manifest = {"classes": ["n00000001"], "shards": [], "splits": {}}
-    base = staging.BaseVersion("v1", manifest, {"train": {"n00000001_1": "n00000001", "n00000001_2": "n00000001"},
+    base = BaseVersion("v1", manifest, {"train": {"n00000001_1": "n00000001", "n00000001_2": "n00000001"},
                                                 "minival": {}, "val": {}}, {})
     whole = UnitResult("train-n00000001", "train", (), (), skipped=2)
-    staging._check_base_seen([whole], base)
+    _check_base_seen([whole], base)
     with pytest.raises(StagingError, match="n00000001: the source holds 1 of the 2 images.*v1"):
-        staging._check_base_seen([dataclasses.replace(whole, skipped=1)], base)
+        _check_base_seen([dataclasses.replace(whole, skipped=1)], base)
 
 
 def test_an_unknown_base_version_is_an_error(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
@@ -737,7 +755,7 @@ def test_progress_reports_every_unit_and_shard(demo_archives: Path, tmp_path: Pa
 
 
 def test_thread_map_keeps_order_and_stops_at_the_first_error() -> None:
-    assert staging.thread_map(2)(lambda x: x * x, [(i,) for i in range(20)]) == [i * i for i in range(20)]
+    assert thread_map(2)(lambda x: x * x, [(i,) for i in range(20)]) == [i * i for i in range(20)]
 
     def fail_on_3(x: int) -> int:
         if x == 3:
@@ -745,7 +763,7 @@ def test_thread_map_keeps_order_and_stops_at_the_first_error() -> None:
         return x
 
     with pytest.raises(ValueError, match="bad unit 3"):
-        staging.thread_map(2)(fail_on_3, [(i,) for i in range(6)])
+        thread_map(2)(fail_on_3, [(i,) for i in range(6)])
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -753,7 +771,7 @@ def test_thread_map_keeps_order_and_stops_at_the_first_error() -> None:
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_input_is_a_clear_error_and_writes_nothing(demo_archives: Path, tmp_path: Path, kind: str) -> None:
-    from pipelines.imagenet import ImageNetSourceError
+    from pipelines.source.imagenet import ImageNetSourceError
 
     source, name = damaged_source(demo_archives, tmp_path, kind)
     out = tmp_path / "out"
@@ -763,7 +781,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(demo_archives: Path, tmp_
 
 
 def test_a_corrupt_class_tar_fails_when_the_archive_is_indexed(demo_archives: Path, tmp_path: Path) -> None:
-    from pipelines.imagenet import ImageNetSourceError
+    from pipelines.source.imagenet import ImageNetSourceError
 
     source = tmp_path / "archives"
     shutil.copytree(demo_archives, source)
@@ -778,30 +796,30 @@ def test_a_corrupt_class_tar_fails_when_the_archive_is_indexed(demo_archives: Pa
 def test_a_class_tar_damaged_inside_fails_mid_run_at_once_and_finishes_nothing(
     demo_archives: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines.imagenet import ImageNetSourceError
+    from pipelines.source.imagenet import ImageNetSourceError
 
     source = tmp_path / "archives"
     shutil.copytree(demo_archives, source)
     train = source / "ILSVRC2012_img_train.tar"
     victim = damage_class_tar(train, 1, member=3)  # a later header: found only when the unit reads it
-    probe = ConcurrencyProbe(staging.process_unit)
-    monkeypatch.setattr(staging, "process_unit", probe)
+    probe = ConcurrencyProbe(process_unit)
+    monkeypatch.setattr(runners, "process_unit", probe)
     out = tmp_path / "out"
     with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*{train.name}: corrupt.*bad member header"):
         # More mapper threads than workers, as the flow's task runner has: the others must not go on.
-        _stage(source, out, map_units=staging.thread_map(4), workers=1)
+        _stage(source, out, map_units=thread_map(4), workers=1)
     assert probe.failed_at is not None and probe.started_after_failure() == 0
     assert len(probe.starts) < 5  # 4 class units + 1 val unit: the run ended at the bad one
-    assert not (out / staging.LATEST).exists()
-    assert not list(out.rglob(staging.MANIFEST)) and not list(out.rglob("*.tmp"))
+    assert not (out / LATEST).exists()
+    assert not list(out.rglob(MANIFEST)) and not list(out.rglob("*.tmp"))
     # What finished is kept for a rerun; no version folder was started.
-    assert [p.name for p in out.iterdir()] == [staging.WORK]
+    assert [p.name for p in out.iterdir()] == [WORK]
 
 
 def test_an_archive_fingerprint_is_remembered_until_an_archive_changes(
     demo_archives: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipelines import imagenet
+    from pipelines.source import imagenet
 
     source = tmp_path / "archives"
     shutil.copytree(demo_archives, source)

@@ -16,12 +16,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers import STAGE_PARAMS, plant_train_file, read_samples, stage_directly, work_of
 from PIL import Image, ImageOps
 
-from pipelines import staging
-from pipelines.demo_data import DemoSummary, extract_to_tree
-from pipelines.staging import BadImage, encode_tiers, tier_size
+from pipelines.dataset import MANIFEST
+from pipelines.source.demo import DemoSummary, extract_to_tree
+from pipelines.staging.images import BadImage, _decode, encode_tiers, tier_size
+
+from helpers import STAGE_PARAMS, plant_train_file, read_samples, stage_directly, work_of
 
 pytestmark = pytest.mark.unit
 
@@ -172,7 +173,7 @@ def test_orientation_is_applied_exactly_as_exif_transpose(orientation: int) -> N
     original = Image.open(io.BytesIO(data))
     assert original.getexif()[ORIENTATION] == orientation
     upright = np.asarray(ImageOps.exif_transpose(original).convert("RGB"))
-    pixels, kept, size = staging._decode(data, (64,))
+    pixels, kept, size = _decode(data, (64,))
     assert not kept and size == (upright.shape[1], upright.shape[0])
     assert np.array_equal(pixels[..., ::-1], upright)
 
@@ -247,8 +248,8 @@ def test_two_clean_runs_over_a_source_with_a_non_image_write_identical_manifests
     params = dataclasses.replace(STAGE_PARAMS, max_bad_fraction=0.1)
     first = stage_directly(source, tmp_path / "one", params)
     second = stage_directly(source, tmp_path / "two", params)
-    manifest = (first / staging.MANIFEST).read_bytes()
-    assert hashlib.sha256(manifest).hexdigest() == hashlib.sha256((second / staging.MANIFEST).read_bytes()).hexdigest()
+    manifest = (first / MANIFEST).read_bytes()
+    assert hashlib.sha256(manifest).hexdigest() == hashlib.sha256((second / MANIFEST).read_bytes()).hexdigest()
     bad = {b["source"]: b["reason"] for b in json.loads(manifest)["bad_files"]}
     assert bad[f"{wnid}_990003.JPEG"] == "does not decode: UnidentifiedImageError: cannot identify image file"
     assert not any("0x" in reason or " at " in reason for reason in bad.values()), bad

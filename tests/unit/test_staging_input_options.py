@@ -10,11 +10,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import STAGE_PARAMS, ConcurrencyProbe, stage_directly
 
-from pipelines import staging
-from pipelines.demo_data import DemoSummary, extract_to_tree
-from pipelines.staging import StageParams, StagingError
+from pipelines.dataset import LATEST, MANIFEST, read_manifest
+from pipelines.source.demo import DemoSummary, extract_to_tree
+from pipelines.staging import runners
+from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError, minival_value
+from pipelines.staging.plan import check_minival
+from pipelines.staging.runners import MAX_WORKERS, available_cores, resolve_workers, thread_map
+from pipelines.staging.spools import process_unit
+from pipelines.staging.stager import stage
+
+from helpers import STAGE_PARAMS, ConcurrencyProbe, stage_directly
 
 pytestmark = pytest.mark.unit
 
@@ -53,26 +59,26 @@ def test_zero_is_honoured_where_it_means_something() -> None:
 @pytest.mark.parametrize(
     "value, expected", [(0, 0.0), (0.25, 0.25), (0.0, 0.0), (1, 1), (25_000.0, 25_000), (3, 3)])
 def test_minival_value_counts_from_one_fractions_below(value: float, expected: int | float) -> None:
-    got = staging.minival_value(value)
+    got = minival_value(value)
     assert got == expected and type(got) is type(expected)
 
 
 @pytest.mark.parametrize("value", [1.5, 25_000.5, INF, -INF, NAN, -1, -0.5, True, "100"])
 def test_minival_value_refuses_what_is_not_a_count_or_a_fraction(value: object) -> None:
     with pytest.raises(ValueError, match="minival") as info:
-        staging.minival_value(value)
+        minival_value(value)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("workers", [0, -1, 2.5, INF, NAN, staging.MAX_WORKERS + 1, True])
+@pytest.mark.parametrize("workers", [0, -1, 2.5, INF, NAN, MAX_WORKERS + 1, True])
 def test_workers_must_be_a_whole_number_in_range(workers: object) -> None:
     with pytest.raises(ValueError, match="workers"):
-        staging.resolve_workers(workers)
+        resolve_workers(workers)
 
 
 def test_workers_none_is_every_core_and_a_number_is_kept() -> None:
-    assert staging.resolve_workers(None) == staging.available_cores()
-    assert staging.resolve_workers(3) == 3 and staging.resolve_workers(2.0) == 2
+    assert resolve_workers(None) == available_cores()
+    assert resolve_workers(3) == 3 and resolve_workers(2.0) == 2
 
 
 def test_the_flow_parameters_take_none_as_the_default_and_nothing_else() -> None:
@@ -88,7 +94,7 @@ def test_the_flow_parameters_take_none_as_the_default_and_nothing_else() -> None
 
 def test_stage_refuses_bad_workers_before_reading_anything(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="workers"):
-        staging.stage(tmp_path / "nowhere", tmp_path / "out", STAGE_PARAMS, workers=0, log=lambda *_: None)
+        stage(tmp_path / "nowhere", tmp_path / "out", STAGE_PARAMS, workers=0, log=lambda *_: None)
     assert not (tmp_path / "out").exists()
 
 
@@ -113,17 +119,17 @@ def test_a_minival_that_starves_classes_is_one_line_naming_a_few(
         stage_directly(demo_archives, tmp_path / "out", starving)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"minival 44 leaves 4 of 4 classes with fewer than {staging.MIN_TRAIN_PER_CLASS} "
+    assert message.startswith(f"minival 44 leaves 4 of 4 classes with fewer than {MIN_TRAIN_PER_CLASS} "
                               f"train images (")
     assert message.count(": 1 of 1") == 3 and ", ..." in message  # three shown, not all
     assert "--allow-small-train" in message
-    assert not (tmp_path / "out" / staging.LATEST).exists() and not list((tmp_path / "out").rglob(staging.MANIFEST))
+    assert not (tmp_path / "out" / LATEST).exists() and not list((tmp_path / "out").rglob(MANIFEST))
 
 
 def test_a_starving_minival_of_a_listed_source_fails_before_any_unit(
     tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(staging, "process_unit", _no_units)
+    monkeypatch.setattr(runners, "process_unit", _no_units)
     with pytest.raises(StagingError, match="minival 44 leaves 4 of 4 classes"):
         stage_directly(tree, tmp_path / "out", dataclasses.replace(STAGE_PARAMS, minival=44))
     assert not (tmp_path / "out").exists()
@@ -132,28 +138,28 @@ def test_a_starving_minival_of_a_listed_source_fails_before_any_unit(
 def test_the_floor_is_a_parameter_and_zero_allows_small_train(demo_archives: Path, tmp_path: Path) -> None:
     # minival 0.25 leaves 8 or 9 train images per class.
     with pytest.raises(StagingError, match="fewer than 9 train images"):
-        staging.stage(demo_archives, tmp_path / "a", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=9)
-    assert staging.stage(demo_archives, tmp_path / "b", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=8)
-    dest = staging.stage(demo_archives, tmp_path / "c", dataclasses.replace(STAGE_PARAMS, minival=44),
+        stage(demo_archives, tmp_path / "a", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=9)
+    assert stage(demo_archives, tmp_path / "b", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=8)
+    dest = stage(demo_archives, tmp_path / "c", dataclasses.replace(STAGE_PARAMS, minival=44),
                          log=lambda *_: None, min_train_per_class=0)
-    assert set(staging.read_manifest(dest)["splits"]["train"]["per_class"].values()) == {1}
+    assert set(read_manifest(dest)["splits"]["train"]["per_class"].values()) == {1}
     with pytest.raises(ValueError, match="min_train_per_class"):
-        staging.stage(demo_archives, tmp_path / "d", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=-1)
+        stage(demo_archives, tmp_path / "d", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=-1)
 
 
 @pytest.mark.parametrize("minival", [48, 1000])
 def test_a_minival_larger_than_the_data_is_one_line(tree: Path, tmp_path: Path, minival: int) -> None:
     # 48 train files, one of them truncated: 47 images. 48 fails on the decoded count, 1000 on the listing.
     with pytest.raises(StagingError, match=rf"^minival {minival} is more than the 4[78] train images of the source$"):
-        staging.stage(tree, tmp_path / "out", dataclasses.replace(STAGE_PARAMS, minival=minival),
+        stage(tree, tmp_path / "out", dataclasses.replace(STAGE_PARAMS, minival=minival),
                       log=lambda *_: None, min_train_per_class=0)
 
 
 def test_check_minival_takes_only_classes_the_minival_takes_from() -> None:
     # A class with 2 images and nothing held out is small, but not the minival's doing.
-    staging.check_minival({"a": 2, "b": 50}, {"a": 0, "b": 10}, 10, 5)
+    check_minival({"a": 2, "b": 50}, {"a": 0, "b": 10}, 10, 5)
     with pytest.raises(StagingError, match=r"leaves 1 of 2 classes .*\(a: 1 of 2\)"):
-        staging.check_minival({"a": 2, "b": 50}, {"a": 1, "b": 10}, 11, 5)
+        check_minival({"a": 2, "b": 50}, {"a": 1, "b": 10}, 11, 5)
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -165,9 +171,9 @@ def test_workers_is_the_number_of_units_decoded_at_once(
 ) -> None:
     # A mapper with more threads than workers, as the flow's task runner has: at most `workers` units decode.
     source = Path(shutil.copytree(tree, tmp_path / "tree"))
-    probe = ConcurrencyProbe(staging.process_unit, pause=0.1)
-    monkeypatch.setattr(staging, "process_unit", probe)
+    probe = ConcurrencyProbe(process_unit, pause=0.1)
+    monkeypatch.setattr(runners, "process_unit", probe)
     params = dataclasses.replace(STAGE_PARAMS, val_chunk=4)  # 4 class units + 4 val units
-    staging.stage(source, tmp_path / "out", params, map_units=staging.thread_map(6), workers=workers,
+    stage(source, tmp_path / "out", params, map_units=thread_map(6), workers=workers,
                   log=lambda *_: None)
     assert len(probe.starts) == 8 and probe.most == workers

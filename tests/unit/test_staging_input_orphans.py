@@ -10,11 +10,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import STAGE_PARAMS, stage_directly, work_of
 
-from pipelines import staging
-from pipelines.demo_data import extract_to_tree
-from pipelines.staging import StagingError
+from pipelines.dataset import MANIFEST
+from pipelines.source.demo import extract_to_tree
+from pipelines.staging import runners, spools, stager
+from pipelines.staging.params import ENCODING, FINGERPRINTS, WORK, WORK_META, StageParams, StagingError
+from pipelines.staging.shards import write_shard
+from pipelines.staging.stager import _exclusive, stage
+
+from helpers import STAGE_PARAMS, stage_directly, work_of
 
 pytestmark = pytest.mark.unit
 
@@ -24,22 +28,22 @@ FAILING = dataclasses.replace(STAGE_PARAMS, max_bad_fraction=0.0)
 
 
 def _work_folders(root: Path) -> set[str]:
-    return {p.name for p in (root / staging.WORK).iterdir() if p.is_dir() and p.name != staging.FINGERPRINTS}
+    return {p.name for p in (root / WORK).iterdir() if p.is_dir() and p.name != FINGERPRINTS}
 
 
-def _failed_run(source: Path, root: Path, params: staging.StageParams = FAILING) -> Path:
+def _failed_run(source: Path, root: Path, params: StageParams = FAILING) -> Path:
     """Stage until the plan refuses; returns the work folder the run left."""
-    before = _work_folders(root) if (root / staging.WORK).is_dir() else set()
+    before = _work_folders(root) if (root / WORK).is_dir() else set()
     with pytest.raises(StagingError, match="1 of 64 images do not decode"):
         stage_directly(source, root, params)
     (left,) = _work_folders(root) - before
-    assert list((root / staging.WORK / left / "units").glob("*.tar"))  # spools: hours of work on ImageNet
-    return root / staging.WORK / left
+    assert list((root / WORK / left / "units").glob("*.tar"))  # spools: hours of work on ImageNet
+    return root / WORK / left
 
 
-def _logs(source: Path, root: Path, params: staging.StageParams) -> tuple[Path, list[str]]:
+def _logs(source: Path, root: Path, params: StageParams) -> tuple[Path, list[str]]:
     logs: list[str] = []
-    return staging.stage(source, root, params, log=logs.append), logs
+    return stage(source, root, params, log=logs.append), logs
 
 
 def test_the_next_run_with_the_same_encoding_reuses_a_failed_runs_spools(
@@ -47,16 +51,16 @@ def test_the_next_run_with_the_same_encoding_reuses_a_failed_runs_spools(
 ) -> None:
     root = tmp_path / "datasets"
     left = _failed_run(demo_archives, root)
-    meta = json.loads((left / staging.WORK_META).read_text())
+    meta = json.loads((left / WORK_META).read_text())
     assert meta["source"] == str(demo_archives.resolve()) and len(meta["versions"]) == 1
 
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("a spooled unit was decoded again")
 
-    monkeypatch.setattr(staging, "encode_tiers", no_decoding)
+    monkeypatch.setattr(spools, "encode_tiers", no_decoding)
     dest = stage_directly(demo_archives, root, STAGE_PARAMS)  # the limit raised: same tiers and quality
     assert work_of(dest, STAGE_PARAMS) == left and _work_folders(root) == {left.name}
-    assert sorted(json.loads((left / staging.WORK_META).read_text())["versions"]) == sorted(
+    assert sorted(json.loads((left / WORK_META).read_text())["versions"]) == sorted(
         [meta["versions"][0], dest.name])
 
 
@@ -91,7 +95,7 @@ def test_a_finished_versions_spools_and_another_sources_failed_run_are_kept(
     other_source = extract_to_tree(demo_archives, tmp_path / "tree", "tree")
     theirs = _failed_run(other_source, root)  # another source's failed run: its own rerun reuses it
     again = stage_directly(demo_archives, root, dataclasses.replace(STAGE_PARAMS, tiers=(48,)))
-    assert kept.is_dir() and theirs.is_dir() and (finished / staging.MANIFEST).is_file()
+    assert kept.is_dir() and theirs.is_dir() and (finished / MANIFEST).is_file()
     assert _work_folders(root) == {kept.name, theirs.name, work_of(again, dataclasses.replace(STAGE_PARAMS,
                                                                                               tiers=(48,))).name}
 
@@ -99,7 +103,7 @@ def test_a_finished_versions_spools_and_another_sources_failed_run_are_kept(
 def test_a_work_folder_in_use_by_another_run_is_left_alone(demo_archives: Path, tmp_path: Path) -> None:
     root = tmp_path / "datasets"
     left = _failed_run(demo_archives, root)
-    with staging._exclusive(left):  # another run holds it
+    with _exclusive(left):  # another run holds it
         stage_directly(demo_archives, root, dataclasses.replace(STAGE_PARAMS, tiers=(48,)))
     assert left.is_dir()
 
@@ -108,7 +112,7 @@ def test_an_unfinished_version_of_another_shard_size_is_removed(
     demo_archives: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "datasets"
-    real = staging.write_shard
+    real = write_shard
     written: list[str] = []
 
     def killed_after_two(*args: object) -> dict:
@@ -117,12 +121,12 @@ def test_an_unfinished_version_of_another_shard_size_is_removed(
         written.append("x")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(staging, "write_shard", killed_after_two)
+    monkeypatch.setattr(stager, "write_shard", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         stage_directly(demo_archives, root, STAGE_PARAMS)
-    monkeypatch.setattr(staging, "write_shard", real)
+    monkeypatch.setattr(stager, "write_shard", real)
     (partial,) = [p for p in root.iterdir() if p.name.startswith("imagenet-")]
-    assert list(partial.rglob("*.tar")) and not (partial / staging.MANIFEST).exists()
+    assert list(partial.rglob("*.tar")) and not (partial / MANIFEST).exists()
     bigger = dataclasses.replace(STAGE_PARAMS, shard_size=16)  # another version from the same spools
     dest = stage_directly(demo_archives, root, bigger)
     assert not partial.exists() and [p.name for p in root.iterdir() if p.name.startswith("imagenet-")] == [dest.name]
@@ -133,16 +137,16 @@ def test_spools_of_another_encoding_are_removed_whoever_left_them(demo_archives:
     finished = stage_directly(demo_archives, root, STAGE_PARAMS)
     work = work_of(finished, STAGE_PARAMS)
     # Older code's folders: one noted (another source, finished), one from before work folders were noted.
-    noted, bare = root / staging.WORK / "0123456789ab", root / staging.WORK / "ba9876543210"
+    noted, bare = root / WORK / "0123456789ab", root / WORK / "ba9876543210"
     shutil.copytree(work, noted)
-    meta = json.loads((noted / staging.WORK_META).read_text())
-    meta["source"], meta["inputs"]["unit"]["encoding"] = "/elsewhere", staging.ENCODING - 1
-    (noted / staging.WORK_META).write_text(json.dumps(meta))
+    meta = json.loads((noted / WORK_META).read_text())
+    meta["source"], meta["inputs"]["unit"]["encoding"] = "/elsewhere", ENCODING - 1
+    (noted / WORK_META).write_text(json.dumps(meta))
     shutil.copytree(work, bare)
-    (bare / staging.WORK_META).unlink()
+    (bare / WORK_META).unlink()
     for index in (bare / "units").glob("*.json"):
         unit = json.loads(index.read_text())
-        unit["params"]["encoding"] = staging.ENCODING - 1
+        unit["params"]["encoding"] = ENCODING - 1
         index.write_text(json.dumps(unit))
     dest = stage_directly(demo_archives, root, dataclasses.replace(STAGE_PARAMS, shard_size=16))
     assert not noted.exists() and not bare.exists()
@@ -156,7 +160,7 @@ def test_a_run_that_fails_before_any_unit_leaves_no_work_folder(demo_archives: P
         raise StagingError("stop")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(staging, "process_unit", fail)
+        mp.setattr(runners, "process_unit", fail)
         with pytest.raises(StagingError, match="stop"):
             stage_directly(demo_archives, root, STAGE_PARAMS)
     assert not root.exists()

@@ -8,11 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import STAGE_PARAMS, stage_directly
 
-from pipelines import staging
-from pipelines.demo_data import extract_to_tree
-from pipelines.staging import StagingError
+from pipelines.dataset import MANIFEST, read_manifest
+from pipelines.source.demo import extract_to_tree
+from pipelines.staging import runners
+from pipelines.staging.params import StagingError
+from pipelines.staging.stager import find_finished
+
+from helpers import STAGE_PARAMS, stage_directly
 
 pytestmark = pytest.mark.unit
 
@@ -27,7 +30,7 @@ def no_units(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("a unit ran before the output folder was checked")
 
-    monkeypatch.setattr(staging, "process_unit", refuse)
+    monkeypatch.setattr(runners, "process_unit", refuse)
 
 
 def _one_line_error(source: Path, out: Path) -> str:
@@ -35,7 +38,7 @@ def _one_line_error(source: Path, out: Path) -> str:
         stage_directly(source, out, STAGE_PARAMS)
     assert "\n" not in str(info.value)
     with pytest.raises(StagingError) as again:  # the CLI's check before it starts the flow says the same
-        staging.find_finished(source, out, STAGE_PARAMS)
+        find_finished(source, out, STAGE_PARAMS)
     assert str(again.value) == str(info.value)
     return str(info.value)
 
@@ -98,6 +101,6 @@ def test_out_beside_the_source_folders_is_fine(tree: Path, tmp_path: Path) -> No
     # The root of a tree holds train/, val/ and the devkit; a datasets folder next to them breaks nothing.
     source = Path(shutil.copytree(tree, tmp_path / "tree"))
     dest = stage_directly(source, source / "datasets", STAGE_PARAMS)
-    assert (dest / staging.MANIFEST).is_file()
-    assert staging.read_manifest(dest)["source"]["kind"] == "tree"
+    assert (dest / MANIFEST).is_file()
+    assert read_manifest(dest)["source"]["kind"] == "tree"
     assert stage_directly(source, source / "datasets", STAGE_PARAMS) == dest  # the source is unchanged

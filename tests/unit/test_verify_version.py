@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import cli, staging
-from pipelines.config import load_recipe
-from pipelines.train import validate_job
+from flows import cli
+from pipelines.dataset import DataError, damaged_files, read_manifest
+from pipelines.training.job import validate_job
+from pipelines.training.recipe import load_recipe
 
 pytestmark = pytest.mark.unit
 
 
 def _shard(version, split="train"):
-    return next(version / s["path"] for s in staging.read_manifest(version)["shards"] if s["split"] == split)
+    return next(version / s["path"] for s in read_manifest(version)["shards"] if s["split"] == split)
 
 
 def test_a_whole_version_passes_every_check(staged_dataset, capsys):
-    assert staging.damaged_files(staged_dataset, checksums=True) == []
+    assert damaged_files(staged_dataset, checksums=True) == []
     assert cli.main(["verify", str(staged_dataset)]) == 0
     assert "sizes and sha256 as in the manifest" in capsys.readouterr().out
 
@@ -27,7 +28,7 @@ def test_a_truncated_or_deleted_shard_stops_the_job_before_ray(copy_staged, caps
     truncated.write_bytes(truncated.read_bytes()[:512])
     deleted.unlink()
     recipe = load_recipe("demo").with_overrides(model={"phi": -9})
-    with pytest.raises(staging.StagingError) as err:
+    with pytest.raises(DataError) as err:
         validate_job(recipe, copy_staged)
     message = str(err.value)
     assert "\n" not in message
@@ -43,8 +44,8 @@ def test_a_changed_byte_is_found_by_the_checksums_only(copy_staged, capsys):
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert staging.damaged_files(copy_staged) == []  # same size: the quick check before a job passes
-    assert staging.damaged_files(copy_staged, checksums=True) == [
+    assert damaged_files(copy_staged) == []  # same size: the quick check before a job passes
+    assert damaged_files(copy_staged, checksums=True) == [
         f"{shard.relative_to(copy_staged)} does not match its sha256"]
     assert cli.main(["verify", str(copy_staged)]) == 2
     err = capsys.readouterr().err

@@ -1,37 +1,9 @@
-"""DALI: an index file per WebDataset shard, written at staging, and a loader with the project's semantics.
-
-Writing (`write_dali_indexes`, registered in `staging.EXTRA_FORMATS`): `<tier>/<split>-NNNNNN.idx` beside each
-shard, in the format of DALI's `wds2idx` ("v1.2 <samples>", then per sample `<ext> <data offset> <size> <member
-name>` for each member). It is written here from the tar headers rather than by running `wds2idx`, which
-starts two `tar` processes per shard; an index whose bytes already match its shard is left alone.
-
-Loading (`make_dali_loader`): `fn.readers.webdataset` reads the samples an index lists, in the order listed, by
-seeking to their offsets. Its own sharding (`shard_id`/`num_shards`: contiguous blocks whose sizes differ by
-one, evened out by repeating a block's last sample) and shuffling (a buffer that keeps filling across the epoch
-boundary, so it repeats some samples and leaves others) cannot give the documented semantics. So for each
-epoch the loader writes small per-rank index files (in a temporary folder, removed when the epoch ends) that
-list exactly this rank's samples (`loaders.rank_epoch_indices`: the same samples the ffcv backend gives
-the rank), and the reader runs with `random_shuffle=False`:
-- train: the rank's ceil(N / world) samples of the (seed, epoch) permutation, padded as DistributedSampler;
-  exactly (N / world rounded up) // batch_size full batches on every rank. An index file can only point into
-  its own tar, so samples are read grouped by shard (shards in random order, samples within a shard in random
-  order), like the `wds` backend's shard shuffle; the shards themselves were shuffled across classes at staging.
-- eval: every sample exactly once across ranks, in the split's planned order; the last batch is partial.
-
-Train: `decoders.image_random_crop` (the RandomResizedCrop area and aspect ranges; only the crop is decoded),
-`resize` to the resolution, a coin-flip mirror, seeded from (seed, epoch, rank). Eval: exactly
-`loaders.center_crop_box` (`decoders.image_slice` of the centred square, then `resize`), so its pixels match
-the wds backend's to a fraction of a level. `crop_mirror_normalize` makes uint8 CHW without normalising.
-Decoding runs on the CPU (`device_id=None`), or with nvJPEG (`device="mixed"`) on the current CUDA device when
-torch sees one (images then arrive as CUDA tensors; untested here: no GPU). A pipeline is built per epoch (the
-interface is one loader per epoch), which also switches resolution; building one takes well under a second.
-"""
+"""TODO docstring (from pipelines/dali_backend.py)."""
 
 from __future__ import annotations
 
 import math
 import shutil
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,72 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines import staging
-from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.loaders import DataError, rank_epoch_indices, split_shards, split_tier
-
-INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
-INDEX_SUFFIX = ".idx"
-EXTENSIONS = ("jpg", "cls")
-
-
-# --------------------------------------------------------------------------------------------- index files
-
-
-def index_path(shard: Path) -> Path:
-    """Where a shard's index lives: `train-000000.tar` -> `train-000000.idx` (what `wds2idx` names it)."""
-    return shard.with_suffix(INDEX_SUFFIX)
-
-
-def index_lines(shard: Path) -> list[str]:
-    """One line per sample of a WebDataset tar: `<ext> <data offset> <size> <member name>` per member."""
-    samples: list[list[str]] = []
-    last = None
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base, ext = _split_name(member.name)
-                if not base or base.endswith("/"):
-                    continue  # as wds2idx: hidden files are not samples
-                component = f"{ext} {member.offset_data} {member.size} {member.name}"
-                if base != last:
-                    samples.append([])
-                    last = base
-                samples[-1].append(component)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{shard}: unreadable shard, cannot index it ({exc})") from exc
-    return [" ".join(components) for components in samples]
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """`dir/key.a.b` -> (`dir/key`, `a.b`): the extension starts at the first dot of the file name."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
-
-
-def index_text(lines: list[str]) -> str:
-    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
-
-
-def write_dali_indexes(
-    plan: staging.DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
-    params: staging.StageParams,
-) -> list[dict[str, Any]]:
-    """Staging hook: a DALI index beside every shard. An index is rewritten only if its bytes differ from
-    what the shard gives (so a second call writes nothing, and a stale or damaged index is replaced)."""
-    del plan, work, params  # everything needed is in the shards
-    entries = []
-    for shard in sorted(shard_entries, key=lambda s: s["path"]):
-        tar = Path(dest) / shard["path"]
-        path = index_path(tar)
-        data = index_text(index_lines(tar)).encode()
-        if not (path.exists() and path.read_bytes() == data):
-            atomic_write_bytes(path, data)
-        entries.append({"path": index_path(Path(shard["path"])).as_posix(), "shard": shard["path"],
-                        "bytes": len(data), "sha256": sha256_file(path)})
-    return entries
+from pipelines.dataset import (
+    EXTENSIONS,
+    INDEX_SUFFIX,
+    INDEX_VERSION,
+    DataError,
+    index_path,
+    index_text,
+    read_manifest,
+    split_shards,
+    split_tier,
+)
+from pipelines.loading.sampling import rank_epoch_indices
 
 
 def read_index(path: Path) -> list[str]:
@@ -117,9 +35,6 @@ def read_index(path: Path) -> list[str]:
     if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
         raise DataError(f"{path}: not a {INDEX_VERSION} index of {count or '?'} samples (damaged?)")
     return lines
-
-
-# --------------------------------------------------------------------------------------------- loading
 
 
 def _device_id() -> int | None:
@@ -264,7 +179,7 @@ def make_dali_loader(
 ) -> DaliLoader:
     """`loaders.make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
-    manifest = staging.read_manifest(dataset_dir)
+    manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)
     shards = split_shards(dataset_dir, manifest, split, tier)
     lines = []

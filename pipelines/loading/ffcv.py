@@ -1,35 +1,8 @@
-"""FFCV: one `.beton` per tier and split, written at staging, and a loader with the project's semantics.
-
-Writing (`write_ffcv_files`, registered in `staging.EXTRA_FORMATS`): `DATASET/<tier>/<split>.beton` holds the
-split's images in its planned (shuffled) order, so sample i of the beton is sample i of the split's shards read
-in name order: the same index space as the `wds` and `dali` backends. Images are the tier's JPEGs from the staging
-spools, decoded to RGB arrays (FFCV encodes them again as its `write_mode` says).
-
-NOTE: `RGBImageField(max_resolution=...)` caps the *longer* side, while a tier caps the *shorter* side (what
-`loaders.select_tier` relies on: eval at 224 needs 256 px of short side). Passing the tier would shrink a 341x256
-image to 256x192, so the field gets no max_resolution: the tier images are stored at their tier size.
-
-Loading (`make_ffcv_loader`): FFCV's own `distributed=True` wraps torch's DistributedSampler, which needs an
-initialised process group, and pads every split (an eval sample would be scored twice). So the loader computes
-each rank's sample indices itself (`loaders.rank_epoch_indices`: a (seed, epoch) permutation and
-`loaders.rank_positions`, exactly the documented semantics) and passes them as `indices=` with
-`OrderOption.SEQUENTIAL`, which reads them in the given order. FFCV 1.0.2 does not seed its augmentations
-(RandomHorizontalFlip draws from an unseeded generator on whichever thread runs it), so the train decoder here is
-RandomResizedCropRGBImageDecoder with the flip folded in, drawing from numba's generator seeded per sample with
-(seed, epoch, sample index): crops and flips depend on (seed, epoch) only, not on threads or world size.
-Batches are NCHW tensors in channels_last memory, as FFCV's ToTorchImage makes them.
-
-Resolution: a new FFCV `Loader` is built for every `make_loader` call (the interface is one loader per epoch;
-the epoch's seed is compiled into the decoder), so setting `decoder.output_size` on a long-lived loader, as
-ffcv-imagenet does, buys nothing here. Building one compiles its pipeline with numba: the start-up column of
-`benchmarks/loaders.py` (~2.5 s on 2 cores), about 0.5% of an ImageNet epoch of B0 on one A100.
-"""
+"""TODO docstring (from pipelines/ffcv_backend.py)."""
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -37,134 +10,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipelines import staging
-from pipelines.atomic import atomic_write_bytes, sha256_file
-from pipelines.loaders import DataError, rank_epoch_indices, split_tier
-
-BETON_SUFFIX = ".beton"
-_MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
-
-
-# --------------------------------------------------------------------------------------------- sample order
+from pipelines.dataset import DataError, beton_relpath, read_manifest, split_tier
+from pipelines.loading.sampling import rank_epoch_indices
 
 
 def augmentation_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed for an epoch's random crops and flips (the sample index is mixed in per sample)."""
     return int(np.random.SeedSequence([seed, epoch, 0xFFC7]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# --------------------------------------------------------------------------------------------- writing
-
-
-def beton_relpath(tier: int, split: str) -> str:
-    return f"{tier}/{split}{BETON_SUFFIX}"
-
-
-class _StagedImages:
-    """The images of one split x tier in planned order, read from the spools or the source: (RGB HWC uint8, label).
-
-    Indexable and picklable, as FFCV's DatasetWriter wants; it runs in the writer's worker processes.
-    """
-
-    def __init__(self, spans: list[tuple[str, int, int, int]], seed: int) -> None:
-        self.spans, self.seed = spans, seed  # spans: (file, offset, size, label)
-
-    def __len__(self) -> int:
-        return len(self.spans)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, offset, size, label = self.spans[i]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        # write_mode='proportion' draws from numpy's global generator in the worker: seeding it per sample makes
-        # the raw-or-JPEG choice of sample i the same whichever worker encodes it.
-        np.random.seed((self.seed * 1_000_003 + i) % (1 << 32))
-        image = Image.open(io.BytesIO(data)).convert("RGB")  # staging stored RGB already; this is a guard
-        return np.asarray(image, dtype=np.uint8), int(label)
-
-
-def _spans(plan: staging.DatasetPlan, split: str, tier: int, work: Path) -> list[tuple[str, int, int, int]]:
-    """(file, offset, size, label) of every sample of a split at a tier, in the split's order."""
-    reader = staging.SampleReader(work)
-    spans = [(*reader.where(plan.records[key], tier), plan.records[key]["label"]) for key in plan.splits[split]]
-    # A worker that raises leaves FFCV's writer waiting forever for its samples: check the files first.
-    for path in {s[0] for s in spans}:
-        if not Path(path).exists():
-            raise DataError(f"{path}: staged image bytes missing; cannot write the FFCV files")
-    return spans
-
-
-def _page_size(plan: staging.DatasetPlan, split: str, tier: int) -> int:
-    """Smallest FFCV page (a power of two, >= 2 MiB) that holds two of the split's largest raw images."""
-    largest = max(
-        (w * h * 3 for key in plan.splits[split] for _, _, w, h in [plan.records[key]["tiers"][str(tier)]]),
-        default=0,
-    )
-    return max(_MIN_PAGE, 1 << math.ceil(math.log2(max(1, 2 * largest))))
-
-
-def write_beton(
-    plan: staging.DatasetPlan, split: str, tier: int, work: Path, dest: Path, params: staging.StageParams,
-    num_workers: int | None = None,
-) -> dict[str, Any]:
-    """Write (or reuse, if its checksum sidecar verifies) one split x tier beton; returns its manifest entry."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    rel = beton_relpath(tier, split)
-    path = dest / rel
-    sidecar = path.with_name(path.name + ".sha256")
-    entry = {"path": rel, "split": split, "tier": tier, "samples": len(plan.splits[split])}
-    if path.exists() and sidecar.exists():
-        digest = sha256_file(path)
-        if sidecar.read_text().strip() == digest:
-            return {**entry, "bytes": path.stat().st_size, "sha256": digest}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dataset = _StagedImages(_spans(plan, split, tier, work), params.seed)
-    workers = num_workers or os.cpu_count() or 1
-    workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # staging.remove_stale_temporaries cleans these
-    fields = {
-        "image": RGBImageField(
-            write_mode=params.ffcv_write_mode, max_resolution=None, jpeg_quality=params.ffcv_jpeg_quality,
-            compress_probability=params.ffcv_compress_probability,
-        ),
-        "label": IntField(),
-    }
-    try:
-        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(plan, split, tier), num_workers=workers)
-        writer.from_indexed_dataset(dataset, chunksize=64)
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write_bytes(sidecar, (digest + "\n").encode())
-    return {**entry, "bytes": path.stat().st_size, "sha256": digest}
-
-
-def write_ffcv_files(
-    plan: staging.DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
-    params: staging.StageParams,
-) -> list[dict[str, Any]]:
-    """Staging hook: one beton per tier per non-empty split. Idempotent: verified betons are kept as they are.
-
-    NOTE: with several writer processes FFCV lays pages out in completion order, so two writes of the same
-    beton hold the same samples at the same indices but need not be byte-identical; the manifest records the
-    checksum of the file actually written.
-    """
-    del shard_entries  # the images come from the spools, which allow random access
-    entries = []
-    for tier in params.tiers:
-        for split in staging.SPLITS:
-            if plan.splits[split]:
-                entries.append(write_beton(plan, split, tier, Path(work), Path(dest), params))
-    return entries
-
-
-# --------------------------------------------------------------------------------------------- loading
 
 
 @lru_cache(maxsize=1)
@@ -360,7 +213,7 @@ def make_ffcv_loader(
 ) -> FfcvLoader:
     """`loaders.make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
     dataset_dir = Path(dataset_dir)
-    manifest = staging.read_manifest(dataset_dir)
+    manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)
     n = manifest["splits"][split]["samples"]
     path = dataset_dir / beton_relpath(tier, split)

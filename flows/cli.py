@@ -8,8 +8,9 @@ import os
 import sys
 from typing import Sequence
 
+from pipelines.dataset import DataError
 from pipelines.settings import DATA_DIR_ENV, StackError, data_layout
-from pipelines.staging import MIN_TRAIN_PER_CLASS, StagingError
+from pipelines.staging.params import MIN_TRAIN_PER_CLASS
 
 RECIPE_HELP = "a recipe name (v1, v2-progressive, demo, demo-progressive) or the path to a recipe YAML file"
 
@@ -26,7 +27,7 @@ def _prefect_home(data_dir: str | None) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipelines.demo_data import write_demo_imagenet
+    from pipelines.source.demo import write_demo_imagenet
 
     s = write_demo_imagenet(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                             val_per_class=args.val_per_class, seed=args.seed)
@@ -42,7 +43,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     _prefect_home(args.data_dir)
     from flows.stage_imagenet import stage_imagenet, stage_params
-    from pipelines import staging
+    from pipelines.dataset import mark_latest
+    from pipelines.staging.params import whole_number
+    from pipelines.staging.runners import resolve_workers
+    from pipelines.staging.stager import find_finished
 
     def whole(x: float | int | None) -> float | int | None:
         # Numbers are parsed as floats, so that inf, nan and 1.5 reach staging's checks (one line each) rather
@@ -52,16 +56,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     knobs = dict(tiers=[whole(t) for t in args.tiers] if args.tiers is not None else None,
                  shard_size=whole(args.shard_size), minival=args.minival, seed=whole(args.seed),
                  jpeg_quality=whole(args.jpeg_quality), max_bad_fraction=args.max_bad_fraction, formats=args.formats)
-    workers = staging.resolve_workers(whole(args.workers))
-    floor = 0 if args.allow_small_train else staging.whole_number("--min-train-per-class",
+    workers = resolve_workers(whole(args.workers))
+    floor = 0 if args.allow_small_train else whole_number("--min-train-per-class",
                                                                   whole(args.min_train_per_class), 0)
     # Checks the parameters, the source and the output folder (each fails here, in one line) and returns a
     # finished version at once, without starting Prefect.
     base_version = None if args.full else args.base_version
-    done = staging.find_finished(args.source, args.out, stage_params(**knobs), base_version, floor)
+    done = find_finished(args.source, args.out, stage_params(**knobs), base_version, floor)
     if done is not None:
         print(f"already staged: {done.name}", file=sys.stderr)
-        staging.mark_latest(done.parent, done.name)
+        mark_latest(done.parent, done.name)
         print(done)
         return 0
     dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=workers,
@@ -71,8 +75,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.config import load_recipe, parse_family_member
-    from pipelines.train import run_training, validate_job
+    from pipelines.training.job import run_training, validate_job
+    from pipelines.training.recipe import load_recipe, parse_family_member
 
     recipe = load_recipe(args.recipe)
     sections: dict = {}
@@ -130,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipelines.staging import check_version, read_manifest, version_files
+    from pipelines.dataset import check_version, read_manifest, version_files
 
     check_version(args.version, checksums=not args.sizes_only)
     files = version_files(read_manifest(args.version))
@@ -246,7 +250,7 @@ def main(argv: Sequence[str] | None = None, watch: bool | None = None) -> int:
         # command (its servers, its Ray head); without one, local stores and a local Ray on 127.0.0.1.
         data_layout(args.data_dir).use_stack(check=args.command not in ("models", "demo-data", "verify"))
         return args.fn(args)
-    except (ValueError, FileNotFoundError, StagingError, StackError) as exc:
+    except (ValueError, FileNotFoundError, DataError, StackError) as exc:
         # Bad input: one clear line naming the problem, non-zero exit, no traceback.
         print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from pipelines import imagenet
+from pipelines.source import imagenet
 
 OddityKind = Literal["png_named_jpeg", "cmyk_jpeg", "grayscale_jpeg", "truncated_jpeg"]
 TRAIN_ODDITIES: tuple[OddityKind, ...] = ("png_named_jpeg", "cmyk_jpeg", "grayscale_jpeg", "truncated_jpeg")

@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipelines.config import OptimConfig
+from pipelines.training.recipe import OptimConfig
 
 if TYPE_CHECKING:
-    from pipelines.config import Recipe
+    from pipelines.training.recipe import Recipe
 
 
 def peak_lr(optim: OptimConfig, global_batch: int) -> float:

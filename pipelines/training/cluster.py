@@ -12,8 +12,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
-from pipelines.config import Recipe
 from pipelines.settings import RAY_LOOPBACK_ENV
+from pipelines.training.recipe import Recipe
 
 Resources = Mapping[str, float]
 # The resources a recipe asks for, the only ones messages show (Ray also lists memory, object store, node:<ip>).

@@ -1,0 +1,180 @@
+"""TODO docstring (from pipelines/staging.py, pipelines/loaders.py, pipelines/ffcv_backend.py, pipelines/dali_backend.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipelines.atomic import (
+    atomic_write_bytes,
+    sha256_file,
+)
+
+SPLITS = ("train", "minival", "val")
+
+
+MANIFEST = "manifest.json"
+
+
+KEYS = "keys.json.gz"  # in each version: every image key by split (with its WNID) and the bad files' keys
+
+
+LATEST = "LATEST"  # under a datasets root: the name of the most recently staged version
+
+
+MANIFEST_FORMAT = 1
+
+
+def _keys_document(splits: dict[str, dict[str, str]], bad: dict[str, list[str]]) -> bytes:
+    doc = {"format": 1, "splits": {s: splits[s] for s in SPLITS}, "bad": bad}
+    # Sorted, and gzip with mtime=0 and no file name: the same keys give the same bytes.
+    return gzip.compress(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
+
+
+def read_keys(dataset_dir: str | os.PathLike[str]) -> tuple[dict[str, dict[str, str]], dict[str, list[str]]]:
+    """(split -> key -> wnid, bad key -> [source split, wnid]) of a staged version, from its keys file."""
+    path = Path(dataset_dir) / KEYS
+    try:
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing (the version was staged by older code)") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt keys file: {exc}") from None
+    return {s: doc["splits"][s] for s in SPLITS}, doc["bad"]
+
+
+def mark_latest(root: str | os.PathLike[str], version: str) -> None:
+    """Make a finished version the one `latest_version` returns."""
+    if not (Path(root) / version / MANIFEST).is_file():
+        raise DataError(f"{Path(root) / version}: not a finished version (no {MANIFEST})")
+    atomic_write_bytes(Path(root) / LATEST, (version + "\n").encode())
+
+
+def latest_version(out: str | os.PathLike[str]) -> Path:
+    """The most recently staged version under a datasets root."""
+    marker = Path(out) / LATEST
+    if not marker.exists():
+        raise FileNotFoundError(f"{out}: no staged dataset (no {LATEST} file); run `effnet stage` first")
+    return Path(out) / marker.read_text().strip()
+
+
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a staged dataset version, with a clear error when there is none."""
+    path = Path(dataset_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no staged dataset here (run `effnet stage` first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt manifest: {exc}") from None
+
+
+def version_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file a version's manifest lists (shards, keys, FFCV/DALI extras), each with its `path` and, where
+    recorded, `bytes` and `sha256`."""
+    extras = [e for entries in manifest.get("extra", {}).values() for e in entries]
+    return [*manifest["shards"], *([manifest["keys"]] if manifest.get("keys") else []), *extras]
+
+
+def damaged_files(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> list[str]:
+    """What is wrong with a staged version's files against its manifest: missing files and wrong sizes (a stat
+    each), and with `checksums` every recorded sha256 (reads every byte). Empty when the version is whole."""
+    root = Path(dataset_dir)
+    problems = []
+    for entry in version_files(read_manifest(root)):
+        path = root / entry["path"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{entry['path']} is missing")
+            continue
+        if "bytes" in entry and size != entry["bytes"]:
+            problems.append(f"{entry['path']} has {size} bytes, the manifest says {entry['bytes']}")
+        elif checksums and "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['path']} does not match its sha256")
+    return problems
+
+
+def check_version(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> None:
+    """Raise DataError naming the damaged files of a staged version and how to stage it again."""
+    problems = damaged_files(dataset_dir, checksums)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise DataError(
+            f"{dataset_dir}: the staged version is damaged ({shown}); remove {dataset_dir} and run `effnet stage` "
+            "again with the same source and options (finished spools in work/ are reused)")
+
+
+def manifest_hash(dataset_dir: str | os.PathLike[str]) -> str:
+    return sha256_file(Path(dataset_dir) / MANIFEST)
+
+
+TRAIN_SPLITS = ("train",)
+
+
+EVAL_SPLITS = ("minival", "val")
+
+
+class DataError(RuntimeError):
+    """A staged version is missing, damaged or unreadable (staging's own failures are a kind of it)."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    samples: int
+
+
+def select_tier(tiers: Sequence[int], resolution: int, crop_ratio: float | None = None) -> int:
+    """Smallest staged tier whose images still serve `resolution` (eval needs resolution / crop_ratio)."""
+    need = resolution / crop_ratio if crop_ratio else resolution
+    fitting = [t for t in sorted(tiers) if t >= need]
+    return fitting[0] if fitting else max(tiers)
+
+
+def split_tier(manifest: dict[str, Any], split: str, resolution: int, crop_ratio: float) -> tuple[bool, int]:
+    """(whether `split` is trained on, the staged tier that serves it at `resolution`): training crops at any
+    scale, evaluation needs the resize before the centre crop (resolution / crop_ratio)."""
+    train = split in TRAIN_SPLITS
+    return train, select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+
+
+def split_shards(dataset_dir: Path, manifest: dict[str, Any], split: str, tier: int) -> list[ShardInfo]:
+    shards = [
+        ShardInfo(dataset_dir / s["path"], s["samples"])
+        for s in manifest["shards"]
+        if s["split"] == split and s["tier"] == tier
+    ]
+    for s in shards:
+        if not s.path.exists():
+            raise DataError(f"{s.path}: shard listed in the manifest is missing")
+    return sorted(shards, key=lambda s: s.path.name)
+
+
+BETON_SUFFIX = ".beton"
+
+
+def beton_relpath(tier: int, split: str) -> str:
+    return f"{tier}/{split}{BETON_SUFFIX}"
+
+
+INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
+
+
+INDEX_SUFFIX = ".idx"
+
+
+def index_path(shard: Path) -> Path:
+    """Where a shard's index lives: `train-000000.tar` -> `train-000000.idx` (what `wds2idx` names it)."""
+    return shard.with_suffix(INDEX_SUFFIX)
+
+
+EXTENSIONS = ("jpg", "cls")
+
+
+def index_text(lines: list[str]) -> str:
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)

@@ -1,0 +1,185 @@
+"""TODO docstring (from pipelines/loaders.py)."""
+
+from __future__ import annotations
+
+import random
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipelines.dataset import DataError, ShardInfo, read_manifest, split_shards, split_tier
+from pipelines.loading.sampling import rank_positions
+from pipelines.loading.transforms import center_crop_box, decode_crop, random_resized_crop_box
+
+
+def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) for each sample of a WebDataset tar, with a clear error for a broken shard."""
+    current: str | None = None
+    parts: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                if key != current:
+                    if current is not None:
+                        yield current, parts
+                    current, parts = key, {}
+                f = tar.extractfile(member)
+                parts[suffix] = f.read() if f else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable or truncated shard ({exc})") from exc
+    if current is not None:
+        yield current, parts
+
+
+class WdsDataset(IterableDataset):
+    """One rank's view of a split; DataLoader workers split that view further, keeping the seeded order."""
+
+    def __init__(
+        self, shards: list[ShardInfo], train: bool, resolution: int, rank: int, world_size: int, epoch: int,
+        seed: int, crop_ratio: float, shuffle_buffer: int = 512, context: Any = None,
+    ) -> None:
+        self.shards, self.train, self.resolution = shards, train, resolution
+        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.crop_ratio, self.shuffle_buffer = crop_ratio, shuffle_buffer
+        self.total = sum(s.samples for s in shards)
+        # Samples that failed to decode, counted in whichever process decodes them: a shared counter when
+        # DataLoader workers (started from `context`) do.
+        self._bad = context.Value("q", 0) if context is not None else _Count()
+
+    @property
+    def bad_samples(self) -> int:
+        return int(self._bad.value)
+
+    def _shard_order(self) -> list[ShardInfo]:
+        if not self.train:
+            return list(self.shards)
+        order = list(self.shards)
+        random.Random(self.seed * 7_919 + self.epoch).shuffle(order)
+        return order
+
+    def positions(self) -> list[int]:
+        shuffle = self.seed * 1_000_003 + self.epoch if self.train else None
+        return rank_positions(self.total, self.rank, self.world_size, pad=self.train, shuffle_seed=shuffle)
+
+    def __len__(self) -> int:
+        return len(self.positions())
+
+    def _stream(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(position in epoch stream, key, parts) over the shards in this epoch's order."""
+        pos = 0
+        for shard in self._shard_order():
+            count = 0
+            for key, parts in iter_tar_samples(shard.path):
+                if "jpg" not in parts or "cls" not in parts:
+                    raise DataError(f"{shard.path}: sample {key} lacks its .jpg or .cls (truncated shard?)")
+                yield pos, key, parts
+                pos += 1
+                count += 1
+            # tarfile reads a tar cut at a member boundary or inside a header as a shorter valid tar: without
+            # this check ranks would silently get different numbers of samples (and batches), which hangs DDP.
+            if count != shard.samples:
+                raise DataError(
+                    f"{shard.path}: {count} samples, the manifest says {shard.samples} (truncated shard?)")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        wanted: dict[int, int] = {}  # stream position -> how many times this worker yields it (padding)
+        for j, p in enumerate(self.positions()):
+            if j % workers == worker:
+                wanted[p] = wanted.get(p, 0) + 1
+        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank * 64 + worker)
+        buffer: list[tuple[torch.Tensor, int]] = []
+        # Train: a sample that fails to decode is counted and stood in for by this worker's next good one, so
+        # that every rank still yields its exact share (equal batches: no DDP hang). Eval skips it (counted).
+        owed, last = 0, None
+        for pos, key, parts in self._stream():
+            for _ in range(wanted.get(pos, 0)):
+                sample = self._decode(key, parts, rng)
+                if sample is None:
+                    owed += self.train
+                    continue
+                if not self.train:
+                    yield sample
+                    continue
+                for _ in range(1 + owed):
+                    buffer.append(sample)
+                    if len(buffer) >= self.shuffle_buffer:
+                        yield buffer.pop(rng.randrange(len(buffer)))
+                owed, last = 0, sample
+        if owed and last is not None:  # bad samples after this worker's last good one
+            buffer.extend([last] * owed)
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, key: str, parts: dict[str, bytes], rng: random.Random) -> tuple[torch.Tensor, int] | None:
+        try:
+            label = int(parts["cls"])
+            if self.train:
+                box = lambda w, h: random_resized_crop_box(w, h, rng)  # noqa: E731
+                hwc = decode_crop(parts["jpg"], box, self.resolution, flip=rng.random() < 0.5)
+            else:
+                box = lambda w, h: center_crop_box(w, h, self.resolution, self.crop_ratio)  # noqa: E731
+                hwc = decode_crop(parts["jpg"], box, self.resolution)
+        except Exception:  # a sample that fails to decode is counted, not fatal (see __iter__)
+            with self._bad.get_lock():
+                self._bad.value += 1
+            return None
+        return torch.from_numpy(hwc).permute(2, 0, 1).contiguous(), label
+
+
+class _Count:
+    """The part of a `multiprocessing.Value` that WdsDataset uses, for decoding in this process."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+    def __getstate__(self) -> int:  # a copy sent to a worker process counts there, unseen (no shared context)
+        return self.value
+
+    def __setstate__(self, value: int) -> None:
+        self.value, self._lock = value, threading.Lock()
+
+
+def _worker_context() -> Any:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    # The fork server imports this module (and torch, PIL) once; each epoch's workers then fork from it warm.
+    ctx.set_forkserver_preload(["pipelines.loading.wds"])
+    return ctx
+
+
+def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([b[0] for b in batch])
+    labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+    return images, labels
+
+
+def make_wds_loader(
+    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
+    seed: int, crop_ratio: float, num_workers: int,
+) -> DataLoader:
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    train, tier = split_tier(manifest, split, resolution, crop_ratio)
+    shards = split_shards(dataset_dir, manifest, split, tier)
+    # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process holding
+    # gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
+    context = _worker_context() if num_workers > 0 else None
+    dataset = WdsDataset(shards, train, resolution, rank, world_size, epoch, seed, crop_ratio, context=context)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
+        persistent_workers=False, collate_fn=_collate, multiprocessing_context=context,
+    )

@@ -1,0 +1,204 @@
+"""TODO docstring (from pipelines/staging.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from pipelines.source import imagenet
+from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
+from pipelines.staging.spools import UnitResult
+
+
+def _unit_args(
+    src: imagenet.ImageNetSource, work: Path, params: StageParams, base: BaseVersion | None
+) -> list[tuple[Any, ...]]:
+    """Argument tuples for process_unit: every unit, or with a base only what the base lacks."""
+    if base is None:
+        args: list[tuple[Any, ...]] = [(u, "train", work, params) for u in src.train_units()]
+        return args + [(u, "val", work, params) for u in src.val_units(params.val_chunk)]
+    known = base.known_by_class("train")
+    args = []
+    for u in src.train_units():
+        skip = frozenset(known.get(u.wnid, ()))
+        if u.names:  # a listed folder: read only the new files
+            names = tuple(n for n in u.names if Path(n).stem not in skip)
+            if names:
+                args.append((replace(u, names=names), "train", work, params))
+        else:  # a class tar is read whole; the images the base holds are skipped and counted
+            args.append((u, "train", work, params, skip))
+    known_val = base.known("val")
+    (whole,) = src.val_units(max(1, src.num_val)) or [imagenet.ValUnit(0, "", ())]
+    new = [e for e in whole.entries if Path(e.source_name).stem not in known_val]
+    for i, start in enumerate(range(0, len(new), params.val_chunk)):
+        args.append((imagenet.ValUnit(i, whole.path, tuple(new[start:start + params.val_chunk])), "val", work, params))
+    return args
+
+
+def _unit_images(unit: imagenet.TrainUnit | imagenet.ValUnit) -> float:
+    """About how many images a unit holds (a class tar's size over ImageNet's ~110 KB per image)."""
+    if isinstance(unit, imagenet.ValUnit):
+        return len(unit.entries)
+    return len(unit.names) if unit.names else max(unit.size, 0) / 110e3
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    tier: int
+    index: int
+    keys: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+    def relpath(self) -> str:
+        return f"{self.tier}/{self.name}"
+
+
+@dataclass
+class DatasetPlan:
+    classes: tuple[str, ...]
+    splits: dict[str, list[str]]  # split -> shuffled keys written by this version (a base's are not repeated)
+    shards: list[ShardPlan]
+    bad: list[dict[str, str]]
+    total_seen: int  # the base's images included
+    records: dict[str, dict[str, Any]] = field(repr=False)  # key -> record (with its unit id)
+    base: BaseVersion | None = None
+
+
+def _stable_rank(seed: int, key: str) -> str:
+    """A per-image sort key that does not depend on processing order, so the minival is stable."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def minival_quota(counts: dict[str, int], minival: int | float, seed: int) -> dict[str, int]:
+    """Images per class to hold out: equal per class for a count, proportional for a fraction.
+
+    Every class keeps at least one training image. A count that does not divide by the number of classes
+    gives its remainder to classes chosen by the seed.
+    """
+    classes = sorted(counts)
+    if not classes:
+        return {}
+    if isinstance(minival, float):
+        quota = {c: min(counts[c] - 1, round(counts[c] * minival)) if counts[c] > 1 else 0 for c in classes}
+        return {c: max(0, q) for c, q in quota.items()}
+    base, extra = divmod(int(minival), len(classes))
+    lucky = set(sorted(classes, key=lambda c: _stable_rank(seed, c))[:extra])
+    return {c: max(0, min(counts[c] - 1, base + (c in lucky))) for c in classes}
+
+
+def check_minival(
+    totals: dict[str, int], held: dict[str, int], minival: int | float, min_train_per_class: int
+) -> None:
+    """StagingError, in one line, for a minival that asks for more images than there are, or that leaves a class
+    it takes from (`held` per class, of `totals`) with fewer than `min_train_per_class` train images."""
+    total = sum(totals.values())
+    if isinstance(minival, int) and minival > total:
+        raise StagingError(f"minival {minival} is more than the {total} train images of the source")
+    short = sorted((c for c in totals if held.get(c, 0) and totals[c] - held[c] < min_train_per_class),
+                   key=lambda c: (totals[c] - held[c], c))
+    if short:
+        shown = ", ".join(f"{c}: {totals[c] - held[c]} of {totals[c]}" for c in short[:3])
+        raise StagingError(
+            f"minival {minival} leaves {len(short)} of {len(totals)} classes with fewer than {min_train_per_class} "
+            f"train images ({shown}{', ...' if len(short) > 3 else ''}); hold out fewer, or stage it anyway with "
+            f"--allow-small-train (min_train_per_class=0)")
+
+
+def plan_dataset(
+    units: Iterable[UnitResult], classes: Sequence[str], params: StageParams, base: BaseVersion | None = None,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+) -> DatasetPlan:
+    """Split, shuffle and shard the units' images. With a base, only its new images are planned: the minival
+    takes as many of a class's new images as brings the class to its quota over old and new images together
+    (the base's minival images stay), and the new shards are numbered after the base's. A minival that leaves a
+    class with fewer than `min_train_per_class` train images is refused (`check_minival`)."""
+    records: dict[str, dict[str, Any]] = {}
+    bad: list[dict[str, str]] = []
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for unit in units:
+        bad.extend(unit.bad)
+        for rec in unit.records:
+            if rec["key"] in records:
+                raise StagingError(f"image key {rec['key']} appears twice in the source")
+            records[rec["key"]] = {**rec, "unit": unit.unit_id}
+            by_split[unit.split].append(rec["key"])
+    base_seen = base.manifest["images_seen"] if base is not None else 0
+    base_bad = len(base.manifest["bad_files"]) if base is not None else 0
+    total_seen = len(records) + len(bad) + base_seen
+    total_bad = len(bad) + base_bad
+    if total_seen and total_bad / total_seen > params.max_bad_fraction:
+        first = (bad or base.manifest["bad_files"])[0]  # type: ignore[union-attr]
+        raise StagingError(
+            f"{total_bad} of {total_seen} images do not decode ({total_bad / total_seen:.2%} > "
+            f"max_bad_fraction {params.max_bad_fraction:.2%}); first: {first['source']}: {first['reason']}"
+        )
+    per_class: dict[str, list[str]] = defaultdict(list)
+    for key in by_split["train"]:
+        per_class[records[key]["wnid"]].append(key)
+    old_train = base.manifest["splits"]["train"]["per_class"] if base is not None else {}
+    old_minival = base.manifest["splits"]["minival"]["per_class"] if base is not None else {}
+    totals = {c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
+              for c in set(per_class) | set(old_train) | set(old_minival)}
+    quota = minival_quota(totals, params.minival, params.seed)
+    check_minival(totals, {c: max(quota[c], old_minival.get(c, 0)) for c in totals}, params.minival,
+                  min_train_per_class)
+    held: set[str] = set()
+    for wnid, keys in per_class.items():
+        take = max(0, quota[wnid] - old_minival.get(wnid, 0))
+        held.update(sorted(keys, key=lambda k: _stable_rank(params.seed, k))[:take])
+    splits = {
+        "train": sorted(k for k in by_split["train"] if k not in held),
+        "minival": sorted(held),
+        "val": sorted(by_split["val"]),
+    }
+    first_index = base.num_shards if base is not None else {}
+    shards: list[ShardPlan] = []
+    for split_index, (split, keys) in enumerate(splits.items()):
+        # Shuffled across classes so that a sequential read of a few shards already mixes labels.
+        random.Random(params.seed * 1000 + split_index).shuffle(keys)
+        for tier in params.tiers:
+            start = first_index.get((split, tier), 0)
+            for i in range(0, len(keys), params.shard_size):
+                shards.append(ShardPlan(split, tier, start + i // params.shard_size,
+                                        tuple(keys[i : i + params.shard_size])))
+    return DatasetPlan(tuple(classes), splits, shards, sorted(bad, key=lambda b: b["source"]), total_seen, records,
+                       base)
+
+
+@dataclass(frozen=True)
+class BaseVersion:
+    """A finished version that a new one grows from: its images keep their split and shards."""
+
+    name: str
+    manifest: dict[str, Any] = field(repr=False)
+    splits: dict[str, dict[str, str]] = field(repr=False)  # split -> key -> wnid
+    bad: dict[str, list[str]] = field(repr=False)  # key of a file that did not decode -> [source split, wnid]
+
+    def known(self, split: str) -> dict[str, str]:
+        """key -> wnid of every image the base holds (staged or reported bad) from a source split."""
+        out: dict[str, str] = {}
+        for s in ("train", "minival") if split == "train" else ("val",):
+            out.update(self.splits[s])
+        out.update((key, wnid) for key, (s, wnid) in self.bad.items() if s == split)
+        return out
+
+    def known_by_class(self, split: str) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = defaultdict(set)
+        for key, wnid in self.known(split).items():
+            out[wnid].add(key)
+        return out
+
+    @property
+    def num_shards(self) -> dict[tuple[str, int], int]:
+        counts: dict[tuple[str, int], int] = defaultdict(int)
+        for s in self.manifest["shards"]:
+            counts[(s["split"], s["tier"])] += 1
+        return counts

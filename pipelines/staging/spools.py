@@ -1,0 +1,186 @@
+"""TODO docstring (from pipelines/staging.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.atomic import (
+    atomic_write_json,
+    sha256_file,
+    start_writeback,
+)
+from pipelines.source import imagenet
+from pipelines.staging.images import BadImage, encode_tiers
+from pipelines.staging.params import ENCODING, StageParams
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The 512-byte header `tarfile` writes for `_deterministic_tarinfo(name, size)` in USTAR format, built
+    directly: tarfile's own per-member code was a fifth of the staging time."""
+    raw = name.encode()
+    if len(raw) > 100 or size >= 8**11:
+        return _deterministic_tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    head = raw.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"00000000000\0"
+    chksum = sum(head) + _HEADER_TAIL_SUM + 8 * 32  # the checksum counts its own field as 8 spaces
+    return head + b"%06o\0 " % chksum + _HEADER_TAIL
+
+
+# typeflag '0', no link name, 'ustar\0' '00', empty owner names and device numbers, no prefix, padding.
+_HEADER_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+
+
+_HEADER_TAIL_SUM = sum(_HEADER_TAIL)
+
+
+class _TarWriter:
+    """Writes regular files as a tar with the bytes `tarfile` would write (see `_deterministic_tarinfo`),
+    hashing as it goes."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.offset, self.sha256 = f, 0, hashlib.sha256()
+
+    def _write(self, data: bytes) -> None:
+        self._f.write(data)
+        self.sha256.update(data)
+        self.offset += len(data)
+
+    def add(self, name: str, data: bytes) -> int:
+        """Append one file; returns where its data starts."""
+        self._write(_tar_header(name, len(data)))
+        start = self.offset
+        self._write(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            self._write(b"\0" * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        return start
+
+    def close(self) -> None:
+        """The end-of-archive marker (two zero blocks), then zeros to a whole record, as tarfile does."""
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        if self.offset % tarfile.RECORDSIZE:
+            self._write(b"\0" * (tarfile.RECORDSIZE - self.offset % tarfile.RECORDSIZE))
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    unit_id: str
+    split: str  # "train" or "val"
+    records: tuple[dict[str, Any], ...]  # key, wnid, label, source, offsets per tier
+    bad: tuple[dict[str, str], ...]
+    skipped: int = 0  # images left out because the base version holds them
+
+
+def unit_paths(work: Path, unit_id: str) -> tuple[Path, Path]:
+    return work / "units" / f"{unit_id}.tar", work / "units" / f"{unit_id}.json"
+
+
+def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def process_unit(
+    unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, work: Path, params: StageParams,
+    skip: frozenset[str] = frozenset(),
+) -> UnitResult:
+    """Decode, check and encode one unit's images (but those in `skip`) into its spool; reuse a finished spool.
+
+    Needs nothing but its (picklable) arguments, so it runs in any worker process.
+    """
+    unit_id = unit_identifier(unit, split)
+    spool, index = unit_paths(work, unit_id)
+    cached = load_unit(work, unit_id, params)
+    if cached is not None:
+        return cached
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    tmp = spool.with_name(f".{spool.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            tar = _TarWriter(f)
+            records, bad, skipped = _write_spool(tar, unit, split, params, skip)
+            tar.close()
+            f.flush()
+            # Never fsynced (load_unit verifies a spool before reusing it), but written back from now on
+            # rather than in one burst when the kernel's dirty-page limits are reached.
+            start_writeback(f.fileno())
+        os.replace(tmp, spool)
+    finally:
+        tmp.unlink(missing_ok=True)  # an error or interrupt mid-unit leaves no partial spool
+    atomic_write_json(
+        index,
+        {"unit": unit_id, "split": split, "params": _unit_params(params), "spool_sha256": tar.sha256.hexdigest(),
+         "records": records, "bad": bad, "skipped": skipped},
+    )
+    return UnitResult(unit_id, split, tuple(records), tuple(bad), skipped)
+
+
+def _write_spool(
+    tar: _TarWriter, unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, params: StageParams,
+    skip: frozenset[str],
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
+    if isinstance(unit, imagenet.TrainUnit):
+        images = imagenet.read_train_unit(unit)
+    else:
+        images = imagenet.read_val_unit(unit)
+    records: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    skipped = 0
+    for raw in images:
+        if raw.key in skip:
+            skipped += 1
+            continue
+        try:
+            encoded = encode_tiers(raw.data, params.tiers, params.jpeg_quality)
+        except BadImage as exc:
+            bad.append({"source": raw.source_name, "split": split, "wnid": raw.wnid, "reason": str(exc)})
+            continue
+        # A tier that keeps the original points at the source (offset None: read it at `origin`); the spool
+        # holds only re-encoded tiers (without this it held two copies of most ImageNet originals).
+        offsets: dict[str, list[int | None]] = {}
+        written: dict[int, int | None] = {}  # id(bytes) -> spool offset
+        for tier, (jpeg, w, h) in sorted(encoded.items()):
+            if id(jpeg) not in written:
+                kept = jpeg is raw.data and raw.origin is not None
+                written[id(jpeg)] = None if kept else tar.add(f"{raw.key}.{tier}.jpg", jpeg)
+            offsets[str(tier)] = [written[id(jpeg)], len(jpeg), w, h]
+        record = {"key": raw.key, "wnid": raw.wnid, "label": raw.label, "source": raw.source_name, "tiers": offsets}
+        if raw.origin is not None and None in written.values():
+            record["origin"] = list(raw.origin)
+        records.append(record)
+    return records, bad, skipped
+
+
+def _unit_params(params: StageParams) -> dict[str, Any]:
+    # Only what changes a spool's bytes: a new shard size or minival reuses every spool.
+    return {"tiers": list(params.tiers), "jpeg_quality": params.jpeg_quality, "encoding": ENCODING}
+
+
+def load_unit(work: Path, unit_id: str, params: StageParams) -> UnitResult | None:
+    """A finished unit if its index and spool agree with `params`, else None (the unit will be redone)."""
+    spool, index = unit_paths(work, unit_id)
+    if not (spool.exists() and index.exists()):
+        return None
+    try:
+        meta = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("params") != _unit_params(params) or meta.get("spool_sha256") != sha256_file(spool):
+        return None
+    return UnitResult(unit_id, meta["split"], tuple(meta["records"]), tuple(meta["bad"]), meta.get("skipped", 0))
+
+
+def unit_identifier(unit: imagenet.TrainUnit | imagenet.ValUnit, split: str) -> str:
+    """A file-safe, stable name for a unit: the class WNID for train, the chunk index for val."""
+    if isinstance(unit, imagenet.TrainUnit):
+        return f"{split}-{unit.wnid}"
+    return f"{split}-{unit.index:05d}"

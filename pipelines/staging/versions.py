@@ -1,0 +1,222 @@
+"""TODO docstring (from pipelines/staging.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pipelines.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+)
+from pipelines.dataset import KEYS, MANIFEST, MANIFEST_FORMAT, SPLITS, _keys_document, read_keys, read_manifest
+from pipelines.source import imagenet
+from pipelines.staging.params import AUTO, ENCODING, WORK, StageParams, StagingError
+from pipelines.staging.plan import BaseVersion, DatasetPlan
+from pipelines.staging.spools import UnitResult
+
+
+def finished_versions(root: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, manifest) of every finished version under a datasets root, oldest first.
+
+    A folder without a manifest is an unfinished run, never a version.
+    """
+    found = []
+    if not root.is_dir():
+        return []
+    for d in root.iterdir():
+        path = d / MANIFEST
+        if d.name == WORK or not path.is_file():
+            continue
+        try:
+            found.append((path.stat().st_mtime_ns, d.name, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return [(name, m) for _, name, m in sorted(found, key=lambda f: (f[0], f[1]))]
+
+
+def _same_params(manifest: dict[str, Any], params: StageParams) -> bool:
+    return manifest.get("params") == json.loads(json.dumps(asdict(params))) and manifest.get("encoding") == ENCODING
+
+
+def find_staged(
+    root: Path, fingerprint: dict[str, Any], params: StageParams, base_version: str | None = AUTO
+) -> Path | None:
+    """A finished version of exactly this source and these parameters, if any: staged in full, on top of
+    `base_version`, or (AUTO) either way."""
+    named = dataset_version(fingerprint, params, None if base_version == AUTO else base_version)
+    if (root / named / MANIFEST).is_file():
+        return root / named
+    if base_version != AUTO:
+        return None
+    for name, manifest in reversed(finished_versions(root)):
+        if manifest.get("source", {}).get("fingerprint") == fingerprint and _same_params(manifest, params):
+            return root / name
+    return None
+
+
+def _source_keys(src: imagenet.ImageNetSource) -> dict[str, dict[str, str] | None]:
+    """Source split ('train', 'val') -> key -> wnid where the source lists its files without reading them
+    (trees; val of archives). None for the train split of archives: a class tar must be read to list it."""
+    train = None
+    if src.kind != "archives":
+        train = {Path(n).stem: u.wnid for u in src.train_units() for n in u.names}
+    val = {Path(e.source_name).stem: e.wnid for u in src.val_units(max(1, src.num_val)) for e in u.entries}
+    return {"train": train, "val": val}
+
+
+def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: StageParams) -> str | None:
+    """Why `base` cannot be grown into this source, or None."""
+    if base.manifest.get("classes") != list(src.classes):
+        return "its classes differ from the source's"
+    if not _same_params(base.manifest, params):
+        return "it was staged with other parameters"
+    if params.formats:
+        return f"extra formats ({', '.join(params.formats)}) are written whole, not incrementally"
+    for split, listed in _source_keys(src).items():
+        if listed is None:
+            continue  # class tars: checked while reading (the units count the base images they saw)
+        missing = sorted(k for k, wnid in base.known(split).items() if listed.get(k) != wnid)
+        if missing:
+            return (f"{len(missing)} of its {split} images are not in the source with the same class "
+                    f"(e.g. {missing[0]})")
+    return None
+
+
+def resolve_base(
+    root: Path, base_version: str | None, src: imagenet.ImageNetSource, params: StageParams,
+    log: Callable[..., None],
+) -> BaseVersion | None:
+    """The version to grow from: `base_version` by name, the latest compatible one for AUTO, or None."""
+    if base_version is None:
+        return None
+    if base_version != AUTO:
+        if not (root / base_version / MANIFEST).is_file():
+            raise ValueError(f"{root / base_version}: base version is not a finished staged dataset")
+        base = _load_base(root / base_version)
+        problem = _base_problem(base, src, params)
+        if problem:
+            raise ValueError(f"cannot stage incrementally from {base_version}: {problem}")
+        return base
+    reasons = []
+    for name, manifest in reversed(finished_versions(root)):
+        if manifest.get("classes") != list(src.classes) or not _same_params(manifest, params):
+            continue  # another dataset, or other parameters: not a candidate
+        if not (root / name / KEYS).is_file():
+            continue
+        base = _load_base(root / name)
+        problem = _base_problem(base, src, params)
+        if problem is None:
+            return base
+        reasons.append(f"{name}: {problem}")
+    if reasons:
+        log(f"staging in full: no earlier version is a subset of the source ({'; '.join(reasons[:3])})")
+    return None
+
+
+def _load_base(dataset_dir: Path) -> BaseVersion:
+    splits, bad = read_keys(dataset_dir)
+    return BaseVersion(dataset_dir.name, read_manifest(dataset_dir), splits, bad)
+
+
+def _check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
+    """Each class tar, read whole, must have held every image its class has in the base (the source only grew)."""
+    known = base.known_by_class("train")
+    for unit in units:
+        if unit.split != "train":
+            continue
+        wnid = unit.unit_id.removeprefix("train-")
+        if unit.skipped != len(known.get(wnid, ())):
+            raise StagingError(
+                f"class {wnid}: the source holds {unit.skipped} of the {len(known.get(wnid, ()))} images that "
+                f"base version {base.name} has: the source did not only grow, so stage it in full (--full)"
+            )
+
+
+def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None) -> str:
+    """A content address: the same source staged with the same parameters (from the same base) is the same
+    version."""
+    inputs: dict[str, Any] = {"source": fingerprint, "params": asdict(params), "encoding": ENCODING}
+    if base_version is not None:
+        inputs["base_version"] = base_version
+    blob = json.dumps(inputs, sort_keys=True, default=str)
+    return "imagenet-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_manifest(
+    plan: DatasetPlan, shards: list[dict[str, Any]], params: StageParams, fingerprint: dict[str, Any],
+    source_kind: str, version: str, code_version: str,
+) -> dict[str, Any]:
+    """The manifest of a version: its own shards and, for an incremental version, the base's too."""
+    base = plan.base
+    counts: dict[str, dict[str, int]] = {}
+    samples: dict[str, int] = {}
+    for split, keys in plan.splits.items():
+        per_class: dict[str, int] = defaultdict(int)
+        if base is not None:
+            for wnid, n in base.manifest["splits"][split]["per_class"].items():
+                per_class[wnid] += n
+        for key in keys:
+            per_class[plan.records[key]["wnid"]] += 1
+        counts[split] = dict(sorted(per_class.items()))
+        samples[split] = len(keys) + (base.manifest["splits"][split]["samples"] if base is not None else 0)
+    minival = set(plan.splits["minival"]) | (set(base.manifest["minival_keys"]) if base is not None else set())
+    bad = plan.bad + (base.manifest["bad_files"] if base is not None else [])
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": version,
+        "base_version": base.name if base is not None else None,
+        "classes": list(plan.classes),
+        "num_classes": len(plan.classes),
+        "splits": {s: {"samples": samples[s], "per_class": counts[s]} for s in plan.splits},
+        "minival_keys": sorted(minival),
+        "tiers": list(params.tiers),
+        "shards": sorted(shards, key=lambda s: (s["tier"], s["split"], s["path"])),
+        "bad_files": sorted(bad, key=lambda b: (b["source"], b["split"])),
+        "images_seen": plan.total_seen,
+        "source": {"kind": source_kind, "fingerprint": fingerprint},
+        "params": asdict(params),
+        "encoding": ENCODING,
+        "code_version": code_version,
+    }
+
+
+def write_keys(dest: Path, plan: DatasetPlan) -> dict[str, Any]:
+    """Write the version's keys file (the base's images and the new ones); return its manifest entry."""
+    base = plan.base
+    splits = {s: dict(base.splits[s]) if base else {} for s in SPLITS}
+    bad = dict(base.bad) if base else {}
+    for split, keys in plan.splits.items():
+        splits[split].update((k, plan.records[k]["wnid"]) for k in keys)
+    bad.update((Path(b["source"]).stem, [b["split"], b["wnid"]]) for b in plan.bad)
+    data = _keys_document(splits, bad)
+    atomic_write_bytes(dest / KEYS, data)
+    return {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    path = out / MANIFEST
+    atomic_write_json(path, manifest)
+    return path
+
+
+def code_version() -> str:
+    """The package version plus the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("effnet-family")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref = (head.parent / ref[5:]).read_text().strip()
+        return f"{ver}+g{ref[:10]}"
+    except OSError:
+        return ver
