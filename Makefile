@@ -10,11 +10,14 @@ FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
 
-.PHONY: setup demo test test-unit test-integration bench constraints clean-data help
+.PHONY: setup demo test test-unit test-integration test-gpu bench constraints clean-data help
 
 help:
 	@echo "make demo   - the main job end to end on the built-in demo ImageNet (sets up first)"
 	@echo "make test   - the test suite (sets up first)"
+	@echo "make test-unit        - tests/unit only: pure code, minutes at most"
+	@echo "make test-integration - tests/integration and tests/e2e: real Ray, Prefect, MLflow, FFCV, DALI"
+	@echo "make test-gpu         - the tests marked gpu (skipped, saying why, where CUDA is not available)"
 	@echo "make bench  - benchmarks; figures go to benchmarks/results/*.json"
 
 # A second run only compares a checksum of the inputs with the stamp and returns in seconds.
@@ -43,11 +46,16 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
+# The folder decides the tier (tests/conftest.py): these two split the suite, each test in exactly one.
 test-unit: setup
 	$(PY) -m pytest -m unit
 
 test-integration: setup
 	$(PY) -m pytest -m "integration or e2e"
+
+# On a CUDA machine: bf16 autocast, channels_last and device-side preprocessing for real.
+test-gpu: setup
+	$(PY) -m pytest -m gpu
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

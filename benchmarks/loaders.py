@@ -51,10 +51,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from pipelines.dataset import read_manifest, select_tier
-from pipelines.loading import make_loader
+from pipelines.dataset import EXTRA_FORMATS, read_manifest, select_tier
+from pipelines.loading import BACKENDS, make_loader
 from pipelines.loading.transforms import random_resized_crop_box
 from pipelines.loading.wds import _collate
+from pipelines.seeds import mix_seed
 from pipelines.staging import stager  # noqa: E402
 from pipelines.staging.params import StageParams
 
@@ -62,7 +63,6 @@ RESULTS = REPO_ROOT / "benchmarks" / "results" / "loaders.json"
 RESOLUTIONS = (128, 224)
 TIERS = (128, 256)
 ORIGINALS_TIER = 512  # larger than any side of a 500x375 original: the tier keeps the original bytes
-BACKENDS = ("wds", "ffcv", "dali")
 B0_A100_IMAGES_PER_S = 2489  # NVIDIA DeepLearningExamples, EfficientNet-B0, one A100-80GB, AMP (REFERENCE.md)
 GOALS = {  # backend throughput over the baseline's at the same resolution
     "wds_224": 2.0,  # wds from its tier, 224 px
@@ -97,7 +97,7 @@ class JpegFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        rng = random.Random(self.seed * 1_000_003 + i)
+        rng = random.Random(mix_seed(self.seed, i))
         with open(path, "rb") as f:
             img = Image.open(f).convert("RGB")  # a full decode, as torchvision's pil_loader
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
@@ -133,8 +133,7 @@ def measure(make: Callable[[], Any]) -> dict[str, Any]:
 
 def stage(source: Path, out: Path, tiers: tuple[int, ...], workers: int, ffcv_write_mode: str = "jpg"
           ) -> tuple[Path, float]:
-    params = StageParams(tiers=tiers, shard_size=256, minival=0, formats=("ffcv", "dali"),
-                                 ffcv_write_mode=ffcv_write_mode)
+    params = StageParams(tiers=tiers, shard_size=256, minival=0, formats=EXTRA_FORMATS, ffcv_write_mode=ffcv_write_mode)
     t0 = time.perf_counter()
     dest = stager.stage(source, out, params, log=lambda *a: print("  ", *a), workers=workers, base_version=None)
     return dest, time.perf_counter() - t0

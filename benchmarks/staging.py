@@ -5,10 +5,11 @@ The images are made here: ImageNet-like JPEGs of 500x375 px (quality 90, about 1
 blobs plus sensor-like noise, so they cost what a photo costs to decode), in the extracted layout
 `train/<wnid>/<wnid>_<k>.JPEG` and `val/<wnid>/...`, 10% of them val. They are kept between runs under --data.
 
-- staging: `staging.stage` with the default tiers (128, 256, 512 px), WebDataset shards of 1024, a 2% minival,
-  `--workers` units at a time on threads (default: all cores), as `effnet stage` runs it (without Prefect's
-  fixed cost of starting a server). Timed from opening the source to the manifest, spools included, until
-  every byte written is on disk (`os.sync()`: FFCV's writer does not flush, staging fsyncs its shards).
+- staging: `pipelines.staging.stager.stage` with the default tiers (128, 256, 512 px), WebDataset shards of
+  1024, a 2% minival, `--workers` units at a time on threads (default: all cores), as `effnet stage` runs it
+  (without Prefect's fixed cost of starting a server). Timed from opening the source to the manifest, spools
+  included, until every byte written is on disk (`os.sync()`: FFCV's writer does not flush, staging fsyncs what
+  its manifest lists).
 - FFCV: ffcv-imagenet's `write_imagenet.py` with its published ImageNet settings (write_imagenet.sh
   `500 0.50 90`): RGBImageField(write_mode='proportion', max_resolution=500, compress_probability=0.5,
   jpeg_quality=90), IntField labels, chunksize 100, `num_workers` = --workers, one file for train and one for

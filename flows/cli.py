@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from pipelines.dataset import DataError
+from pipelines.dataset import EXTRA_FORMATS, DataError
 from pipelines.settings import DATA_DIR_ENV, StackError, data_layout
-from pipelines.staging.params import MIN_TRAIN_PER_CLASS
+from pipelines.source.demo import write_demo_imagenet
+from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, whole_number
 
 RECIPE_HELP = "a recipe name (v1, v2-progressive, demo, demo-progressive) or the path to a recipe YAML file"
 
@@ -26,9 +28,12 @@ def _prefect_home(data_dir: str | None) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
 
 
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipelines.source.demo import write_demo_imagenet
+def _keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """A function's parameter defaults by name: flags that stand for its parameters default to what it does."""
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
     s = write_demo_imagenet(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                             val_per_class=args.val_per_class, seed=args.seed)
     print(f"{'reused' if s.reused else 'wrote'} demo ImageNet in {args.out}")
@@ -44,7 +49,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
     from flows.stage_imagenet import stage_imagenet, stage_params
     from pipelines.dataset import mark_latest
-    from pipelines.staging.params import whole_number
     from pipelines.staging.runners import resolve_workers
     from pipelines.staging.stager import find_finished
 
@@ -53,9 +57,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         # than argparse's usage message; whole ones go on as ints, for the flow's typed parameters.
         return int(x) if isinstance(x, float) and x.is_integer() else x
 
-    knobs = dict(tiers=[whole(t) for t in args.tiers] if args.tiers is not None else None,
-                 shard_size=whole(args.shard_size), minival=args.minival, seed=whole(args.seed),
-                 jpeg_quality=whole(args.jpeg_quality), max_bad_fraction=args.max_bad_fraction, formats=args.formats)
+    knobs = dict(tiers=[whole(t) for t in args.tiers], shard_size=whole(args.shard_size), minival=args.minival,
+                 seed=whole(args.seed), jpeg_quality=whole(args.jpeg_quality), max_bad_fraction=args.max_bad_fraction,
+                 formats=args.formats)
     workers = resolve_workers(whole(args.workers))
     floor = 0 if args.allow_small_train else whole_number("--min-train-per-class",
                                                                   whole(args.min_train_per_class), 0)
@@ -158,36 +162,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where archives, shards, MLflow and Ray state live (default ${DATA_DIR_ENV} or ./data)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    demo = _keyword_defaults(write_demo_imagenet)
     s = sub.add_parser("demo-data", help="write a small ImageNet in the ILSVRC2012 archive format")
     s.add_argument("out")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--train-per-class", type=int, default=40)
-    s.add_argument("--val-per-class", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=int, default=demo["num_classes"])
+    s.add_argument("--train-per-class", type=int, default=demo["train_per_class"])
+    s.add_argument("--val-per-class", type=int, default=demo["val_per_class"])
+    s.add_argument("--seed", type=int, default=demo["seed"])
     s.set_defaults(fn=cmd_demo_data)
 
     s = sub.add_parser("stage", help="stage ILSVRC2012 (archives, tree or Kaggle layout) into shards")
     s.add_argument("--source", required=True)
     s.add_argument("--out", required=True, help="datasets root; the version goes in a sub-folder")
     # Numbers as floats: staging checks them (whole numbers, ranges, inf and nan) and says what is wrong in a line.
-    s.add_argument("--tiers", type=float, nargs="+", default=None, help="shorter sides in px (default 128 256 512)")
-    s.add_argument("--shard-size", type=float, default=1024)
-    s.add_argument("--minival", type=float, default=25000,
+    s.add_argument("--tiers", type=float, nargs="+", default=list(DEFAULTS.tiers),
+                   help=f"shorter sides in px (default {' '.join(map(str, DEFAULTS.tiers))})")
+    s.add_argument("--shard-size", type=float, default=DEFAULTS.shard_size)
+    s.add_argument("--minival", type=float, default=DEFAULTS.minival,
                    help="images held out of train (a whole number), or a fraction < 1 of each class")
     small = s.add_mutually_exclusive_group()
     small.add_argument("--min-train-per-class", type=float, default=MIN_TRAIN_PER_CLASS,
                        help="refuse a minival that leaves a class fewer train images (default %(default)s)")
     small.add_argument("--allow-small-train", action="store_true",
                        help="stage even if the minival leaves a class fewer than --min-train-per-class images")
-    s.add_argument("--seed", type=float, default=0)
-    s.add_argument("--jpeg-quality", type=float, default=90)
-    s.add_argument("--max-bad-fraction", type=float, default=0.01)
-    s.add_argument("--formats", nargs="*", default=[], choices=["ffcv", "dali"],
+    s.add_argument("--seed", type=float, default=DEFAULTS.seed)
+    s.add_argument("--jpeg-quality", type=float, default=DEFAULTS.jpeg_quality)
+    s.add_argument("--max-bad-fraction", type=float, default=DEFAULTS.max_bad_fraction)
+    s.add_argument("--formats", nargs="*", default=list(DEFAULTS.formats), choices=EXTRA_FORMATS,
                    help="extra files beside the WebDataset shards: FFCV .beton per tier, DALI shard indexes "
                         "(either makes the stage a full one, not incremental)")
     growth = s.add_mutually_exclusive_group()
-    growth.add_argument("--base-version", default="auto",
-                        help="version to add new images to: 'auto' (the latest one the source grew from) or a name")
+    growth.add_argument("--base-version", default=AUTO,
+                        help=f"version to add new images to: '{AUTO}' (the latest one the source grew from) or a name")
     growth.add_argument("--full", action="store_true", help="stage every image afresh, not on top of a version")
     s.add_argument("--workers", type=float, default=None, help="units (classes, val chunks) decoded at once "
                    "(default: all cores)")

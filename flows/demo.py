@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.deployments import DEMO_FAMILY
 from flows.stage_imagenet import stage_imagenet
 from flows.train_family import train_family
 from pipelines.settings import data_layout
 from pipelines.source.demo import write_demo_imagenet
 
-# Two compound-scaled members far below B0 (phi < 0 shrinks depth, width and resolution together) so the
-# family trains on two CPU cores in minutes; resolutions come out near the demo tiers.
-DEMO_FAMILY = ("phi=-9", "phi=-7")
 DEMO_TIERS = (64, 96, 128)
 
 

@@ -1,12 +1,13 @@
 """Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
 
 Only sequencing lives here; `pipelines.staging.stager` does the work and calls back into this flow to run its
-units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. Exactly
-`workers` unit tasks run (and decode) at once, on their own threads or, with `processes`, each handing its unit
-to one of `workers` processes (see `pipelines.staging.unit_runner`); the first unit or shard that fails (bad
-input at once, anything else after its retries) ends the run, and no task is started after it. A finished
-version is detected from its manifest and returned at once; a source that grew is staged as a new version on top
-of the latest one (`base_version`).
+units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. Exactly `workers`
+unit tasks run (and decode) at once, on their own threads or, with `processes`, each handing its unit to one of
+`workers` processes (see `pipelines.staging.runners.unit_runner`); the first unit or shard that fails (bad input
+at once, anything else after its retries) ends the run, and no task is started after it. A finished version is
+detected from its manifest and returned at once; a source that grew is staged as a new version on top of the
+latest one (`base_version`). The parameters' defaults are StageParams' own (`params.DEFAULTS`), so that Prefect
+shows the values a run gets.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from pipelines.dataset import DataError
-from pipelines.source.imagenet import ImageNetSourceError
 from pipelines.staging import runners
-from pipelines.staging.params import AUTO, MIN_TRAIN_PER_CLASS, StageParams, StagingError, minival_value
-from pipelines.staging.runners import MAX_WORKERS, Mapper, available_cores, resolve_workers
+from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
+from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
 from pipelines.staging.spools import UnitResult, unit_identifier
 from pipelines.staging.stager import stage
 
@@ -37,14 +37,14 @@ BAD_INPUT = (ValueError, FileNotFoundError, DataError)
 def _run_step(step: Callable[..., Any], args: tuple) -> Any:
     try:
         return step(*args)
-    except (ImageNetSourceError, StagingError) as exc:
+    except INPUT_ERRORS as exc:
         # Bad input: a failed task with the reason and no traceback in the log; the flow raises `exc`.
         return Failed(message=str(exc), data=exc)
 
 
 def _retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     """Retry what may pass on a second try (I/O); bad input fails the same way every time."""
-    return not isinstance(state.data, (ImageNetSourceError, StagingError))
+    return not isinstance(state.data, INPUT_ERRORS)
 
 
 # Idempotence comes from the files themselves (checksummed spools and shards), not from Prefect's cache.
@@ -86,17 +86,13 @@ def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> Mapper:
     return run
 
 
-def stage_params(
-    tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000, seed: int = 0,
-    jpeg_quality: int = 90, max_bad_fraction: float = 0.01, formats: list[str] | None = None,
-) -> StageParams:
-    """The flow's parameters as StageParams: `minival` >= 1 is a whole number of images, below 1 a fraction.
-    Only None means a default (an empty `tiers` is an error, not the default tiers)."""
-    return StageParams(
-        tiers=StageParams().tiers if tiers is None else tuple(tiers), shard_size=shard_size,
-        minival=minival_value(minival), seed=seed, jpeg_quality=jpeg_quality,
-        max_bad_fraction=max_bad_fraction, formats=tuple(formats or ()),
-    )
+def stage_params(**fields: Any) -> StageParams:
+    """Flow parameters (StageParams fields by name) as StageParams: lists become tuples, and `minival` >= 1 is a
+    whole number of images, below 1 a fraction. A field not given keeps StageParams' default; an empty `tiers`
+    is an error, not the default tiers."""
+    if "minival" in fields:
+        fields["minival"] = minival_value(fields["minival"])
+    return StageParams(**{name: tuple(v) if isinstance(v, list) else v for name, v in fields.items()})
 
 
 # The mappers bound what runs at once (units: `workers`, shards: `_SHARD_TASKS`); the runner only needs enough
@@ -107,21 +103,22 @@ _SHARD_TASKS = 2 * available_cores()  # shard tasks wait on disk: a few more tha
 @flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(MAX_WORKERS, _SHARD_TASKS)),
       log_prints=True)
 def stage_imagenet(
-    source: str, out: str, tiers: list[int] | None = None, shard_size: int = 1024, minival: float = 25_000,
-    seed: int = 0, jpeg_quality: int = 90, max_bad_fraction: float = 0.01, base_version: str | None = AUTO,
-    workers: int | None = None, progress_bar: bool = False, formats: list[str] | None = None,
-    processes: bool = False, min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    source: str, out: str, tiers: list[int] = list(DEFAULTS.tiers), shard_size: int = DEFAULTS.shard_size,
+    minival: float = DEFAULTS.minival, seed: int = DEFAULTS.seed, jpeg_quality: int = DEFAULTS.jpeg_quality,
+    max_bad_fraction: float = DEFAULTS.max_bad_fraction, base_version: str | None = AUTO, workers: int | None = None,
+    progress_bar: bool = False, formats: list[str] = list(DEFAULTS.formats), processes: bool = False,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> str:
     """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
 
-    `minival` >= 1 is a whole number of images held out of train (25,000 = 25 per class on ImageNet); below 1 it
-    is a fraction of each class. A minival that leaves a class fewer than `min_train_per_class` train images is
-    refused (0 allows it). `base_version`: "auto" stages images added since the latest version as a new
-    version on top of it (same minival, its shards reused); a version name grows that one; null stages in
-    full. `workers`: units decoded at once (default, null: all cores); `processes`: in worker processes rather
-    than threads (for many cores). `progress_bar`: draw a tqdm bar on stderr (the
-    CLI sets it on a terminal). `formats`: extra files beside the shards ("ffcv" .beton per tier and
-    split, "dali" shard indexes). Returns the dataset version directory. Rerunning reuses everything finished.
+    `minival` >= 1 is a whole number of images held out of train; below 1 it is a fraction of each class. A
+    minival that leaves a class fewer than `min_train_per_class` train images is refused (0 allows it).
+    `base_version`: "auto" stages images added since the latest version as a new version on top of it (same
+    minival, its shards reused); a version name grows that one; null stages in full. `workers`: units decoded at
+    once (default, null: all cores); `processes`: in worker processes rather than threads (for many cores).
+    `progress_bar`: draw a tqdm bar on stderr (the CLI sets it on a terminal). `formats`: extra files beside the
+    shards ("ffcv" .beton per tier and split, "dali" shard indexes). Returns the dataset version directory.
+    Rerunning reuses everything finished.
     """
     logger = get_run_logger()
     t0 = time.time()
@@ -129,7 +126,8 @@ def stage_imagenet(
         workers = resolve_workers(workers)
         dest = stage(
             source, out,
-            stage_params(tiers, shard_size, minival, seed, jpeg_quality, max_bad_fraction, formats),
+            stage_params(tiers=tiers, shard_size=shard_size, minival=minival, seed=seed, jpeg_quality=jpeg_quality,
+                         max_bad_fraction=max_bad_fraction, formats=formats),
             map_units=_task_mapper(stage_unit, lambda a: unit_identifier(a[0], a[1]), workers),
             map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}",
                                     _SHARD_TASKS),

@@ -1,8 +1,9 @@
-"""Prefect flow `train-family`: one Ray Train job per variant, then a side-by-side summary from MLflow.
+"""Prefect flow `train-family`: one Ray Train job per variant, then a side-by-side summary table.
 
-Deployments of this flow (`train-family/b0-b7`, `train-family/v2-s-m-l`, `train-family/demo`) are declared in
-`flows/deployments.py`. Every variant, the recipe, the dataset and the cluster's resources are checked before the
-first job starts; then variants run one after another (each job already spreads over the whole Ray cluster).
+Its deployments (`train-family/b0-b7`, nightly, and `train-family/demo`) are declared in `flows/deployments.py`.
+Every variant, the recipe, the dataset and the cluster's resources are checked before the first job starts; then
+variants run one after another in this flow's process (each job already spreads over the whole Ray cluster), and
+the first that fails ends the flow run.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pipelines.settings import data_layout
 from pipelines.training import cluster
 from pipelines.training.job import TrainResult, run_training, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
+from pipelines.training.tracking import Tags
 
 # Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
 # fit the job.
 BAD_INPUT = (ValueError, FileNotFoundError, DataError)
-FLOW_RUN_TAG = "prefect_flow_run_id"  # on each MLflow run: the flow run that trained it (the last one, if resumed)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{variant}")
@@ -33,7 +34,7 @@ def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str 
 
     logger = get_run_logger()
     result: TrainResult = run_training(recipe, dataset_dir, data_layout(data_dir), progress=logger.info,
-                                       tags={FLOW_RUN_TAG: str(flow_run.id)})
+                                       tags={Tags.FLOW_RUN: str(flow_run.id)})
     return asdict(result)
 
 

@@ -33,6 +33,7 @@ from .variants import (
     round_channels,
     round_repeats,
     round_resolution,
+    variant_range,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "round_resolution",
     "set_regularization",
     "unwrap_model",
+    "variant_range",
 ]

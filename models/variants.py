@@ -469,6 +469,17 @@ def list_models() -> list[str]:
     return list(VARIANTS)
 
 
+def variant_range(first: str, last: str) -> list[str]:
+    """Registered names from `first` to `last` in registry order: ("efficientnet_b0", "efficientnet_b7") is B0-B7."""
+    names = list_models()
+    for name in (first, last):
+        get_variant(name)  # ValueError listing the valid names
+    i, j = names.index(first), names.index(last)
+    if i > j:
+        raise ValueError(f"{first} comes after {last} in the registry")
+    return names[i : j + 1]
+
+
 def get_variant(name: str) -> VariantSpec:
     """The registered spec for `name`; ValueError listing the valid names otherwise."""
     if not isinstance(name, str) or name not in VARIANTS:

@@ -1,4 +1,22 @@
-"""TODO docstring (from pipelines/staging.py, pipelines/loaders.py, pipelines/ffcv_backend.py, pipelines/dali_backend.py)."""
+"""The staged-version contract: what a dataset version holds, under which names, and how to read it.
+
+A datasets root holds versions (`imagenet-<hash>/`), `LATEST` (the name of the version the last finished staging
+run staged or found) and staging's `work/` folder. A version holds:
+
+- `<tier>/<split>-NNNNNN.tar`: WebDataset shards per resolution tier (the images' shorter side at most, in px)
+  and split, each with a `.sha256` sidecar; a sample is `<key>.jpg`, `<key>.cls` (the label as ASCII digits)
+  and `<key>.json` (its WNID and source file name);
+- `manifest.json`, written last (a folder without one is an unfinished run, never a version): the classes, each
+  split's counts, the tiers, every shard with its size and sha256, the bad files, the source's fingerprint and
+  the staging parameters;
+- `keys.json.gz`: every image key by split, and the bad files' keys, which a version staged on top of this one
+  reads to know what is new;
+- with the extra formats, `<tier>/<split>.beton` (FFCV, with a `.sha256` sidecar) and a DALI index
+  `<tier>/<split>-NNNNNN.idx` beside each shard, listed under the manifest's `extra`.
+
+`pipelines.staging` writes versions; `pipelines.loading` and training read them, and `effnet verify` checks one
+against its manifest (`check_version`).
+"""
 
 from __future__ import annotations
 
@@ -9,27 +27,63 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.atomic import (
-    atomic_write_bytes,
-    sha256_file,
-)
+from pipelines.atomic import atomic_write_bytes, sha256_file
 
-SPLITS = ("train", "minival", "val")
+TRAIN_SPLITS = ("train",)  # trained on: random crops at any scale, a fresh order every epoch
 
+EVAL_SPLITS = ("minival", "val")  # evaluated: the centre crop, every sample once
+
+SPLITS = TRAIN_SPLITS + EVAL_SPLITS  # minival is held out of the source's train images, val is the source's val
 
 MANIFEST = "manifest.json"
 
-
 KEYS = "keys.json.gz"  # in each version: every image key by split (with its WNID) and the bad files' keys
-
 
 LATEST = "LATEST"  # under a datasets root: the name of the most recently staged version
 
-
 MANIFEST_FORMAT = 1
 
+SHARD_SUFFIX = ".tar"
 
-def _keys_document(splits: dict[str, dict[str, str]], bad: dict[str, list[str]]) -> bytes:
+# A shard sample's members, by extension: the JPEG, the label as ASCII digits, and its WNID and source file name.
+IMAGE_EXT, LABEL_EXT, META_EXT = "jpg", "cls", "json"
+
+EXTENSIONS = (IMAGE_EXT, LABEL_EXT)  # the members the loaders read
+
+# Extra formats staged beside the shards on request, each listed under its name in the manifest's `extra`.
+FFCV, DALI = "ffcv", "dali"
+
+EXTRA_FORMATS = (FFCV, DALI)
+
+BETON_SUFFIX = ".beton"
+
+INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
+
+INDEX_SUFFIX = ".idx"
+
+
+def shard_relpath(tier: int, split: str, index: int) -> str:
+    """A shard's path inside its version: `256/train-000012.tar`."""
+    return f"{tier}/{split}-{index:06d}{SHARD_SUFFIX}"
+
+
+def beton_relpath(tier: int, split: str) -> str:
+    """A split's FFCV file inside its version: `256/train.beton`."""
+    return f"{tier}/{split}{BETON_SUFFIX}"
+
+
+def index_path(shard: Path) -> Path:
+    """Where a shard's DALI index lives: `train-000000.tar` -> `train-000000.idx` (what `wds2idx` names it)."""
+    return shard.with_suffix(INDEX_SUFFIX)
+
+
+def index_text(lines: list[str]) -> str:
+    """A DALI index file: the header (version, number of samples), then one line per sample."""
+    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
+
+
+def keys_document(splits: dict[str, dict[str, str]], bad: dict[str, list[str]]) -> bytes:
+    """The bytes of a keys file (what `read_keys` reads back)."""
     doc = {"format": 1, "splits": {s: splits[s] for s in SPLITS}, "bad": bad}
     # Sorted, and gzip with mtime=0 and no file name: the same keys give the same bytes.
     return gzip.compress(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), compresslevel=6, mtime=0)
@@ -113,12 +167,6 @@ def manifest_hash(dataset_dir: str | os.PathLike[str]) -> str:
     return sha256_file(Path(dataset_dir) / MANIFEST)
 
 
-TRAIN_SPLITS = ("train",)
-
-
-EVAL_SPLITS = ("minival", "val")
-
-
 class DataError(RuntimeError):
     """A staged version is missing, damaged or unreadable (staging's own failures are a kind of it)."""
 
@@ -153,28 +201,3 @@ def split_shards(dataset_dir: Path, manifest: dict[str, Any], split: str, tier: 
         if not s.path.exists():
             raise DataError(f"{s.path}: shard listed in the manifest is missing")
     return sorted(shards, key=lambda s: s.path.name)
-
-
-BETON_SUFFIX = ".beton"
-
-
-def beton_relpath(tier: int, split: str) -> str:
-    return f"{tier}/{split}{BETON_SUFFIX}"
-
-
-INDEX_VERSION = "v1.2"  # the version `wds2idx` in DALI 2.x writes: components carry their member name
-
-
-INDEX_SUFFIX = ".idx"
-
-
-def index_path(shard: Path) -> Path:
-    """Where a shard's index lives: `train-000000.tar` -> `train-000000.idx` (what `wds2idx` names it)."""
-    return shard.with_suffix(INDEX_SUFFIX)
-
-
-EXTENSIONS = ("jpg", "cls")
-
-
-def index_text(lines: list[str]) -> str:
-    return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)

@@ -1,4 +1,27 @@
-"""TODO"""
+"""Loaders over a staged dataset version: one interface for training and evaluation, three backends.
+
+`make_loader(dataset_dir, split, resolution, batch_size, rank, world_size, epoch, backend="wds")` returns an
+iterable of `(images uint8 [N, 3, H, W], labels int64 [N])` batches, read from the smallest staged tier that still
+serves the resolution. Images travel as uint8 and are normalised on the device by `transforms.normalize` (4x less
+to copy than float32). Training reads through the backend its recipe names (`data.backend`: wds, ffcv or dali);
+minival and val evaluation always read through the default, `wds`.
+
+Distributed semantics (the same for every backend):
+- train: in each epoch every rank reads ceil(N / world_size) samples: every sample once across ranks, and the
+  ranks whose share is one short padded with samples of the epoch's start, as torch's DistributedSampler pads,
+  so that every rank yields the same number of batches (a rank with fewer would hang DDP). Which samples each
+  rank reads depends on (seed, epoch) and the world size only; the last partial batch is dropped.
+- eval (minival, val): every sample exactly once across ranks, no padding, partial last batch kept; callers
+  sum correct counts across ranks.
+
+Modules, in the order a batch is made:
+- `sampling`: which positions of a split each rank reads in an epoch (the semantics above).
+- `transforms`: crop boxes, JPEG decode-crop-resize, and normalisation with ImageNet's mean and std.
+- `wds`: the default backend: the WebDataset shards read in sequence through a shuffle buffer, in DataLoader
+  worker processes.
+- `ffcv`: the `ffcv` backend, over the `.beton` files staged with the "ffcv" format.
+- `dali`: the `dali` backend, over the shards and the indexes staged with the "dali" format.
+"""
 
 from __future__ import annotations
 

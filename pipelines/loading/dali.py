@@ -1,4 +1,28 @@
-"""TODO docstring (from pipelines/dali_backend.py)."""
+"""The `dali` backend: a rank's share of a split read by DALI from the shards, through the indexes staged beside
+them (the "dali" format).
+
+`fn.readers.webdataset` reads the samples an index lists, in the order listed, by seeking to their offsets. Its
+own sharding (`shard_id`/`num_shards`: contiguous blocks whose sizes differ by one, evened out by repeating a
+block's last sample) and shuffling (a buffer that keeps filling across the epoch boundary, so it repeats some
+samples and leaves others) cannot give the documented semantics. So for each epoch the loader writes small
+per-rank index files (in a temporary folder, removed when the epoch ends) that list exactly this rank's samples
+(`sampling.rank_epoch_indices`: the same samples the ffcv backend gives the rank), and the reader runs with
+`random_shuffle=False`:
+- train: the rank's ceil(N / world) samples of the (seed, epoch) permutation, padded as DistributedSampler;
+  exactly (N / world rounded up) // batch_size full batches on every rank. An index file can only point into
+  its own tar, so samples are read grouped by shard (shards in random order, samples within a shard in random
+  order), like the `wds` backend's shard shuffle; the shards themselves were shuffled across classes at staging.
+- eval: every sample exactly once across ranks, in the split's planned order; the last batch is partial.
+
+Train: `decoders.image_random_crop` (the RandomResizedCrop area and aspect ranges; only the crop is decoded),
+`resize` to the resolution, a coin-flip mirror, from DALI's generator seeded from (seed, epoch, rank)
+(`dali_seed`). Eval: exactly `transforms.center_crop_box` (`decoders.image_slice` of the centred square, then
+`resize`), so its pixels match the wds backend's to a fraction of a level. `crop_mirror_normalize` makes uint8 CHW
+without normalising. Decoding runs on the CPU (`device_id=None`), or with nvJPEG (`device="mixed"`) on the current
+CUDA device when torch sees one (images then arrive as CUDA tensors; the tests cover the CPU path). A pipeline is
+built per epoch (the interface is one loader per epoch), which also switches resolution; building one takes well
+under a second.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +37,7 @@ import numpy as np
 import torch
 
 from pipelines.dataset import (
+    DALI,
     EXTENSIONS,
     INDEX_SUFFIX,
     INDEX_VERSION,
@@ -24,12 +49,13 @@ from pipelines.dataset import (
     split_tier,
 )
 from pipelines.loading.sampling import rank_epoch_indices
+from pipelines.seeds import Stream, mix_seed
 
 
 def read_index(path: Path) -> list[str]:
     """The sample lines of an index file, checked against its header."""
     if not path.exists():
-        raise DataError(f"{path}: DALI index missing; stage with formats including 'dali'")
+        raise DataError(f"{path}: DALI index missing; stage with formats including '{DALI}'")
     head, *lines = path.read_text().splitlines()
     version, _, count = head.partition(" ")
     if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
@@ -60,7 +86,7 @@ def build_pipeline(
             random_shuffle=False, name="reader",
         )
         if train:
-            # The area/aspect draw of loaders.random_resized_crop_box, with DALI's own generator.
+            # The area/aspect draw of transforms.random_resized_crop_box, with DALI's own generator.
             images = fn.decoders.image_random_crop(
                 jpegs, device=decode_on, output_type=types.RGB, random_area=[0.08, 1.0],
                 random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
@@ -68,7 +94,7 @@ def build_pipeline(
             images = fn.resize(images, resize_x=resolution, resize_y=resolution)
             mirror = fn.random.coin_flip(probability=0.5)
         else:
-            # loaders.center_crop_box: the centred square of side round(shorter side x crop_ratio), resized to
+            # transforms.center_crop_box: the centred square of side round(shorter side x crop_ratio), resized to
             # the resolution (the same pixels as "resize shorter side to resolution / crop_ratio, centre crop",
             # without DALI rounding the intermediate size). Only that square is decoded.
             shape = fn.peek_image_shape(jpegs)  # H, W, C
@@ -81,7 +107,7 @@ def build_pipeline(
             )
             images = fn.resize(images, resize_x=resolution, resize_y=resolution)
             mirror = 0
-        # No mean/std: pixels stay uint8 and are normalised on the device (loaders.normalize).
+        # No mean/std: pixels stay uint8 and are normalised on the device (transforms.normalize).
         images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
         pipe.set_outputs(images, cls)
     pipe.build()
@@ -169,15 +195,15 @@ def _labels(cls: Any, take: int) -> torch.Tensor:
 
 
 def dali_seed(seed: int, epoch: int, rank: int) -> int:
-    """The pipeline seed of one rank's epoch (DALI wants a non-negative 31-bit int)."""
-    return int(np.random.SeedSequence([seed, epoch, rank, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
+    """The pipeline seed of one rank's epoch (DALI wants a non-negative 32-bit int: 31 bits)."""
+    return mix_seed(seed, Stream.DALI, epoch, rank) & 0x7FFFFFFF
 
 
 def make_dali_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    epoch: int = 0, seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
+    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
+    seed: int, crop_ratio: float, num_workers: int,
 ) -> DaliLoader:
-    """`loaders.make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
+    """`make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)

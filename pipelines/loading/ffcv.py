@@ -1,4 +1,20 @@
-"""TODO docstring (from pipelines/ffcv_backend.py)."""
+"""The `ffcv` backend: a rank's share of a split read from its `.beton` (staged with the "ffcv" format).
+
+FFCV's own `distributed=True` wraps torch's DistributedSampler, which needs an initialised process group, and pads
+every split (an eval sample would be scored twice). So the loader computes each rank's sample indices itself
+(`sampling.rank_epoch_indices`: a (seed, epoch) permutation strided by `sampling.rank_positions`, exactly the
+documented semantics) and passes them as `indices=` with `OrderOption.SEQUENTIAL`, which reads them in the given
+order. FFCV 1.0.2 does not seed its augmentations (RandomHorizontalFlip draws from an unseeded generator on
+whichever thread runs it), so the train decoder here is RandomResizedCropRGBImageDecoder with the flip folded in,
+drawing from numba's generator seeded per sample from the epoch's seed (`augmentation_seed`) and the sample
+index: crops and flips depend on (seed, epoch) only, not on threads or world size. Evaluation uses FFCV's
+CenterCropRGBImageDecoder. Batches are NCHW tensors in channels_last memory, as FFCV's ToTorchImage makes them.
+
+Resolution: a new FFCV `Loader` is built every time a loader is iterated (the interface is one loader per epoch;
+the epoch's seed is compiled into the decoder), so setting `decoder.output_size` on a long-lived loader, as
+ffcv-imagenet does, buys nothing here. Building one compiles its pipeline with numba: the start-up column of
+`benchmarks/loaders.py` (~2.5 s on 2 cores), about 0.5% of an ImageNet epoch of B0 on one A100.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.dataset import DataError, beton_relpath, read_manifest, split_tier
+from pipelines.dataset import FFCV, DataError, beton_relpath, read_manifest, split_tier
 from pipelines.loading.sampling import rank_epoch_indices
+from pipelines.seeds import Stream, mix_seed
 
 
 def augmentation_seed(seed: int, epoch: int) -> int:
-    """A 63-bit seed for an epoch's random crops and flips (the sample index is mixed in per sample)."""
-    return int(np.random.SeedSequence([seed, epoch, 0xFFC7]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """The seed of an epoch's random crops and flips, < 2**32; the decoder mixes in each sample's index."""
+    return mix_seed(seed, Stream.FFCV_AUGMENT, epoch)
 
 
 @lru_cache(maxsize=1)
@@ -75,15 +92,18 @@ def _seeded_crop_decoder_class() -> type:
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
             scale, ratio = np.array(self.scale), np.array(self.ratio)
+            # A sample's seed: the epoch's seed XOR the high half of (index x 2**64 / golden ratio) mod 2**64.
+            # Computed inside numba (no mix_seed call per sample), it depends on (seed, epoch, index) only, and
+            # no two indices below 10**8 share that high half (checked), so no two samples of an epoch share a seed.
             base = np.uint64(self.seed)
-            mix = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier: spreads consecutive indices apart
+            mix = np.uint64(0x9E3779B97F4A7C15)
             shift = np.uint64(32)
 
             def decode(batch_indices, my_storage, metadata, storage_state):  # type: ignore[no-untyped-def]
                 destination, temp_storage = my_storage
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
-                    np.random.seed((base ^ (np.uint64(source_ix) * mix)) >> shift)
+                    np.random.seed(base ^ ((np.uint64(source_ix) * mix) >> shift))
                     field = metadata[source_ix]
                     image_data = mem_read(field["data_ptr"], storage_state)
                     height = np.uint32(field["height"])
@@ -117,7 +137,7 @@ class FfcvLoader:
     """One rank's epoch of a split from a beton: an iterable of (uint8 NCHW, int64) CPU batches with len().
 
     Images are NCHW tensors in channels_last memory (FFCV decodes HWC; training runs channels_last): no
-    transposition here, and `loaders.normalize` accepts any layout. Each iteration builds an FFCV Loader over
+    transposition here, and `transforms.normalize` accepts any layout. Each iteration builds an FFCV Loader over
     this rank's indices and copies every batch out of FFCV's recycled buffers (FFCV reuses them a few batches
     later; callers may keep batches).
     """
@@ -208,18 +228,18 @@ def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
 
 
 def make_ffcv_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    epoch: int = 0, seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
+    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
+    seed: int, crop_ratio: float, num_workers: int,
 ) -> FfcvLoader:
-    """`loaders.make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
+    """`make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)
     n = manifest["splits"][split]["samples"]
     path = dataset_dir / beton_relpath(tier, split)
-    listed = {e["path"] for e in manifest.get("extra", {}).get("ffcv", [])}
+    listed = {e["path"] for e in manifest.get("extra", {}).get(FFCV, [])}
     if n and (beton_relpath(tier, split) not in listed or not path.exists()):
-        raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including 'ffcv'")
+        raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including '{FFCV}'")
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)
     return FfcvLoader(path, indices, train, resolution, batch_size, crop_ratio, num_workers,
                       augmentation_seed(seed, epoch))

@@ -1,4 +1,10 @@
-"""TODO docstring (from pipelines/loaders.py)."""
+"""Which samples of a split each rank reads in an epoch: the distributed semantics every backend shares.
+
+`rank_positions` strides an epoch's positions over the ranks (padded for training, as torch's DistributedSampler
+pads), optionally drawing from a seed which rank takes which position of each block; the `wds` backend applies
+it to its stream of shards. `rank_epoch_indices` applies it to an epoch's permutation of the split (the `ffcv`
+and `dali` backends, which read samples by index). `batches_per_epoch` is how many train batches each rank gets.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,8 @@ import math
 import random
 
 import numpy as np
+
+from pipelines.seeds import Stream, mix_seed
 
 
 def rank_positions(n: int, rank: int, world_size: int, pad: bool, shuffle_seed: int | None = None) -> list[int]:
@@ -45,7 +53,7 @@ def rank_epoch_indices(n: int, train: bool, rank: int, world_size: int, seed: in
     positions = np.asarray(rank_positions(n, rank, world_size, pad=train), dtype=np.int64)
     if not train:
         return positions
-    order = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(n)
+    order = np.random.Generator(np.random.PCG64(mix_seed(seed, Stream.EPOCH_ORDER, epoch))).permutation(n)
     return order[positions]
 
 

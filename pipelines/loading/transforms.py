@@ -1,4 +1,12 @@
-"""TODO docstring (from pipelines/loaders.py)."""
+"""Per-image transforms of the loaders: crop boxes, decoding, normalisation.
+
+`random_resized_crop_box` is the Inception-style training crop (area and aspect drawn from a given generator)
+and `center_crop_box` evaluation's centre crop; the `dali` backend draws from the same ranges and cuts the same
+centre crop with its own operators.
+`decode_crop` decodes a JPEG, crops and resizes it, letting libjpeg decode at 1/2, 1/4 or 1/8 scale when the
+crop allows (the `wds` backend's decoder). `normalize` turns uint8 batches into normalised floats on the device,
+with ImageNet's mean and std.
+"""
 
 from __future__ import annotations
 

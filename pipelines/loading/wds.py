@@ -1,4 +1,14 @@
-"""TODO docstring (from pipelines/loaders.py)."""
+"""The `wds` backend, the default: a rank's share of a split read from its WebDataset shards and decoded by PIL.
+
+Every rank reads the split's shards (of the tier that serves the resolution) in sequence, in an order shuffled
+per epoch for training, and keeps the positions of that stream that `sampling.rank_positions` gives it (for
+training, which rank takes which position of each block is drawn per epoch too); DataLoader workers split the
+rank's positions further and decode only theirs. Training samples are cropped and flipped with a generator per
+(seed, epoch, rank, worker) and pass through a shuffle buffer; `transforms.decode_crop` decodes at libjpeg's
+reduced scales when the crop allows. A sample that fails to decode is counted (`bad_samples`), and in training
+stood in for by the worker's next good one, so that every rank still yields its exact share. Workers start from a
+fork server, not by forking the caller.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +21,10 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.dataset import DataError, ShardInfo, read_manifest, split_shards, split_tier
+from pipelines.dataset import IMAGE_EXT, LABEL_EXT, DataError, ShardInfo, read_manifest, split_shards, split_tier
 from pipelines.loading.sampling import rank_positions
 from pipelines.loading.transforms import center_crop_box, decode_crop, random_resized_crop_box
+from pipelines.seeds import Stream, mix_seed
 
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -61,11 +72,11 @@ class WdsDataset(IterableDataset):
         if not self.train:
             return list(self.shards)
         order = list(self.shards)
-        random.Random(self.seed * 7_919 + self.epoch).shuffle(order)
+        random.Random(mix_seed(self.seed, Stream.SHARD_ORDER, self.epoch)).shuffle(order)
         return order
 
     def positions(self) -> list[int]:
-        shuffle = self.seed * 1_000_003 + self.epoch if self.train else None
+        shuffle = mix_seed(self.seed, Stream.RANK_ORDER, self.epoch) if self.train else None
         return rank_positions(self.total, self.rank, self.world_size, pad=self.train, shuffle_seed=shuffle)
 
     def __len__(self) -> int:
@@ -77,8 +88,9 @@ class WdsDataset(IterableDataset):
         for shard in self._shard_order():
             count = 0
             for key, parts in iter_tar_samples(shard.path):
-                if "jpg" not in parts or "cls" not in parts:
-                    raise DataError(f"{shard.path}: sample {key} lacks its .jpg or .cls (truncated shard?)")
+                if IMAGE_EXT not in parts or LABEL_EXT not in parts:
+                    raise DataError(f"{shard.path}: sample {key} lacks its .{IMAGE_EXT} or .{LABEL_EXT} "
+                                    "(truncated shard?)")
                 yield pos, key, parts
                 pos += 1
                 count += 1
@@ -95,7 +107,7 @@ class WdsDataset(IterableDataset):
         for j, p in enumerate(self.positions()):
             if j % workers == worker:
                 wanted[p] = wanted.get(p, 0) + 1
-        rng = random.Random((self.seed * 1_000_003 + self.epoch) * 4099 + self.rank * 64 + worker)
+        rng = random.Random(mix_seed(self.seed, Stream.WDS_WORKER, self.epoch, self.rank, worker))
         buffer: list[tuple[torch.Tensor, int]] = []
         # Train: a sample that fails to decode is counted and stood in for by this worker's next good one, so
         # that every rank still yields its exact share (equal batches: no DDP hang). Eval skips it (counted).
@@ -121,13 +133,13 @@ class WdsDataset(IterableDataset):
 
     def _decode(self, key: str, parts: dict[str, bytes], rng: random.Random) -> tuple[torch.Tensor, int] | None:
         try:
-            label = int(parts["cls"])
+            label = int(parts[LABEL_EXT])
             if self.train:
                 box = lambda w, h: random_resized_crop_box(w, h, rng)  # noqa: E731
-                hwc = decode_crop(parts["jpg"], box, self.resolution, flip=rng.random() < 0.5)
+                hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution, flip=rng.random() < 0.5)
             else:
                 box = lambda w, h: center_crop_box(w, h, self.resolution, self.crop_ratio)  # noqa: E731
-                hwc = decode_crop(parts["jpg"], box, self.resolution)
+                hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution)
         except Exception:  # a sample that fails to decode is counted, not fatal (see __iter__)
             with self._bad.get_lock():
                 self._bad.value += 1
@@ -171,6 +183,7 @@ def make_wds_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
     seed: int, crop_ratio: float, num_workers: int,
 ) -> DataLoader:
+    """`make_loader(..., backend="wds")`: num_workers DataLoader worker processes (0: decode in this one)."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)

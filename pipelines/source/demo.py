@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from pipelines.atomic import atomic_open, atomic_write_json
 from pipelines.source import imagenet
 
 OddityKind = Literal["png_named_jpeg", "cmyk_jpeg", "grayscale_jpeg", "truncated_jpeg"]
@@ -260,20 +261,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
 
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(fileobj)` to a temporary name beside `path`, then rename: no half archives."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_train(f: Any, plan: _Plan, seed: int, size: tuple[int, int]) -> None:
     with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as outer:
         for cls, wnid in enumerate(plan.wnids):
@@ -359,11 +346,15 @@ def write_demo_imagenet(
     # A stale meta must not vouch for archives being rewritten: drop it before touching them.
     (out / META_JSON).unlink(missing_ok=True)
     size = (image_size[0], image_size[1])
-    _write_atomic(paths[imagenet.TRAIN_ARCHIVE], lambda f: _write_train(f, plan, seed, size))
-    _write_atomic(paths[imagenet.VAL_ARCHIVE], lambda f: _write_val(f, plan, seed, size))
-    _write_atomic(paths[imagenet.DEVKIT_ARCHIVE], lambda f: _write_devkit(f, plan))
-    meta = {**params, "archive_sizes": {name: p.stat().st_size for name, p in paths.items()}}
-    _write_atomic(out / META_JSON, lambda f: f.write((json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()))
+    # Each archive is on disk (fsynced) before it is renamed, and all of them before the meta that vouches for them.
+    with atomic_open(paths[imagenet.TRAIN_ARCHIVE]) as f:
+        _write_train(f, plan, seed, size)
+    with atomic_open(paths[imagenet.VAL_ARCHIVE]) as f:
+        _write_val(f, plan, seed, size)
+    with atomic_open(paths[imagenet.DEVKIT_ARCHIVE]) as f:
+        _write_devkit(f, plan)
+    sizes = {name: p.stat().st_size for name, p in paths.items()}
+    atomic_write_json(out / META_JSON, {**params, "archive_sizes": sizes})
     return _summary(out, plan, reused=False)
 
 
@@ -438,7 +429,7 @@ def extract_to_tree(
 ) -> Path:
     """Extract the three ILSVRC2012 archives into the extracted-tree or Kaggle layout; returns `out`.
 
-    Reads the archives with plain `tarfile`, independently of `pipelines.imagenet`'s readers, so comparing
+    Reads the archives with plain `tarfile`, independently of `pipelines.source.imagenet`'s readers, so comparing
     source kinds compares two implementations. Labels for a per-class val tree or the Kaggle CSV come from
     the devkit. tree: train/<wnid>/, val/ (flat, or val/<wnid>/ with `val_per_class`), plus the devkit as the
     .tar.gz or (`devkit='folder'`) extracted. kaggle: ILSVRC/Data/CLS-LOC/{train,val}/, LOC_synset_mapping.txt

@@ -1,4 +1,11 @@
-"""TODO docstring (from pipelines/dali_backend.py)."""
+"""DALI indexes: one index file beside every WebDataset shard, written at staging for the `dali` loader backend.
+
+`write_dali_indexes` (the `dali` writer of `stager.extra_writer`) writes `<tier>/<split>-NNNNNN.idx` beside each
+shard, in the format of DALI's `wds2idx` ("v1.2 <samples>", then per sample `<ext> <data offset> <size> <member
+name>` for each member; `pipelines.dataset.index_text`). It is written here from the tar headers rather than by
+running `wds2idx`, which starts two `tar` processes per shard; an index whose bytes already match its shard is
+left alone.
+"""
 
 from __future__ import annotations
 
@@ -40,14 +47,12 @@ def _split_name(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
-
-
 def write_dali_indexes(
     plan: DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
     params: StageParams,
 ) -> list[dict[str, Any]]:
-    """Staging hook: a DALI index beside every shard. An index is rewritten only if its bytes differ from
-    what the shard gives (so a second call writes nothing, and a stale or damaged index is replaced)."""
+    """`stager.extra_writer`'s `dali`: a DALI index beside every shard. An index is rewritten only if its bytes
+    differ from what the shard gives (so a second call writes nothing, and a stale or damaged index is replaced)."""
     del plan, work, params  # everything needed is in the shards
     entries = []
     for shard in sorted(shard_entries, key=lambda s: s["path"]):

@@ -1,4 +1,15 @@
-"""TODO docstring (from pipelines/ffcv_backend.py)."""
+"""FFCV files: one `.beton` per tier and split, written at staging for the `ffcv` loader backend.
+
+`write_ffcv_files` (the `ffcv` writer of `stager.extra_writer`) writes `<tier>/<split>.beton` holding the split's
+images in its planned (shuffled) order, so sample i of the beton is sample i of the split's shards read in name
+order: the same index space as the `wds` and `dali` backends. Images are the tier's JPEGs from the staging spools
+(or the source), decoded to RGB arrays; FFCV encodes them again as `ffcv_write_mode` says. A beton whose
+`.sha256` sidecar verifies is reused.
+
+NOTE: `RGBImageField(max_resolution=...)` caps the *longer* side, while a tier caps the *shorter* side (what
+`pipelines.dataset.select_tier` relies on: eval at 224 needs 256 px of short side). Passing the tier would shrink
+a 341x256 image to 256x192, so the field gets no max_resolution: the tier images are stored at their tier size.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +22,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.atomic import atomic_write_bytes, sha256_file
+from pipelines.atomic import atomic_path, sha256_file, verified_digest, write_sidecar
 from pipelines.dataset import SPLITS, DataError, beton_relpath
+from pipelines.seeds import Stream, mix_seed
 from pipelines.staging.params import StageParams
 from pipelines.staging.plan import DatasetPlan
 from pipelines.staging.shards import SampleReader
@@ -39,7 +51,7 @@ class _StagedImages:
             data = f.read(size)
         # write_mode='proportion' draws from numpy's global generator in the worker: seeding it per sample makes
         # the raw-or-JPEG choice of sample i the same whichever worker encodes it.
-        np.random.seed((self.seed * 1_000_003 + i) % (1 << 32))
+        np.random.seed(mix_seed(self.seed, Stream.FFCV_WRITE, i))
         image = Image.open(io.BytesIO(data)).convert("RGB")  # staging stored RGB already; this is a guard
         return np.asarray(image, dtype=np.uint8), int(label)
 
@@ -74,17 +86,13 @@ def write_beton(
 
     rel = beton_relpath(tier, split)
     path = dest / rel
-    sidecar = path.with_name(path.name + ".sha256")
     entry = {"path": rel, "split": split, "tier": tier, "samples": len(plan.splits[split])}
-    if path.exists() and sidecar.exists():
-        digest = sha256_file(path)
-        if sidecar.read_text().strip() == digest:
-            return {**entry, "bytes": path.stat().st_size, "sha256": digest}
-    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = verified_digest(path)
+    if digest is not None:
+        return {**entry, "bytes": path.stat().st_size, "sha256": digest}
     dataset = _StagedImages(_spans(plan, split, tier, work), params.seed)
     workers = num_workers or os.cpu_count() or 1
     workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # staging.remove_stale_temporaries cleans these
     fields = {
         "image": RGBImageField(
             write_mode=params.ffcv_write_mode, max_resolution=None, jpeg_quality=params.ffcv_jpeg_quality,
@@ -92,14 +100,12 @@ def write_beton(
         ),
         "label": IntField(),
     }
-    try:
+    # Not fsynced here: `stage` waits for every file of the version once, before the manifest commits it.
+    with atomic_path(path, durable=False) as tmp:
         writer = DatasetWriter(str(tmp), fields, page_size=_page_size(plan, split, tier), num_workers=workers)
         writer.from_indexed_dataset(dataset, chunksize=64)
         digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    atomic_write_bytes(sidecar, (digest + "\n").encode())
+    write_sidecar(path, digest)
     return {**entry, "bytes": path.stat().st_size, "sha256": digest}
 
 
@@ -107,7 +113,8 @@ def write_ffcv_files(
     plan: DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
     params: StageParams,
 ) -> list[dict[str, Any]]:
-    """Staging hook: one beton per tier per non-empty split. Idempotent: verified betons are kept as they are.
+    """`stager.extra_writer`'s `ffcv`: one beton per tier per non-empty split. Idempotent: verified betons are kept
+    as they are.
 
     NOTE: with several writer processes FFCV lays pages out in completion order, so two writes of the same
     beton hold the same samples at the same indices but need not be byte-identical; the manifest records the

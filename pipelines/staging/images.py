@@ -1,4 +1,12 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""One source image -> checked, upright RGB pixels -> a JPEG per resolution tier (`encode_tiers`).
+
+Decoding reads every byte (a truncated or corrupt file raises `BadImage` here, with a reason free of memory
+addresses, rather than in a training job), applies EXIF orientation, and converts CMYK, grayscale, palette and
+16-bit images to 8-bit RGB. Each tier is the image with its shorter side scaled down to the tier (never up,
+`tier_size`), resized by supersampling (`resize`) and encoded by OpenCV's libjpeg-turbo; an RGB JPEG without an
+orientation tag that is already small enough is kept as it is. What this module writes for a given input is
+versioned by `params.ENCODING`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""What a staging run is asked for, checked once: `StageParams` and the checks its numbers go through.
+
+StageParams holds everything that determines a version's bytes (its fields are hashed into the version's name);
+the `stage-imagenet` flow and `effnet stage` take their defaults from it. Beside it: the numbers that say which
+code's output a spool or a version is (`ENCODING`, `SHARD_LAYOUT`: bumping one makes staging redo what older
+code wrote), the names of staging's own files under a datasets root, and `StagingError`.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.dataset import DataError
+from pipelines.dataset import EXTRA_FORMATS, DataError
+from pipelines.source.imagenet import DEFAULT_VAL_CHUNK
 
 WORK = "work"  # under a datasets root: spools and caches, never a version
 
 
 WORK_META = "work.json"  # in each work folder: the source path and inputs of its spools, the versions it backs
+
+
+UNITS = "units"  # in each work folder: a spool (.tar) and its index (.json) per unit
 
 
 FINGERPRINTS = "fingerprints"  # under WORK: archive fingerprints remembered by finished runs
@@ -27,6 +37,16 @@ FINGERPRINTS = "fingerprints"  # under WORK: archive fingerprints remembered by 
 ENCODING = 4
 
 
+# Bump when `plan_dataset` puts the same images in other shards or another order for the same inputs (the FFCV
+# files follow that order). A version's name hashes it, so a run resumed under new code stages a new version
+# rather than keep the old order's shards, whose sidecars still verify, beside shards of the new one; the old
+# partial version is removed as an orphan. Spools do not depend on it (nor do work folders' names): they are
+# reused.
+# 2: splits shuffled from `mix_seed(seed, Stream.SHARD_PLAN, split index)`, not random.Random(seed * 1000 +
+#    split index); FFCV's per-sample draws seeded from `mix_seed` too.
+SHARD_LAYOUT = 2
+
+
 AUTO = "auto"  # base_version: the latest compatible version under the datasets root, if the source grew from it
 
 
@@ -34,8 +54,6 @@ AUTO = "auto"  # base_version: the latest compatible version under the datasets 
 # minival images say little. ImageNet keeps >= 707 per class with the default minival; the tests' tiny demo 8.
 # `min_train_per_class=0` (`effnet stage --allow-small-train`) turns the check off.
 MIN_TRAIN_PER_CLASS = 5
-
-
 
 
 class StagingError(DataError):
@@ -57,8 +75,8 @@ class StageParams:
     seed: int = 0
     jpeg_quality: int = 90
     max_bad_fraction: float = 0.01
-    val_chunk: int = 1000
-    # Extra files written beside the WebDataset shards, by writers registered in EXTRA_FORMATS.
+    val_chunk: int = DEFAULT_VAL_CHUNK
+    # Extra files written beside the WebDataset shards (EXTRA_FORMATS), by the writers `stager.extra_writer` names.
     formats: tuple[str, ...] = ()
     ffcv_write_mode: str = "jpg"  # FFCV RGBImageField write_mode: 'jpg' | 'raw' | 'proportion'
     ffcv_compress_probability: float = 0.5  # for 'proportion'
@@ -129,7 +147,5 @@ def minival_value(value: Any) -> int | float:
     return int(value)
 
 
-
-
-# Extra formats written beside the WebDataset shards (see `stager.extra_writer`).
-EXTRA_FORMATS = ("ffcv", "dali")
+# What a run that names no parameters stages; the flow and the CLI show and pass these.
+DEFAULTS = StageParams()

@@ -1,4 +1,13 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""The plan between units and shards: which images a version holds, in which split, shard and order.
+
+`plan_dataset` takes the units' records and holds out the minival per class (`minival_quota`: seeded, stable
+whatever order the units finished in, and refused by `check_minival` when it leaves a class too few train
+images), shuffles every split across classes from the seed, and cuts it into `shard_size` shards per tier. The
+plan depends on the records, the base and StageParams only, never on timing (`SHARD_LAYOUT` versions how it is
+cut). With a `BaseVersion`, a finished version the new one grows from, only the new images are planned: the
+base's keep their split and shards. `_unit_args` lists the units a run decodes: all of them, or with a base
+only what the base lacks.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipelines.dataset import shard_relpath
+from pipelines.seeds import Stream, mix_seed
 from pipelines.source import imagenet
 from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
 from pipelines.staging.spools import UnitResult
@@ -53,12 +64,8 @@ class ShardPlan:
     index: int
     keys: tuple[str, ...]
 
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:06d}.tar"
-
     def relpath(self) -> str:
-        return f"{self.tier}/{self.name}"
+        return shard_relpath(self.tier, self.split, self.index)
 
 
 @dataclass
@@ -163,7 +170,7 @@ def plan_dataset(
     shards: list[ShardPlan] = []
     for split_index, (split, keys) in enumerate(splits.items()):
         # Shuffled across classes so that a sequential read of a few shards already mixes labels.
-        random.Random(params.seed * 1000 + split_index).shuffle(keys)
+        random.Random(mix_seed(params.seed, Stream.SHARD_PLAN, split_index)).shuffle(keys)
         for tier in params.tiers:
             start = first_index.get((split, tier), 0)
             for i in range(0, len(keys), params.shard_size):

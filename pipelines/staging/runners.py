@@ -1,4 +1,11 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""How staging's steps run: mappers, the unit runner, progress, and the number of workers.
+
+A `Mapper` runs a step over argument tuples and returns the results in order (`thread_map` here; the Prefect flow
+passes one that submits tasks). `unit_runner` runs `spools.process_unit` at most `workers` at a time, on the
+callers' threads or in spawned worker processes, and stops starting units once one failed on bad input
+(`INPUT_ERRORS`). `_Tracker` logs each phase's progress with an ETA and reports it to a `Progress` callback
+(`progress_bar` draws one); `resolve_workers` checks `workers`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ from pipelines.staging.params import StagingError, whole_number
 from pipelines.staging.spools import UnitResult, process_unit
 
 Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
+
+# Bad input (a corrupt archive, too many bad files, inconsistent units): it fails the same way on every try, so
+# it ends a run at once and is never retried.
+INPUT_ERRORS = (imagenet.ImageNetSourceError, StagingError)
 
 
 def sequential_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
@@ -174,7 +185,7 @@ class _Limited:
                 raise NotStarted(f"not started: {self.failure}")
             try:
                 return self.fn(*args)
-            except (imagenet.ImageNetSourceError, StagingError) as exc:
+            except INPUT_ERRORS as exc:
                 self.failure = self.failure or exc
                 raise
 

@@ -1,4 +1,12 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""Shards: the planned samples of one split at one tier, copied from the spools (and the source) into a tar.
+
+`write_shard` writes `<tier>/<split>-NNNNNN.tar` of a version in WebDataset form (`<key>.jpg`, `<key>.cls`,
+`<key>.json` per sample, in the plan's order), with the same bytes for the same samples, and a `.sha256`
+sidecar after it; a shard whose sidecar verifies is reused, so a killed run resumes with the shards it had
+finished. `SampleReader` reads a sample's JPEG at a tier from wherever staging left it (a spool, or the source for
+an original kept as it is); the FFCV writer finds its images through it too. A version staged on top of another
+hard-links the base's shards and sidecars (`link_base_shards`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.atomic import (
-    atomic_open,
-    atomic_write_bytes,
-    sha256_file,
-)
+from pipelines.atomic import atomic_open, atomic_path, sidecar_path, verified_digest, write_sidecar
+from pipelines.dataset import IMAGE_EXT, LABEL_EXT, META_EXT
 from pipelines.staging.params import StagingError
 from pipelines.staging.plan import DatasetPlan, ShardPlan
 from pipelines.staging.spools import _TarWriter, unit_paths
@@ -72,12 +77,10 @@ def _shard_bytes(plan: DatasetPlan, shard: ShardPlan) -> int:
 def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> dict[str, Any]:
     """Write one shard (reusing it if its checksum sidecar verifies); return its manifest entry."""
     path = out / shard.relpath()
-    sidecar = path.with_name(path.name + ".sha256")
-    if path.exists() and sidecar.exists():
-        digest = sha256_file(path)
-        if sidecar.read_text().strip() == digest:
-            return {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.keys),
-                    "bytes": path.stat().st_size, "sha256": digest}
+    entry = {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.keys)}
+    digest = verified_digest(path)
+    if digest is not None:
+        return {**entry, "bytes": path.stat().st_size, "sha256": digest}
     # Streamed to the file (a shard of full-size images is ~100 MB); not fsynced one by one: `stage` waits for
     # every shard once, before the manifest commits the version.
     with atomic_open(path, durable=False) as f, SampleReader(work) as reader:
@@ -86,13 +89,11 @@ def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> d
             rec = plan.records[key]
             jpeg = reader.read(rec, shard.tier)
             meta = json.dumps({"wnid": rec["wnid"], "source": rec["source"]}, sort_keys=True).encode()
-            for suffix, payload in (("jpg", jpeg), ("cls", str(rec["label"]).encode()), ("json", meta)):
-                tar.add(f"{key}.{suffix}", payload)
+            for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, str(rec["label"]).encode()), (META_EXT, meta)):
+                tar.add(f"{key}.{ext}", payload)
         tar.close()
-    digest = tar.sha256.hexdigest()
-    atomic_write_bytes(sidecar, (digest + "\n").encode(), durable=False)
-    return {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.keys),
-            "bytes": tar.offset, "sha256": digest}
+    write_sidecar(path, tar.sha256.hexdigest(), durable=False)
+    return {**entry, "bytes": tar.offset, "sha256": tar.sha256.hexdigest()}
 
 
 def link_base_shards(base_dir: Path, dest: Path, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -108,7 +109,7 @@ def link_base_shards(base_dir: Path, dest: Path, entries: Sequence[dict[str, Any
             raise StagingError(f"{src}: shard of base version {base_dir.name} is missing") from None
         if size != entry["bytes"]:
             raise StagingError(f"{src}: {size} bytes, its manifest says {entry['bytes']}")
-        for name in (entry["path"], entry["path"] + ".sha256"):
+        for name in (Path(entry["path"]), sidecar_path(entry["path"])):
             _link_or_copy(base_dir / name, dest / name)
     return list(entries)
 
@@ -116,11 +117,9 @@ def link_base_shards(base_dir: Path, dest: Path, entries: Sequence[dict[str, Any
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists() and os.path.samefile(src, dst):
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst, durable=False) as tmp:
+        tmp.unlink()  # os.link makes the name itself
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)

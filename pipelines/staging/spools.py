@@ -1,23 +1,30 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""Units: each decodes its images once and spools every tier's JPEG into its work folder's `units/<unit>.tar`.
+
+A unit is one train class or one chunk of val files (`pipelines.source.imagenet`'s TrainUnit, ValUnit).
+`process_unit` decodes, checks and encodes its images (`images.encode_tiers`) and writes the spool, a tar of
+the re-encoded tiers, plus a JSON index of every record (key, label, where each tier's bytes lie) and the bad
+files with their reasons. A tier that keeps an original as it is points at the source instead of holding a second
+copy. A unit whose index matches the parameters and whose spool matches the index's checksum is reused, so a
+killed run resumes with the units it had finished; it needs nothing but its picklable arguments, so it runs on
+a thread or in a worker process alike (`runners.unit_runner`).
+
+The spools' tar writer (`_TarWriter`) is also the shards' (`shards.write_shard`): fixed metadata and a running
+sha256, so the same samples always give the same bytes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.atomic import (
-    atomic_write_json,
-    sha256_file,
-    start_writeback,
-)
+from pipelines.atomic import atomic_open, atomic_write_json, sha256_file
 from pipelines.source import imagenet
 from pipelines.staging.images import BadImage, encode_tiers
-from pipelines.staging.params import ENCODING, StageParams
+from pipelines.staging.params import ENCODING, UNITS, StageParams
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -76,7 +83,7 @@ class UnitResult:
 
 
 def unit_paths(work: Path, unit_id: str) -> tuple[Path, Path]:
-    return work / "units" / f"{unit_id}.tar", work / "units" / f"{unit_id}.json"
+    return work / UNITS / f"{unit_id}.tar", work / UNITS / f"{unit_id}.json"
 
 
 def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -102,20 +109,13 @@ def process_unit(
     cached = load_unit(work, unit_id, params)
     if cached is not None:
         return cached
-    spool.parent.mkdir(parents=True, exist_ok=True)
-    tmp = spool.with_name(f".{spool.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            tar = _TarWriter(f)
-            records, bad, skipped = _write_spool(tar, unit, split, params, skip)
-            tar.close()
-            f.flush()
-            # Never fsynced (load_unit verifies a spool before reusing it), but written back from now on
-            # rather than in one burst when the kernel's dirty-page limits are reached.
-            start_writeback(f.fileno())
-        os.replace(tmp, spool)
-    finally:
-        tmp.unlink(missing_ok=True)  # an error or interrupt mid-unit leaves no partial spool
+    # Never fsynced (load_unit verifies a spool before reusing it), but written back from the end of the unit on
+    # rather than in one burst when the kernel's dirty-page limits are reached. An error or interrupt mid-unit
+    # leaves no partial spool.
+    with atomic_open(spool, durable=False) as f:
+        tar = _TarWriter(f)
+        records, bad, skipped = _write_spool(tar, unit, split, params, skip)
+        tar.close()
     atomic_write_json(
         index,
         {"unit": unit_id, "split": split, "params": _unit_params(params), "spool_sha256": tar.sha256.hexdigest(),

@@ -1,4 +1,30 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""`stage`: an ImageNet source -> checked RGB images -> minival hold-out -> WebDataset shards per resolution
+tier, as one dataset version under a datasets root. Idempotent and resumable.
+
+The work is split in two kinds of idempotent steps so that a killed run resumes where it stopped:
+
+1. units (`spools.process_unit`, one per train class and one per chunk of val): decode every image once,
+   convert it to RGB, encode it once per tier that needs new pixels, and spool those into
+   `work/<inputs>/units/<unit>.tar` plus a JSON index. A unit whose index exists and whose spool verifies is
+   not redone. Units run `workers` at a time on threads or processes (`runners.unit_runner`).
+2. shards (`shards.write_shard`, one per split x tier x shard): copy the planned samples from the spools and
+   the source into a deterministic tar. A shard whose sidecar checksum matches the file is not redone.
+
+Between them `plan.plan_dataset` picks the minival (seeded, stratified), shuffles every split across classes and
+cuts it into shards; after them the extra formats are written (`extra_writer`), then the keys file and, last,
+the manifest (`versions`), once every file it lists is on disk. No shard, spool, keys file or manifest carries a
+timestamp or a path that depends on the run, so an interrupted-then-resumed stage writes the same bytes as an
+uninterrupted one (FFCV files hold the same samples, not always the same bytes: see `ffcv_files`).
+
+A source that grew since an earlier version is staged on top of it (`versions.resolve_base`): the new version
+hard-links the base's shards, keeps every image's split (so the minival stays) and decodes only the images the
+base does not hold.
+
+A work folder is named by what its spools depend on (`work_dir`); a run holds its lock (`_exclusive`) and notes
+in it (`work.json`) the source path, those inputs and the versions it backs, so that a run can remove what a
+failed run left and no run will reuse (`remove_orphans`). The flow in `flows/stage_imagenet.py` only sequences:
+it passes mappers that run the units and shards as Prefect tasks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +33,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -15,14 +42,14 @@ from pipelines.atomic import (
     fsync_files,
     remove_stale_temporaries,
 )
-from pipelines.dataset import MANIFEST, mark_latest
+from pipelines.dataset import DALI, EXTRA_FORMATS, FFCV, MANIFEST, mark_latest
 from pipelines.source import imagenet
 from pipelines.staging.params import (
     AUTO,
     ENCODING,
-    EXTRA_FORMATS,
     FINGERPRINTS,
     MIN_TRAIN_PER_CLASS,
+    UNITS,
     WORK,
     WORK_META,
     StageParams,
@@ -237,7 +264,9 @@ def stage(
                                      [(plan, shard, work, dest) for shard in plan.shards],
                                      lambda a: _shard_bytes(plan, a[1]))
             extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
-            fsync_files(dest / e["path"] for e in entries)
+            # The commit point: every file the manifest will list is on disk before the manifest is (shards and
+            # FFCV files were only handed to the writeback; linked or copied base shards too).
+            fsync_files(dest / e["path"] for e in [*inherited, *entries, *chain.from_iterable(extras.values())])
             keys = write_keys(dest, plan)
             manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
             write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
@@ -246,7 +275,7 @@ def stage(
     except BaseException:
         # Finished spools and shards stay for a rerun to reuse; folders this run made and left empty go (a work
         # folder holding nothing but its note counts as empty).
-        if work in created and not (work / "units").exists():
+        if work in created and not (work / UNITS).exists():
             (work / WORK_META).unlink(missing_ok=True)
         for p in reversed(created):
             _remove_empty_tree(p)
@@ -301,7 +330,7 @@ def _record_work(work: Path, source: Path, inputs: dict[str, Any], version: str)
 
 def _spool_encoding(work: Path) -> int | None:
     """The ENCODING of a work folder's spools, from a unit index (folders of code older than WORK_META)."""
-    for index in sorted((work / "units").glob("*.json"))[:1]:
+    for index in sorted((work / UNITS).glob("*.json"))[:1]:
         try:
             return json.loads(index.read_text())["params"]["encoding"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -316,7 +345,8 @@ def remove_orphans(root: Path, work: Path, source: Path, version: str) -> list[s
     a failed run's spools are reused only by a run with those very inputs. Removed, where no run holds them:
 
     - this run's work folder's unfinished versions but its own (a failed run with another shard size, minival
-      or bad-file limit; their shards are cheap to write again from the spools);
+      or bad-file limit, or by code of another SHARD_LAYOUT; their shards are cheap to write again from the
+      spools);
     - work folders of this source path that back no finished version: a failed run of this source with other
       inputs (the source changed since, or other tiers or quality were asked for), which only those inputs
       again would reuse; with their unfinished versions;
@@ -381,11 +411,11 @@ def extra_writer(fmt: str) -> Callable[..., list[dict[str, Any]]]:
     `fn(plan, shard_entries, work, dest, params) -> list[dict]` (manifest entries, each with at least path, bytes,
     sha256); it reuses its verified outputs and writes atomically. Imported only when asked for: FFCV pulls in
     numba and OpenCV."""
-    if fmt == "ffcv":
+    if fmt == FFCV:
         from pipelines.staging.ffcv_files import write_ffcv_files
 
         return write_ffcv_files
-    if fmt == "dali":
+    if fmt == DALI:
         from pipelines.staging.dali_index import write_dali_indexes
 
         return write_dali_indexes

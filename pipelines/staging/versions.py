@@ -1,4 +1,12 @@
-"""TODO docstring (from pipelines/staging.py)."""
+"""Versions: their names, finding finished ones, the base a grown source is staged on, and what a version records.
+
+A version is named by a content address (`dataset_version`: the source's fingerprint, StageParams, ENCODING,
+SHARD_LAYOUT and the base version), so the same inputs stage the same version and a rerun finds it
+(`find_staged`). A source that grew since an earlier version is staged incrementally on top of it
+(`resolve_base`): the new version keeps every image of the base in its split and shards and adds the new ones.
+`write_keys` and `write_manifest` record a finished version (the manifest last: it is what makes the folder a
+version); `build_manifest` says what the manifest holds.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +21,10 @@ from pipelines.atomic import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from pipelines.dataset import KEYS, MANIFEST, MANIFEST_FORMAT, SPLITS, _keys_document, read_keys, read_manifest
+from pipelines.dataset import KEYS, MANIFEST, MANIFEST_FORMAT, SPLITS, keys_document, read_keys, read_manifest
+from pipelines.settings import PROJECT_ROOT
 from pipelines.source import imagenet
-from pipelines.staging.params import AUTO, ENCODING, WORK, StageParams, StagingError
+from pipelines.staging.params import AUTO, ENCODING, SHARD_LAYOUT, WORK, StageParams, StagingError
 from pipelines.staging.plan import BaseVersion, DatasetPlan
 from pipelines.staging.spools import UnitResult
 
@@ -138,9 +147,10 @@ def _check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
 
 
 def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None) -> str:
-    """A content address: the same source staged with the same parameters (from the same base) is the same
-    version."""
-    inputs: dict[str, Any] = {"source": fingerprint, "params": asdict(params), "encoding": ENCODING}
+    """A content address: the same source staged with the same parameters (from the same base) by code that cuts
+    the same shards is the same version."""
+    inputs: dict[str, Any] = {"source": fingerprint, "params": asdict(params), "encoding": ENCODING,
+                              "shard_layout": SHARD_LAYOUT}
     if base_version is not None:
         inputs["base_version"] = base_version
     blob = json.dumps(inputs, sort_keys=True, default=str)
@@ -193,7 +203,7 @@ def write_keys(dest: Path, plan: DatasetPlan) -> dict[str, Any]:
     for split, keys in plan.splits.items():
         splits[split].update((k, plan.records[k]["wnid"]) for k in keys)
     bad.update((Path(b["source"]).stem, [b["split"], b["wnid"]]) for b in plan.bad)
-    data = _keys_document(splits, bad)
+    data = keys_document(splits, bad)
     atomic_write_bytes(dest / KEYS, data)
     return {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -212,7 +222,7 @@ def code_version() -> str:
         ver = version("effnet-family")
     except PackageNotFoundError:
         ver = "0+unknown"
-    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+    head = PROJECT_ROOT / ".git" / "HEAD"
     try:
         ref = head.read_text().strip()
         if ref.startswith("ref: "):

@@ -1,8 +1,9 @@
 """Batch augmentations applied on the device, identically whatever loader produced the batch.
 
 Loaders deliver RandomResizedCrop + flip as uint8 NCHW; everything else happens here on the whole batch:
-RandAugment (magnitude set per progressive stage), the AutoAugment ImageNet policy (V1 recipe), and
-mixup/cutmix (alpha set per stage) on the normalised floats with soft targets.
+RandAugment (magnitude set per progressive stage), the AutoAugment ImageNet policy (`augment.policy:
+autoaugment`; the built-in `v1` recipe leaves it off), and mixup/cutmix (alpha set per stage) on the normalised
+floats with soft targets.
 
 Magnitudes follow the TF reference: level in [0, 10] maps linearly onto each op's range (a magnitude above
 10 (V2-L's final RandAugment magnitude is 20-25) extrapolates past the nominal maximum, as automl does).

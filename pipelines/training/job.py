@@ -1,9 +1,19 @@
-"""TODO docstring (from pipelines/train.py)."""
+"""One training job, driven from the caller's process: a variant trained by Ray Train (DDP over Ray workers
+running `pipelines.training.worker.train_worker`), early-stopped on minival, the chosen checkpoint evaluated
+on val and registered in MLflow.
+
+Read `run_training` top to bottom: check the job (variant, dataset, cluster), start or resume its MLflow run
+(`_open_job`: a job is its variant, its whole recipe and the dataset version), fit, evaluate the chosen
+checkpoint on val (`_chosen_checkpoint`, `_evaluate_on_val`), register it (`_register`). Cancelling the caller
+(SIGTERM, Ctrl-C, a cancelled flow run) stops the workers and records the run KILLED (`_StopOnSigterm`,
+`_abort`); `EpochProgress` prints one line per epoch from MLflow while the job runs.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import signal
@@ -18,14 +28,18 @@ import numpy as np
 import torch
 
 import models
+from models.summary import count_gmacs, count_params
 from pipelines.atomic import atomic_write_json
-from pipelines.dataset import check_version, manifest_hash, read_manifest
+from pipelines.dataset import SPLITS, check_version, manifest_hash, read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, tracking
 from pipelines.training.recipe import Recipe
-from pipelines.training.worker import CHECKPOINT_FILE, SCORE, JobSpec, _last_logged_epoch, evaluate, log, train_worker
+from pipelines.training.tracking import Tags
+from pipelines.training.worker import CHECKPOINT_FILE, SCORE, JobSpec, _last_logged_epoch, evaluate, train_worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,7 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     """Everything that can be checked before Ray starts: the variant, the dataset and its files."""
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     manifest = read_manifest(dataset_dir)
-    for split in ("train", "minival", "val"):
+    for split in SPLITS:
         if manifest["splits"].get(split, {}).get("samples", 0) == 0:
             raise ValueError(f"{dataset_dir}: the staged dataset has no {split} images")
     # A stat per file: a deleted or truncated shard is found here, not inside the Ray workers after retries.
@@ -104,8 +118,8 @@ def _open_job(
         name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(
             c, exp_id, run_name=f"{spec.name} {recipe.name}", params=recipe.model_dump(),
-            tags={"variant": spec.name, "recipe": recipe.name, "dataset_version": manifest["version"],
-                  "job_name": name, "job_key": key, **tags},
+            tags={Tags.VARIANT: spec.name, Tags.RECIPE: recipe.name, Tags.DATASET_VERSION: manifest["version"],
+                  Tags.JOB_NAME: name, Tags.JOB_KEY: key, **tags},
         )
         tracking.log_dict(c, run_id, recipe.model_dump(), "config/recipe.json")
         tracking.log_dict(c, run_id, {"variant": spec.__dict__ if hasattr(spec, "__dict__") else str(spec)},
@@ -262,9 +276,6 @@ def run_training(
     leaves its MLflow run FAILED or KILLED, its marker saying so, and its Ray workers and resource request
     withdrawn. `progress` gets one line per epoch (default: this module's logger); `tags` go on the MLflow run.
     """
-    import ray
-    import ray.train
-
     layout = (layout or data_layout()).ensure()
     dataset_dir = Path(dataset_dir).resolve()
     spec, manifest = validate_job(recipe, dataset_dir)
@@ -272,24 +283,9 @@ def run_training(
     cluster.check_fits(recipe)
 
     c = tracking.client(layout.tracking_uri)
-    exp_id = tracking.experiment_id(c, layout.artifact_root)
-    job = _open_job(c, exp_id, layout, spec, recipe, manifest, tags or {})
-    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
-                               tracking_uri=layout.tracking_uri, run_id=job.run_id)
-    trainer = _abortable_trainer(
-        train_worker,
-        train_loop_config=spec_for_workers.model_dump(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.ray.num_workers, use_gpu=recipe.ray.use_gpu,
-            resources_per_worker=cluster.worker_resources(recipe),
-        ),
-        run_config=ray.train.RunConfig(
-            name=job.name, storage_path=str(layout.ray_storage),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=recipe.ray.max_failures),
-        ),
-    )
+    job = _open_job(c, tracking.experiment_id(c, layout.artifact_root), layout, spec, recipe, manifest, tags or {})
+    trainer = _trainer(job, recipe, layout, dataset_dir, manifest)
+
     def record(status: str) -> None:
         job.mark(status)
         try:
@@ -304,7 +300,11 @@ def run_training(
         stop.reraise()
         if result.error is not None:
             raise RuntimeError(f"training job {job.name} failed: {result.error}") from result.error
-        out = _evaluate_and_register(c, layout, job, recipe, spec, manifest, dataset_dir, result)
+        chosen = _chosen_checkpoint(result, job, recipe, manifest)
+        val = _evaluate_on_val(chosen.model, dataset_dir, spec, recipe)
+        tracking.log_metrics(c, job.run_id, {f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
+                             step=chosen.best_epoch)
+        out = _register(layout, job, recipe, spec, manifest, dataset_dir, chosen, val)
     except BaseException as exc:
         if stop.exc is not None:
             # Stopped from outside (recorded as killed by the stop itself); whatever `fit` raised on the way
@@ -321,13 +321,42 @@ def run_training(
     return out
 
 
-def _evaluate_and_register(
-    c: Any, layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict, dataset_dir: Path,
-    result: Any,
-) -> TrainResult:
-    """Val on the chosen (best-minival) checkpoint only, then registration with the variant's tags."""
-    import ray
+def _trainer(job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The job's TorchTrainer: its workers, its storage (where a resumed job finds its checkpoints), the best
+    checkpoint by minival kept."""
+    import ray.train
 
+    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
+                               tracking_uri=layout.tracking_uri, run_id=job.run_id)
+    return _abortable_trainer(
+        train_worker,
+        train_loop_config=spec_for_workers.model_dump(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=recipe.ray.num_workers, use_gpu=recipe.ray.use_gpu,
+            resources_per_worker=cluster.worker_resources(recipe),
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=str(layout.ray_storage),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=recipe.ray.max_failures),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """The checkpoint early stopping chose, loaded for evaluation and registration."""
+
+    model: torch.nn.Module  # in eval mode, the EMA weights when the job kept an EMA
+    model_args: dict[str, Any]
+    best_epoch: int
+    minival_top1: float
+    epochs_run: int
+    stopped_early: bool
+
+
+def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[str, Any]) -> _Chosen:
     best = result.get_best_checkpoint(SCORE, "max")
     if best is None:
         raise RuntimeError(f"training job {job.name} reported no checkpoint")
@@ -336,57 +365,66 @@ def _evaluate_and_register(
     loop = saved["loop"]
     # The latest checkpoint knows how far the job went; the best one only how far it had gone then.
     ret = result.return_value or {}
-    epochs_run, stopped_early = int(ret.get("epochs_run", loop["epoch"])), bool(ret.get("stopped_early", False))
-
     model = models.create_model(recipe.model.variant, num_classes=manifest["num_classes"], **recipe.model.overrides())
     model.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
-    model.eval()
-    eval_resolution = recipe.model.eval_resolution or spec.eval_resolution
-    # Val is evaluated once, on the chosen checkpoint only, in a Ray task that gets one worker's resources (a
-    # GPU on a GPU cluster, where the driver may have none).
-    val = ray.get(
-        ray.remote(evaluate_split)
-        .options(num_cpus=recipe.ray.cpus_per_worker, num_gpus=1 if recipe.ray.use_gpu else 0)
-        .remote(model, str(dataset_dir), "val", eval_resolution, spec.crop_ratio, recipe)
+    return _Chosen(
+        model=model.eval(), model_args=saved["model_args"], best_epoch=int(loop["best_epoch"]),
+        minival_top1=float(loop["best_top1"]), epochs_run=int(ret.get("epochs_run", loop["epoch"])),
+        stopped_early=bool(ret.get("stopped_early", False)),
     )
-    tracking.log_metrics(c, job.run_id, {"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]},
-                         step=int(loop["best_epoch"]))
 
-    params = sum(p.numel() for p in model.parameters())
+
+def _evaluate_on_val(model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe) -> dict[str, float]:
+    """Val, once, on the chosen checkpoint only, in a Ray task with one worker's resources (a GPU on a GPU
+    cluster, where the driver may have none)."""
+    import ray
+
+    task = ray.remote(evaluate_split).options(num_cpus=recipe.ray.cpus_per_worker,
+                                              num_gpus=1 if recipe.ray.use_gpu else 0)
+    return ray.get(task.remote(model, str(dataset_dir), "val", spec.eval_resolution, spec.crop_ratio, recipe))
+
+
+def _register(
+    layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
+    chosen: _Chosen, val: dict[str, float],
+) -> TrainResult:
+    """The chosen checkpoint registered with the variant's tags and its preprocessing (see tracking)."""
+    model, resolution = chosen.model, spec.eval_resolution
+    params = count_params(model)
     preprocessing = {
         "input": "float32 NCHW RGB, normalised with mean/std below",
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resolution": eval_resolution,
-        "resize": round(eval_resolution / spec.crop_ratio), "crop": eval_resolution, "crop_ratio": spec.crop_ratio,
+        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resolution": resolution,
+        "resize": spec.eval_resize, "crop": resolution, "crop_ratio": spec.crop_ratio,
         "classes": manifest["classes"],
     }
     tags = {
-        "variant": spec.name, "params": params, "gmacs": f"{_gmacs(model, eval_resolution):.4f}",
-        "train_resolution": spec.train_resolution, "eval_resolution": eval_resolution, "recipe": recipe.name,
-        "dataset_version": manifest["version"], "manifest_sha256": manifest_hash(dataset_dir),
-        "minival_top1": f"{loop['best_top1']:.3f}", "val_top1": f"{val['top1']:.3f}",
-        "epochs_run": epochs_run, "best_epoch": loop["best_epoch"],
-        "early_stopped_epoch": epochs_run - 1 if stopped_early else "none",
+        Tags.VARIANT: spec.name, Tags.PARAMS: params, Tags.GMACS: f"{count_gmacs(model, resolution):.4f}",
+        Tags.TRAIN_RESOLUTION: spec.train_resolution, Tags.EVAL_RESOLUTION: resolution, Tags.RECIPE: recipe.name,
+        Tags.DATASET_VERSION: manifest["version"], Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
+        Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
+        Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
+        Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
     }
     with tempfile.TemporaryDirectory() as tmp:
         sd = Path(tmp) / "state_dict.pt"
-        torch.save({"state_dict": model.state_dict(), "model_args": saved["model_args"]}, sd)
-        example = np.zeros((1, 3, eval_resolution, eval_resolution), dtype=np.float32)
+        torch.save({"state_dict": model.state_dict(), "model_args": chosen.model_args}, sd)
+        example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
         name, version, champion = tracking.register_best_checkpoint(
             layout.tracking_uri, job.run_id, model, spec.name, example, preprocessing, tags, val["top1"],
             manifest["version"], sd,
         )
     return TrainResult(
         variant=spec.name, run_id=job.run_id, job_name=job.name, registered_model=name, version=version,
-        champion=champion, best_epoch=int(loop["best_epoch"]), epochs_run=epochs_run, stopped_early=stopped_early,
-        minival_top1=float(loop["best_top1"]), val_top1=val["top1"], val_top5=val["top5"], params=params,
-        resumed=job.resumed,
+        champion=champion, best_epoch=chosen.best_epoch, epochs_run=chosen.epochs_run,
+        stopped_early=chosen.stopped_early, minival_top1=chosen.minival_top1, val_top1=val["top1"],
+        val_top5=val["top5"], params=params, resumed=job.resumed,
     )
 
 
 def evaluate_split(
     model: torch.nn.Module, dataset_dir: str, split: str, resolution: int, crop_ratio: float, recipe: Recipe
 ) -> dict[str, float]:
-    """Evaluate a model on a whole split in one process (on a GPU when there is one)."""
+    """Evaluate a model on a whole split in one process (on a GPU when there is one), through the wds loader."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     if recipe.runtime.channels_last:
@@ -395,13 +433,5 @@ def evaluate_split(
         dataset_dir, split, resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
         crop_ratio=crop_ratio, num_workers=recipe.data.loader_workers,
     )
-    return evaluate(model, batches, device, recipe.runtime.channels_last, amp=recipe.runtime.amp and device.type == "cuda")
-
-
-def _gmacs(model: torch.nn.Module, resolution: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, resolution, resolution))
-    return counter.get_total_flops() / 2 / 1e9
+    amp = recipe.runtime.amp and device.type == "cuda"
+    return evaluate(model, batches, device, recipe.runtime.channels_last, amp=amp)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.variants import V1_BASE_NAME
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
@@ -25,7 +27,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    variant: str = "efficientnet_b0"
+    variant: str = V1_BASE_NAME
     # Compound-scaling overrides applied on top of the variant (phi=-3 gives a CPU-sized model).
     phi: float | None = None
     width_mult: float | None = None
@@ -40,7 +42,7 @@ class ModelConfig(_Strict):
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
-        keys = ("phi", "width_mult", "depth_mult", "resolution", "dropout", "stochastic_depth")
+        keys = ("phi", "width_mult", "depth_mult", "resolution", "eval_resolution", "dropout", "stochastic_depth")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -67,7 +69,7 @@ class RegularizationConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Batch augmentations on the device (see pipelines/augment.py). Progressive learning overrides the
+    """Batch augmentations on the device (see pipelines/training/augment.py). Progressive learning overrides the
     RandAugment magnitude and the mixup alpha stage by stage."""
 
     policy: Literal["none", "randaugment", "autoaugment"] = "none"
@@ -163,23 +165,49 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """A recipe by name (`v1`, `demo`, ...) or by path to a YAML file."""
+    """A recipe by name (`v1`, `demo`, ...) or by path to a YAML file, with the recipe it `extends` under it."""
+    path, data = _recipe_sections(name_or_path, ())
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path}: invalid recipe: {describe_errors(exc)}") from None
+
+
+EXTENDS = "extends"  # a recipe file's key: the recipe (a name, or a path beside it) whose sections it changes
+
+
+def _recipe_sections(name_or_path: str | Path, seen: tuple[Path, ...]) -> tuple[Path, dict[str, Any]]:
+    """A recipe file's sections merged over those of the recipe it extends: a section's fields replace the
+    base's one by one; `name` and `description` are the file's own."""
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
+    elif seen and not path.is_absolute():
+        path = seen[-1].parent / path  # a base file named by path lies beside the file that extends it
     if not path.exists():
         raise RecipeError(f"recipe {str(name_or_path)!r} not found; known recipes: {', '.join(list_recipes())}")
+    if path.resolve() in seen:
+        chain = " -> ".join(p.stem for p in (*seen, path.resolve()))
+        raise RecipeError(f"{path}: recipes extend each other in a circle ({chain})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got a {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{path}: invalid recipe: {describe_errors(exc)}") from None
+    base_name = data.pop(EXTENDS, None)
+    if base_name is None:
+        return path, data
+    if not isinstance(base_name, str):
+        raise RecipeError(f"{path}: {EXTENDS} names one recipe, got {base_name!r}")
+    _, base = _recipe_sections(base_name, (*seen, path.resolve()))
+    for own in ("name", "description"):
+        base.pop(own, None)
+    for section, values in data.items():
+        merge = isinstance(values, dict) and isinstance(base.get(section), dict)
+        base[section] = {**base[section], **values} if merge else values
+    return path, base
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -205,6 +233,6 @@ def parse_family_member(member: str) -> dict[str, Any]:
             raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
         if not math.isfinite(phi):
             raise ValueError(f"family member {member!r}: phi must be a finite number, e.g. phi=-3")
-        return {"variant": "efficientnet_b0", "phi": phi, "width_mult": None, "depth_mult": None,
+        return {"variant": V1_BASE_NAME, "phi": phi, "width_mult": None, "depth_mult": None,
                 "resolution": None, "eval_resolution": None}
     return {"variant": member, "phi": None}

@@ -16,8 +16,32 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-EXPERIMENT = "efficientnet-family"
-CANDIDATE, CHAMPION = "candidate", "champion"
+EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared side by side
+CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
+
+
+class Tags:
+    """MLflow tag names, each written once: on a job's run (R), on a registered version (V), or both."""
+
+    VARIANT = "variant"  # R V: the variant's slug, every override in it
+    RECIPE = "recipe"  # R V
+    DATASET_VERSION = "dataset_version"  # R V: champion is compared within one dataset version only
+    JOB_NAME = "job_name"  # R: the Ray Train run (its storage folder)
+    JOB_KEY = "job_key"  # R: variant + recipe hash + dataset version; a rerun with the same key resumes
+    RESUMED_AT_EPOCH = "resumed_at_epoch"  # R: set when workers restarted from a checkpoint
+    FIRST_STEP = "first_step_unix"  # R: when the first training step ended (start-up latency)
+    REGISTERED = "registered_version"  # R: "<name>/<version>" once the run's model is registered
+    FLOW_RUN = "prefect_flow_run_id"  # R: the Prefect flow run that drove the job (the last, if resumed)
+    PARAMS = "params"  # V: parameter count
+    GMACS = "gmacs"  # V: multiply-accumulates at the eval resolution
+    TRAIN_RESOLUTION = "train_resolution"  # V
+    EVAL_RESOLUTION = "eval_resolution"  # V
+    MANIFEST_SHA256 = "manifest_sha256"  # V: the exact staged files it was trained and evaluated on
+    MINIVAL_TOP1 = "minival_top1"  # V: of the chosen checkpoint
+    VAL_TOP1 = "val_top1"  # V: champion moves on it
+    EPOCHS_RUN = "epochs_run"  # V
+    BEST_EPOCH = "best_epoch"  # V: the chosen checkpoint's epoch
+    EARLY_STOPPED_EPOCH = "early_stopped_epoch"  # V: "none" when the schedule ran to its end
 
 
 def registered_name(variant_slug: str) -> str:
@@ -74,7 +98,6 @@ def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None
     c.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), artifact_file)
 
 
-REGISTERED_TAG = "registered_version"  # on the run: "<name>/<version>" once its model is registered
 
 
 def register_best_checkpoint(
@@ -97,7 +120,7 @@ def register_best_checkpoint(
 
     c = client(tracking_uri)
     name = registered_name(variant_slug)
-    done = c.get_run(run_id).data.tags.get(REGISTERED_TAG)
+    done = c.get_run(run_id).data.tags.get(Tags.REGISTERED)
     if done:
         return _aliases_of(c, *done.split("/", 1))
     made: dict[str, Any] = {}
@@ -123,7 +146,7 @@ def register_best_checkpoint(
         promote = _beats_champion(c, name, val_top1, dataset_version)
         if promote:
             c.set_registered_model_alias(name, CHAMPION, mv.version)
-        c.set_tag(run_id, REGISTERED_TAG, f"{name}/{mv.version}")
+        c.set_tag(run_id, Tags.REGISTERED, f"{name}/{mv.version}")
     except BaseException:
         _undo_registration(c, name, made)
         raise
@@ -142,9 +165,9 @@ def _beats_champion(c: MlflowClient, name: str, val_top1: float, dataset_version
         champ = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return True  # no champion yet
-    if champ.tags.get("dataset_version") != dataset_version:
+    if champ.tags.get(Tags.DATASET_VERSION) != dataset_version:
         return True
-    return val_top1 > float(champ.tags.get("val_top1", "-inf"))
+    return val_top1 > float(champ.tags.get(Tags.VAL_TOP1, "-inf"))
 
 
 def _aliases_of(c: MlflowClient, name: str, version: str) -> tuple[str, str, bool]:

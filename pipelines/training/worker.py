@@ -1,4 +1,17 @@
-"""TODO docstring (from pipelines/train.py)."""
+"""The loop every Ray Train worker runs for one job; read `train_worker` top to bottom.
+
+`train_worker`: build this rank's model, EMA and optimizer (`start_worker`), resume from Ray's latest checkpoint
+(`resume`), then per epoch `train_one_epoch`, `evaluate_and_early_stop` on minival when due, and
+`save_checkpoint`. The job driver that starts these workers is `pipelines.training.job`.
+
+Resume: every epoch rank 0 reports a checkpoint holding the model, EMA, optimizer, epoch, early-stopping state
+and the per-epoch metric history. After a worker failure Ray restarts the workers, `ray.train.get_checkpoint()`
+returns the latest checkpoint and the loop continues from the next epoch. Randomness is re-seeded from
+(seed, epoch, rank) at the start of every epoch, so a resumed epoch draws the same crops as an uninterrupted one.
+MLflow gets an epoch's metrics only after its checkpoint is persisted; a restarted rank 0 first logs whatever
+the checkpoint's history has that MLflow lacks, so the run's history stays continuous with no duplicates.
+Training reads through the recipe's `data.backend`; minival is read through the default `wds` backend.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +34,11 @@ from pipelines.dataset import read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.sampling import batches_per_epoch
 from pipelines.loading.transforms import normalize
+from pipelines.seeds import Stream, mix_seed
 from pipelines.training import augment, tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import EpochSettings, ema_decay_at, epoch_settings, learning_rate
+from pipelines.training.tracking import Tags
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +48,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 SCORE = "minival_top1"
 
-
-FIRST_STEP_TAG = "first_step_unix"
 
 
 class JobSpec(BaseModel):
@@ -71,10 +84,13 @@ def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
+    """Weights: ema = decay * ema + (1 - decay) * model. Buffers (BN running statistics) are copied, not averaged
+    (the TF reference averages them too): they are a running average already, and the EMA weights are scored
+    with the statistics the model has now."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)  # BN running statistics are copied, as the TF reference does
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
 
 
 @torch.no_grad()
@@ -125,9 +141,11 @@ def _bad_samples(loader: Any) -> int:
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
-    s = (seed * 1_000_003 + epoch) * 1_009 + rank
+    """Python's, numpy's and torch's global generators from (seed, epoch, rank): a resumed epoch draws what an
+    uninterrupted one would."""
+    s = mix_seed(seed, epoch, rank)
     random.seed(s)
-    np.random.seed(s % 2**32)
+    np.random.seed(s)
     torch.manual_seed(s)
 
 
@@ -142,6 +160,16 @@ class LoopState:
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] | None = None
+
+
+def record_minival(state: LoopState, top1: float, epoch: int, patience: int | None) -> None:
+    """Early stopping: keep the best minival top-1 and its epoch; after `patience` evaluations in a row without a
+    gain (None: never), mark the loop stopped. A tie is no gain: the earlier checkpoint stays the chosen one."""
+    if top1 > state.best_top1:
+        state.best_top1, state.best_epoch, state.epochs_without_improvement = top1, epoch, 0
+    else:
+        state.epochs_without_improvement += 1
+    state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
 
 
 def _log_pending(c: Any, run_id: str, history: list[dict[str, float]], logged_upto: int) -> int:
@@ -170,152 +198,199 @@ def _quiet_ray_train_reports() -> None:
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The per-worker training loop run by Ray Train's TorchTrainer."""
-    import ray.train
-    import ray.train.torch
-
+    """The loop every Ray Train worker runs: resume, then per epoch train, evaluate and early-stop, checkpoint."""
     job = JobSpec.model_validate(config)
-    recipe = job.recipe
     # Ray Train logs every report (the whole metrics dict) and every checkpoint at INFO from each worker: ~20
     # lines an epoch on the driver's console. The driver prints one line per epoch instead (EpochProgress).
     _quiet_ray_train_reports()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(recipe.runtime.torch_threads or max(1, int(recipe.ray.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    amp = recipe.runtime.amp and device.type == "cuda"
-    channels_last = recipe.runtime.channels_last
-
-    seed_everything(recipe.seed, 0, 0)  # same initial weights on every rank
-    overrides = recipe.model.overrides()
-    spec = models.resolve_variant(recipe.model.variant, **overrides)
-    model = models.create_model(recipe.model.variant, num_classes=job.num_classes, **overrides)
-    if recipe.model.bn_momentum is not None:
-        set_bn_momentum(model, recipe.model.bn_momentum)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).requires_grad_(False) if recipe.regularization.ema_decay else None
-    model = model.to(device)
-    ema = ema.to(device) if ema is not None else None
-    optimizer = build_optimizer(model, recipe)
-
-    state = LoopState(history=[])
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = LoopState(**saved["loop"])
-        log.info("rank %d resumed at epoch %d", rank, state.epoch)
-        if rank == 0:
-            tracking.client(job.tracking_uri).set_tag(job.run_id, "resumed_at_epoch", str(state.epoch))
-
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    if recipe.runtime.compile:
-        ddp_model = torch.compile(ddp_model)
-    scored_model = ema if ema is not None else model
-
-    c = tracking.client(job.tracking_uri) if rank == 0 else None
-    logged_upto = _log_pending(c, job.run_id, state.history, _last_logged_epoch(c, job.run_id)) if c else 0
-
-    data = recipe.data
-    manifest = read_manifest(job.dataset_dir)
-    n_train = manifest["splits"]["train"]["samples"]
-    global_batch = data.batch_size * world
-    # Only the wds DataLoader splits a rank's share across worker processes (each drops its own partial batch).
-    split_workers = data.loader_workers if data.backend == "wds" else 0
-    steps_per_epoch = batches_per_epoch(n_train, data.batch_size, world, split_workers)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
-    eval_resolution = recipe.model.eval_resolution or spec.eval_resolution
-
-    for epoch in range(state.epoch, recipe.schedule.epochs):
-        if state.stopped_early:
+    worker = start_worker(job)
+    state = resume(worker)
+    logged_upto = _log_pending(worker.client, job.run_id, state.history, _last_logged_epoch(worker.client, job.run_id)
+                               ) if worker.client else 0
+    schedule = job.recipe.schedule
+    for epoch in range(state.epoch, schedule.epochs):
+        if state.stopped_early:  # resumed from the checkpoint of the epoch that stopped the job
             break
-        seed_everything(recipe.seed, epoch, rank)
-        # Progressive learning (or constant settings): image size and regularisation for this epoch, set on
-        # the built model and the loader without restarting anything.
-        settings = epoch_settings(epoch, recipe, spec)
-        models.set_regularization(model, dropout=settings.dropout, stochastic_depth=settings.stochastic_depth)
-        resolution = settings.image_size
-        aug_gen = torch.Generator(device=device).manual_seed((recipe.seed * 1_000_003 + epoch) * 1_009 + rank)
-        ddp_model.train()
-        train_loader = make_loader(
-            job.dataset_dir, "train", resolution, data.batch_size, rank, world, epoch, data.backend,
-            seed=recipe.seed, num_workers=data.loader_workers,
-        )
-        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        for i, (images, labels) in enumerate(train_loader):
-            lr = learning_rate(epoch + i / steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, targets = prepare_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                       recipe, settings, job.num_classes, channels_last, aug_gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = ddp_model(x)
-            loss = F.cross_entropy(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-            optimizer.step()
-            state.step += 1
-            if state.step == 1 and c is not None:
-                # When the job's first step ended: the start-up latency a user waits through (flow run -> here).
-                c.set_tag(job.run_id, FIRST_STEP_TAG, f"{time.time():.3f}")
-            if ema is not None:
-                update_ema(ema, model, ema_decay_at(state.step, recipe.regularization.ema_decay))
-            loss_sum += loss.item() * len(labels)
-            seen += len(labels)
-        elapsed = time.perf_counter() - t0
-
-        row: dict[str, float] = {
-            "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": lr,
-            "images_per_s": seen * world / elapsed, "epoch_seconds": elapsed, "image_size": resolution,
-            "stage": settings.stage,
-            "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
-            "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
-            "train_bad_samples": float(_bad_samples(train_loader)),
-        }
-        if (epoch + 1) % recipe.schedule.eval_every == 0 or epoch + 1 == recipe.schedule.epochs:
-            minival_loader = make_loader(
-                job.dataset_dir, "minival", eval_resolution, data.eval_batch_size or data.batch_size, rank, world,
-                crop_ratio=spec.crop_ratio, num_workers=data.loader_workers,
-            )
-            m = evaluate(scored_model, minival_loader, device, channels_last, amp)
-            row.update({"minival_loss": m["loss"], "minival_top1": m["top1"], "minival_top5": m["top5"]})
-            if m["top1"] > state.best_top1:
-                state.best_top1, state.best_epoch, state.epochs_without_improvement = m["top1"], epoch, 0
-            else:
-                state.epochs_without_improvement += 1
-            patience = recipe.schedule.patience
-            state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
+        row = train_one_epoch(worker, state, epoch)
+        if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
+            row.update(evaluate_and_early_stop(worker, state, epoch))
         row.update({"best_minival_top1": state.best_top1, "best_epoch": state.best_epoch})
         row.setdefault(SCORE, float("nan"))
         state.epoch = epoch + 1
         state.history.append(row)
-
-        # Every rank reports every epoch (Ray waits for all); only rank 0 attaches the checkpoint.
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save(
-                    {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                     "optimizer": optimizer.state_dict(), "loop": state.__dict__,
-                     "variant": spec.name, "model_args": {"name": recipe.model.variant, **overrides,
-                                                          "num_classes": job.num_classes},
-                     "recipe": recipe.model_dump()},
-                    Path(tmp) / CHECKPOINT_FILE,
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**row, SCORE: row[SCORE]}, checkpoint=ckpt)
-        if c is not None:
-            logged_upto = _log_pending(c, job.run_id, state.history, logged_upto)
+        save_checkpoint(worker, state, row)
+        if worker.client is not None:  # only what a persisted checkpoint holds, so a restart logs no duplicates
+            logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
         if state.stopped_early:
             break
-
     return {"epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_minival_top1": state.best_top1,
             "stopped_early": state.stopped_early}
+
+
+@dataclass
+class Worker:
+    """What one rank trains and where: built once per worker process, never checkpointed as such."""
+
+    job: JobSpec
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool  # bf16 autocast: on CUDA only
+    spec: models.VariantSpec
+    model: torch.nn.Module  # the bare model: its state_dict is what a checkpoint holds
+    ema: torch.nn.Module | None
+    net: torch.nn.Module  # what the forward pass calls: `model` wrapped by DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    client: Any  # MLflow client on rank 0, None elsewhere
+    steps_per_epoch: int
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.job.recipe
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights minival scores and a checkpoint is chosen by: the EMA when there is one."""
+        return self.ema if self.ema is not None else self.model
+
+
+def start_worker(job: JobSpec) -> Worker:
+    """This rank's model, EMA and optimizer on its device, with the same initial weights on every rank."""
+    import ray.train
+    import ray.train.torch
+
+    recipe = job.recipe
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(recipe.runtime.torch_threads or max(1, int(recipe.ray.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    seed_everything(recipe.seed, 0, 0)  # rank 0's stream on every rank: the same initial weights
+    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    model = models.build_model(spec, job.num_classes)
+    if recipe.model.bn_momentum is not None:
+        set_bn_momentum(model, recipe.model.bn_momentum)
+    if recipe.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False).to(device) if recipe.regularization.ema_decay else None
+    model = model.to(device)
+    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    if recipe.runtime.compile:
+        net = torch.compile(net)
+    return Worker(
+        job=job, rank=rank, world=world, device=device, amp=recipe.runtime.amp and device.type == "cuda", spec=spec,
+        model=model, ema=ema, net=net, optimizer=build_optimizer(model, recipe),
+        client=tracking.client(job.tracking_uri) if rank == 0 else None,
+        steps_per_epoch=_steps_per_epoch(job, world),
+    )
+
+
+def _steps_per_epoch(job: JobSpec, world: int) -> int:
+    data = job.recipe.data
+    n_train = read_manifest(job.dataset_dir)["splits"]["train"]["samples"]
+    # Only the wds DataLoader splits a rank's share across worker processes (each drops its own partial batch).
+    split_workers = data.loader_workers if data.backend == "wds" else 0
+    steps = batches_per_epoch(n_train, data.batch_size, world, split_workers)
+    if steps < 1:
+        raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
+    return steps
+
+
+def resume(worker: Worker) -> LoopState:
+    """Weights, optimizer and loop state from Ray's latest checkpoint of this job, or a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return LoopState(history=[])
+    with checkpoint.as_directory() as d:
+        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=worker.device, weights_only=False)
+    worker.model.load_state_dict(saved["model"])
+    if worker.ema is not None:
+        worker.ema.load_state_dict(saved["ema"])
+    worker.optimizer.load_state_dict(saved["optimizer"])
+    state = LoopState(**saved["loop"])
+    log.info("rank %d resumed at epoch %d", worker.rank, state.epoch)
+    if worker.client is not None:
+        worker.client.set_tag(worker.job.run_id, Tags.RESUMED_AT_EPOCH, str(state.epoch))
+    return state
+
+
+def train_one_epoch(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
+    """One pass over this rank's share of train at the epoch's image size and regularisation; the epoch's row."""
+    recipe, job, device = worker.recipe, worker.job, worker.device
+    seed_everything(recipe.seed, epoch, worker.rank)
+    # Progressive learning (or constant settings): image size and regularisation for this epoch, set on the
+    # built model and the loader without restarting anything.
+    settings = epoch_settings(epoch, recipe, worker.spec)
+    models.set_regularization(worker.model, dropout=settings.dropout, stochastic_depth=settings.stochastic_depth)
+    aug_gen = torch.Generator(device=device).manual_seed(
+        mix_seed(recipe.seed, Stream.AUGMENT, epoch, worker.rank))
+    global_batch = recipe.data.batch_size * worker.world
+    worker.net.train()
+    loader = make_loader(
+        job.dataset_dir, "train", settings.image_size, recipe.data.batch_size, worker.rank, worker.world, epoch,
+        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers,
+    )
+    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        lr = learning_rate(epoch + i / worker.steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
+        for g in worker.optimizer.param_groups:
+            g["lr"] = lr
+        x, targets = prepare_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                   recipe, settings, job.num_classes, recipe.runtime.channels_last, aug_gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=worker.amp):
+            logits = worker.net(x)
+        loss = F.cross_entropy(logits.float(), targets)
+        worker.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(worker.model.parameters(), recipe.optim.grad_clip)
+        worker.optimizer.step()
+        state.step += 1
+        if state.step == 1 and worker.client is not None:
+            # When the job's first step ended: the start-up latency a user waits through (flow run -> here).
+            worker.client.set_tag(job.run_id, Tags.FIRST_STEP, f"{time.time():.3f}")
+        if worker.ema is not None:
+            update_ema(worker.ema, worker.model, ema_decay_at(state.step, recipe.regularization.ema_decay))
+        loss_sum += loss.item() * len(labels)
+        seen += len(labels)
+    elapsed = time.perf_counter() - t0
+    return {
+        "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": lr,
+        "images_per_s": seen * worker.world / elapsed, "epoch_seconds": elapsed, "image_size": settings.image_size,
+        "stage": settings.stage, "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
+        "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
+        "train_bad_samples": float(_bad_samples(loader)),
+    }
+
+
+def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
+    """Minival top-1 of the scored weights (summed across ranks), recorded for early stopping."""
+    recipe, spec = worker.recipe, worker.spec
+    loader = make_loader(
+        worker.job.dataset_dir, "minival", spec.eval_resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
+        worker.rank, worker.world, crop_ratio=spec.crop_ratio, num_workers=recipe.data.loader_workers,
+    )
+    m = evaluate(worker.scored, loader, worker.device, recipe.runtime.channels_last, worker.amp)
+    record_minival(state, m["top1"], epoch, recipe.schedule.patience)
+    return {"minival_loss": m["loss"], "minival_top1": m["top1"], "minival_top5": m["top5"]}
+
+
+def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> None:
+    """Report the epoch to Ray Train; rank 0 attaches the checkpoint (every rank reports: Ray waits for all)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if worker.rank == 0:
+            recipe = worker.recipe
+            torch.save(
+                {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
+                 "optimizer": worker.optimizer.state_dict(), "loop": state.__dict__, "variant": worker.spec.name,
+                 "model_args": {"name": recipe.model.variant, **recipe.model.overrides(),
+                                "num_classes": worker.job.num_classes},
+                 "recipe": recipe.model_dump()},
+                Path(tmp) / CHECKPOINT_FILE,
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(row, checkpoint=checkpoint)

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.demo import demo
-
-pytestmark = pytest.mark.e2e
 
 
 def test_demo_end_to_end_and_rerun(data_layout_tmp, prefect_server, ray_cluster):

@@ -24,7 +24,6 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
 
-pytestmark = pytest.mark.e2e
 STACK = PROJECT_ROOT / "infra" / "local-stack.sh"
 EFFNET = PROJECT_ROOT / ".venv" / "bin" / "effnet"
 SERVICES = ("prefect", "mlflow", "ray", "serve")

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from flows.deployments import DEPLOYMENTS, NIGHTLY_CRON, TIMEZONE, build_deployments
-
-pytestmark = pytest.mark.integration
 
 
 def test_deployments_register_with_schedule(prefect_server):

@@ -14,8 +14,6 @@ from pipelines.training import cluster
 from pipelines.training.job import run_training
 from pipelines.training.recipe import load_recipe
 
-pytestmark = pytest.mark.integration
-
 
 def _run_logs(flow_run_id) -> list[str]:
     from prefect.client.orchestration import get_client

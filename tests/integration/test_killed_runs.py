@@ -11,14 +11,11 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.source.demo import write_demo_imagenet
 from pipelines.training.recipe import load_recipe
-
-pytestmark = pytest.mark.integration
 
 
 def _env(root: Path) -> dict:

@@ -10,8 +10,6 @@ from mlflow.tracking import MlflowClient
 import models
 from pipelines.training import tracking
 
-pytestmark = pytest.mark.integration
-
 
 def _register(layout, run_id, tags):
     model = models.create_model("efficientnet_b0", num_classes=3, phi=-9).eval()
@@ -39,7 +37,7 @@ def test_register_once_and_clean_up_a_failure(data_layout_tmp):
     assert len(c.search_model_versions(f"name='{name}'")) == 1
     live = [m for m in c.search_logged_models([exp]) if m.source_run_id == run_b]
     assert live == [], live
-    assert tracking.REGISTERED_TAG not in c.get_run(run_b).data.tags
+    assert tracking.Tags.REGISTERED not in c.get_run(run_b).data.tags
 
 
 def test_a_failed_first_registration_leaves_no_empty_registered_model(data_layout_tmp):

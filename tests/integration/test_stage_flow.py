@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,14 +13,22 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect.utilities.callables import parameter_schema
 
-from flows.stage_imagenet import stage_imagenet
+from flows.stage_imagenet import stage_imagenet, stage_params
 from pipelines.dataset import latest_version
 from pipelines.source.demo import extract_to_tree
+from pipelines.staging.params import StageParams
 
 from helpers import add_images
 
-pytestmark = pytest.mark.integration
+
+def test_the_flow_shows_the_defaults_a_run_gets() -> None:
+    # Prefect renders a flow's parameters (the UI's form, a deployment's defaults) from its signature.
+    shown = {name: prop.get("default") for name, prop in parameter_schema(stage_imagenet).properties.items()}
+    fields = {f.name for f in dataclasses.fields(StageParams)} & set(shown)
+    assert fields >= {"tiers", "shard_size", "minival", "seed", "jpeg_quality", "max_bad_fraction", "formats"}
+    assert stage_params(**{name: shown[name] for name in fields}) == StageParams()
 
 
 def test_stage_flow_writes_a_version_and_reuses_it(demo_archives, tmp_path, prefect_server):

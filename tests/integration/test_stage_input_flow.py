@@ -21,8 +21,6 @@ from pipelines.staging.spools import process_unit
 
 from helpers import ConcurrencyProbe, damage_class_tar
 
-pytestmark = pytest.mark.integration
-
 KNOBS = dict(tiers=[32, 64], shard_size=8, minival=0.25, max_bad_fraction=0.05)
 
 

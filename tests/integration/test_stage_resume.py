@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from pipelines.atomic import sha256_file
+from pipelines.atomic import sha256_file, sidecar_path
 from pipelines.dataset import LATEST, MANIFEST, read_manifest
 from pipelines.source.demo import write_demo_imagenet
 from pipelines.staging import stager
@@ -21,8 +21,6 @@ from pipelines.staging.params import StageParams
 from pipelines.staging.stager import stage
 
 from helpers import BAD_INPUTS, STAGE_PARAMS, damaged_source, stage_directly
-
-pytestmark = pytest.mark.integration
 
 EFFNET = [sys.executable, "-m", "flows.cli"]
 
@@ -122,7 +120,7 @@ def test_killed_twice_then_rerun_gives_the_bytes_of_an_uninterrupted_run(
     shards = [p for p in (out / dest.name).rglob("*.tar")]
     assert len(shards) == len(read_manifest(dest)["shards"])
     for shard in shards:
-        sidecar = shard.with_name(shard.name + ".sha256")
+        sidecar = sidecar_path(shard)
         assert sidecar.exists(), f"{shard} has no checksum sidecar"
         assert sidecar.read_text().strip() == sha256_file(shard)
 

@@ -12,7 +12,6 @@ from pipelines.training.recipe import load_recipe
 
 from helpers import stage_directly
 
-pytestmark = pytest.mark.integration
 CLASSES = 4
 
 

@@ -10,13 +10,11 @@ import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.training.recipe import load_recipe
 
-pytestmark = pytest.mark.integration
 EPOCHS = 6
 
 

@@ -8,13 +8,11 @@ import signal
 import threading
 import time
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.training.job import run_training
 from pipelines.training.recipe import load_recipe
 
-pytestmark = pytest.mark.integration
 EPOCHS = 6
 
 

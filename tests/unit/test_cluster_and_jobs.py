@@ -11,8 +11,6 @@ from pipelines.training import cluster
 from pipelines.training.job import _job_key, format_epoch_line
 from pipelines.training.recipe import RecipeError, load_recipe
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.mark.parametrize("workers, per_worker, nodes, fits", [
     (2, {"CPU": 1}, [{"CPU": 2}], True),

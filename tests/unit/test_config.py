@@ -17,8 +17,6 @@ from pipelines.training.recipe import (
     parse_family_member,
 )
 
-pytestmark = pytest.mark.unit
-
 
 def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
     path = tmp_path / name

@@ -17,8 +17,6 @@ from pipelines.source import demo as demo_data
 from pipelines.source import imagenet
 from pipelines.source.demo import DemoSummary, write_demo_imagenet
 
-pytestmark = pytest.mark.unit
-
 SMALL = dict(num_classes=4, train_per_class=6, val_per_class=3, seed=1, image_size=(64, 48))
 
 

@@ -19,8 +19,6 @@ from pipelines.source.imagenet import ImageNetSourceError, RawImage, open_source
 
 from helpers import damage_class_tar
 
-pytestmark = pytest.mark.unit
-
 SMALL = dict(num_classes=4, train_per_class=6, val_per_class=3, seed=3, image_size=(64, 48))
 GT_REL = f"{imagenet.DEVKIT_DIR}/{imagenet.GROUND_TRUTH}"
 META_REL = f"{imagenet.DEVKIT_DIR}/{imagenet.META_MAT}"

@@ -10,8 +10,6 @@ from pipelines.training import augment
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import epoch_settings, progressive_stage, stage_fraction
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.mark.parametrize(
     "epoch,total,stages,expected",
@@ -72,41 +70,128 @@ def _batch(n=8, size=32, seed=0):
     return (torch.rand(n, 3, size, size, generator=g) * 255).to(torch.uint8)
 
 
+def _low_contrast(n=8, size=32, seed=0):
+    """Smooth images in 60..180 with a little noise, each tinted differently: every op has something to change
+    (AutoContrast and Equalize stretch the range, Color has hue to scale, geometric ops move an edge)."""
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 1, size)
+    picture = ramp.view(1, 1, 1, -1) * torch.rand(n, 3, 1, 1, generator=g) + ramp.view(1, 1, -1, 1) * 0.5
+    noise = torch.rand(n, 3, size, size, generator=g) * 0.05
+    return (60 + 120 * (picture + noise) / 1.55).round()
+
+
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
+ENHANCE = ("Color", "Contrast", "Brightness", "Sharpness")  # level 5 is factor 1 (the TF reference's mapping)
+
+
 @pytest.mark.parametrize("name", sorted(augment.AUTOAUGMENT_OPS))
-def test_every_op_keeps_shape_and_range(name):
-    x = _batch().float()
+def test_every_op_changes_each_image_and_stays_in_range(name):
+    x = _low_contrast()
     y = augment.AUTOAUGMENT_OPS[name](x.clone(), 9.0, torch.Generator().manual_seed(1))
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255
-    if name != "Identity":
-        assert not torch.equal(y, x) or name in ("Equalize", "AutoContrast", "Posterize")
+    assert y.shape == x.shape
+    assert y.min() >= -1e-3 and y.max() <= 255 + 1e-3  # float rounding aside (AutoContrast's 255 * 1.0000001)
+    if name == "Identity":
+        assert torch.equal(y, x)
+    else:
+        assert (y - x).abs().flatten(1).amax(1).min() >= 1, "an image came out unchanged"
+
+
+@pytest.mark.parametrize("name, level", [(n, 0.0) for n in GEOMETRIC] + [(n, 5.0) for n in ENHANCE])
+def test_the_neutral_level_of_an_op_leaves_images_alone(name, level):
+    x = _low_contrast()
+    y = augment.AUTOAUGMENT_OPS[name](x.clone(), level, torch.Generator().manual_seed(1))
+    assert (y - x).abs().max() < 1e-3
 
 
 def test_rand_augment_is_seeded_and_changes_images():
-    x = _batch()
+    x = _batch(n=32)
     a = augment.rand_augment(x, 9, generator=torch.Generator().manual_seed(3))
     b = augment.rand_augment(x, 9, generator=torch.Generator().manual_seed(3))
-    assert a.dtype == torch.uint8 and torch.equal(a, b)
-    assert not torch.equal(a, x)
+    assert a.dtype == torch.uint8 and a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, augment.rand_augment(x, 9, generator=torch.Generator().manual_seed(4)))
+    # Two ops of 14 drawn per image (one of the 14 is Identity, and AutoContrast leaves full-range noise
+    # as it is): nearly every image changes.
+    changed = (a != x).flatten(1).any(1)
+    assert changed.sum() >= 30, changed
     assert torch.equal(augment.rand_augment(x, 0), x)  # magnitude 0: off
+    assert torch.equal(augment.rand_augment(x, 9, num_ops=0), x)
 
 
-def test_auto_augment_keeps_dtype_and_shape():
-    x = _batch(n=32)
+def test_auto_augment_is_seeded_and_changes_most_images():
+    x = _low_contrast(n=64).to(torch.uint8)
     y = augment.auto_augment(x, torch.Generator().manual_seed(0))
-    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    assert torch.equal(y, augment.auto_augment(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(y, augment.auto_augment(x, torch.Generator().manual_seed(1)))
+    # Each sub-policy applies each of its two ops with its probability: 15% of images get neither, on average.
+    changed = (y != x).flatten(1).any(1).float().mean().item()
+    assert 0.6 < changed < 1.0, changed
 
 
-def test_mix_batch_targets_are_distributions():
+def _distinct(n=8, size=16):
+    """Float images whose pixels all differ, so a mixed pixel tells which images it came from."""
+    values = torch.randperm(n * 3 * size * size, generator=torch.Generator().manual_seed(0))
+    return values.float().view(n, 3, size, size)
+
+
+def _lam_and_partner(targets):
+    """(lambda, partner of each sample) read back from soft targets of labels 0..n-1 without smoothing."""
+    n = len(targets)
+    own = targets.diagonal()
+    partner = torch.where(own < 1, (targets - torch.diag(own)).argmax(1), torch.arange(n))
+    lams = own[partner != torch.arange(n)]
+    assert len(lams) and torch.allclose(lams, lams[0].expand_as(lams))  # one lambda for the whole batch
+    return lams[0].item(), partner
+
+
+def test_mix_batch_without_alphas_only_smooths_the_labels():
     x = _batch().float()
     labels = torch.arange(8) % 4
     same, t = augment.mix_batch(x, labels, 4, 0.0, 0.0, 0.1)
     assert torch.equal(same, x)
     assert t.sum(1) == pytest.approx(torch.ones(8)) and t.argmax(1).tolist() == labels.tolist()
-    assert t.max().item() == pytest.approx(0.9 + 0.1 / 4)
-    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
-        mixed, soft = augment.mix_batch(x, labels, 4, mixup, cutmix, 0.1, torch.Generator().manual_seed(5))
-        assert soft.sum(1) == pytest.approx(torch.ones(8))
-        assert not torch.equal(mixed, x)
+    assert t.max().item() == pytest.approx(0.9 + 0.1 / 4) and t.min().item() == pytest.approx(0.1 / 4)
+
+
+def test_mixup_blends_images_and_labels_by_the_same_lambda():
+    x, labels = _distinct(), torch.arange(8)
+    mixed, targets = augment.mix_batch(x, labels, 8, 0.4, 0.0, 0.0, torch.Generator().manual_seed(5))
+    lam, partner = _lam_and_partner(targets)
+    assert 0 < lam < 1
+    # lambda read back from float32 targets: equal to the images' weight within float32 rounding.
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[partner], rtol=1e-5, atol=1e-3)
+    again = augment.mix_batch(x, labels, 8, 0.4, 0.0, 0.0, torch.Generator().manual_seed(5))
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)
+    other_lam, _ = _lam_and_partner(augment.mix_batch(x, labels, 8, 0.4, 0.0, 0.0,
+                                                      torch.Generator().manual_seed(6))[1])
+    assert other_lam != lam
+
+
+def test_cutmix_pastes_one_box_and_labels_follow_its_area():
+    x, labels = _distinct(), torch.arange(8)
+    mixed, targets = augment.mix_batch(x, labels, 8, 0.0, 1.0, 0.0, torch.Generator().manual_seed(5))
+    lam, partner = _lam_and_partner(targets)
+    pasted = mixed != x  # [n, 3, h, w]
+    assert torch.equal(mixed[pasted], x[partner][pasted])  # every changed pixel is the partner's own
+    boxes = pasted[partner != torch.arange(8)].any(1)  # [k, h, w]: the same box in every mixed image
+    assert (boxes == boxes[0]).all()
+    rows, cols = boxes[0].any(1).nonzero().flatten(), boxes[0].any(0).nonzero().flatten()
+    assert boxes[0].sum() == len(rows) * len(cols)  # a rectangle
+    assert rows.tolist() == list(range(rows[0], rows[-1] + 1))
+    assert cols.tolist() == list(range(cols[0], cols[-1] + 1))
+    assert 1 - lam == pytest.approx(boxes[0].float().mean().item())  # labels mix by the area pasted
+
+
+def test_mix_batch_with_both_alphas_draws_mixup_or_cutmix_per_batch():
+    x, labels = _distinct(), torch.arange(8)
+    kinds = set()
+    for seed in range(12):
+        mixed, targets = augment.mix_batch(x, labels, 8, 0.4, 1.0, 0.1, torch.Generator().manual_seed(seed))
+        assert targets.sum(1) == pytest.approx(torch.ones(8))
+        # Cutmix only moves pixels (each is some image's pixel at the same place); mixup blends them.
+        moved_only = (mixed[:, None] == x[None]).any(1).all()
+        kinds.add("cutmix" if moved_only else "mixup")
+    assert kinds == {"mixup", "cutmix"}
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (12, 2), (7, 4), (1, 2), (100, 8)])

@@ -9,8 +9,6 @@ import pytest
 from pipelines.training.recipe import OptimConfig, load_recipe
 from pipelines.training.schedules import ema_decay_at, learning_rate, peak_lr
 
-pytestmark = pytest.mark.unit
-
 PAPER = OptimConfig()  # the V1 paper's defaults: 0.016 x batch/256, 5 warm-up epochs, x0.97 every 2.4 epochs
 COSINE = OptimConfig(schedule="cosine", lr_per_256=0.1, warmup_epochs=1)
 COSINE_FLOOR = OptimConfig(schedule="cosine", lr_per_256=0.1, warmup_epochs=1, min_lr_ratio=0.1)

@@ -1,7 +1,7 @@
 """Staging turns the demo ILSVRC2012 archives into checked, deterministic WebDataset shards and a manifest.
 
 Expected values come from the generator (`DemoSummary`) and from reading the archives with plain `tarfile`,
-never from `pipelines.imagenet`, so a labelling bug in the readers cannot hide behind the same bug here.
+never from `pipelines.source.imagenet`, so a labelling bug in the readers cannot hide behind the same bug here.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from pipelines.atomic import sidecar_path
 from pipelines.dataset import KEYS, LATEST, MANIFEST, SPLITS, latest_version, read_keys, read_manifest
 from pipelines.source.demo import DemoSummary, extract_to_tree
-from pipelines.staging import runners, spools, stager
+from pipelines.staging import runners, spools, stager, versions
 from pipelines.staging.images import BadImage, encode_tiers, tier_size
 from pipelines.staging.params import WORK, StageParams, StagingError
 from pipelines.staging.plan import minival_quota, plan_dataset
@@ -44,8 +45,6 @@ from helpers import (
     stage_directly,
     work_of,
 )
-
-pytestmark = pytest.mark.unit
 
 TIERS = STAGE_PARAMS.tiers
 
@@ -274,7 +273,7 @@ def test_manifest_checksums_and_sizes_match_the_shard_files(staged_dataset: Path
         data = path.read_bytes()
         assert entry["bytes"] == len(data)
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-        assert path.with_name(path.name + ".sha256").read_text().strip() == entry["sha256"]
+        assert sidecar_path(path).read_text().strip() == entry["sha256"]
         with tarfile.open(path, "r:") as tar:
             assert len({m.name.partition(".")[0] for m in tar}) == entry["samples"]
     for split in SPLITS:
@@ -469,6 +468,21 @@ def test_dataset_version_depends_on_params_and_source() -> None:
     assert base != dataset_version({"kind": "tree"}, STAGE_PARAMS)
 
 
+def test_code_that_cuts_other_shards_stages_a_new_version_over_the_same_spools(
+    copy_staged: Path, demo_archives: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A shard is reused when its sidecar verifies, whatever order cut it: a run of older code killed while
+    # writing shards must not lend them to code whose plan orders the images otherwise.
+    work = work_of(copy_staged, STAGE_PARAMS)
+    (copy_staged / MANIFEST).unlink()
+    monkeypatch.setattr(versions, "SHARD_LAYOUT", versions.SHARD_LAYOUT + 1)
+    monkeypatch.setattr(spools, "_write_spool", lambda *a: pytest.fail("a unit was decoded again"))
+    again = stage_directly(demo_archives, copy_staged.parent, STAGE_PARAMS)
+    assert again.name != copy_staged.name and (again / MANIFEST).is_file()
+    assert not copy_staged.exists()  # the older code's partial version, an orphan now
+    assert work_of(again, STAGE_PARAMS) == work
+
+
 @pytest.mark.parametrize(
     "size, tier, expected",
     [
@@ -627,7 +641,7 @@ def test_incremental_version_names_its_base_and_links_its_shards(grown: Grown) -
     new_entries = {e["path"]: e for e in new["shards"]}
     for entry in old["shards"]:
         assert new_entries[entry["path"]] == entry  # same name, checksum, size: the same shard
-        for name in (entry["path"], entry["path"] + ".sha256"):
+        for name in (Path(entry["path"]), sidecar_path(entry["path"])):
             # A hard link: the very file, not rewritten, no disk used.
             assert os.path.samefile(grown.old / name, grown.new / name), name
     added = [e for e in new["shards"] if e["path"] not in {o["path"] for o in old["shards"]}]

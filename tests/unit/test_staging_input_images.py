@@ -24,8 +24,6 @@ from pipelines.staging.images import BadImage, _decode, encode_tiers, tier_size
 
 from helpers import STAGE_PARAMS, plant_train_file, read_samples, stage_directly, work_of
 
-pytestmark = pytest.mark.unit
-
 ORIENTATION = 0x0112
 
 

@@ -14,15 +14,13 @@ import pytest
 from pipelines.dataset import LATEST, MANIFEST, read_manifest
 from pipelines.source.demo import DemoSummary, extract_to_tree
 from pipelines.staging import runners
-from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError, minival_value
+from pipelines.staging.params import AUTO, MIN_TRAIN_PER_CLASS, StageParams, StagingError, minival_value
 from pipelines.staging.plan import check_minival
 from pipelines.staging.runners import MAX_WORKERS, available_cores, resolve_workers, thread_map
 from pipelines.staging.spools import process_unit
 from pipelines.staging.stager import stage
 
 from helpers import STAGE_PARAMS, ConcurrencyProbe, stage_directly
-
-pytestmark = pytest.mark.unit
 
 INF, NAN = math.inf, math.nan
 
@@ -81,15 +79,28 @@ def test_workers_none_is_every_core_and_a_number_is_kept() -> None:
     assert resolve_workers(3) == 3 and resolve_workers(2.0) == 2
 
 
-def test_the_flow_parameters_take_none_as_the_default_and_nothing_else() -> None:
+def test_the_flow_parameters_default_to_stage_params_and_an_empty_list_is_no_default() -> None:
     from flows.stage_imagenet import stage_params
 
-    assert stage_params().tiers == StageParams().tiers
+    assert stage_params() == StageParams()
+    assert stage_params(tiers=[64, 32], formats=["dali"]) == StageParams(tiers=(32, 64), formats=("dali",))
     with pytest.raises(ValueError, match="tiers"):
         stage_params(tiers=[])  # an empty list is not "the default tiers"
     with pytest.raises(ValueError, match="minival"):
         stage_params(minival=1.5)  # not one image
     assert stage_params(minival=2.0).minival == 2 and stage_params(minival=0.1).minival == 0.1
+
+
+def test_the_stage_flags_default_to_stage_params() -> None:
+    from flows.cli import build_parser
+
+    args = vars(build_parser().parse_args(["stage", "--source", "src", "--out", "out"]))
+    flags = {f.name for f in dataclasses.fields(StageParams)} & set(args)
+    assert flags >= {"tiers", "shard_size", "minival", "seed", "jpeg_quality", "max_bad_fraction", "formats"}
+    for name in flags:
+        value = args[name]
+        assert (tuple(value) if isinstance(value, list) else value) == getattr(StageParams(), name), name
+    assert args["base_version"] == AUTO and args["min_train_per_class"] == MIN_TRAIN_PER_CLASS
 
 
 def test_stage_refuses_bad_workers_before_reading_anything(tmp_path: Path) -> None:
@@ -139,7 +150,8 @@ def test_the_floor_is_a_parameter_and_zero_allows_small_train(demo_archives: Pat
     # minival 0.25 leaves 8 or 9 train images per class.
     with pytest.raises(StagingError, match="fewer than 9 train images"):
         stage(demo_archives, tmp_path / "a", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=9)
-    assert stage(demo_archives, tmp_path / "b", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=8)
+    floor = stage(demo_archives, tmp_path / "b", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=8)
+    assert min(read_manifest(floor)["splits"]["train"]["per_class"].values()) == 8  # met exactly: staged
     dest = stage(demo_archives, tmp_path / "c", dataclasses.replace(STAGE_PARAMS, minival=44),
                          log=lambda *_: None, min_train_per_class=0)
     assert set(read_manifest(dest)["splits"]["train"]["per_class"].values()) == {1}

@@ -20,8 +20,6 @@ from pipelines.staging.stager import _exclusive, stage
 
 from helpers import STAGE_PARAMS, stage_directly, work_of
 
-pytestmark = pytest.mark.unit
-
 # The demo's truncated JPEG is 1 bad file in 64: refused by the plan, after every unit was spooled, the way a
 # run fails hours in on ImageNet.
 FAILING = dataclasses.replace(STAGE_PARAMS, max_bad_fraction=0.0)

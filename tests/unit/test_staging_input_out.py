@@ -17,8 +17,6 @@ from pipelines.staging.stager import find_finished
 
 from helpers import STAGE_PARAMS, stage_directly
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def tree(demo_archives: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -10,8 +10,6 @@ from pipelines.dataset import DataError, damaged_files, read_manifest
 from pipelines.training.job import validate_job
 from pipelines.training.recipe import load_recipe
 
-pytestmark = pytest.mark.unit
-
 
 def _shard(version, split="train"):
     return next(version / s["path"] for s in read_manifest(version)["shards"] if s["split"] == split)

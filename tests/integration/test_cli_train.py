@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.unit
-
 
 def _effnet(*args: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -1,18 +1,17 @@
 """The ffcv and dali loader backends and their staging writers, beside the wds backend they must agree with.
 
-Pure functions (index files, per-rank indices) are `unit`; everything that stages a dataset with FFCV files and
-DALI indexes (about half a minute, most of it importing FFCV and compiling its pipelines) is `integration`.
+Everything here stages a dataset with FFCV files and DALI indexes and reads it with the real FFCV and DALI
+(about half a minute, most of it importing FFCV and compiling its pipelines). Their pure halves (per-rank indices,
+index files, the refusal of a dataset staged without the format) are in tests/unit/test_backend_indices.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from pipelines.dataset import MANIFEST, SPLITS, DataError, index_path, read_mani
 from pipelines.loading import ffcv as ffcv_loading
 from pipelines.loading import make_loader
 from pipelines.loading.ffcv import _seeded_crop_decoder_class
-from pipelines.loading.sampling import rank_epoch_indices, rank_positions
+from pipelines.loading.sampling import rank_epoch_indices
 from pipelines.staging.dali_index import index_lines, index_text
 
 from helpers import STAGE_PARAMS, read_samples, stage_directly
@@ -48,82 +47,15 @@ def _planned_labels(dataset: Path, split: str, tier: int = 32) -> list[int]:
 
 
 def _epoch(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole epoch's images and labels, on the CPU: where CUDA is available DALI decodes on the GPU and hands
+    over CUDA images, which are compared here with the wds backend's."""
     batches = list(loader)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
-# --------------------------------------------------------------------------------------------- pure functions
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("n, world_size", [(35, 1), (35, 2), (35, 3), (12, 4), (2, 3), (0, 2)])
-def test_rank_epoch_indices_train_is_a_padded_permutation(n: int, world_size: int) -> None:
-    shares = [rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
-    assert {len(s) for s in shares} == {math.ceil(n / world_size)}
-    seen = np.concatenate(shares) if n else np.zeros(0, np.int64)
-    assert set(seen.tolist()) == set(range(n))
-    assert len(seen) - n == (-n) % world_size if n else len(seen) == 0  # only DistributedSampler's padding
-    again = [rank_epoch_indices(n, True, r, world_size, seed=0, epoch=3) for r in range(world_size)]
-    assert all(np.array_equal(a, b) for a, b in zip(shares, again, strict=True))
-
-
-@pytest.mark.unit
-def test_rank_epoch_indices_depend_on_seed_and_epoch_only() -> None:
-    base = rank_epoch_indices(100, True, 0, 1, seed=0, epoch=0)
-    assert not np.array_equal(base, np.arange(100))
-    assert not np.array_equal(base, rank_epoch_indices(100, True, 0, 1, seed=0, epoch=1))
-    assert not np.array_equal(base, rank_epoch_indices(100, True, 0, 1, seed=1, epoch=0))
-    # Strided over the same permutation: rank r of 2 reads positions r, r + 2, ... of the one-rank order.
-    assert np.array_equal(rank_epoch_indices(100, True, 1, 2, seed=0, epoch=0), base[1::2])
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("n, world_size", [(16, 2), (17, 2), (5, 3), (2, 4)])
-def test_rank_epoch_indices_eval_is_exactly_once_in_planned_order(n: int, world_size: int) -> None:
-    shares = [rank_epoch_indices(n, False, r, world_size, seed=5, epoch=7) for r in range(world_size)]
-    assert sorted(np.concatenate(shares).tolist()) == list(range(n))
-    assert [s.tolist() for s in shares] == [rank_positions(n, r, world_size, pad=False) for r in range(world_size)]
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        folder = tarfile.TarInfo("a/dir")
-        folder.type = tarfile.DIRTYPE
-        tar.addfile(folder)
-
-
-@pytest.mark.unit
-def test_index_lines_follow_the_wds2idx_format(tmp_path: Path) -> None:
-    path = tmp_path / "s.tar"
-    _tar(path, [("k1.jpg", b"x" * 700), ("k1.cls", b"3"), ("d/k2.seg.png", b"yy"), ("d/k2.cls", b"12"),
-                (".hidden.txt", b"z")])
-    lines = index_lines(path)
-    with tarfile.open(path) as tar:
-        at = {m.name: m.offset_data for m in tar}
-    assert lines == [
-        f"jpg {at['k1.jpg']} 700 k1.jpg cls {at['k1.cls']} 1 k1.cls",
-        f"seg.png {at['d/k2.seg.png']} 2 d/k2.seg.png cls {at['d/k2.cls']} 2 d/k2.cls",
-    ]
-    assert all(int(x) % 512 == 0 for line in lines for x in line.split()[1::4])
-    assert index_text(lines).startswith("v1.2 2\n")
-
-
-@pytest.mark.unit
-def test_index_of_a_broken_shard_is_an_error(tmp_path: Path) -> None:
-    path = tmp_path / "s.tar"
-    path.write_bytes(b"not a tar at all" * 100)
-    with pytest.raises(DataError, match="s.tar"):
-        index_lines(path)
+    return torch.cat([b[0].cpu() for b in batches]), torch.cat([b[1].cpu() for b in batches])
 
 
 # --------------------------------------------------------------------------------------------- writers
 
 
-@pytest.mark.integration
 def test_manifest_lists_every_extra_file_with_its_checksum(formats_dataset: Path) -> None:
     manifest = read_manifest(formats_dataset)
     ffcv = manifest["extra"]["ffcv"]
@@ -138,7 +70,6 @@ def test_manifest_lists_every_extra_file_with_its_checksum(formats_dataset: Path
         assert sha256_file(path) == e["sha256"]
 
 
-@pytest.mark.integration
 def test_dali_indexes_match_the_wds2idx_tool(formats_dataset: Path) -> None:
     tool = Path(sys.executable).parent / "wds2idx"  # installed with DALI
     if not tool.exists() or shutil.which("tar") is None:
@@ -158,7 +89,6 @@ def _restage(dataset: Path, source: Path) -> None:
     assert stage_directly(source, dataset.parent, FORMATS_PARAMS) == dataset
 
 
-@pytest.mark.integration
 def test_writers_reuse_verified_files_and_replace_damaged_ones(
     formats_dataset: Path, demo_archives: Path, tmp_path: Path
 ) -> None:
@@ -187,17 +117,9 @@ def test_writers_reuse_verified_files_and_replace_damaged_ones(
         p: v for p, v in before.items() if p not in (beton, index)}
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_a_dataset_without_the_format_is_refused_clearly(staged_dataset: Path, backend: str) -> None:
-    with pytest.raises(DataError, match=f"formats including '{backend}'"):
-        list(make_loader(staged_dataset, "val", 32, 4, backend=backend))
-
-
 # --------------------------------------------------------------------------------------------- loaders
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("split, resolution", [("train", 32), ("train", 64), ("minival", 32), ("val", 64)])
 def test_batches_are_uint8_nchw_with_int64_labels(
@@ -211,7 +133,6 @@ def test_batches_are_uint8_nchw_with_int64_labels(
     assert images.float().std() > 1  # real pixels, not a constant fill
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("split", ["minival", "val"])
 def test_eval_is_exactly_once_over_two_ranks_with_the_manifest_labels(
@@ -232,7 +153,6 @@ def test_eval_is_exactly_once_over_two_ranks_with_the_manifest_labels(
     assert Counter(per_rank[0] + per_rank[1]) == expected
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_ranks_get_equal_batch_counts_and_their_share(formats_dataset: Path, backend: str) -> None:
     planned = _planned_labels(formats_dataset, "train")
@@ -251,7 +171,6 @@ def test_train_ranks_get_equal_batch_counts_and_their_share(formats_dataset: Pat
         assert counts == [math.ceil(n / 2) // batch_size] * 2
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_epoch_is_deterministic_for_seed_and_epoch(formats_dataset: Path, backend: str) -> None:
     def epoch(e: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +184,6 @@ def test_train_epoch_is_deterministic_for_seed_and_epoch(formats_dataset: Path, 
     assert not torch.equal(epoch(0, seed=1)[0], images)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resolution_can_change_between_epochs(formats_dataset: Path, backend: str) -> None:
     for epoch, resolution in enumerate((32, 64, 32)):
@@ -275,7 +193,6 @@ def test_resolution_can_change_between_epochs(formats_dataset: Path, backend: st
         assert {tuple(images.shape[1:]) for images, _ in loader} == {(3, resolution, resolution)}
 
 
-@pytest.mark.integration
 def test_ffcv_batches_outlive_its_buffers(formats_dataset: Path) -> None:
     """FFCV recycles a few output buffers: a batch kept while later ones arrive must not change."""
     loader = make_loader(formats_dataset, "train", 32, 2, backend="ffcv")
@@ -285,7 +202,6 @@ def test_ffcv_batches_outlive_its_buffers(formats_dataset: Path) -> None:
     assert all(torch.equal(a[0], b) for a, b in zip(kept, copied_on_arrival, strict=True))
 
 
-@pytest.mark.integration
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failure under test
 def test_ffcv_loading_thread_failure_is_an_error_not_a_hang(
     formats_dataset: Path, monkeypatch: pytest.MonkeyPatch
@@ -339,7 +255,6 @@ def smooth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stage_directly(src, tmp_path_factory.mktemp("smooth"), params)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("resolution", [32, 56])
 def test_backends_agree_on_eval_images(smooth_dataset: Path, resolution: int) -> None:
     out = {b: _epoch(make_loader(smooth_dataset, "val", resolution, 5, backend=b)) for b in ("wds", *BACKENDS)}
