@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.variants import V1_BASE_NAME
+from pipelines.loading import BACKENDS
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -98,7 +99,7 @@ class ProgressiveConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    backend: Literal["wds", "ffcv", "dali"] = "wds"
+    backend: Literal[BACKENDS] = "wds"
     batch_size: int = Field(128, ge=1, description="per worker")
     loader_workers: int = Field(4, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)
