@@ -1,10 +1,10 @@
 """Loader throughput (train mode: random-resized crop + flip, images/s) of every backend beside a plain
 PIL + torch DataLoader baseline over the original JPEGs, in the same run.
 
-The images are those of benchmarks/staging.py (`make_images`: 500x375 px JPEGs of about 110 KB, 20 classes,
-the extracted ImageNet layout), kept between runs under --data. They are staged three times with FFCV files
-and DALI indexes, into one datasets root (so the versions share their spools), and the staged copies are kept
-too (staging is idempotent: a second run reuses them):
+The images are those of benchmarks/staging.py (`benchmarks.common.make_images`: 500x375 px JPEGs of about
+110 KB, 20 classes, the extracted ImageNet layout), kept between runs under --data. They are staged three times
+with FFCV files and DALI indexes, into one datasets root (so the versions share their spools), and the staged
+copies are kept too (staging is idempotent: a second run reuses them):
 - tiers (128, 256): what training reads; 128 px is served from the 128 tier, 224 px from the 256 tier;
 - the same with `ffcv_write_mode='raw'` ("ffcv-raw": FFCV stores pixels, so loading decodes no JPEG; its train
   files are ~6x the size of the tiers' JPEGs);
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime as dt
-import importlib.util
 import io
 import json
 import os
@@ -48,9 +47,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder comes first on sys.path, where models.py would shadow the `models` package; the
+# repository root instead, so that `benchmarks.common` and `pipelines` import (in worker processes too).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import machine, make_images  # noqa: E402
 from pipelines.dataset import EXTRA_FORMATS, read_manifest, select_tier
 from pipelines.loading import BACKENDS, make_loader
 from pipelines.loading.transforms import random_resized_crop_box
@@ -69,15 +72,6 @@ GOALS = {  # backend throughput over the baseline's at the same resolution
     "wds_128": 3.0,
     "fastest_224": 6.0,  # the fastest backend (any source), 224 px
 }
-
-
-def _staging_benchmark() -> Any:
-    """benchmarks/staging.py as a module: its image generator and machine description are reused."""
-    spec = importlib.util.spec_from_file_location("staging_benchmark", Path(__file__).with_name("staging.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------- baseline
@@ -189,11 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
 
-    bench = _staging_benchmark()
-    info = bench.machine()
+    info = machine()
     cores = info["cores"]
     source = args.data / f"images-{args.images}"
-    images = bench.make_images(source, args.images, cores)
+    images = make_images(source, args.images, cores)
     print("staging (reused when already staged):")
     staged = args.data / "staged"  # one root: the versions share their spools
     tiered, tiered_s = stage(source, staged, TIERS, cores)

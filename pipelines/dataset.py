@@ -11,8 +11,11 @@ run staged or found) and staging's `work/` folder. A version holds:
   the staging parameters;
 - `keys.json.gz`: every image key by split, and the bad files' keys, which a version staged on top of this one
   reads to know what is new;
-- with the extra formats, `<tier>/<split>.beton` (FFCV, with a `.sha256` sidecar) and a DALI index
-  `<tier>/<split>-NNNNNN.idx` beside each shard, listed under the manifest's `extra`.
+- `<tier>/<split>-NNNNNN.idx` beside each shard: where each sample's members lie (offset and size), in the
+  format of DALI's `wds2idx`, listed under the manifest's `indexes`; the wds and dali backends read samples by
+  it. A version staged before indexes gets them written on first use (`ensure_index`);
+- with the extra format `ffcv`, `<tier>/<split>.beton` (with a `.sha256` sidecar), listed under the manifest's
+  `extra` (the `dali` format lists the shard indexes there again).
 
 `pipelines.staging` writes versions; `pipelines.loading` and training read them, and `effnet verify` checks one
 against its manifest (`check_version`).
@@ -23,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -128,10 +132,11 @@ def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def version_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file a version's manifest lists (shards, keys, FFCV/DALI extras), each with its `path` and, where
-    recorded, `bytes` and `sha256`."""
+    """Every file a version's manifest lists (shards, keys, shard indexes, FFCV/DALI extras), each with its `path`
+    and, where recorded, `bytes` and `sha256`. A version staged before shard indexes has no `indexes`."""
     extras = [e for entries in manifest.get("extra", {}).values() for e in entries]
-    return [*manifest["shards"], *([manifest["keys"]] if manifest.get("keys") else []), *extras]
+    keys = [manifest["keys"]] if manifest.get("keys") else []
+    return [*manifest["shards"], *keys, *manifest.get("indexes", []), *extras]
 
 
 def damaged_files(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> list[str]:
@@ -201,3 +206,86 @@ def split_shards(dataset_dir: Path, manifest: dict[str, Any], split: str, tier: 
         if not s.path.exists():
             raise DataError(f"{s.path}: shard listed in the manifest is missing")
     return sorted(shards, key=lambda s: s.path.name)
+
+
+def index_lines(shard: Path) -> list[str]:
+    """One line per sample of a WebDataset tar: `<ext> <data offset> <size> <member name>` per member."""
+    samples: list[list[str]] = []
+    last = None
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base, ext = _split_name(member.name)
+                if not base or base.endswith("/"):
+                    continue  # as wds2idx: hidden files are not samples
+                component = f"{ext} {member.offset_data} {member.size} {member.name}"
+                if base != last:
+                    samples.append([])
+                    last = base
+                samples[-1].append(component)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{shard}: unreadable shard, cannot index it ({exc})") from exc
+    return [" ".join(components) for components in samples]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/key.a.b` -> (`dir/key`, `a.b`): the extension starts at the first dot of the file name."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
+
+
+def read_index(path: Path) -> list[str]:
+    """The sample lines of an index file, checked against its header."""
+    if not path.exists():
+        raise DataError(f"{path}: shard index missing (a version staged before indexes were written: "
+                        "`ensure_index` adds it)")
+    head, *lines = path.read_text().splitlines()
+    version, _, count = head.partition(" ")
+    if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
+        raise DataError(f"{path}: not a {INDEX_VERSION} index of {count or '?'} samples (damaged?)")
+    return lines
+
+
+@dataclass(frozen=True)
+class SampleSpan:
+    """Where one sample's members lie in its shard: extension -> (data offset, size) in bytes."""
+
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+def parse_index_line(line: str) -> SampleSpan:
+    """One index line (`<ext> <offset> <size> <member name>` per member) as a SampleSpan."""
+    fields = line.split(" ")
+    if not fields or len(fields) % 4:
+        raise DataError(f"not a shard index line: {line[:80]!r}")
+    members, key = {}, ""
+    for i in range(0, len(fields), 4):
+        ext, offset, size, name = fields[i : i + 4]
+        key = _split_name(name)[0]
+        members[ext] = (int(offset), int(size))
+    return SampleSpan(key, members)
+
+
+def ensure_index(shard: Path) -> Path:
+    """The shard's index file, written from its tar headers on first use when the version was staged before
+    every shard got one (the same bytes whoever writes it, so concurrent readers may race harmlessly)."""
+    path = index_path(shard)
+    if path.exists():
+        return path
+    try:
+        atomic_write_bytes(path, index_text(index_lines(shard)).encode(), durable=False)
+    except OSError as exc:
+        raise DataError(f"{shard}: no shard index and none can be written beside it ({exc}); make the folder "
+                        "writable once, or stage the version again") from exc
+    return path
+
+
+def shard_spans(shard: ShardInfo) -> list[SampleSpan]:
+    """Every sample's members in a shard, in stored order, from its index (checked against the manifest)."""
+    lines = read_index(ensure_index(shard.path))
+    if len(lines) != shard.samples:
+        raise DataError(f"{index_path(shard.path)}: {len(lines)} samples, the manifest says {shard.samples}")
+    return [parse_index_line(line) for line in lines]

@@ -3,8 +3,8 @@
 `make_loader(dataset_dir, split, resolution, batch_size, rank, world_size, epoch, backend="wds")` returns an
 iterable of `(images uint8 [N, 3, H, W], labels int64 [N])` batches, read from the smallest staged tier that still
 serves the resolution. Images travel as uint8 and are normalised on the device by `transforms.normalize` (4x less
-to copy than float32). Training reads through the backend its recipe names (`data.backend`: wds, ffcv or dali);
-minival and val evaluation always read through the default, `wds`.
+to copy than float32). Training and evaluation (minival and val) read through the backend the recipe names
+(`data.backend`: wds, ffcv or dali); `backend` defaults to `wds`.
 
 Distributed semantics (the same for every backend):
 - train: in each epoch every rank reads ceil(N / world_size) samples: every sample once across ranks, and the

@@ -37,30 +37,19 @@ import numpy as np
 import torch
 
 from pipelines.dataset import (
-    DALI,
     EXTENSIONS,
     INDEX_SUFFIX,
-    INDEX_VERSION,
     DataError,
+    ensure_index,
     index_path,
     index_text,
+    read_index,
     read_manifest,
     split_shards,
     split_tier,
 )
 from pipelines.loading.sampling import rank_epoch_indices
 from pipelines.seeds import Stream, mix_seed
-
-
-def read_index(path: Path) -> list[str]:
-    """The sample lines of an index file, checked against its header."""
-    if not path.exists():
-        raise DataError(f"{path}: DALI index missing; stage with formats including '{DALI}'")
-    head, *lines = path.read_text().splitlines()
-    version, _, count = head.partition(" ")
-    if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
-        raise DataError(f"{path}: not a {INDEX_VERSION} index of {count or '?'} samples (damaged?)")
-    return lines
 
 
 def _device_id() -> int | None:
@@ -210,7 +199,7 @@ def make_dali_loader(
     shards = split_shards(dataset_dir, manifest, split, tier)
     lines = []
     for s in shards:
-        shard_lines = read_index(index_path(s.path))
+        shard_lines = read_index(ensure_index(s.path))
         if len(shard_lines) != s.samples:
             raise DataError(f"{index_path(s.path)}: {len(shard_lines)} samples, the manifest says {s.samples}")
         lines.append(shard_lines)

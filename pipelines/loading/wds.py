@@ -1,52 +1,42 @@
 """The `wds` backend, the default: a rank's share of a split read from its WebDataset shards and decoded by PIL.
 
-Every rank reads the split's shards (of the tier that serves the resolution) in sequence, in an order shuffled
-per epoch for training, and keeps the positions of that stream that `sampling.rank_positions` gives it (for
-training, which rank takes which position of each block is drawn per epoch too); DataLoader workers split the
-rank's positions further and decode only theirs. Training samples are cropped and flipped with a generator per
-(seed, epoch, rank, worker) and pass through a shuffle buffer; `transforms.decode_crop` decodes at libjpeg's
-reduced scales when the crop allows. A sample that fails to decode is counted (`bad_samples`), and in training
-stood in for by the worker's next good one, so that every rank still yields its exact share. Workers start from a
-fork server, not by forking the caller.
+The epoch's stream is the split's shards (of the tier that serves the resolution) one after another, in an order
+shuffled per epoch for training; a rank takes the positions of that stream that `sampling.rank_positions` gives
+it (for training, which rank takes which position of each block is drawn per epoch too), and DataLoader workers
+split the rank's positions further. Each worker reads only its own samples: a shard's index (every version has
+one beside each shard; `dataset.shard_spans`) gives each sample's offset and size, so a worker reads its images
+and labels with one pread each and never parses the tar. Training samples are cropped and flipped with a
+generator per (seed, epoch, rank, worker) and pass through a shuffle buffer; `transforms.decode_crop` decodes at
+libjpeg's reduced scales when the crop allows. A sample that fails to decode is counted (`bad_samples`), and in
+training stood in for by the worker's next good one, so that every rank still yields its exact share. Workers
+start from a fork server, not by forking the caller.
 """
 
 from __future__ import annotations
 
+import os
 import random
-import tarfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipelines.dataset import IMAGE_EXT, LABEL_EXT, DataError, ShardInfo, read_manifest, split_shards, split_tier
+from pipelines.dataset import (
+    IMAGE_EXT,
+    LABEL_EXT,
+    DataError,
+    SampleSpan,
+    ShardInfo,
+    read_manifest,
+    shard_spans,
+    split_shards,
+    split_tier,
+)
 from pipelines.loading.sampling import rank_positions
 from pipelines.loading.transforms import center_crop_box, decode_crop, random_resized_crop_box
 from pipelines.seeds import Stream, mix_seed
-
-
-def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) for each sample of a WebDataset tar, with a clear error for a broken shard."""
-    current: str | None = None
-    parts: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, suffix = member.name.partition(".")
-                if key != current:
-                    if current is not None:
-                        yield current, parts
-                    current, parts = key, {}
-                f = tar.extractfile(member)
-                parts[suffix] = f.read() if f else b""
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise DataError(f"{path}: unreadable or truncated shard ({exc})") from exc
-    if current is not None:
-        yield current, parts
 
 
 class WdsDataset(IterableDataset):
@@ -82,23 +72,21 @@ class WdsDataset(IterableDataset):
     def __len__(self) -> int:
         return len(self.positions())
 
-    def _stream(self) -> Iterator[tuple[int, str, dict[str, bytes]]]:
-        """(position in epoch stream, key, parts) over the shards in this epoch's order."""
-        pos = 0
+    def _stream(self, wanted: Iterable[int]) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+        """(position in the epoch's stream, key, parts) of the wanted positions, in stream order. The stream is the
+        shards in this epoch's order, each in its stored order; a shard's index says where each sample's members
+        lie, so only the wanted samples' images and labels are read (one pread each), not the whole shard."""
+        todo, i, start = sorted(wanted), 0, 0
         for shard in self._shard_order():
-            count = 0
-            for key, parts in iter_tar_samples(shard.path):
-                if IMAGE_EXT not in parts or LABEL_EXT not in parts:
-                    raise DataError(f"{shard.path}: sample {key} lacks its .{IMAGE_EXT} or .{LABEL_EXT} "
-                                    "(truncated shard?)")
-                yield pos, key, parts
-                pos += 1
-                count += 1
-            # tarfile reads a tar cut at a member boundary or inside a header as a shorter valid tar: without
-            # this check ranks would silently get different numbers of samples (and batches), which hangs DDP.
-            if count != shard.samples:
-                raise DataError(
-                    f"{shard.path}: {count} samples, the manifest says {shard.samples} (truncated shard?)")
+            end = start + shard.samples
+            if i < len(todo) and todo[i] < end:
+                spans = shard_spans(shard)
+                with open(shard.path, "rb", buffering=0) as f:
+                    while i < len(todo) and todo[i] < end:
+                        span = spans[todo[i] - start]
+                        yield todo[i], span.key, _read_members(f.fileno(), shard.path, span)
+                        i += 1
+            start = end
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
@@ -112,7 +100,7 @@ class WdsDataset(IterableDataset):
         # Train: a sample that fails to decode is counted and stood in for by this worker's next good one, so
         # that every rank still yields its exact share (equal batches: no DDP hang). Eval skips it (counted).
         owed, last = 0, None
-        for pos, key, parts in self._stream():
+        for pos, key, parts in self._stream(wanted):
             for _ in range(wanted.get(pos, 0)):
                 sample = self._decode(key, parts, rng)
                 if sample is None:
@@ -145,6 +133,20 @@ class WdsDataset(IterableDataset):
                 self._bad.value += 1
             return None
         return torch.from_numpy(hwc).permute(2, 0, 1).contiguous(), label
+
+
+def _read_members(fd: int, path: Path, span: SampleSpan) -> dict[str, bytes]:
+    """The image and label of one sample, read where the shard's index says they are."""
+    parts = {}
+    for ext in (IMAGE_EXT, LABEL_EXT):
+        if ext not in span.members:
+            raise DataError(f"{path}: sample {span.key} lacks its .{ext} (damaged shard index?)")
+        offset, size = span.members[ext]
+        parts[ext] = os.pread(fd, size, offset)
+        if len(parts[ext]) != size:
+            raise DataError(f"{path}: sample {span.key} ends early ({len(parts[ext])} of {size} bytes of its .{ext}: "
+                            "truncated shard?)")
+    return parts
 
 
 class _Count:

@@ -10,14 +10,15 @@ hard-links the base's shards and sidecars (`link_base_shards`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipelines.atomic import atomic_open, atomic_path, sidecar_path, verified_digest, write_sidecar
-from pipelines.dataset import IMAGE_EXT, LABEL_EXT, META_EXT
+from pipelines.atomic import atomic_open, atomic_path, atomic_write_bytes, sidecar_path, verified_digest, write_sidecar
+from pipelines.dataset import IMAGE_EXT, LABEL_EXT, META_EXT, index_lines, index_path, index_text
 from pipelines.staging.params import StagingError
 from pipelines.staging.plan import DatasetPlan, ShardPlan
 from pipelines.staging.spools import _TarWriter, unit_paths
@@ -123,3 +124,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+
+
+def write_shard_indexes(dest: Path, shard_entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An index beside every shard of a version (`dataset.index_text`: each sample's members by offset and size,
+    DALI's wds2idx format), so a loader reads only the samples it wants; returns their manifest entries. An index
+    is rewritten only if its bytes differ from what the shard gives (a second call writes nothing, a damaged
+    index is replaced)."""
+    entries = []
+    for shard in sorted(shard_entries, key=lambda s: s["path"]):
+        tar = Path(dest) / shard["path"]
+        path = index_path(tar)
+        data = index_text(index_lines(tar)).encode()
+        if not (path.exists() and path.read_bytes() == data):
+            atomic_write_bytes(path, data, durable=False)
+        entries.append({"path": index_path(Path(shard["path"])).as_posix(), "shard": shard["path"],
+                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    return entries

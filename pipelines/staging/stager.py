@@ -68,7 +68,7 @@ from pipelines.staging.runners import (
     thread_map,
     unit_runner,
 )
-from pipelines.staging.shards import _shard_bytes, link_base_shards, write_shard
+from pipelines.staging.shards import _shard_bytes, link_base_shards, write_shard, write_shard_indexes
 from pipelines.staging.spools import _unit_params
 from pipelines.staging.versions import (
     _check_base_seen,
@@ -263,13 +263,15 @@ def stage(
             entries = _largest_first(map_shards or thread_map(workers), _Counted(write_shard, tracker),
                                      [(plan, shard, work, dest) for shard in plan.shards],
                                      lambda a: _shard_bytes(plan, a[1]))
+            indexes = write_shard_indexes(dest, [*inherited, *entries])
             extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
             # The commit point: every file the manifest will list is on disk before the manifest is (shards and
             # FFCV files were only handed to the writeback; linked or copied base shards too).
-            fsync_files(dest / e["path"] for e in [*inherited, *entries, *chain.from_iterable(extras.values())])
+            fsync_files(dest / e["path"]
+                        for e in [*inherited, *entries, *indexes, *chain.from_iterable(extras.values())])
             keys = write_keys(dest, plan)
             manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
-            write_manifest(dest, {**manifest, "keys": keys, "extra": extras})
+            write_manifest(dest, {**manifest, "keys": keys, "indexes": indexes, "extra": extras})
             _finish(root, version, src, fingerprint)
             return dest
     except BaseException:

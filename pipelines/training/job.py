@@ -30,7 +30,7 @@ import torch
 import models
 from models.summary import count_gmacs, count_params
 from pipelines.atomic import atomic_write_json
-from pipelines.dataset import SPLITS, check_version, manifest_hash, read_manifest
+from pipelines.dataset import FFCV, SPLITS, DataError, check_version, manifest_hash, read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.settings import DataLayout, data_layout
@@ -85,6 +85,9 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
             raise ValueError(f"{dataset_dir}: the staged dataset has no {split} images")
     # A stat per file: a deleted or truncated shard is found here, not inside the Ray workers after retries.
     check_version(dataset_dir)
+    if recipe.data.backend == FFCV and FFCV not in manifest.get("extra", {}):
+        raise DataError(f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
+                        f"files; stage it with formats including '{FFCV}' (or choose the wds backend)")
     return spec, manifest
 
 
@@ -424,14 +427,15 @@ def _register(
 def evaluate_split(
     model: torch.nn.Module, dataset_dir: str, split: str, resolution: int, crop_ratio: float, recipe: Recipe
 ) -> dict[str, float]:
-    """Evaluate a model on a whole split in one process (on a GPU when there is one), through the wds loader."""
+    """Evaluate a model on a whole split in one process (on a GPU when there is one), through the loader backend
+    the recipe names (`data.backend`), as training and minival do."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     if recipe.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     batches = make_loader(
         dataset_dir, split, resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
-        crop_ratio=crop_ratio, num_workers=recipe.data.loader_workers,
+        backend=recipe.data.backend, seed=recipe.seed, crop_ratio=crop_ratio, num_workers=recipe.data.loader_workers,
     )
     amp = recipe.runtime.amp and device.type == "cuda"
     return evaluate(model, batches, device, recipe.runtime.channels_last, amp=amp)

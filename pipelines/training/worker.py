@@ -10,7 +10,7 @@ returns the latest checkpoint and the loop continues from the next epoch. Random
 (seed, epoch, rank) at the start of every epoch, so a resumed epoch draws the same crops as an uninterrupted one.
 MLflow gets an epoch's metrics only after its checkpoint is persisted; a restarted rank 0 first logs whatever
 the checkpoint's history has that MLflow lacks, so the run's history stays continuous with no duplicates.
-Training reads through the recipe's `data.backend`; minival is read through the default `wds` backend.
+Training and minival both read through the recipe's `data.backend` (wds, ffcv or dali).
 """
 
 from __future__ import annotations
@@ -369,7 +369,8 @@ def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dic
     recipe, spec = worker.recipe, worker.spec
     loader = make_loader(
         worker.job.dataset_dir, "minival", spec.eval_resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
-        worker.rank, worker.world, crop_ratio=spec.crop_ratio, num_workers=recipe.data.loader_workers,
+        worker.rank, worker.world, backend=recipe.data.backend, seed=recipe.seed, crop_ratio=spec.crop_ratio,
+        num_workers=recipe.data.loader_workers,
     )
     m = evaluate(worker.scored, loader, worker.device, recipe.runtime.channels_last, worker.amp)
     record_minival(state, m["top1"], epoch, recipe.schedule.patience)

@@ -22,12 +22,11 @@ import torch
 from PIL import Image
 
 from pipelines.atomic import sha256_file
-from pipelines.dataset import MANIFEST, SPLITS, DataError, index_path, read_manifest
+from pipelines.dataset import MANIFEST, SPLITS, DataError, index_lines, index_path, index_text, read_manifest
 from pipelines.loading import ffcv as ffcv_loading
 from pipelines.loading import make_loader
 from pipelines.loading.ffcv import _seeded_crop_decoder_class
 from pipelines.loading.sampling import rank_epoch_indices
-from pipelines.staging.dali_index import index_lines, index_text
 
 from helpers import STAGE_PARAMS, read_samples, stage_directly
 

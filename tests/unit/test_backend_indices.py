@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.dataset import DataError
+from pipelines.dataset import DataError, damaged_files, index_lines, index_text, read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.sampling import rank_epoch_indices, rank_positions
-from pipelines.staging.dali_index import index_lines, index_text
 
 # --------------------------------------------------------------------------------------------- per-rank indices
 
@@ -86,8 +85,18 @@ def test_index_of_a_broken_shard_is_an_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- missing formats
 
 
-# The session's staged version has WebDataset shards only.
-@pytest.mark.parametrize("backend", ["ffcv", "dali"])
-def test_a_dataset_without_the_format_is_refused_clearly(staged_dataset: Path, backend: str) -> None:
-    with pytest.raises(DataError, match=f"formats including '{backend}'"):
-        list(make_loader(staged_dataset, "val", 32, 4, backend=backend))
+# The session's staged version has WebDataset shards (and their indexes) only.
+def test_a_dataset_without_ffcv_files_is_refused_clearly(staged_dataset: Path) -> None:
+    with pytest.raises(DataError, match="formats including 'ffcv'"):
+        list(make_loader(staged_dataset, "val", 32, 4, backend="ffcv"))
+
+
+def test_every_version_has_shard_indexes_listed_in_its_manifest(staged_dataset: Path) -> None:
+    """The indexes the wds and dali backends read are part of every version, checked by `effnet verify`."""
+    manifest = read_manifest(staged_dataset)
+    indexed = {e["shard"] for e in manifest["indexes"]}
+    assert indexed == {s["path"] for s in manifest["shards"]}
+    for entry in manifest["indexes"]:
+        shard = staged_dataset / entry["shard"]
+        assert (staged_dataset / entry["path"]).read_bytes() == index_text(index_lines(shard)).encode()
+    assert not damaged_files(staged_dataset, checksums=True)

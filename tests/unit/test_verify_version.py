@@ -48,3 +48,13 @@ def test_a_changed_byte_is_found_by_the_checksums_only(copy_staged, capsys):
     assert cli.main(["verify", str(copy_staged)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not match its sha256" in err
+
+
+def test_an_ffcv_recipe_on_a_version_without_ffcv_files_stops_before_ray(staged_dataset):
+    from pipelines.training.job import validate_job
+    from pipelines.training.recipe import load_recipe
+
+    recipe = load_recipe("demo").with_overrides(data={"backend": "ffcv"})
+    with pytest.raises(DataError, match="no FFCV files; stage it with formats including 'ffcv'"):
+        validate_job(recipe, staged_dataset)
+    validate_job(load_recipe("demo"), staged_dataset)  # the same version is fine for wds
