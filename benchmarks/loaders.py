@@ -16,7 +16,14 @@ baseline, threads for FFCV and DALI), --rounds times in alternating order; the b
 host is shared: the fastest round is the least disturbed). "per core" divides by the machine's cores.
 
     python benchmarks/loaders.py [--images 2000] [--rounds 3] [--workers 2] [--batch 64] [--data DIR]
-                                 [--profile] [--gpu]
+                                 [--ranks 8] [--shares-only] [--profile] [--gpu]
+
+Shares (`--ranks R --workers W`): R ranks x W DataLoader workers of the wds backend simulated as R x W consumers
+on this machine, each iterating its own share of one train epoch at 224 px, run by one warmed-up process per core
+(a consumer per core at a time, as a cluster gives each loader worker a core); each reports the bytes it read (`rchar` of /proc/self/io, the kernel's count of read/pread bytes) and its
+images/s; the run is repeated at 1 rank, and the totals are compared with the train split's size (goal: at R
+ranks <= 1.05x) and the 1-rank figure (goal: images/s per core within 15%). Results:
+benchmarks/results/loader_shares.json (`--shares-only` runs just this part).
 
 `--profile` profiles the wds backend in-process at 224 px and prints where the time goes. `--gpu` also
 measures DALI decoding on the GPU (nvJPEG, 'mixed') at 224 px and how many GPUs' worth of EfficientNet-B0
@@ -63,6 +70,8 @@ from pipelines.staging import stager  # noqa: E402
 from pipelines.staging.params import StageParams
 
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "loaders.json"
+SHARES_RESULTS = REPO_ROOT / "benchmarks" / "results" / "loader_shares.json"
+SHARES_RESOLUTION = 224
 RESOLUTIONS = (128, 224)
 TIERS = (128, 256)
 ORIGINALS_TIER = 512  # larger than any side of a 500x375 original: the tier keeps the original bytes
@@ -169,6 +178,80 @@ def gpu_section(dataset: Path, batch: int, workers: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- main
 
 
+def read_chars() -> int:
+    """Bytes this process has read through read(2)/pread(2) so far, as the kernel counts them (page cache or not)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["rchar"])
+
+
+def consume_share(dataset: str, rank: int, ranks: int, worker: int, workers: int) -> dict[str, Any]:
+    """One simulated consumer: DataLoader worker `worker` of `workers` on rank `rank` of `ranks`, iterating its
+    share of one train epoch in this process (the wds dataset asks torch which worker it is: answered here)."""
+    from types import SimpleNamespace
+
+    from pipelines.loading import wds
+
+    wds.get_worker_info = lambda: SimpleNamespace(id=worker, num_workers=workers)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    share = make_loader(dataset, "train", SHARES_RESOLUTION, 1, rank, ranks, epoch=0).dataset
+    before, start = read_chars(), time.time()
+    images = sum(1 for _ in share)
+    end = time.time()
+    return {"rank": rank, "worker": worker, "images": images, "bytes": read_chars() - before, "start": start,
+            "end": end}
+
+
+def _warm_up(dataset: str) -> None:
+    """A pool process imports and decodes once before it is timed (PIL's plugins, torch's first ops)."""
+    consume_share(dataset, 0, 10**6, 0, 1)
+
+
+def measure_shares(dataset: Path, ranks: int, workers: int, cores: int) -> dict[str, Any]:
+    """R x W consumers run by `cores` processes (one consumer per core at a time, as on a machine with a core per
+    loader worker); their bytes read and images, in total and per consumer."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    tasks = [(str(dataset), r, ranks, w, workers) for r in range(ranks) for w in range(workers)]
+    with ctx.Pool(cores, initializer=_warm_up, initargs=(str(dataset),)) as pool:
+        pool.map(time.sleep, [0.5] * cores)  # every process up and warmed before the first consumer starts
+        rows = pool.starmap(consume_share, tasks, chunksize=1)
+    wall = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    images, read = sum(r["images"] for r in rows), sum(r["bytes"] for r in rows)
+    return {"ranks": ranks, "workers": workers, "consumers": len(tasks), "processes": cores, "images": images,
+            "bytes_read": read, "wall_s": round(wall, 2), "images_per_s": round(images / wall, 1),
+            "per_consumer": sorted(({"rank": r["rank"], "worker": r["worker"], "images": r["images"],
+                                     "bytes_read": r["bytes"],
+                                     "images_per_s": round(r["images"] / (r["end"] - r["start"]), 1)}
+                                    for r in rows), key=lambda r: (r["rank"], r["worker"]))}
+
+
+def shares_section(dataset: Path, ranks: int, workers: int, cores: int) -> dict[str, Any]:
+    manifest = read_manifest(dataset)
+    tier = select_tier(manifest["tiers"], SHARES_RESOLUTION, 0.875)
+    split = sum(s["bytes"] for s in manifest["shards"] if (s["split"], s["tier"]) == ("train", tier))
+    runs = {}
+    for r in sorted({1, ranks}):
+        m = measure_shares(dataset, r, workers, cores)
+        m["bytes_vs_split"] = round(m["bytes_read"] / split, 3)
+        m["images_per_s_per_core"] = round(m["images_per_s"] / cores, 1)
+        runs[r] = m
+        print(f"  shares: {r} rank(s) x {workers} workers: {m['bytes_read'] / 1e6:.1f} MB read "
+              f"({m['bytes_vs_split']:.2f}x the {split / 1e6:.1f} MB train split), {m['images_per_s']:.0f} img/s "
+              f"({m['images_per_s_per_core']:.0f} per core)", flush=True)
+    one, many = runs[1], runs[ranks]
+    speed = many["images_per_s"] / one["images_per_s"]
+    return {
+        "resolution": SHARES_RESOLUTION, "tier": tier, "train_split_bytes": split, "runs": list(runs.values()),
+        "goals": {
+            "bytes_at_ranks": {"target": f"<= 1.05x the split at {ranks} ranks x {workers} workers",
+                               "measured": many["bytes_vs_split"], "met": many["bytes_vs_split"] <= 1.05},
+            "speed_vs_one_rank": {"target": "images/s per core within 15% of 1 rank's", "measured": round(speed, 3),
+                                  "met": abs(speed - 1) <= 0.15},
+        },
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", type=int, default=2000, help="images to generate (train + val), 20 classes")
@@ -179,7 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="where the generated images and their staged copies are kept between runs")
     p.add_argument("--profile", action="store_true", help="profile the wds backend at 224 px")
     p.add_argument("--gpu", action="store_true", help="also measure DALI decoding on the GPU")
+    p.add_argument("--ranks", type=int, default=8, help="ranks simulated by the shares measurement")
+    p.add_argument("--shares-only", action="store_true", help="only the shares measurement (see above)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--shares-out", type=Path, default=SHARES_RESULTS)
     args = p.parse_args(argv)
     started = time.perf_counter()
 
@@ -190,6 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("staging (reused when already staged):")
     staged = args.data / "staged"  # one root: the versions share their spools
     tiered, tiered_s = stage(source, staged, TIERS, cores)
+    print(f"shares of one train epoch, wds backend, {SHARES_RESOLUTION} px:")
+    shares = {"machine": info, "images": images, **shares_section(tiered, args.ranks, args.workers, cores),
+              "seconds": round(time.perf_counter() - started, 1)}
+    args.shares_out.parent.mkdir(parents=True, exist_ok=True)
+    args.shares_out.write_text(json.dumps(shares, indent=1) + "\n")
+    print(f"wrote {args.shares_out}")
+    if args.shares_only:
+        return 0
     tiered_raw, tiered_raw_s = stage(source, staged, TIERS, cores, ffcv_write_mode="raw")
     originals, originals_s = stage(source, staged, (ORIGINALS_TIER,), cores)
     n_train = read_manifest(tiered)["splits"]["train"]["samples"]

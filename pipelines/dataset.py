@@ -283,9 +283,10 @@ def ensure_index(shard: Path) -> Path:
     return path
 
 
-def shard_spans(shard: ShardInfo) -> list[SampleSpan]:
-    """Every sample's members in a shard, in stored order, from its index (checked against the manifest)."""
+def shard_index(shard: ShardInfo) -> list[str]:
+    """A shard's index lines, one per sample in stored order (checked against the manifest); `parse_index_line`
+    reads one, so a reader parses only the samples it wants."""
     lines = read_index(ensure_index(shard.path))
     if len(lines) != shard.samples:
         raise DataError(f"{index_path(shard.path)}: {len(lines)} samples, the manifest says {shard.samples}")
-    return [parse_index_line(line) for line in lines]
+    return lines

@@ -4,7 +4,7 @@ The epoch's stream is the split's shards (of the tier that serves the resolution
 shuffled per epoch for training; a rank takes the positions of that stream that `sampling.rank_positions` gives
 it (for training, which rank takes which position of each block is drawn per epoch too), and DataLoader workers
 split the rank's positions further. Each worker reads only its own samples: a shard's index (every version has
-one beside each shard; `dataset.shard_spans`) gives each sample's offset and size, so a worker reads its images
+one beside each shard; `dataset.shard_index`) gives each sample's offset and size, so a worker reads its images
 and labels with one pread each and never parses the tar. Training samples are cropped and flipped with a
 generator per (seed, epoch, rank, worker) and pass through a shuffle buffer; `transforms.decode_crop` decodes at
 libjpeg's reduced scales when the crop allows. A sample that fails to decode is counted (`bad_samples`), and in
@@ -29,8 +29,9 @@ from pipelines.dataset import (
     DataError,
     SampleSpan,
     ShardInfo,
+    parse_index_line,
     read_manifest,
-    shard_spans,
+    shard_index,
     split_shards,
     split_tier,
 )
@@ -80,10 +81,10 @@ class WdsDataset(IterableDataset):
         for shard in self._shard_order():
             end = start + shard.samples
             if i < len(todo) and todo[i] < end:
-                spans = shard_spans(shard)
+                lines = shard_index(shard)
                 with open(shard.path, "rb", buffering=0) as f:
                     while i < len(todo) and todo[i] < end:
-                        span = spans[todo[i] - start]
+                        span = parse_index_line(lines[todo[i] - start])
                         yield todo[i], span.key, _read_members(f.fileno(), shard.path, span)
                         i += 1
             start = end
