@@ -21,7 +21,7 @@ host is shared: the fastest round is the least disturbed). "per core" divides by
 Shares (`--ranks R --workers W`): R ranks x W DataLoader workers of the wds backend simulated as R x W consumers
 on this machine, each iterating its own share of one train epoch at 224 px, run by one warmed-up process per core
 (a consumer per core at a time, as a cluster gives each loader worker a core); each reports the bytes it read (`rchar` of /proc/self/io, the kernel's count of read/pread bytes) and its
-images/s; the run is repeated at 1 rank, and the totals are compared with the train split's size (goal: at R
+images/s; the run is repeated at 1 rank (--rounds times each, alternating, the best reported), and the totals are compared with the train split's size (goal: at R
 ranks <= 1.05x) and the 1-rank figure (goal: images/s per core within 15%). Results:
 benchmarks/results/loader_shares.json (`--shares-only` runs just this part).
 
@@ -226,21 +226,34 @@ def measure_shares(dataset: Path, ranks: int, workers: int, cores: int) -> dict[
                                     for r in rows), key=lambda r: (r["rank"], r["worker"]))}
 
 
-def shares_section(dataset: Path, ranks: int, workers: int, cores: int) -> dict[str, Any]:
+def shares_section(dataset: Path, ranks: int, workers: int, cores: int, rounds: int) -> dict[str, Any]:
+    """1 rank and `ranks` ranks, `rounds` times in alternating order; the best round of each is reported (the
+    host is shared: the fastest round is the least disturbed; bytes read do not vary)."""
     manifest = read_manifest(dataset)
     tier = select_tier(manifest["tiers"], SHARES_RESOLUTION, 0.875)
     split = sum(s["bytes"] for s in manifest["shards"] if (s["split"], s["tier"]) == ("train", tier))
+    settings = sorted({1, ranks})
+    tried: dict[int, list[dict[str, Any]]] = {r: [] for r in settings}
+    for i in range(rounds):
+        for r in settings if i % 2 == 0 else reversed(settings):
+            m = measure_shares(dataset, r, workers, cores)
+            tried[r].append(m)
+            print(f"  shares round {i + 1}: {r} rank(s) x {workers} workers: {m['bytes_read'] / 1e6:.1f} MB read "
+                  f"({m['bytes_read'] / split:.2f}x the {split / 1e6:.1f} MB train split), "
+                  f"{m['images_per_s']:.0f} img/s", flush=True)
     runs = {}
-    for r in sorted({1, ranks}):
-        m = measure_shares(dataset, r, workers, cores)
-        m["bytes_vs_split"] = round(m["bytes_read"] / split, 3)
-        m["images_per_s_per_core"] = round(m["images_per_s"] / cores, 1)
-        runs[r] = m
-        print(f"  shares: {r} rank(s) x {workers} workers: {m['bytes_read'] / 1e6:.1f} MB read "
-              f"({m['bytes_vs_split']:.2f}x the {split / 1e6:.1f} MB train split), {m['images_per_s']:.0f} img/s "
-              f"({m['images_per_s_per_core']:.0f} per core)", flush=True)
+    for r, ms in tried.items():
+        best = max(ms, key=lambda m: m["images_per_s"])
+        runs[r] = {**best, "bytes_vs_split": round(best["bytes_read"] / split, 3),
+                   "images_per_s_per_core": round(best["images_per_s"] / cores, 1),
+                   "rounds_images_per_s": [m["images_per_s"] for m in ms]}
     one, many = runs[1], runs[ranks]
     speed = many["images_per_s"] / one["images_per_s"]
+    for r, m in runs.items():
+        print(f"  shares, best round: {r} rank(s) x {workers} workers: {m['bytes_vs_split']:.2f}x the split read, "
+              f"{m['images_per_s']:.0f} img/s ({m['images_per_s_per_core']:.0f} per core)")
+    print(f"  shares: {ranks} ranks read {many['bytes_vs_split']:.2f}x the split (goal <= 1.05x) at "
+          f"{speed:.2f}x the 1-rank speed (goal within 15%)")
     return {
         "resolution": SHARES_RESOLUTION, "tier": tier, "train_split_bytes": split, "runs": list(runs.values()),
         "goals": {
@@ -277,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     staged = args.data / "staged"  # one root: the versions share their spools
     tiered, tiered_s = stage(source, staged, TIERS, cores)
     print(f"shares of one train epoch, wds backend, {SHARES_RESOLUTION} px:")
-    shares = {"machine": info, "images": images, **shares_section(tiered, args.ranks, args.workers, cores),
+    shares = {"machine": info, "images": images, **shares_section(tiered, args.ranks, args.workers, cores, args.rounds),
               "seconds": round(time.perf_counter() - started, 1)}
     args.shares_out.parent.mkdir(parents=True, exist_ok=True)
     args.shares_out.write_text(json.dumps(shares, indent=1) + "\n")
