@@ -204,8 +204,9 @@ def consume_share(dataset: str, rank: int, ranks: int, worker: int, workers: int
 
 
 def _warm_up(dataset: str) -> None:
-    """A pool process imports and decodes once before it is timed (PIL's plugins, torch's first ops)."""
-    consume_share(dataset, 0, 10**6, 0, 1)
+    """A pool process imports and decodes before it is timed (PIL's plugins, torch's first ops): a 100th of the
+    epoch."""
+    consume_share(dataset, 0, 1, 0, 100)
 
 
 def measure_shares(dataset: Path, ranks: int, workers: int, cores: int) -> dict[str, Any]:

@@ -81,6 +81,11 @@ def index_path(shard: Path) -> Path:
     return shard.with_suffix(INDEX_SUFFIX)
 
 
+def index_component(ext: str, offset: int, size: int, name: str) -> str:
+    """One member of a sample in an index line: `<ext> <data offset> <size> <member name>`."""
+    return f"{ext} {offset} {size} {name}"
+
+
 def index_text(lines: list[str]) -> str:
     """A DALI index file: the header (version, number of samples), then one line per sample."""
     return f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
@@ -220,7 +225,7 @@ def index_lines(shard: Path) -> list[str]:
                 base, ext = _split_name(member.name)
                 if not base or base.endswith("/"):
                     continue  # as wds2idx: hidden files are not samples
-                component = f"{ext} {member.offset_data} {member.size} {member.name}"
+                component = index_component(ext, member.offset_data, member.size, member.name)
                 if base != last:
                     samples.append([])
                     last = base

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.atomic import atomic_open, atomic_path, atomic_write_bytes, sidecar_path, verified_digest, write_sidecar
-from pipelines.dataset import IMAGE_EXT, LABEL_EXT, META_EXT, index_lines, index_path, index_text
+from pipelines.dataset import (
+    IMAGE_EXT,
+    INDEX_SUFFIX,
+    LABEL_EXT,
+    META_EXT,
+    ensure_index,
+    index_component,
+    index_lines,
+    index_path,
+    index_text,
+)
 from pipelines.staging.params import StagingError
 from pipelines.staging.plan import DatasetPlan, ShardPlan
 from pipelines.staging.spools import _TarWriter, unit_paths
@@ -81,20 +91,35 @@ def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> d
     entry = {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.keys)}
     digest = verified_digest(path)
     if digest is not None:
+        _refresh_index(path)
         return {**entry, "bytes": path.stat().st_size, "sha256": digest}
     # Streamed to the file (a shard of full-size images is ~100 MB); not fsynced one by one: `stage` waits for
     # every shard once, before the manifest commits the version.
+    lines = []  # the shard's index, from the offsets the writer knows: the tar is never read back for it
     with atomic_open(path, durable=False) as f, SampleReader(work) as reader:
         tar = _TarWriter(f)
         for key in shard.keys:
             rec = plan.records[key]
             jpeg = reader.read(rec, shard.tier)
             meta = json.dumps({"wnid": rec["wnid"], "source": rec["source"]}, sort_keys=True).encode()
+            members = []
             for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, str(rec["label"]).encode()), (META_EXT, meta)):
-                tar.add(f"{key}.{ext}", payload)
+                members.append(index_component(ext, tar.add(f"{key}.{ext}", payload), len(payload), f"{key}.{ext}"))
+            lines.append(" ".join(members))
         tar.close()
+    # The index before the sidecar: a shard whose sidecar verifies has its index too.
+    atomic_write_bytes(index_path(path), index_text(lines).encode(), durable=False)
     write_sidecar(path, tar.sha256.hexdigest(), durable=False)
     return {**entry, "bytes": tar.offset, "sha256": tar.sha256.hexdigest()}
+
+
+def _refresh_index(shard: Path) -> None:
+    """A reused shard's index, rewritten when it is not what the shard's tar headers give (missing or damaged).
+    Reading the headers costs little beside the checksum that just read the whole shard."""
+    data = index_text(index_lines(shard)).encode()
+    path = index_path(shard)
+    if not (path.exists() and path.read_bytes() == data):
+        atomic_write_bytes(path, data, durable=False)
 
 
 def link_base_shards(base_dir: Path, dest: Path, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,8 +135,9 @@ def link_base_shards(base_dir: Path, dest: Path, entries: Sequence[dict[str, Any
             raise StagingError(f"{src}: shard of base version {base_dir.name} is missing") from None
         if size != entry["bytes"]:
             raise StagingError(f"{src}: {size} bytes, its manifest says {entry['bytes']}")
-        for name in (Path(entry["path"]), sidecar_path(entry["path"])):
-            _link_or_copy(base_dir / name, dest / name)
+        for name in (Path(entry["path"]), sidecar_path(entry["path"]), index_path(Path(entry["path"]))):
+            if name.suffix != INDEX_SUFFIX or (base_dir / name).exists():  # a base staged before indexes has none
+                _link_or_copy(base_dir / name, dest / name)
     return list(entries)
 
 
@@ -127,17 +153,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_shard_indexes(dest: Path, shard_entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """An index beside every shard of a version (`dataset.index_text`: each sample's members by offset and size,
-    DALI's wds2idx format), so a loader reads only the samples it wants; returns their manifest entries. An index
-    is rewritten only if its bytes differ from what the shard gives (a second call writes nothing, a damaged
-    index is replaced)."""
+    """The manifest entries of the index beside every shard of a version (`dataset.index_text`: each sample's
+    members by offset and size, DALI's wds2idx format), so a loader reads only the samples it wants. `write_shard`
+    writes a shard's index with it and `link_base_shards` links the base's; a shard without one (inherited from a
+    version staged before indexes) gets it from its tar headers (`dataset.ensure_index`)."""
     entries = []
     for shard in sorted(shard_entries, key=lambda s: s["path"]):
-        tar = Path(dest) / shard["path"]
-        path = index_path(tar)
-        data = index_text(index_lines(tar)).encode()
-        if not (path.exists() and path.read_bytes() == data):
-            atomic_write_bytes(path, data, durable=False)
+        data = ensure_index(Path(dest) / shard["path"]).read_bytes()
         entries.append({"path": index_path(Path(shard["path"])).as_posix(), "shard": shard["path"],
                         "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     return entries
