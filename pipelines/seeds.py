@@ -30,10 +30,12 @@ class Stream(IntEnum):
     EPOCH_ORDER = 0x5EED_0003  # loading.sampling: an epoch's permutation of a split (the ffcv and dali backends)
     SHARD_ORDER = 0x5EED_0004  # loading.wds: an epoch's shard order
     RANK_ORDER = 0x5EED_0005  # loading.wds: which rank takes which position of each block of positions
-    WDS_WORKER = 0x5EED_0006  # loading.wds: one loader worker's crops, flips and shuffle buffer in an epoch
+    WDS_SAMPLE = 0x5EED_0006  # loading.wds: one sample's crop and flip (the rank's j-th sample of an epoch)
     FFCV_AUGMENT = 0x5EED_0007  # loading.ffcv: an epoch's crops and flips (the sample index mixed in per sample)
     DALI = 0x5EED_0008  # loading.dali: one rank's pipeline in an epoch
-    AUGMENT = 0x5EED_0009  # training.worker: a rank's batch augmentations (RandAugment, AutoAugment, mixup) in an epoch
+    AUGMENT = 0x5EED_0009  # training.worker: a rank's batch augmentations (RandAugment, AutoAugment, mixup) in a step
+    WDS_WINDOW = 0x5EED_000A  # loading.wds: the permutation of one window of a loader worker's share in an epoch
+    STEP = 0x5EED_000B  # training.worker: a rank's global generators (dropout, stochastic depth) in one step
 
 
 def mix_seed(*parts: int) -> int:

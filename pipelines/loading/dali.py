@@ -114,9 +114,10 @@ class DaliLoader:
 
     def __init__(
         self, shards: list[Path], lines: list[list[str]], indices: np.ndarray, train: bool, resolution: int,
-        batch_size: int, crop_ratio: float, num_workers: int, seed: int,
+        batch_size: int, crop_ratio: float, num_workers: int, seed: int, start_batch: int = 0,
     ) -> None:
         self.shards, self.lines, self.indices, self.train = shards, lines, indices, train
+        self.start_batch = start_batch
         self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
         self.num_threads, self.seed = max(1, num_workers), seed
         # position in the split's planned order -> (shard, line in its index)
@@ -156,6 +157,11 @@ class DaliLoader:
                                   self.batch_size, self.num_threads, self.seed, device_id)
             left = self.samples()
             try:
+                # DALI's generator runs through the pipeline's samples in order: a loader started at batch k
+                # runs (and drops) the first k batches, so that its crops are an uninterrupted epoch's.
+                for _ in range(self.start_batch):
+                    pipe.run()
+                    left -= self.batch_size
                 while left > 0:
                     images, cls = pipe.run()
                     take = min(left, self.batch_size)  # the reader wraps into the next epoch: cut there
@@ -190,7 +196,7 @@ def dali_seed(seed: int, epoch: int, rank: int) -> int:
 
 def make_dali_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int,
+    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0,
 ) -> DaliLoader:
     """`make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
@@ -206,4 +212,4 @@ def make_dali_loader(
     n = sum(s.samples for s in shards)
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch)
     return DaliLoader([s.path for s in shards], lines, indices, train, resolution, batch_size, crop_ratio,
-                      num_workers, dali_seed(seed, epoch, rank))
+                      num_workers, dali_seed(seed, epoch, rank), start_batch)

@@ -253,9 +253,12 @@ def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
 
 def make_ffcv_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int,
+    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0,
 ) -> FfcvLoader:
-    """`make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads."""
+    """`make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads.
+
+    Started at batch k, the loader reads the rank's indices from the k-th batch's first on: every crop is seeded by
+    its sample's index, so the batches are those of an uninterrupted epoch from batch k on."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)
@@ -264,6 +267,6 @@ def make_ffcv_loader(
     listed = {e["path"] for e in manifest.get("extra", {}).get(FFCV, [])}
     if n and (beton_relpath(tier, split) not in listed or not path.exists()):
         raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including '{FFCV}'")
-    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)
+    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)[start_batch * batch_size:]
     return FfcvLoader(path, indices, train, resolution, batch_size, crop_ratio, num_workers,
                       augmentation_seed(seed, epoch))

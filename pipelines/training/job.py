@@ -37,7 +37,15 @@ from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.tracking import Tags
-from pipelines.training.worker import CHECKPOINT_FILE, SCORE, JobSpec, _last_logged_epoch, evaluate, train_worker
+from pipelines.training.worker import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_RANK,
+    UNSCORED,
+    JobSpec,
+    _last_logged_epoch,
+    evaluate,
+    train_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +349,7 @@ def _trainer(job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, m
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=str(layout.ray_storage),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=recipe.ray.max_failures),
         ),
     )
@@ -359,12 +367,20 @@ class _Chosen:
     stopped_early: bool
 
 
+def _best_scored(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
+    """The kept checkpoint with the best minival score, the earliest of equals (as `record_minival` keeps the
+    earlier epoch on a tie); mid-epoch and unevaluated checkpoints (UNSCORED) are never chosen."""
+    scored = [(float(m[CHECKPOINT_RANK]), -int(m["epoch"]), c) for c, m in kept
+              if m.get(CHECKPOINT_RANK, UNSCORED) != UNSCORED]
+    return max(scored, key=lambda s: s[:2])[2] if scored else None
+
+
 def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[str, Any]) -> _Chosen:
-    best = result.get_best_checkpoint(SCORE, "max")
+    best = _best_scored(result.best_checkpoints or [])
     if best is None:
-        raise RuntimeError(f"training job {job.name} reported no checkpoint")
+        raise RuntimeError(f"training job {job.name} reported no checkpoint scored on minival")
     with best.as_directory() as d:
-        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     loop = saved["loop"]
     # The latest checkpoint knows how far the job went; the best one only how far it had gone then.
     ret = result.return_value or {}

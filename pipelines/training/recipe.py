@@ -109,6 +109,10 @@ class ScheduleConfig(_Strict):
     epochs: int = Field(350, ge=1)
     patience: int | None = Field(None, ge=1, description="early stop after this many epochs without improvement")
     eval_every: int = Field(1, ge=1)
+    # Every epoch ends with a checkpoint; these add mid-epoch ones (either or both), from which a restarted job
+    # resumes at the very batch it had reached. The clock is rank 0's, told to every rank each step.
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="a mid-epoch checkpoint every N steps")
+    checkpoint_every_minutes: float | None = Field(None, gt=0, description="a mid-epoch checkpoint every M minutes")
 
 
 class RayConfig(_Strict):

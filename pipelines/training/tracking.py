@@ -29,6 +29,7 @@ class Tags:
     JOB_NAME = "job_name"  # R: the Ray Train run (its storage folder)
     JOB_KEY = "job_key"  # R: variant + recipe hash + dataset version; a rerun with the same key resumes
     RESUMED_AT_EPOCH = "resumed_at_epoch"  # R: set when workers restarted from a checkpoint
+    RESUMED_AT_BATCH = "resumed_at_batch"  # R: the batch of that epoch they went on from (0: its start)
     FIRST_STEP = "first_step_unix"  # R: when the first training step ended (start-up latency)
     REGISTERED = "registered_version"  # R: "<name>/<version>" once the run's model is registered
     FLOW_RUN = "prefect_flow_run_id"  # R: the Prefect flow run that drove the job (the last, if resumed)

@@ -4,12 +4,17 @@
 (`resume`), then per epoch `train_one_epoch`, `evaluate_and_early_stop` on minival when due, and
 `save_checkpoint`. The job driver that starts these workers is `pipelines.training.job`.
 
-Resume: every epoch rank 0 reports a checkpoint holding the model, EMA, optimizer, epoch, early-stopping state
-and the per-epoch metric history. After a worker failure Ray restarts the workers, `ray.train.get_checkpoint()`
-returns the latest checkpoint and the loop continues from the next epoch. Randomness is re-seeded from
-(seed, epoch, rank) at the start of every epoch, so a resumed epoch draws the same crops as an uninterrupted one.
-MLflow gets an epoch's metrics only after its checkpoint is persisted; a restarted rank 0 first logs whatever
-the checkpoint's history has that MLflow lacks, so the run's history stays continuous with no duplicates.
+Resume: every epoch, and within an epoch every `schedule.checkpoint_every_steps` steps or
+`checkpoint_every_minutes` minutes, rank 0 reports a checkpoint holding the model, EMA, optimizer, the data
+position (epoch, batch within it, global step, samples consumed), the epoch's running sums, early-stopping state
+and the per-epoch metric history. After a worker failure Ray restarts the workers (and a relaunched driver
+reopens the same Ray run), `ray.train.get_checkpoint()` returns the latest checkpoint, and the loop goes on at
+the batch it holds: the loader starts at that batch (`make_loader(start_batch=...)`: the remaining samples of the
+epoch in the same order, with the same crops), and every step re-seeds its random streams (dropout, stochastic
+depth, batch augmentations) from (seed, epoch, batch, rank), so nothing random depends on what ran before it in
+the process. The weights then end as an uninterrupted run's. MLflow gets an epoch's metrics only after its
+checkpoint is persisted; a restarted rank 0 first logs whatever the checkpoint's history has that MLflow lacks,
+so the run's history stays continuous with no duplicates.
 Training and minival both read through the recipe's `data.backend` (wds, ffcv or dali).
 """
 
@@ -17,10 +22,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,6 +53,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 SCORE = "minival_top1"
+
+
+# What Ray Train keeps checkpoints by: the minival score, or UNSCORED for a checkpoint without one (mid-epoch, or
+# an epoch that skipped minival). Not NaN: Ray's run snapshot stores it as null, and a relaunched driver's Ray
+# Train then fails to rank the next checkpoint.
+CHECKPOINT_RANK = "checkpoint_rank"
+
+
+UNSCORED = -1.0
 
 
 
@@ -149,12 +164,26 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
+def seed_step(seed: int, epoch: int, batch: int, rank: int, augment_generator: torch.Generator) -> None:
+    """torch's global generators (dropout, stochastic depth; CPU and CUDA) and the batch augmentations' generator
+    for one step, from (seed, epoch, batch, rank): a step draws the same whatever ran before it in the process
+    (a mid-epoch resume, a DataLoader drawing its workers' base seed)."""
+    torch.manual_seed(mix_seed(seed, Stream.STEP, epoch, batch, rank))
+    augment_generator.manual_seed(mix_seed(seed, Stream.AUGMENT, epoch, batch, rank))
+
+
 @dataclass
 class LoopState:
-    """Everything besides tensors that an exact resume needs."""
+    """Everything besides tensors that an exact resume needs: plain data (a checkpoint loads without unpickling)."""
 
-    epoch: int = 0  # next epoch to run
-    step: int = 0
+    epoch: int = 0  # the epoch under way (batch > 0) or the next to run
+    batch: int = 0  # batches of `epoch` trained: > 0 in a mid-epoch checkpoint only
+    step: int = 0  # optimizer steps since the start of the job
+    samples_consumed: int = 0  # training samples of `epoch` consumed so far, over all ranks
+    # The epoch's running figures on rank 0 (its row's train_loss and images_per_s), carried across a resume.
+    epoch_loss_sum: float = 0.0
+    epoch_samples: int = 0
+    epoch_seconds: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = -1
     epochs_without_improvement: int = 0
@@ -208,10 +237,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     logged_upto = _log_pending(worker.client, job.run_id, state.history, _last_logged_epoch(worker.client, job.run_id)
                                ) if worker.client else 0
     schedule = job.recipe.schedule
+    clock = CheckpointClock(schedule.checkpoint_every_steps, schedule.checkpoint_every_minutes)
     for epoch in range(state.epoch, schedule.epochs):
         if state.stopped_early:  # resumed from the checkpoint of the epoch that stopped the job
             break
-        row = train_one_epoch(worker, state, epoch)
+        row = train_one_epoch(worker, state, epoch, clock)
         if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
             row.update(evaluate_and_early_stop(worker, state, epoch))
         row.update({"best_minival_top1": state.best_top1, "best_epoch": state.best_epoch})
@@ -219,6 +249,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         state.epoch = epoch + 1
         state.history.append(row)
         save_checkpoint(worker, state, row)
+        clock.restart()
         if worker.client is not None:  # only what a persisted checkpoint holds, so a restart logs no duplicates
             logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
         if state.stopped_early:
@@ -303,36 +334,43 @@ def resume(worker: Worker) -> LoopState:
     if checkpoint is None:
         return LoopState(history=[])
     with checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=worker.device, weights_only=False)
+        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=worker.device, weights_only=True)
     worker.model.load_state_dict(saved["model"])
     if worker.ema is not None:
         worker.ema.load_state_dict(saved["ema"])
     worker.optimizer.load_state_dict(saved["optimizer"])
     state = LoopState(**saved["loop"])
-    log.info("rank %d resumed at epoch %d", worker.rank, state.epoch)
+    log.info("rank %d resumed at epoch %d, batch %d (step %d)", worker.rank, state.epoch, state.batch, state.step)
     if worker.client is not None:
         worker.client.set_tag(worker.job.run_id, Tags.RESUMED_AT_EPOCH, str(state.epoch))
+        worker.client.set_tag(worker.job.run_id, Tags.RESUMED_AT_BATCH, str(state.batch))
     return state
 
 
-def train_one_epoch(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
-    """One pass over this rank's share of train at the epoch's image size and regularisation; the epoch's row."""
+def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "CheckpointClock") -> dict[str, float]:
+    """One pass over this rank's share of train at the epoch's image size and regularisation, from the batch a
+    mid-epoch checkpoint reached (`state.batch`, else the first); the epoch's row. Reports a mid-epoch checkpoint
+    whenever `clock` says one is due."""
     recipe, job, device = worker.recipe, worker.job, worker.device
     seed_everything(recipe.seed, epoch, worker.rank)
     # Progressive learning (or constant settings): image size and regularisation for this epoch, set on the
     # built model and the loader without restarting anything.
     settings = epoch_settings(epoch, recipe, worker.spec)
     models.set_regularization(worker.model, dropout=settings.dropout, stochastic_depth=settings.stochastic_depth)
-    aug_gen = torch.Generator(device=device).manual_seed(
-        mix_seed(recipe.seed, Stream.AUGMENT, epoch, worker.rank))
+    aug_gen = torch.Generator(device=device)
     global_batch = recipe.data.batch_size * worker.world
     worker.net.train()
+    start = state.batch
     loader = make_loader(
         job.dataset_dir, "train", settings.image_size, recipe.data.batch_size, worker.rank, worker.world, epoch,
-        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers,
+        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers, start_batch=start,
     )
-    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-    for i, (images, labels) in enumerate(loader):
+    # Summed on the device: read back (a host sync) only at a checkpoint and at the end of the epoch.
+    loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=device)
+    lr = learning_rate(epoch + start / worker.steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
+    t0 = time.perf_counter()
+    for i, (images, labels) in enumerate(loader, start):
+        seed_step(recipe.seed, epoch, i, worker.rank, aug_gen)
         lr = learning_rate(epoch + i / worker.steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
         for g in worker.optimizer.param_groups:
             g["lr"] = lr
@@ -352,16 +390,51 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int) -> dict[str, f
             worker.client.set_tag(job.run_id, Tags.FIRST_STEP, f"{time.time():.3f}")
         if worker.ema is not None:
             update_ema(worker.ema, worker.model, ema_decay_at(state.step, recipe.regularization.ema_decay))
-        loss_sum += loss.item() * len(labels)
-        seen += len(labels)
-    elapsed = time.perf_counter() - t0
+        loss_sum += loss.detach().double() * len(labels)
+        state.batch, state.samples_consumed = i + 1, (i + 1) * global_batch
+        state.epoch_samples += len(labels)
+        if state.batch < worker.steps_per_epoch and clock.due(state.step, device):
+            state.epoch_loss_sum = loss_sum.item()
+            state.epoch_seconds, t0 = state.epoch_seconds + time.perf_counter() - t0, time.perf_counter()
+            save_checkpoint(worker, state, {"epoch": epoch, "batch": state.batch, "step": state.step,
+                                            "samples_consumed": state.samples_consumed})
+            clock.restart()
+    elapsed = state.epoch_seconds + time.perf_counter() - t0
+    seen, loss_total = state.epoch_samples, loss_sum.item()
+    state.batch = state.samples_consumed = state.epoch_samples = 0
+    state.epoch_loss_sum = state.epoch_seconds = 0.0
     return {
-        "epoch": epoch, "train_loss": loss_sum / max(seen, 1), "lr": lr,
+        "epoch": epoch, "train_loss": loss_total / max(seen, 1), "lr": lr,
         "images_per_s": seen * worker.world / elapsed, "epoch_seconds": elapsed, "image_size": settings.image_size,
         "stage": settings.stage, "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
         "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
         "train_bad_samples": float(_bad_samples(loader)),
     }
+
+
+@dataclass
+class CheckpointClock:
+    """When a mid-epoch checkpoint is due: every `every_steps` optimizer steps, or once `every_minutes` have
+    passed since the last checkpoint. Every rank must report together (Ray Train waits for all), so the minutes
+    are rank 0's clock, broadcast to the other ranks each step."""
+
+    every_steps: int | None
+    every_minutes: float | None
+    since: float = field(default_factory=time.monotonic)
+
+    def restart(self) -> None:
+        self.since = time.monotonic()
+
+    def due(self, step: int, device: torch.device) -> bool:
+        if self.every_steps is not None and step % self.every_steps == 0:
+            return True
+        if self.every_minutes is None:
+            return False
+        late = torch.tensor([time.monotonic() - self.since >= 60 * self.every_minutes], dtype=torch.uint8,
+                            device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(late, src=0)
+        return bool(late.item())
 
 
 def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
@@ -378,7 +451,8 @@ def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dic
 
 
 def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> None:
-    """Report the epoch to Ray Train; rank 0 attaches the checkpoint (every rank reports: Ray waits for all)."""
+    """Report an epoch's row (or a mid-epoch data position) to Ray Train; rank 0 attaches the checkpoint (every
+    rank reports: Ray waits for all)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -387,11 +461,18 @@ def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> 
             recipe = worker.recipe
             torch.save(
                 {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
-                 "optimizer": worker.optimizer.state_dict(), "loop": state.__dict__, "variant": worker.spec.name,
+                 "optimizer": worker.optimizer.state_dict(), "loop": dict(state.__dict__), "variant": worker.spec.name,
                  "model_args": {"name": recipe.model.variant, **recipe.model.overrides(),
                                 "num_classes": worker.job.num_classes},
                  "recipe": recipe.model_dump()},
                 Path(tmp) / CHECKPOINT_FILE,
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(row, checkpoint=checkpoint)
+        ray.train.report(ray_metrics(row), checkpoint=checkpoint)
+
+
+def ray_metrics(row: dict[str, float]) -> dict[str, float]:
+    """What a report tells Ray Train: the row's finite figures, and the rank its checkpoint is kept by."""
+    score = row.get(SCORE, math.nan)
+    return {**{k: v for k, v in row.items() if math.isfinite(v)},
+            CHECKPOINT_RANK: score if math.isfinite(score) else UNSCORED}

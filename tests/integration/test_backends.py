@@ -184,6 +184,20 @@ def test_train_epoch_is_deterministic_for_seed_and_epoch(formats_dataset: Path, 
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loader_started_at_batch_k_yields_the_epoch_from_batch_k(formats_dataset: Path, backend: str) -> None:
+    def batches(start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = make_loader(formats_dataset, "train", 32, 3, 1, 2, epoch=2, seed=5, num_workers=2, backend=backend,
+                             start_batch=start)
+        return [(images.cpu(), labels) for images, labels in loader]
+
+    whole = batches(0)
+    for start in (1, len(whole) - 1, len(whole)):
+        resumed = batches(start)
+        assert len(resumed) == len(whole) - start
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, whole[start:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resolution_can_change_between_epochs(formats_dataset: Path, backend: str) -> None:
     for epoch, resolution in enumerate((32, 64, 32)):
         loader = make_loader(formats_dataset, "train", resolution, 4, epoch=epoch, backend=backend)

@@ -49,7 +49,8 @@ def keyed_loader(dataset: Path, split: str, resolution: int, batch_size: int, **
     ds = base.dataset
     assert isinstance(ds, WdsDataset)
     keyed = _KeyedWds(ds.shards, ds.train, ds.resolution, ds.rank, ds.world_size, ds.epoch, ds.seed,
-                      ds.crop_ratio, ds.shuffle_buffer, context=base.multiprocessing_context)
+                      ds.crop_ratio, batch_size=ds.batch_size, start_batch=ds.start_batch,
+                      shuffle_window=ds.shuffle_window, context=base.multiprocessing_context)
     return DataLoader(keyed, batch_size=batch_size, num_workers=base.num_workers, drop_last=base.drop_last,
                       collate_fn=_collate_keys, multiprocessing_context=base.multiprocessing_context)
 
@@ -357,7 +358,7 @@ def test_undecodable_samples_are_counted_and_ranks_keep_equal_batches(copy_stage
     for rank in range(2):
         ds = make_loader(copy_staged, "train", 32, 4, rank=rank, world_size=2).dataset
         keyed = _KeyedWds(ds.shards, ds.train, ds.resolution, ds.rank, ds.world_size, ds.epoch, ds.seed,
-                          ds.crop_ratio, ds.shuffle_buffer)
+                          ds.crop_ratio, shuffle_window=ds.shuffle_window)
         reads.update(sample[2] for sample in keyed)
     spoiled = [key for shard in shard_paths(copy_staged, "train", 32)[:2] for key in _spoil_jpegs(shard, 2)]
     n = _samples(copy_staged, "train")

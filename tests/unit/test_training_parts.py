@@ -1,5 +1,6 @@
 """The training loop's own pieces, on the real functions the workers call: weight decay by rank, the EMA update
-and its warm-up, and early stopping on minival."""
+and its warm-up, early stopping on minival, when a mid-epoch checkpoint is due, what Ray Train is told and which
+kept checkpoint is chosen."""
 
 from __future__ import annotations
 
@@ -12,9 +13,21 @@ import torch
 from torch import nn
 
 import models
+from pipelines.training.job import _best_scored
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import ema_decay_at
-from pipelines.training.worker import LoopState, build_optimizer, record_minival, update_ema
+from pipelines.training.worker import (
+    CHECKPOINT_RANK,
+    SCORE,
+    UNSCORED,
+    CheckpointClock,
+    LoopState,
+    build_optimizer,
+    ray_metrics,
+    record_minival,
+    seed_step,
+    update_ema,
+)
 
 # --------------------------------------------------------------------------------------------- weight decay
 
@@ -179,9 +192,63 @@ def test_a_resumed_loop_state_stops_where_the_uninterrupted_one_does() -> None:
     buf = io.BytesIO()
     torch.save({"loop": state.__dict__}, buf)
     buf.seek(0)
-    resumed = LoopState(**torch.load(buf, weights_only=False)["loop"])
+    resumed = LoopState(**torch.load(buf, weights_only=True)["loop"])  # plain data: no unpickling
     assert not resumed.stopped_early
     for epoch, top1 in enumerate(top1s[3:], start=3):
         record_minival(resumed, top1, epoch, 3)
     assert resumed == whole and resumed.stopped_early and resumed.best_epoch == 1
     assert math.isclose(resumed.best_top1, 60.0)
+
+
+# --------------------------------------------------------------------------------------------- mid-epoch checkpoints
+
+
+def test_a_checkpoint_is_due_every_n_steps_and_never_without_a_setting() -> None:
+    cpu = torch.device("cpu")
+    assert [s for s in range(1, 13) if CheckpointClock(5, None).due(s, cpu)] == [5, 10]
+    assert not any(CheckpointClock(None, None).due(s, cpu) for s in range(1, 100))
+
+
+def test_a_checkpoint_is_due_once_the_minutes_have_passed_since_the_last() -> None:
+    cpu = torch.device("cpu")
+    clock = CheckpointClock(None, 1.0)
+    assert not clock.due(1, cpu)
+    clock.since -= 61  # as if a minute had passed
+    assert clock.due(2, cpu)
+    clock.restart()
+    assert not clock.due(3, cpu)
+
+
+def test_ray_is_told_finite_figures_and_a_rank_for_every_checkpoint() -> None:
+    """NaN never reaches Ray Train: its run snapshot would store null, which a relaunched driver cannot rank."""
+    epoch_row = {"epoch": 3.0, "train_loss": 1.5, SCORE: 71.5}
+    assert ray_metrics(epoch_row) == {**epoch_row, CHECKPOINT_RANK: 71.5}
+    unscored = ray_metrics({"epoch": 4.0, "train_loss": 1.4, SCORE: math.nan})
+    assert unscored == {"epoch": 4.0, "train_loss": 1.4, CHECKPOINT_RANK: UNSCORED}
+    assert ray_metrics({"epoch": 4.0, "batch": 7.0})[CHECKPOINT_RANK] == UNSCORED  # mid-epoch
+    assert UNSCORED < 0.0  # below every top-1, so Ray keeps scored checkpoints before it
+
+
+def test_the_chosen_checkpoint_is_the_best_scored_the_earliest_of_equals() -> None:
+    def kept(*ranks: tuple[int, float]) -> list[tuple[str, dict]]:
+        return [(f"epoch-{e}", {"epoch": e, CHECKPOINT_RANK: r}) for e, r in ranks]
+
+    assert _best_scored(kept((2, 60.0), (5, 70.0), (6, UNSCORED))) == "epoch-5"
+    assert _best_scored(kept((7, 70.0), (5, 70.0))) == "epoch-5"  # a tie keeps the earlier epoch
+    assert _best_scored(kept((0, 0.0))) == "epoch-0"  # 0% is a score
+    assert _best_scored(kept((1, UNSCORED))) is None
+
+
+def test_a_step_draws_the_same_whatever_ran_before_it() -> None:
+    def draws(noise: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.rand(noise)  # what ran before in the process
+        gen = torch.Generator()
+        gen.manual_seed(noise)
+        seed_step(3, 2, 7, 1, gen)
+        return torch.rand(4), torch.rand(4, generator=gen)
+
+    first, second = draws(1), draws(100)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    gen = torch.Generator()
+    seed_step(3, 2, 8, 1, gen)
+    assert not torch.equal(torch.rand(4), first[0])  # the next batch draws anew
