@@ -154,7 +154,7 @@ def profile_wds(dataset: Path, resolution: int, batch: int, batches: int = 8, to
     it = iter(loader)
     try:
         prof.enable()
-        for _ in range(batches):  # the first batch fills the 512-sample shuffle buffer
+        for _ in range(batches):
             next(it)
         prof.disable()
     finally:
