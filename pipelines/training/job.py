@@ -36,6 +36,7 @@ from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, tracking
 from pipelines.training.recipe import Recipe
+from pipelines.training.sizing import BatchPlan, size_job
 from pipelines.training.tracking import Tags
 from pipelines.training.worker import (
     CHECKPOINT_FILE,
@@ -75,6 +76,13 @@ def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant_slug}__{recipe.name}-{recipe_hash}__{dataset_version}")
 
 
+def job_key_for(recipe: Recipe, dataset_dir: str | Path) -> str:
+    """The key `run_training` gives this recipe's job on this dataset version, for a caller that hands the job
+    to another process (a Ray job) and must find it again."""
+    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    return _job_key(spec.name, recipe, read_manifest(dataset_dir)["version"])
+
+
 def _job_marker(layout: DataLayout, key: str) -> Path:
     return layout.ray_storage / "jobs" / f"{key}.json"
 
@@ -84,8 +92,9 @@ def _job_marker(layout: DataLayout, key: str) -> Path:
 RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
-def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Everything that can be checked before Ray starts: the variant, the dataset and its files."""
+def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str, Any], BatchPlan]:
+    """Everything that can be checked before Ray starts: the variant, the dataset and its files, and that the
+    variant fits the recipe's device memory (the micro-batch and accumulation that make its batch)."""
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     manifest = read_manifest(dataset_dir)
     for split in SPLITS:
@@ -96,7 +105,7 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     if recipe.data.backend == FFCV and FFCV not in manifest.get("extra", {}):
         raise DataError(f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
                         f"files; stage it with formats including '{FFCV}' (or choose the wds backend)")
-    return spec, manifest
+    return spec, manifest, size_job(recipe, spec, manifest["num_classes"])
 
 
 @dataclass(frozen=True)
@@ -112,10 +121,11 @@ class _Job:
 
 
 def _open_job(
-    c: Any, exp_id: str, layout: DataLayout, spec: Any, recipe: Recipe, manifest: dict, tags: Mapping[str, str],
+    c: Any, exp_id: str, layout: DataLayout, spec: Any, recipe: Recipe, manifest: dict, batches: BatchPlan,
+    tags: Mapping[str, str],
 ) -> _Job:
-    """The unfinished job with this key (reopened), or a new one with a new MLflow run; `tags` go on the run
-    either way (e.g. the Prefect flow run that drives it now)."""
+    """The unfinished job with this key (reopened), or a new one with a new MLflow run whose params are the recipe
+    and the resolved batch sizes; `tags` go on the run either way (e.g. the Prefect flow run that drives it now)."""
     key = _job_key(spec.name, recipe, manifest["version"])
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None
@@ -128,7 +138,7 @@ def _open_job(
     else:
         name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(
-            c, exp_id, run_name=f"{spec.name} {recipe.name}", params=recipe.model_dump(),
+            c, exp_id, run_name=f"{spec.name} {recipe.name}", params={**recipe.model_dump(), **batches.as_params()},
             tags={Tags.VARIANT: spec.name, Tags.RECIPE: recipe.name, Tags.DATASET_VERSION: manifest["version"],
                   Tags.JOB_NAME: name, Tags.JOB_KEY: key, **tags},
         )
@@ -289,13 +299,14 @@ def run_training(
     """
     layout = (layout or data_layout()).ensure()
     dataset_dir = Path(dataset_dir).resolve()
-    spec, manifest = validate_job(recipe, dataset_dir)
+    spec, manifest, batches = validate_job(recipe, dataset_dir)
     cluster.connect(ray_address or layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
     cluster.check_fits(recipe)
 
     c = tracking.client(layout.tracking_uri)
-    job = _open_job(c, tracking.experiment_id(c, layout.artifact_root), layout, spec, recipe, manifest, tags or {})
-    trainer = _trainer(job, recipe, layout, dataset_dir, manifest)
+    job = _open_job(c, tracking.experiment_id(c, layout.artifact_root), layout, spec, recipe, manifest, batches,
+                    tags or {})
+    trainer = _trainer(job, recipe, layout, dataset_dir, manifest, batches)
 
     def record(status: str) -> None:
         job.mark(status)
@@ -332,13 +343,16 @@ def run_training(
     return out
 
 
-def _trainer(job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, manifest: dict[str, Any]) -> Any:
+def _trainer(
+    job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, manifest: dict[str, Any], batches: BatchPlan,
+) -> Any:
     """The job's TorchTrainer: its workers, its storage (where a resumed job finds its checkpoints), the best
     checkpoint by minival kept."""
     import ray.train
 
     spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
-                               tracking_uri=layout.tracking_uri, run_id=job.run_id)
+                               tracking_uri=layout.tracking_uri, run_id=job.run_id, micro_batch=batches.micro_batch,
+                               accumulation=batches.accumulation)
     return _abortable_trainer(
         train_worker,
         train_loop_config=spec_for_workers.model_dump(),

@@ -100,7 +100,10 @@ class ProgressiveConfig(_Strict):
 
 class DataConfig(_Strict):
     backend: Literal[BACKENDS] = "wds"
-    batch_size: int = Field(128, ge=1, description="per worker")
+    # Per worker and optimizer step: with the worker count, the global batch the learning rate scales with. What
+    # does not fit a device at once is accumulated over micro-batches (pipelines/training/sizing.py).
+    batch_size: int = Field(128, ge=1, description="per worker and optimizer step")
+    micro_batch_size: int | None = Field(None, ge=1, description="images per forward pass; default: sized to fit")
     loader_workers: int = Field(4, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)
 
@@ -119,6 +122,8 @@ class RayConfig(_Strict):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="per worker: the device memory a micro-batch is sized to; None: the batch whole")
     max_failures: int = Field(2, ge=0)
 
 

@@ -26,6 +26,7 @@ import math
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -74,6 +75,14 @@ class JobSpec(BaseModel):
     num_classes: int
     tracking_uri: str
     run_id: str
+    # The resolved sizes (pipelines.training.sizing): recipe.data.batch_size = micro_batch x accumulation.
+    micro_batch: int | None = None  # None: the recipe's batch at once
+    accumulation: int = 1
+
+    @property
+    def loader_batch(self) -> int:
+        """Images per forward pass, what the loader batches."""
+        return self.micro_batch or self.recipe.data.batch_size
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -147,6 +156,30 @@ def prepare_batch(
     x = normalize(images, channels_last)
     return augment.mix_batch(x, labels, num_classes, settings.mixup_alpha, settings.cutmix_alpha,
                              recipe.regularization.label_smoothing, generator)
+
+
+def accumulate_gradients(
+    net: torch.nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], recipe: Recipe,
+    settings: EpochSettings, num_classes: int, device: torch.device, amp: bool, generator: torch.Generator,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches, each loss divided by their number, so the gradients
+    add up to those of their concatenation (equal micro-batches; batch norm normalises each micro-batch on its
+    own, as it does each GPU's share). Under DDP only the last backward all-reduces (`no_sync` before it).
+    Returns (the summed per-image loss on the device, the images)."""
+    batches = list(micro_batches)
+    loss_sum, images = torch.zeros((), dtype=torch.float64, device=device), 0
+    no_sync = getattr(getattr(net, "_orig_mod", net), "no_sync", None)  # DDP's, under torch.compile too
+    for k, (uint8_images, labels) in enumerate(batches):
+        x, targets = prepare_batch(uint8_images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                   recipe, settings, num_classes, recipe.runtime.channels_last, generator)
+        with no_sync() if no_sync is not None and k < len(batches) - 1 else nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), targets)
+            (loss / len(batches)).backward()
+        loss_sum += loss.detach().double() * len(labels)
+        images += len(labels)
+    return loss_sum, images
 
 
 def _bad_samples(loader: Any) -> int:
@@ -320,7 +353,9 @@ def _steps_per_epoch(job: JobSpec, world: int) -> int:
     n_train = read_manifest(job.dataset_dir)["splits"]["train"]["samples"]
     # Only the wds DataLoader splits a rank's share across worker processes (each drops its own partial batch).
     split_workers = data.loader_workers if data.backend == "wds" else 0
-    steps = batches_per_epoch(n_train, data.batch_size, world, split_workers)
+    # A step takes `accumulation` micro-batches; an epoch's last micro-batches that do not make a whole step are
+    # left, as a partial batch is.
+    steps = batches_per_epoch(n_train, job.loader_batch, world, split_workers) // job.accumulation
     if steps < 1:
         raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
     return steps
@@ -362,25 +397,24 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
     worker.net.train()
     start = state.batch
     loader = make_loader(
-        job.dataset_dir, "train", settings.image_size, recipe.data.batch_size, worker.rank, worker.world, epoch,
-        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers, start_batch=start,
+        job.dataset_dir, "train", settings.image_size, job.loader_batch, worker.rank, worker.world, epoch,
+        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers,
+        start_batch=start * job.accumulation,
     )
+    micro_batches = iter(loader)
     # Summed on the device: read back (a host sync) only at a checkpoint and at the end of the epoch.
     loss_sum = torch.tensor(state.epoch_loss_sum, dtype=torch.float64, device=device)
     lr = learning_rate(epoch + start / worker.steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
     t0 = time.perf_counter()
-    for i, (images, labels) in enumerate(loader, start):
+    for i in range(start, worker.steps_per_epoch):
         seed_step(recipe.seed, epoch, i, worker.rank, aug_gen)
         lr = learning_rate(epoch + i / worker.steps_per_epoch, recipe.optim, global_batch, recipe.schedule.epochs)
         for g in worker.optimizer.param_groups:
             g["lr"] = lr
-        x, targets = prepare_batch(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                   recipe, settings, job.num_classes, recipe.runtime.channels_last, aug_gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=worker.amp):
-            logits = worker.net(x)
-        loss = F.cross_entropy(logits.float(), targets)
         worker.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss, images = accumulate_gradients(
+            worker.net, (next(micro_batches) for _ in range(job.accumulation)), recipe, settings, job.num_classes,
+            device, worker.amp, aug_gen)
         if recipe.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(worker.model.parameters(), recipe.optim.grad_clip)
         worker.optimizer.step()
@@ -390,9 +424,9 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
             worker.client.set_tag(job.run_id, Tags.FIRST_STEP, f"{time.time():.3f}")
         if worker.ema is not None:
             update_ema(worker.ema, worker.model, ema_decay_at(state.step, recipe.regularization.ema_decay))
-        loss_sum += loss.detach().double() * len(labels)
+        loss_sum += step_loss
         state.batch, state.samples_consumed = i + 1, (i + 1) * global_batch
-        state.epoch_samples += len(labels)
+        state.epoch_samples += images
         if state.batch < worker.steps_per_epoch and clock.due(state.step, device):
             state.epoch_loss_sum = loss_sum.item()
             state.epoch_seconds, t0 = state.epoch_seconds + time.perf_counter() - t0, time.perf_counter()

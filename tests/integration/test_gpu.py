@@ -95,3 +95,31 @@ def test_a_tiny_model_learns_a_batch_under_bf16_autocast_in_channels_last(staged
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], f"the loss did not fall: {losses}"
     # Measured on CPU with the same steps: 15 of 16 right. Chance is 1 in 4.
     assert (logits.argmax(1) == labels).float().mean().item() > 0.5
+
+
+def test_the_memory_model_brackets_the_measured_peak_per_image() -> None:
+    """pipelines.training.sizing counts the activations kept for backward on the meta device; on a real GPU under
+    bf16 autocast in channels_last, the measured peak added per image must lie within a factor of 2 of it (the
+    headroom covers what it leaves out)."""
+    from pipelines.training.sizing import memory_model
+
+    spec = models.resolve_variant("efficientnet_b0")
+    model = models.build_model(spec, 1000).to(CUDA, memory_format=torch.channels_last).train()
+
+    def peak(batch: int) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        x = torch.randn(batch, 3, 224, 224, device=CUDA).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    peak(8)  # cuDNN picks its algorithms (and workspaces) on the first pass
+    measured = (peak(32) - peak(16)) / 16
+    modelled = memory_model(spec, 1000, 224, amp=True, optimizer="rmsprop", ema=True).per_image_bytes
+    assert 0.5 <= measured / modelled <= 2.0, f"measured {measured / 2**20:.1f} MB per image, modelled " \
+                                              f"{modelled / 2**20:.1f} MB"

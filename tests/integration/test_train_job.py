@@ -33,7 +33,8 @@ def _tiny_recipe(epochs: int = 6):
 
 
 def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_cluster):
-    recipe = _tiny_recipe()
+    # Each step's 16 images per worker in two micro-batches of 8: gradients accumulated, all-reduced once.
+    recipe = _tiny_recipe().with_overrides(data={"micro_batch_size": 8})
     result = run_training(recipe, learnable_dataset, data_layout_tmp)
 
     c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
@@ -54,6 +55,7 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
     assert str(champion.version) == result.version  # first model on this dataset version becomes champion
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"
+    assert (run.data.params["sizing.micro_batch"], run.data.params["sizing.accumulation"]) == ("8", "2")
     assert "val_top1" in run.data.metrics
 
     # The registered model loads back with MLflow's own loader and classifies a batch.
