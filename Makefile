@@ -10,7 +10,7 @@ FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
 
-.PHONY: setup demo test test-unit test-integration test-gpu bench constraints clean-data help
+.PHONY: setup demo test test-unit test-integration test-gpu bench up down status constraints clean-data help
 
 help:
 	@echo "make demo   - the main job end to end on the built-in demo ImageNet (sets up first)"
@@ -19,6 +19,9 @@ help:
 	@echo "make test-integration - tests/integration and tests/e2e: real Ray, Prefect, MLflow, FFCV, DALI"
 	@echo "make test-gpu         - the tests marked gpu (skipped, saying why, where CUDA is not available)"
 	@echo "make bench  - benchmarks; figures go to benchmarks/results/*.json"
+	@echo "make up     - the local stack: Prefect server + work pool 'effnet' and its worker, MLflow server, Ray head"
+	@echo "make down   - stop every process of the stack"
+	@echo "make status - what of the stack runs and answers (exit 1 when something does not)"
 
 # A second run only compares a checksum of the inputs with the stamp and returns in seconds.
 setup:
@@ -62,6 +65,16 @@ BENCHMARKS := $(sort $(filter-out benchmarks/__init__.py benchmarks/common.py,$(
 
 bench: setup
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The local stack on 127.0.0.1, state under the data directory (infra/README.md).
+up: setup
+	infra/local-stack.sh start
+
+down: setup
+	infra/local-stack.sh stop
+
+status: setup
+	infra/local-stack.sh status
 
 # Regenerate the pins after changing dependencies (run in a fresh venv made by `make setup`).
 constraints:

@@ -92,20 +92,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None:
         sections["ray"] = {"num_workers": args.workers}
     recipe = recipe.with_overrides(**sections) if sections else recipe
+    tags = dict(_key_value("--tag", t) for t in args.tag)
     validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
-    result = run_training(recipe, args.data, data_layout(args.data_dir),
-                          progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps(result.__dict__, indent=1))
+    result = run_training(recipe, args.data, data_layout(args.data_dir), ray_address=args.ray_address,
+                          progress=lambda line: print(line, file=sys.stderr, flush=True), tags=tags)
+    if args.result_file:
+        from pipelines.atomic import atomic_write_json
+
+        atomic_write_json(args.result_file, result.__dict__)
+    else:
+        print(json.dumps(result.__dict__, indent=1))
     return 0
+
+
+def _key_value(flag: str, text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
+    return key, value
 
 
 def cmd_family(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
-    from flows.train_family import train_family
+    from flows.train_family import FamilyFailed, train_family
 
     overrides = {"schedule": {"epochs": args.epochs}} if args.epochs is not None else None
-    train_family(args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir,
-                 overrides=overrides)
+    try:
+        train_family(args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir,
+                     overrides=overrides)
+    except FamilyFailed as exc:  # the others trained; the summary above says which variant failed and why
+        print(f"effnet family: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -134,6 +151,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deployments import serve_all
 
     serve_all(args.deployments or None)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    _prefect_home(args.data_dir)
+    if not os.environ.get("PREFECT_API_URL"):
+        # Prefect would deploy to a temporary server of this command's own, which forgets them as it exits.
+        raise ValueError("no Prefect server to deploy to: start the stack (make up) or set PREFECT_API_URL")
+    from flows.deployments import deploy_all
+
+    ids = deploy_all(args.pool, args.deployments or None)
+    print(f"{len(ids)} deployment(s) on work pool {args.pool}")
     return 0
 
 
@@ -209,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="a staged dataset version directory")
     s.add_argument("--epochs", type=int)
     s.add_argument("--workers", type=int)
+    s.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS, the stack's head, or a "
+                   "local instance of this command's own)")
+    s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for the MLflow run "
+                   "(repeatable), e.g. the Prefect flow run that submitted the job")
+    s.add_argument("--result-file", help="write the result (JSON) to this file, whole or not at all, instead of "
+                   "to stdout")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("family", help="train several variants (the train-family flow)")
@@ -222,9 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int)
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("serve", help="register the Prefect deployments (train-family/b0-b7, ...) and run them")
+    s = sub.add_parser("serve", help="register the Prefect deployments (train-family/b0-b7, ...) and run them "
+                       "in this process, without a work pool or worker")
     s.add_argument("deployments", nargs="*", help="flow/name of those to serve (default: all)")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("deploy", help="register the deployments on a Prefect work pool, whose worker runs them "
+                       "(what the stack does; `serve` is the one-process alternative)")
+    s.add_argument("deployments", nargs="*", help="flow/name of those to deploy (default: all)")
+    s.add_argument("--pool", required=True, help="a `process` work pool on the Prefect server (the stack's: effnet)")
+    s.set_defaults(fn=cmd_deploy)
 
     s = sub.add_parser("verify", help="check a staged version's files against its manifest (sizes and checksums)")
     s.add_argument("version", help="a staged dataset version directory")

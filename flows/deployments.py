@@ -1,16 +1,23 @@
-"""Deployments of the flows, and the nightly schedule.
+"""Deployments of the flows, and the nightly schedule: one list, two ways to run it.
 
-`effnet serve` (or `python -m flows.deployments`) registers them with the Prefect server named by
-PREFECT_API_URL and polls for their runs, so `prefect deployment run train-family/b0-b7` starts the B0-B7
-family. On a multi-node stack use a `process` work pool instead (see infra/README.md).
+- On a work pool (the stack, `make up`): `effnet deploy --pool effnet` registers each deployment with the
+  Prefect server named by PREFECT_API_URL, its code loaded from this checkout (`flow.from_source`: the worker
+  changes to the checkout and imports the flow's file from there, no image, no push), and the pool's worker
+  (`prefect worker start -p effnet`) runs what `prefect deployment run train-family/b0-b7` or the schedule asks.
+- In one process, without a work pool: `effnet serve` (or `python -m flows.deployments`) registers the same
+  deployments and polls for their runs itself.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from models import variant_range
+from pipelines.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
 TIMEZONE = "UTC"  # stored explicitly: a schedule without one is ambiguous on the server
@@ -24,38 +31,83 @@ class DeploymentSpec:
     nightly: bool = False
     description: str = ""
 
+    @property
+    def full_name(self) -> str:
+        """`flow/name`, as `prefect deployment run` takes it."""
+        return f"{self.flow}/{self.name}"
+
 
 # Two compound-scaled members far below B0 (phi < 0 shrinks depth, width and resolution together) so the
 # family trains on two CPU cores in minutes; resolutions come out near the demo tiers.
 DEMO_FAMILY = ("phi=-9", "phi=-7")
 V1_FAMILY = variant_range("efficientnet_b0", "efficientnet_b7")  # the published B0-B7 (B8 is not in the paper)
+V2_FAMILY = variant_range("efficientnet_v2_s", "efficientnet_v2_l")  # the paper's S/M/L (XL needs ImageNet-21k)
 
 DEPLOYMENTS = (
     DeploymentSpec("train-family", "b0-b7", {"variants": V1_FAMILY, "recipe": "v1"}, nightly=True,
                    description="EfficientNet B0-B7, V1 paper recipe, on the latest staged ImageNet"),
+    DeploymentSpec("train-family", "v2-s-m-l", {"variants": V2_FAMILY, "recipe": "v2-progressive"},
+                   description="EfficientNetV2 S/M/L, progressive learning, on the latest staged ImageNet"),
     DeploymentSpec("train-family", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo"},
                    description="Two tiny compound-scaled members on the latest staged dataset (CPU)"),
     DeploymentSpec("stage-imagenet", "ilsvrc2012", {}, description="Stage ILSVRC2012: pass source and out"),
 )
 
 
-def build_deployments(names: list[str] | None = None) -> list[Any]:
-    """Prefect RunnerDeployments for the specs (all, or those named 'flow/name')."""
+def select_specs(names: list[str] | None = None) -> list[DeploymentSpec]:
+    """The specs named 'flow/name' (all when none are named); ValueError for a name not in the list."""
+    known = {spec.full_name: spec for spec in DEPLOYMENTS}
+    unknown = [n for n in names or () if n not in known]
+    if unknown:
+        raise ValueError(f"unknown deployment {', '.join(unknown)}; known: {', '.join(known)}")
+    return [spec for spec in DEPLOYMENTS if not names or spec.full_name in names]
+
+
+def entrypoint(flow: Any) -> str:
+    """`file.py:function` of a flow, relative to the checkout: what a worker imports after changing to it."""
+    path = Path(inspect.getfile(flow.fn)).resolve().relative_to(PROJECT_ROOT)
+    return f"{path.as_posix()}:{flow.fn.__name__}"
+
+
+def build_deployments(names: list[str] | None = None, source: Path | None = None) -> list[Any]:
+    """Prefect RunnerDeployments for the specs (all, or those named 'flow/name').
+
+    With `source` (a checkout), each flow is loaded from its file there, so that the deployment carries a pull
+    step (`set_working_directory`) and a work pool's worker can run it.
+    """
     from flows.stage_imagenet import stage_imagenet
     from flows.train_family import train_family
 
-    flows = {"train-family": train_family, "stage-imagenet": stage_imagenet}
+    flows = {f.name: f for f in (train_family, stage_imagenet)}
     out = []
-    for spec in DEPLOYMENTS:
-        if names and f"{spec.flow}/{spec.name}" not in names:
-            continue
+    for spec in select_specs(names):
+        flow = flows[spec.flow]
+        if source is not None:
+            flow = flow.from_source(source=str(source), entrypoint=entrypoint(flow))
         kwargs: dict[str, Any] = {"name": spec.name, "parameters": spec.parameters, "description": spec.description}
         if spec.nightly:
             from prefect.schedules import Cron
 
             kwargs["schedule"] = Cron(NIGHTLY_CRON, timezone=TIMEZONE)
-        out.append(flows[spec.flow].to_deployment(**kwargs))
+        out.append(flow.to_deployment(**kwargs))
     return out
+
+
+def deploy_all(work_pool_name: str, names: list[str] | None = None) -> list[UUID]:
+    """Register the deployments on a `process` work pool, their code in this checkout; their ids.
+
+    ValueError when the pool does not exist or a deployment is refused (Prefect prints which, and why).
+    """
+    from prefect import deploy
+
+    deployments = build_deployments(names, source=PROJECT_ROOT)
+    # build/push False: the code is already where the worker runs it; there is no image.
+    ids = deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
+                 print_next_steps_message=False, ignore_warnings=True)
+    if len(ids) != len(deployments):
+        raise ValueError(f"{len(deployments) - len(ids)} of {len(deployments)} deployments were refused by the "
+                         "Prefect server (see the table above)")
+    return ids
 
 
 def serve_all(names: list[str] | None = None) -> None:

@@ -2,8 +2,10 @@
 
 Its deployments (`train-family/b0-b7`, nightly, and `train-family/demo`) are declared in `flows/deployments.py`.
 Every variant, the recipe, the dataset and the cluster's resources are checked before the first job starts; then
-variants run one after another in this flow's process (each job already spreads over the whole Ray cluster), and
-the first that fails ends the flow run.
+every variant is submitted at once, each as its own Ray job (`pipelines.training.submit`) waited on by one task
+run, so the variants train side by side as far as the cluster's resources allow. A failed task is retried
+(`retries`): it reattaches to its Ray job if that still runs, else submits it again, and the job resumes from its
+checkpoints. A variant that fails for good does not stop the others; the run ends Failed, naming it.
 """
 
 from __future__ import annotations
@@ -17,36 +19,59 @@ from prefect.states import Failed
 
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import data_layout
-from pipelines.training import cluster
-from pipelines.training.job import TrainResult, run_training, validate_job
+from pipelines.training import cluster, submit
+from pipelines.training.job import TrainResult, job_key_for, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
-from pipelines.training.tracking import Tags
 
 # Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
 # fit the job.
 BAD_INPUT = (ValueError, FileNotFoundError, DataError)
+# A variant's status in the flow's rows and summary.
+TRAINED, FAILED = "trained", "failed"
+
+
+class FamilyFailed(RuntimeError):
+    """Some variants of the family failed; `rows` holds every variant's row (see `train_family`)."""
+
+    def __init__(self, message: str, rows: list[dict]):
+        super().__init__(message)
+        self.rows = rows
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{variant}")
 def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str | None) -> dict:
-    """One job; on a crash the next run of the flow resumes it (see `run_training`)."""
+    """One job, as a Ray job that this task waits on (its log lines come into this task run's log); a retry or a
+    rerun of the flow reattaches to it while it runs, or resubmits it to resume (see `submit.train_on_cluster`)."""
     from prefect.runtime import flow_run
 
-    logger = get_run_logger()
-    result: TrainResult = run_training(recipe, dataset_dir, data_layout(data_dir), progress=logger.info,
-                                       tags={Tags.FLOW_RUN: str(flow_run.id)})
+    result: TrainResult = submit.train_on_cluster(recipe, dataset_dir, data_layout(data_dir), str(flow_run.id),
+                                                  emit=get_run_logger().info)
     return asdict(result)
 
 
+def variant_row(variant: str, outcome: dict | BaseException) -> dict:
+    """A variant's row: its TrainResult's fields and status "trained", or its name, status "failed" and why."""
+    if isinstance(outcome, BaseException):
+        lines = str(outcome).strip().splitlines()
+        return {"variant": variant, "status": FAILED, "reason": lines[0] if lines else type(outcome).__name__}
+    return {**outcome, "status": TRAINED}
+
+
 def format_summary(rows: list[dict]) -> str:
+    """The side-by-side table; a failed variant's row has its status and reason, "-" for what it never got."""
     cols = [("variant", "variant", "{}"), ("params", "params", "{:,}"), ("epochs", "epochs_run", "{}"),
             ("best ep", "best_epoch", "{}"), ("minival top-1", "minival_top1", "{:.1f}"),
             ("val top-1", "val_top1", "{:.1f}"), ("val top-5", "val_top5", "{:.1f}"),
             ("registered", "registered_model", "{}"), ("version", "version", "{}"),
             ("champion", "champion", "{}")]
-    table = [[h for h, _, _ in cols]] + [[fmt.format(r[k]) for _, k, fmt in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in table)
+
+    def cells(r: dict) -> list[str]:
+        status = f"{FAILED}: {r['reason']}" if r["status"] == FAILED else r["status"]
+        return [fmt.format(r[k]) if k in r else "-" for _, k, fmt in cols] + [status]
+
+    table = [[h for h, _, _ in cols] + ["status"]] + [cells(r) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
 
 
 def plan_family(
@@ -74,16 +99,21 @@ def plan_family(
 @flow(name="train-family", log_prints=True)
 def train_family(
     variants: list[str], recipe: str = "v1", dataset_dir: str | None = None, data_dir: str | None = None,
-    overrides: dict | None = None,
+    overrides: dict | None = None, retries: int = 1, retry_delay_seconds: float = 10,
 ) -> list[dict]:
-    """Train each variant with one recipe on one staged dataset version (default: the latest staged one).
+    """Train each variant with one recipe on one staged dataset version (default: the latest staged one), all at
+    once; returns one row per variant (its TrainResult's fields and "status": "trained", or "status": "failed"
+    and "reason").
 
     `recipe` is a recipe name (v1, v2-progressive, demo, ...) or a path to a recipe YAML file; `overrides` maps
-    recipe sections to fields, e.g. {"schedule": {"epochs": 3}}.
+    recipe sections to fields, e.g. {"schedule": {"epochs": 3}}. A variant whose job fails is tried `retries`
+    more times, `retry_delay_seconds` apart, resuming from its checkpoints.
     """
     logger = get_run_logger()
     layout = data_layout(data_dir)
     try:
+        if retries < 0 or retry_delay_seconds < 0:
+            raise ValueError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
         dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides)
         cluster.connect(layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
         for _, tuned in jobs:
@@ -94,10 +124,28 @@ def train_family(
         logger.error("%s", exc)
         return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
     logger.info("training %d variant(s) on %s: %s", len(jobs), dataset.name, ", ".join(v for v, _ in jobs))
-    rows = []
-    for variant, tuned in jobs:
-        rows.append(train_variant(variant, tuned, str(dataset), data_dir))
-        logger.info("%s: val top-1 %.2f (model %s v%s)", variant, rows[-1]["val_top1"],
-                    rows[-1]["registered_model"], rows[-1]["version"])
+    train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+    futures = [train.submit(variant, tuned, str(dataset), data_dir) for variant, tuned in jobs]
+    try:
+        outcomes = [f.result(raise_on_failure=False) for f in futures]
+    except BaseException:
+        # Cancelled or interrupted (Prefect's TerminationSignal, Ctrl-C): the Ray jobs would train on with nobody
+        # waiting. Stopped, their drivers record their runs killed. (A flow process that dies without a signal
+        # leaves them running; a rerun reattaches.)
+        stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned in jobs])
+        logger.warning("stopped Ray job(s): %s", ", ".join(stopped) or "none running")
+        raise
+    rows = [variant_row(variant, outcome) for (variant, _), outcome in zip(jobs, outcomes)]
+    for (variant, _), row in zip(jobs, rows):
+        if row["status"] == TRAINED:
+            logger.info("%s: trained, val top-1 %.2f (model %s v%s)", variant, row["val_top1"],
+                        row["registered_model"], row["version"])
+        else:
+            logger.error("%s: failed: %s", variant, row["reason"])
     print("\n" + format_summary(rows))
+    failed = [(variant, row) for (variant, _), row in zip(jobs, rows) if row["status"] == FAILED]
+    if failed:
+        message = (f"{len(failed)} of {len(rows)} variant(s) failed: "
+                   + "; ".join(f"{variant} ({row['reason']})" for variant, row in failed))
+        return Failed(message=message, data=FamilyFailed(message, rows))  # type: ignore[return-value]
     return rows

@@ -206,3 +206,20 @@ class ConcurrencyProbe:
 
     def started_after_failure(self) -> int:
         return sum(t > self.failed_at for t in self.starts) if self.failed_at is not None else 0
+
+
+def flow_run_logs(flow_run_id: Any) -> list[str]:
+    """The messages a Prefect flow run has logged to the server so far (this process's pending ones flushed)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(read())]

@@ -1,7 +1,10 @@
-"""The product as users run it, on the real servers: `infra/local-stack.sh start` (Prefect server, MLflow server,
-Ray head, `effnet serve`), staging through the stack, `prefect deployment run train-family/demo` through the
-Prefect client, registered models checked on the MLflow server, the scheduler creating runs, a cancelled run,
-then `stop`: no process left, nothing listening outside loopback, and the data directory usable without it.
+"""The product as users run it, on the real servers: `infra/local-stack.sh start` (what `make up` runs: Prefect
+server, MLflow server, Ray head, the `effnet` process work pool and its worker, the deployments deployed to it),
+staging through the stack, `prefect deployment run train-family/demo` through the Prefect client, run by the
+pool's worker, registered models checked on the MLflow server, bad input failing the run at once, the scheduler
+creating runs, a cancelled run, then `stop` while a run trains: no process left (the worker's flow runs, which
+have sessions of their own, included), nothing listening outside loopback, and the data directory usable
+without it.
 
 The tests run in file order and share one stack (module fixture); the last one stops it.
 """
@@ -26,8 +29,11 @@ from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
 
 STACK = PROJECT_ROOT / "infra" / "local-stack.sh"
 EFFNET = PROJECT_ROOT / ".venv" / "bin" / "effnet"
-SERVICES = ("prefect", "mlflow", "ray", "serve")
+SERVICES = ("prefect", "mlflow", "ray", "worker")
+WORK_POOL = "effnet"
 EPOCHS = 2
+# One member that would train for long: what cancel and stop interrupt.
+LONG_RUN = {"variants": ["phi=-9"], "overrides": {"schedule": {"epochs": 200, "patience": None}}}
 
 
 def _free_ports(n: int) -> list[int]:
@@ -128,14 +134,46 @@ def _run_deployment(stack: Stack, name: str, parameters: dict) -> Any:
     return stack.prefect(create)
 
 
+def _wait_state(stack: Stack, flow_run_id: Any, state: str, timeout: float) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = stack.prefect(lambda c: c.read_flow_run(flow_run_id))
+        if run.state is not None and run.state.type.value == state:
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not {state} within {timeout} s (state {run.state})")
+
+
+def _mlflow_runs_of(stack: Stack, flow_run_id: Any) -> list:
+    c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    exp = c.get_experiment_by_name("efficientnet-family")
+    return [] if exp is None else c.search_runs([exp.experiment_id],
+                                                filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+
+
 def test_start_is_honest_and_binds_loopback_only(stack: Stack):
     status = stack.script("status")
     assert status.returncode == 0, status.stdout
     for name in SERVICES:
         assert f"{name}: running" in status.stdout, status.stdout
+    assert f"deployments: on work pool {WORK_POOL}" in status.stdout, status.stdout
     again = stack.script("start")  # a second start says what runs and changes nothing
     assert again.returncode == 0, again.stderr
     assert all(f"{name}: already running" in again.stdout for name in SERVICES), again.stdout
+    assert f"deployments: already on work pool {WORK_POOL}" in again.stdout, again.stdout
+
+    # Every deployment of the one list is on the pool, its code in this checkout (no image, nothing pushed).
+    from flows.deployments import DEPLOYMENTS, entrypoint
+    from flows.train_family import train_family
+
+    async def deployments(client):
+        return [await client.read_deployment_by_name(spec.full_name) for spec in DEPLOYMENTS]
+
+    for d in stack.prefect(deployments):
+        assert d.work_pool_name == WORK_POOL, (d.name, d.work_pool_name)
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}]
+    demo = next(d for d in stack.prefect(deployments) if d.name == "demo")
+    assert demo.entrypoint == entrypoint(train_family) == "flows/train_family.py:train_family"
     settings = json.loads((stack.root / "stack.json").read_text())
     assert settings["mlflow_tracking_uri"] == stack.mlflow_uri and settings["prefect_api_url"] == stack.prefect_api
 
@@ -162,6 +200,7 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
     flow_run = _run_deployment(stack, "train-family/demo", {"overrides": {"schedule": {"epochs": EPOCHS}}})
     finished = _wait_final(stack, flow_run.id, timeout=900)
     assert finished.state.is_completed(), f"{finished.state.type}: {finished.state.message}"
+    assert finished.work_pool_name == WORK_POOL and finished.infrastructure_pid, finished  # the worker ran it
 
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     runs = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id],
@@ -180,6 +219,10 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
         assert c.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == run.info.run_id
     first_step = min(float(r.data.tags["first_step_unix"]) for r in runs)
     print(f"\nprefect deployment run -> first training step: {first_step - t0:.1f} s")
+    spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
+    overlap = spans[0][1] - spans[1][0]
+    print("members " + ", ".join(f"{a - t0:.0f}-{b - t0:.0f} s" for a, b in spans)
+          + (f": overlapping {overlap:.0f} s" if overlap > 0 else ": one after the other"))
 
     # One progress line per epoch per variant in the Prefect run's log.
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -189,6 +232,23 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
     for variant in ("efficientnet_b0_phi-9", "efficientnet_b0_phi-7"):
         for epoch in range(1, EPOCHS + 1):
             assert sum(line.startswith(f"{variant} epoch {epoch}/{EPOCHS}") for line in lines) == 1, lines
+
+
+def test_bad_input_fails_the_run_at_once_or_is_refused(stack: Stack):
+    # An unknown variant: the worker's run fails before anything trains, the reason in one line.
+    flow_run = _run_deployment(stack, "train-family/demo", {"variants": ["phi=-9", "efficientnet_b99"]})
+    finished = _wait_final(stack, flow_run.id, timeout=180)
+    assert finished.state.is_failed(), finished.state
+    message = finished.state.message or ""
+    assert "unknown model 'efficientnet_b99'" in message and "\n" not in message, message
+    assert not _mlflow_runs_of(stack, flow_run.id)  # not even the valid member started
+
+    # A wrongly typed parameter (a string for the list of variants): the server's schema refuses the run, as the
+    # UI's form does.
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with pytest.raises(PrefectHTTPStatusError, match="variants"):
+        _run_deployment(stack, "train-family/demo", {"variants": "phi=-9"})
 
 
 def test_scheduler_creates_runs(stack: Stack):
@@ -212,7 +272,7 @@ def test_scheduler_creates_runs(stack: Stack):
         ).apply()
 
     async def unpause(client):
-        await client.resume_deployment(deployment_id)  # active only now: the served runner never sees it
+        await client.resume_deployment(deployment_id)  # on no work pool: no worker runs what it schedules
 
     stack.prefect(unpause)
     scheduled: list = []
@@ -253,27 +313,28 @@ def _idle(ray_status: str) -> bool:
 def test_cancelled_run_is_killed_everywhere(stack: Stack):
     from prefect.states import Cancelling
 
-    flow_run = _run_deployment(stack, "train-family/demo", {
-        "variants": ["phi=-9"], "overrides": {"schedule": {"epochs": 200, "patience": None}}})
+    t0 = time.time()
+    flow_run = _run_deployment(stack, "train-family/demo", LONG_RUN)
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
-    exp = c.get_experiment_by_name("efficientnet-family").experiment_id
     run = None
     deadline = time.time() + 300
     while time.time() < deadline:
-        runs = c.search_runs([exp], filter_string=f"tags.prefect_flow_run_id = '{flow_run.id}'")
+        runs = _mlflow_runs_of(stack, flow_run.id)
         if runs and c.get_metric_history(runs[0].info.run_id, "train_loss"):
             run = runs[0]
             break
         time.sleep(2)
     assert run is not None, "training did not start"
+    first_step = float(c.get_run(run.info.run_id).data.tags["first_step_unix"])
+    print(f"\nprefect deployment run -> first training step (second run): {first_step - t0:.1f} s")
 
     stack.prefect(lambda client: client.set_flow_run_state(flow_run.id, Cancelling(), force=True))
     finished = _wait_final(stack, flow_run.id, timeout=180)
-    # Cancelled; or Crashed when the flow's process did not acknowledge the runner's cancel intent within
-    # Prefect's 1 s (a loaded machine): the runner then terminates it the crash way. The job's own record
+    # Cancelled; or Crashed when the flow's process did not acknowledge the worker's cancel intent within
+    # Prefect's 1 s (a loaded machine): the worker then terminates it the crash way. The job's own record
     # below is the same either way.
     assert finished.state.is_cancelled() or finished.state.is_crashed(), finished.state
-    # The runner sets Cancelled as it signals the flow's process; the job records itself a moment later.
+    # The worker sets Cancelled as it signals the flow's process; the job records itself a moment later.
     deadline = time.time() + 30
     while c.get_run(run.info.run_id).info.status == "RUNNING" and time.time() < deadline:
         time.sleep(1)
@@ -294,8 +355,13 @@ def test_cancelled_run_is_killed_everywhere(stack: Stack):
 
 
 def test_stop_leaves_nothing_and_the_data_dir_works_without_the_stack(stack: Stack):
-    pids = stack.service_pids()
-    assert pids
+    # A run in flight: the worker starts it in a session of its own, which stop must reach too.
+    flow_run = _wait_state(stack, _run_deployment(stack, "train-family/demo", LONG_RUN).id, "RUNNING", timeout=180)
+    pids, run_pid = stack.service_pids(), int(flow_run.infrastructure_pid)
+    assert run_pid in pids, (run_pid, pids)
+    assert os.getsid(run_pid) != os.getsid(int((stack.root / "run" / "worker.pid").read_text()))
+    outside = [entry for entry in _listeners(pids) if not _loopback(entry[0])]
+    assert not outside, f"listening beyond loopback while a run trains: {outside}"
     stopped = stack.script("stop")
     assert stopped.returncode == 0, stopped.stderr
     gone = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)[1]

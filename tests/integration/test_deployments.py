@@ -1,25 +1,90 @@
-"""The deployments users run (`prefect deployment run train-family/b0-b7`) exist with the nightly schedule."""
+"""The deployments users run (`prefect deployment run train-family/b0-b7`) exist with the nightly schedule, both
+as `effnet serve` registers them and as `effnet deploy` puts them on a `process` work pool (the stack's way)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from flows.deployments import DEPLOYMENTS, NIGHTLY_CRON, TIMEZONE, build_deployments
+import pytest
+
+import models
+from flows.deployments import DEPLOYMENTS, NIGHTLY_CRON, TIMEZONE, build_deployments, deploy_all, select_specs
+from pipelines.settings import PROJECT_ROOT
+from pipelines.training.recipe import load_recipe
+
+POOL = "effnet-test"
 
 
-def test_deployments_register_with_schedule(prefect_server):
+def _read(name: str):
     from prefect.client.orchestration import get_client
 
-    ids = [d.apply() for d in build_deployments()]
-    assert len(ids) == len(DEPLOYMENTS)
-
-    async def read(name):
+    async def read():
         async with get_client() as client:
             return await client.read_deployment_by_name(name)
 
-    b0_b7 = asyncio.run(read("train-family/b0-b7"))
+    return asyncio.run(read())
+
+
+def _create_process_pool(name: str) -> None:
+    """A `process` work pool with the worker type's own job template, as `prefect work-pool create` makes it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    async def create():
+        async with get_client() as client:
+            try:
+                await client.create_work_pool(WorkPoolCreate(
+                    name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+            except ObjectAlreadyExists:
+                pass
+
+    asyncio.run(create())
+
+
+def test_deployments_register_with_schedule(prefect_server):
+    ids = [d.apply() for d in build_deployments()]
+    assert len(ids) == len(DEPLOYMENTS)
+
+    b0_b7 = _read("train-family/b0-b7")
     assert b0_b7.parameters["variants"] == [f"efficientnet_b{i}" for i in range(8)]
     (sched,) = b0_b7.schedules
     assert sched.schedule.cron == NIGHTLY_CRON and sched.schedule.timezone == TIMEZONE and sched.active
-    demo = asyncio.run(read("train-family/demo"))
+    demo = _read("train-family/demo")
     assert not demo.schedules
+
+
+def test_v2_family_names_real_variants_and_recipe():
+    (spec,) = select_specs(["train-family/v2-s-m-l"])
+    assert spec.parameters["variants"] == ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
+    assert set(spec.parameters["variants"]) <= set(models.list_models())
+    assert load_recipe(spec.parameters["recipe"]).progressive.enabled
+    assert not spec.nightly  # the nightly schedule stays on b0-b7 alone
+    with pytest.raises(ValueError, match="unknown deployment train-family/b9"):
+        select_specs(["train-family/b9"])
+
+
+def test_deploy_puts_every_deployment_on_the_work_pool(prefect_server):
+    _create_process_pool(POOL)
+    ids = deploy_all(POOL)
+    assert len(ids) == len(DEPLOYMENTS)
+
+    for spec in DEPLOYMENTS:
+        d = _read(spec.full_name)
+        assert d.work_pool_name == POOL, spec.full_name
+        # The worker changes to this checkout and imports the flow's file from there: no image, no push.
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(PROJECT_ROOT)}}]
+        assert (PROJECT_ROOT / d.entrypoint.split(":")[0]).is_file(), d.entrypoint
+        assert d.enforce_parameter_schema  # the server refuses a run whose parameters do not fit the flow's types
+        assert bool(d.schedules) == spec.nightly, spec.full_name
+    v2 = _read("train-family/v2-s-m-l")
+    assert v2.parameters == {"variants": ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"],
+                             "recipe": "v2-progressive"}
+    assert v2.entrypoint == "flows/train_family.py:train_family"
+    assert v2.parameter_openapi_schema["properties"]["variants"]["type"] == "array"
+
+
+def test_deploy_to_a_missing_pool_says_so(prefect_server):
+    with pytest.raises(ValueError, match="Could not find work pool 'no-such-pool'"):
+        deploy_all("no-such-pool", ["train-family/demo"])

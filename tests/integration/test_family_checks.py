@@ -3,7 +3,6 @@ the run Failed at once, with one line naming the problem, no traceback in the ru
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
@@ -14,19 +13,7 @@ from pipelines.training import cluster
 from pipelines.training.job import run_training
 from pipelines.training.recipe import load_recipe
 
-
-def _run_logs(flow_run_id) -> list[str]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogHandler
-
-    APILogHandler().flush()
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-
-    return [log.message for log in asyncio.run(read())]
+from helpers import flow_run_logs
 
 
 def _runs(layout) -> list:
@@ -57,7 +44,7 @@ def test_bad_family_input_fails_at_once_in_one_line(case, staged_dataset, data_l
     assert state.is_failed()
     assert named in state.message and "\n" not in state.message, state.message
     assert time.time() - t0 < 60
-    logs = _run_logs(state.state_details.flow_run_id)
+    logs = flow_run_logs(state.state_details.flow_run_id)
     assert any(named in line for line in logs), logs
     assert not any("Traceback" in line for line in logs), logs
     assert _runs(data_layout_tmp) == []  # nothing trained, nothing half-started
@@ -79,5 +66,5 @@ def test_a_damaged_dataset_fails_the_family_before_ray(copy_staged, data_layout_
     state = train_family(["phi=-9"], recipe="demo", dataset_dir=str(copy_staged), data_dir=str(data_layout_tmp.root),
                          return_state=True)
     assert state.is_failed() and f"{shard.relative_to(copy_staged)} is missing" in state.message
-    assert not any("Traceback" in line for line in _run_logs(state.state_details.flow_run_id))
+    assert not any("Traceback" in line for line in flow_run_logs(state.state_details.flow_run_id))
     assert _runs(data_layout_tmp) == []

@@ -1,0 +1,190 @@
+"""`train-family` runs each variant as a Ray job of its own (the Jobs API) on the session's cluster: the variants
+train side by side; a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a
+second caller for a job that still runs waits on it rather than start another driver; a variant that fails for
+good leaves the others be and fails the run, naming it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from flows.train_family import FamilyFailed, plan_family, train_family
+from pipelines.training import submit
+from pipelines.training.job import TrainResult, job_key_for
+from pipelines.training.tracking import Tags
+
+from helpers import flow_run_logs
+
+# Each job needs 1 Ray worker x 1 CPU: two fit the session's 2-CPU cluster at once.
+EPOCHS = 3
+OVERRIDES = {"ray": {"num_workers": 1}, "schedule": {"epochs": EPOCHS, "patience": None}}
+PAIR = ["phi=-9", "phi=-8"]
+
+
+def _family(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES, **kwargs):
+    return train_family(variants, recipe="demo", dataset_dir=str(staged_dataset), data_dir=str(layout.root),
+                        overrides=overrides, return_state=True, **kwargs)
+
+
+def _keys(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES) -> dict[str, str]:
+    _, jobs = plan_family(variants, "demo", str(staged_dataset), str(layout.root), overrides)
+    return {variant: job_key_for(recipe, staged_dataset) for variant, recipe in jobs}
+
+
+def _jobs_client(ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+
+
+def _ray_jobs(client, field: str, value: str) -> list:
+    return [j for j in client.list_jobs() if (j.metadata or {}).get(field) == value]
+
+
+def _runs_of(layout, key: str) -> list:
+    c = MlflowClient(tracking_uri=layout.tracking_uri)
+    exp = c.get_experiment_by_name("efficientnet-family")
+    return c.search_runs([exp.experiment_id], filter_string=f"tags.{Tags.JOB_KEY} = '{key}'") if exp else []
+
+
+def test_variants_train_side_by_side_as_ray_jobs(staged_dataset, data_layout_tmp, prefect_server, ray_cluster):
+    state = _family(staged_dataset, data_layout_tmp)
+    assert state.is_completed(), state.message
+    rows = state.result()
+    assert [(r["variant"], r["status"]) for r in rows] == [("efficientnet_b0_phi-9", "trained"),
+                                                           ("efficientnet_b0_phi-8", "trained")]
+
+    flow_run_id = str(state.state_details.flow_run_id)
+    jobs = _ray_jobs(_jobs_client(ray_cluster), submit.FLOW_RUN_FIELD, flow_run_id)
+    assert len(jobs) == 2 and all(j.status == "SUCCEEDED" for j in jobs), jobs
+    assert max(j.start_time for j in jobs) < min(j.end_time for j in jobs), "the two Ray jobs did not overlap"
+
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
+    for row in rows:
+        assert c.get_model_version(row["registered_model"], row["version"]).run_id == row["run_id"]
+        assert c.get_run(row["run_id"]).data.tags[Tags.FLOW_RUN] == flow_run_id
+    # The drivers' progress lines reach the flow run's log, one per epoch per variant.
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    for row in rows:
+        for epoch in range(1, EPOCHS + 1):
+            assert sum(line.startswith(f"{row['variant']} epoch {epoch}/{EPOCHS}") for line in logs) == 1, logs
+
+
+def _stop_once_resumable(layout, client, key: str, done: threading.Event, stopped: list) -> None:
+    """Stop the key's running Ray job once an epoch is logged and Ray Train's snapshot lists its checkpoint (the
+    file a relaunched driver resumes from; rank 0 logs the epoch as soon as the checkpoint is persisted, a moment
+    before Ray Train records it there)."""
+    c = MlflowClient(tracking_uri=layout.tracking_uri)
+    while not done.is_set():
+        runs = _runs_of(layout, key)
+        if runs and (layout.ray_storage / runs[0].data.tags[Tags.JOB_NAME] / "checkpoint_manager_snapshot.json"
+                     ).exists() and c.get_metric_history(runs[0].info.run_id, "train_loss"):
+            for job in _ray_jobs(client, submit.KEY_FIELD, key):
+                if job.status == "RUNNING":
+                    client.stop_job(job.submission_id)
+                    stopped.append(job.submission_id)
+                    return
+        time.sleep(0.2)
+
+
+def test_a_stopped_job_is_resubmitted_and_resumes(staged_dataset, data_layout_tmp, prefect_server, ray_cluster):
+    epochs = 6  # room to stop it after its first epoch and before its last
+    overrides = {**OVERRIDES, "schedule": {"epochs": epochs, "patience": None}}
+    key = _keys(staged_dataset, data_layout_tmp, overrides=overrides)["phi=-8"]
+    client = _jobs_client(ray_cluster)
+    done, stopped = threading.Event(), []
+    stopper = threading.Thread(target=_stop_once_resumable,
+                               args=(data_layout_tmp, client, key, done, stopped), daemon=True)
+    stopper.start()
+    try:
+        state = _family(staged_dataset, data_layout_tmp, overrides=overrides, retries=1, retry_delay_seconds=1)
+    finally:
+        done.set()
+        stopper.join(timeout=10)
+    assert stopped, "the job was not stopped: it finished before its first epoch was seen?"
+    assert state.is_completed(), state.message
+    rows = {r["variant"]: r for r in state.result()}
+    assert rows["efficientnet_b0_phi-9"]["status"] == "trained" and not rows["efficientnet_b0_phi-9"]["resumed"]
+    resumed = rows["efficientnet_b0_phi-8"]
+    assert resumed["status"] == "trained" and resumed["resumed"] and resumed["epochs_run"] == epochs
+
+    jobs = [j for j in _ray_jobs(client, submit.KEY_FIELD, key)
+            if j.metadata[submit.FLOW_RUN_FIELD] == str(state.state_details.flow_run_id)]
+    assert sorted((j.submission_id, j.status) for j in jobs) == [
+        (stopped[0], "STOPPED"), (stopped[0].removesuffix("__1") + "__2", "SUCCEEDED")], jobs
+    runs = _runs_of(data_layout_tmp, key)
+    assert [r.info.run_id for r in runs] == [resumed["run_id"]]  # the same MLflow run, appended to
+    assert 0 < int(runs[0].data.tags[Tags.RESUMED_AT_EPOCH]) < epochs
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
+    for metric in ("train_loss", "minival_top1"):
+        steps = sorted(m.step for m in c.get_metric_history(resumed["run_id"], metric))
+        assert steps == list(range(epochs)), f"{metric}: not one point per epoch: {steps}"
+
+
+def test_a_second_caller_reattaches_to_the_running_job(staged_dataset, data_layout_tmp, ray_cluster):
+    _, [(_, recipe)] = plan_family(["phi=-9"], "demo", str(staged_dataset), str(data_layout_tmp.root), OVERRIDES)
+    key = job_key_for(recipe, staged_dataset)
+    client = _jobs_client(ray_cluster)
+    results: dict[str, TrainResult] = {}
+    said: dict[str, list[str]] = {"first": [], "retry": [], "rerun": []}
+
+    def train(name: str, flow_run_id: str) -> None:
+        results[name] = submit.train_on_cluster(recipe, staged_dataset, data_layout_tmp, flow_run_id,
+                                                emit=said[name].append, poll_s=0.5)
+
+    first = threading.Thread(target=train, args=("first", "flow-run-a"), daemon=True)
+    first.start()
+    deadline = time.time() + 300
+    while not any(j.status == "RUNNING" for j in _ray_jobs(client, submit.KEY_FIELD, key)):
+        assert first.is_alive() and time.time() < deadline, said["first"][-20:]
+        time.sleep(0.5)
+    # A Prefect retry of the same flow run, and a rerun of the flow, while the job runs.
+    others = [threading.Thread(target=train, args=args, daemon=True)
+              for args in (("retry", "flow-run-a"), ("rerun", "flow-run-b"))]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(timeout=600)
+    assert set(results) == {"first", "retry", "rerun"}, said
+    assert len({r.run_id for r in results.values()}) == 1
+    # The session's cluster keeps the Ray jobs of earlier tests, of the same key too: only these callers' count.
+    jobs = [j for j in _ray_jobs(client, submit.KEY_FIELD, key)
+            if j.metadata[submit.FLOW_RUN_FIELD] in ("flow-run-a", "flow-run-b")]
+    assert [(j.submission_id, j.status) for j in jobs] == [(submit.submission_id(key, "flow-run-a", 1), "SUCCEEDED")]
+    for name in ("retry", "rerun"):
+        assert any(line.startswith("reattaching to Ray job") for line in said[name]), said[name]
+    assert len(_runs_of(data_layout_tmp, key)) == 1
+
+
+def test_a_failed_variant_leaves_the_others_and_fails_the_run(staged_dataset, data_layout_tmp, prefect_server,
+                                                              ray_cluster, monkeypatch):
+    calls: list[float] = []
+
+    def train_on_cluster(recipe, dataset_dir, layout, flow_run_id, emit):
+        if recipe.model.phi == -8:
+            calls.append(recipe.model.phi)
+            raise submit.JobFailed("Ray job x__2 failed: RuntimeError: out of luck")
+        return TrainResult(variant="efficientnet_b0_phi-9", run_id="r1", job_name="j", registered_model="m",
+                           version="1", champion=True, best_epoch=1, epochs_run=2, stopped_early=False,
+                           minival_top1=50.0, val_top1=40.0, val_top5=90.0, params=1234, resumed=False)
+
+    monkeypatch.setattr(submit, "train_on_cluster", train_on_cluster)
+    state = _family(staged_dataset, data_layout_tmp, retries=1, retry_delay_seconds=0)
+    assert state.is_failed()
+    assert state.message == "1 of 2 variant(s) failed: phi=-8 (Ray job x__2 failed: RuntimeError: out of luck)"
+    assert len(calls) == 2  # tried, then retried once
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, FamilyFailed)
+    assert [(r["variant"], r["status"]) for r in error.rows] == [("efficientnet_b0_phi-9", "trained"),
+                                                                 ("phi=-8", "failed")]
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    table = next(line for line in logs if "val top-1" in line and "status" in line).strip().splitlines()
+    assert table[1].split()[0] == "efficientnet_b0_phi-9" and table[1].endswith("trained")
+    assert table[2].split()[:2] == ["phi=-8", "-"] and table[2].endswith("failed: " + error.rows[1]["reason"])
+
+
+def test_negative_retries_are_bad_input(staged_dataset, data_layout_tmp, prefect_server):
+    state = _family(staged_dataset, data_layout_tmp, retries=-1)
+    assert state.is_failed() and "retries (-1)" in state.message and "\n" not in state.message
