@@ -3,6 +3,9 @@
 Modules, in the order a job uses them:
 - `recipe`: the one typed recipe schema; `recipes/*.yaml` mirror it (a recipe may `extend` another).
 - `cluster`: joining the Ray cluster (or starting a local one on 127.0.0.1) and checking a job fits it.
+- `sizing`: the micro-batch that fits a worker's device memory and the gradient accumulation that makes the
+  recipe's batch.
+- `submit`: a job as a Ray job on the cluster (Jobs API), found again by its key: what the family flow runs.
 - `job`: `run_training`, the driver: MLflow run, Ray Train's TorchTrainer, val on the chosen checkpoint,
   registration.
 - `worker`: `train_worker`, the loop on every Ray worker: epochs, minival, early stopping, checkpoints.
