@@ -23,6 +23,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.failures import failed_run
 from pipelines.dataset import DataError
 from pipelines.staging import runners
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
@@ -109,16 +110,27 @@ def stage_imagenet(
     progress_bar: bool = False, formats: list[str] = list(DEFAULTS.formats), processes: bool = False,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> str:
-    """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`.
+    """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`; returns
+    the dataset version directory. Rerunning reuses everything finished. The Args are what the Prefect UI's run
+    form shows beside each field.
 
-    `minival` >= 1 is a whole number of images held out of train; below 1 it is a fraction of each class. A
-    minival that leaves a class fewer than `min_train_per_class` train images is refused (0 allows it).
-    `base_version`: "auto" stages images added since the latest version as a new version on top of it (same
-    minival, its shards reused); a version name grows that one; null stages in full. `workers`: units decoded at
-    once (default, null: all cores); `processes`: in worker processes rather than threads (for many cores).
-    `progress_bar`: draw a tqdm bar on stderr (the CLI sets it on a terminal). `formats`: extra files beside the
-    shards ("ffcv" .beton per tier and split, "dali" shard indexes). Returns the dataset version directory.
-    Rerunning reuses everything finished.
+    Args:
+        source: The ILSVRC2012 archives' directory, an extracted tree, or a Kaggle layout.
+        out: The datasets directory; the version is staged under out/<version>.
+        tiers: Shorter-side sizes (px) to write the shards at, one set of shards per tier.
+        shard_size: Images per WebDataset shard.
+        minival: Held out of train for early stopping: >= 1 a whole number of images, below 1 a fraction of each
+            class.
+        seed: Seed of the minival draw and the shard order.
+        jpeg_quality: JPEG quality of the resized images.
+        max_bad_fraction: The largest fraction of undecodable images skipped before the run fails.
+        base_version: "auto" stages the images added since the latest version as a new version on top of it (same
+            minival, its shards reused); a version name grows that one; empty stages in full.
+        workers: Units decoded at once; empty for all cores.
+        progress_bar: Draw a progress bar on stderr (the CLI sets it on a terminal).
+        formats: Extra files beside the shards: "ffcv" (.beton per tier and split), "dali" (shard indexes).
+        processes: Decode in worker processes rather than threads (for many cores).
+        min_train_per_class: A minival that leaves a class fewer train images than this is refused (0 allows it).
     """
     logger = get_run_logger()
     t0 = time.time()
@@ -137,7 +149,6 @@ def stage_imagenet(
     except BAD_INPUT as exc:
         # Bad input: a failed run with a one-line reason (the exception is raised to a direct caller), not a
         # traceback in the log.
-        logger.error("%s", exc)
-        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
+        return failed_run(logger, exc)  # type: ignore[return-value]
     logger.info("dataset ready in %.1f s: %s", time.time() - t0, dest)
     return str(dest)

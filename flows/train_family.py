@@ -15,8 +15,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
 
+from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import data_layout
 from pipelines.training import cluster, submit
@@ -101,13 +101,20 @@ def train_family(
     variants: list[str], recipe: str = "v1", dataset_dir: str | None = None, data_dir: str | None = None,
     overrides: dict | None = None, retries: int = 1, retry_delay_seconds: float = 10,
 ) -> list[dict]:
-    """Train each variant with one recipe on one staged dataset version (default: the latest staged one), all at
-    once; returns one row per variant (its TrainResult's fields and "status": "trained", or "status": "failed"
-    and "reason").
+    """Train each variant with one recipe on one staged dataset version, all at once; returns one row per variant
+    (its TrainResult's fields and "status": "trained", or "status": "failed" and "reason").
 
-    `recipe` is a recipe name (v1, v2-progressive, demo, ...) or a path to a recipe YAML file; `overrides` maps
-    recipe sections to fields, e.g. {"schedule": {"epochs": 3}}. A variant whose job fails is tried `retries`
-    more times, `retry_delay_seconds` apart, resuming from its checkpoints.
+    The Args are what the Prefect UI's run form shows beside each field.
+
+    Args:
+        variants: Members of the family: registered variants (efficientnet_b0 ... efficientnet_b7, efficientnet_v2_s,
+            ...) or "phi=N", B0 compound-scaled by phi N (e.g. "phi=-3", "phi=1.5").
+        recipe: A recipe name (v1, v2-progressive, demo, demo-progressive) or the path of a recipe YAML file.
+        dataset_dir: A staged dataset version directory; empty for the latest one staged in the data directory.
+        data_dir: The data directory (stores, checkpoints, datasets); empty for EFFNET_DATA_DIR or ./data.
+        overrides: Recipe fields to change, by section, e.g. {"schedule": {"epochs": 3}}.
+        retries: How many more times a variant whose job fails is tried, resuming from its checkpoints (>= 0).
+        retry_delay_seconds: Seconds between a failed try and the next (>= 0).
     """
     logger = get_run_logger()
     layout = data_layout(data_dir)
@@ -121,8 +128,7 @@ def train_family(
     except BAD_INPUT as exc:
         # Bad input: one line in the run's log and a Failed run with that message, no traceback (a direct
         # caller, such as `effnet family`, gets the exception raised).
-        logger.error("%s", exc)
-        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
+        return failed_run(logger, exc)  # type: ignore[return-value]
     logger.info("training %d variant(s) on %s: %s", len(jobs), dataset.name, ", ".join(v for v, _ in jobs))
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = [train.submit(variant, tuned, str(dataset), data_dir) for variant, tuned in jobs]
@@ -147,5 +153,5 @@ def train_family(
     if failed:
         message = (f"{len(failed)} of {len(rows)} variant(s) failed: "
                    + "; ".join(f"{variant} ({row['reason']})" for variant, row in failed))
-        return Failed(message=message, data=FamilyFailed(message, rows))  # type: ignore[return-value]
+        return failed_run(logger, FamilyFailed(message, rows))  # type: ignore[return-value]
     return rows

@@ -71,13 +71,16 @@ command_of() {  # name -> the service's command line
     mlflow) echo "$BIN/mlflow" server --backend-store-uri "sqlite:///$DATA/mlflow/mlflow.db" \
       --default-artifact-root "$DATA/mlflow/artifacts" --no-serve-artifacts --host 127.0.0.1 --port "$MLFLOW_PORT" ;;
     # --block keeps one parent for every Ray process: its pid stops them all, and status can trust it.
-    ray) echo "$BIN/ray" start --head --block --port "$RAY_PORT" --include-dashboard=true \
+    # No preemption watcher (Ray Train starts one per run, an actor polling for nodes being drained): on one
+    # machine there is nothing to drain, and its start is on the way to every job's first step.
+    ray) echo env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 "$BIN/ray" start --head --block --port "$RAY_PORT" --include-dashboard=true \
       --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --ray-client-server-port "$RAY_CLIENT_PORT" \
       --dashboard-agent-listen-port "$RAY_AGENT_PORT" --disable-usage-stats ;;
     # The worker runs each flow run with its own python (this venv's) and environment (the stack's, exported
     # above); RAY_ADDRESS names the head, as stack.json does for `effnet` commands. No pool creation (ensure_pool
-    # does that) and no package installs.
-    worker) echo env "RAY_ADDRESS=127.0.0.1:$RAY_PORT" "$BIN/prefect" worker start --pool "$WORK_POOL" \
+    # does that) and no package installs. It polls every 2 s (Prefect's default: 10 s), so that a run starts
+    # within seconds of `prefect deployment run`; on a local server the polls cost nothing.
+    worker) echo env "RAY_ADDRESS=127.0.0.1:$RAY_PORT" PREFECT_WORKER_QUERY_SECONDS=2 "$BIN/prefect" worker start --pool "$WORK_POOL" \
       --name "$WORKER_NAME" --no-create-pool-if-not-found --install-policy never ;;
   esac
 }

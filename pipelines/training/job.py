@@ -164,6 +164,14 @@ def _abortable_trainer(*args: Any, **kwargs: Any) -> Any:
             self.controller = controller
             super()._register_sigint_handler(controller)
 
+        # NOTE: Ray 2.60 starts a DatasetManager actor for every run, also one without Ray Datasets (ours have
+        # their own loaders): one more process, importing Ray Data, on the way to the first step.
+        def _create_default_callbacks(self) -> list[Any]:
+            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
     return AbortableTorchTrainer(*args, **kwargs)
 
 

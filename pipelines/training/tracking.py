@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import mlflow
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# mlflow is imported where it is used: it takes ~1.4 s (pandas with it), paid by every process that imports this
+# module (each Ray Train worker and controller unpickling the training loop), while only rank 0 logs.
 
 EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared side by side
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
@@ -52,12 +53,17 @@ def registered_name(variant_slug: str) -> str:
 
 
 def client(tracking_uri: str) -> MlflowClient:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def experiment_id(c: MlflowClient, artifact_root: str | None = None, name: str = EXPERIMENT) -> str:
+    from mlflow.exceptions import MlflowException
+
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -71,11 +77,13 @@ def start_run(
     c: MlflowClient, exp_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
 ) -> str:
     """Create the run of a new training job and log its flattened, resolved config as params."""
+    from mlflow.entities import Param
+
     run = c.create_run(exp_id, run_name=run_name, tags=dict(tags))
     flat = flatten(params)
     items = list(flat.items())
     for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-        c.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
+        c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in items[i : i + 100]])
     return run.info.run_id
 
 
@@ -91,6 +99,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -117,6 +127,7 @@ def register_best_checkpoint(
     retry starts clean; a run whose model is already registered (the process died after registering) is not
     registered twice.
     """
+    import mlflow
     import mlflow.pytorch
 
     c = client(tracking_uri)
@@ -155,6 +166,8 @@ def register_best_checkpoint(
 
 
 def _registered_model(c: MlflowClient, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.get_registered_model(name)
     except MlflowException:
@@ -162,6 +175,8 @@ def _registered_model(c: MlflowClient, name: str) -> Any:
 
 
 def _beats_champion(c: MlflowClient, name: str, val_top1: float, dataset_version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
     try:
         champ = c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:

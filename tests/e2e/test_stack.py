@@ -1,8 +1,8 @@
-"""The product as users run it, on the real servers: `infra/local-stack.sh start` (what `make up` runs: Prefect
+"""The product as users run it, on the real servers: `make up` (`infra/local-stack.sh start`: Prefect
 server, MLflow server, Ray head, the `effnet` process work pool and its worker, the deployments deployed to it),
 staging through the stack, `prefect deployment run train-family/demo` through the Prefect client, run by the
 pool's worker, registered models checked on the MLflow server, bad input failing the run at once, the scheduler
-creating runs, a cancelled run, then `stop` while a run trains: no process left (the worker's flow runs, which
+creating runs, a cancelled run, then `make down` while a run trains: no process left (the worker's flow runs, which
 have sessions of their own, included), nothing listening outside loopback, and the data directory usable
 without it.
 
@@ -63,6 +63,11 @@ class Stack:
         return subprocess.run(["bash", str(STACK), action], env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
+    def make(self, target: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """`make up` / `make status` / `make down`, as the README has users run them (setup is a no-op here)."""
+        return subprocess.run(["make", "-s", "-C", str(PROJECT_ROOT), target], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
     def effnet(self, *args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run([str(EFFNET), *args], env=env or self.env, capture_output=True, text=True,
                               timeout=timeout)
@@ -97,7 +102,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("stack") / "data")
-    started = s.script("start")
+    started = s.make("up")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         yield s
@@ -144,6 +149,12 @@ def _wait_state(stack: Stack, flow_run_id: Any, state: str, timeout: float) -> A
     raise AssertionError(f"flow run {flow_run_id} not {state} within {timeout} s (state {run.state})")
 
 
+def _of_run(flow_run_id: Any) -> Any:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    return LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+
+
 def _mlflow_runs_of(stack: Stack, flow_run_id: Any) -> list:
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     exp = c.get_experiment_by_name("efficientnet-family")
@@ -152,12 +163,12 @@ def _mlflow_runs_of(stack: Stack, flow_run_id: Any) -> list:
 
 
 def test_start_is_honest_and_binds_loopback_only(stack: Stack):
-    status = stack.script("status")
+    status = stack.make("status")
     assert status.returncode == 0, status.stdout
     for name in SERVICES:
         assert f"{name}: running" in status.stdout, status.stdout
     assert f"deployments: on work pool {WORK_POOL}" in status.stdout, status.stdout
-    again = stack.script("start")  # a second start says what runs and changes nothing
+    again = stack.make("up")  # a second start says what runs and changes nothing
     assert again.returncode == 0, again.stderr
     assert all(f"{name}: already running" in again.stdout for name in SERVICES), again.stdout
     assert f"deployments: already on work pool {WORK_POOL}" in again.stdout, again.stdout
@@ -218,16 +229,17 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
         assert mv.source.startswith("models:/m-"), mv.source
         assert c.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == run.info.run_id
     first_step = min(float(r.data.tags["first_step_unix"]) for r in runs)
-    print(f"\nprefect deployment run -> first training step: {first_step - t0:.1f} s")
+    flow_start = finished.start_time.timestamp()
+    job_start = min(r.info.start_time / 1000 for r in runs)  # the Ray job's driver created its MLflow run
+    print(f"\nprefect deployment run -> first training step: {first_step - t0:.1f} s (flow run started "
+          f"{flow_start - t0:.1f} s, a driver's MLflow run {job_start - t0:.1f} s)")
     spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
     overlap = spans[0][1] - spans[1][0]
     print("members " + ", ".join(f"{a - t0:.0f}-{b - t0:.0f} s" for a, b in spans)
           + (f": overlapping {overlap:.0f} s" if overlap > 0 else ": one after the other"))
 
     # One progress line per epoch per variant in the Prefect run's log.
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    logs = stack.prefect(lambda c: c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id]))))
+    logs = stack.prefect(lambda c: c.read_logs(_of_run(flow_run.id)))
     lines = [log.message for log in logs]
     for variant in ("efficientnet_b0_phi-9", "efficientnet_b0_phi-7"):
         for epoch in range(1, EPOCHS + 1):
@@ -242,6 +254,15 @@ def test_bad_input_fails_the_run_at_once_or_is_refused(stack: Stack):
     message = finished.state.message or ""
     assert "unknown model 'efficientnet_b99'" in message and "\n" not in message, message
     assert not _mlflow_runs_of(stack, flow_run.id)  # not even the valid member started
+    # The run's log says why in one line, and holds no traceback (the engine's re-raise of it is not logged).
+    # Its process sends its last lines as it exits, the engine's report of the exception among them.
+    logs: list[str] = []
+    deadline = time.time() + 30
+    while not any("Finished in state Failed" in line for line in logs) and time.time() < deadline:
+        time.sleep(2)
+        logs = [log.message for log in stack.prefect(lambda c: c.read_logs(_of_run(flow_run.id)))]
+    assert logs.count(message) == 1, logs
+    assert not [line for line in logs if "Traceback" in line or "unexpected exception" in line], logs
 
     # A wrongly typed parameter (a string for the list of variants): the server's schema refuses the run, as the
     # UI's form does.
@@ -362,12 +383,12 @@ def test_stop_leaves_nothing_and_the_data_dir_works_without_the_stack(stack: Sta
     assert os.getsid(run_pid) != os.getsid(int((stack.root / "run" / "worker.pid").read_text()))
     outside = [entry for entry in _listeners(pids) if not _loopback(entry[0])]
     assert not outside, f"listening beyond loopback while a run trains: {outside}"
-    stopped = stack.script("stop")
+    stopped = stack.make("down")
     assert stopped.returncode == 0, stopped.stderr
     gone = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)[1]
     assert not gone, f"still alive after stop: {[(p.pid, p.name()) for p in gone]}"
     assert not (stack.root / "stack.json").exists()
-    status = stack.script("status")
+    status = stack.make("status")
     assert status.returncode != 0 and all(f"{n}: stopped" in status.stdout for n in SERVICES), status.stdout
 
     # Without the stack: the same data directory, the SQLite store and a local Ray (one epoch of one variant).

@@ -83,6 +83,11 @@ def test_deploy_puts_every_deployment_on_the_work_pool(prefect_server):
                              "recipe": "v2-progressive"}
     assert v2.entrypoint == "flows/train_family.py:train_family"
     assert v2.parameter_openapi_schema["properties"]["variants"]["type"] == "array"
+    # The UI's run form describes every field (from the flow's docstring).
+    for spec in DEPLOYMENTS:
+        properties = _read(spec.full_name).parameter_openapi_schema["properties"]
+        undescribed = [name for name, prop in properties.items() if not prop.get("description")]
+        assert not undescribed, (spec.full_name, undescribed)
 
 
 def test_deploy_to_a_missing_pool_says_so(prefect_server):

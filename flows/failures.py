@@ -1,0 +1,36 @@
+"""A flow run that fails for a reason the flow has already put in one line: a Failed state, no traceback.
+
+A flow that returns a Failed state still has its exception raised by Prefect's engine when the run's process
+exits, which a work pool's process logs to the run as "Engine execution exited with unexpected exception" with
+the whole traceback under the one line that said why. That record, and only that one, is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect.states import Failed, State
+
+# The logger Prefect's engine reports a flow run's exceptions on (`prefect.logging.loggers.flow_run_logger`).
+FLOW_RUN_LOGGER = "prefect.flow_runs"
+
+
+class _AlreadyReported(logging.Filter):
+    """Drops log records that carry `exc` as their exception: the flow has logged it in its own words."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__()
+        self.exc = exc
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[1] is self.exc)
+
+
+def failed_run(logger: Any, exc: BaseException, message: str | None = None) -> State:
+    """Log `message` (default: the exception's text) as the run's one error line and return the Failed state
+    for the flow to return; a direct caller of the flow gets `exc` raised, as Prefect does."""
+    message = message or str(exc)
+    logger.error("%s", message)
+    logging.getLogger(FLOW_RUN_LOGGER).addFilter(_AlreadyReported(exc))
+    return Failed(message=message, data=exc)
