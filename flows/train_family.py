@@ -6,6 +6,10 @@ every variant is submitted at once, each as its own Ray job (`pipelines.training
 run, so the variants train side by side as far as the cluster's resources allow. A failed task is retried
 (`retries`): it reattaches to its Ray job if that still runs, else submits it again, and the job resumes from its
 checkpoints. A variant that fails for good does not stop the others; the run ends Failed, naming it.
+
+In MLflow the family is one parent run with its members' runs nested under it; the parent ends holding the
+comparison (`pipelines.training.compare`: plots, page, table), which is also the flow run's `family-summary`
+markdown artifact in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -14,20 +18,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import data_layout
-from pipelines.training import cluster, submit
+from pipelines.training import cluster, compare, submit, tracking
 from pipelines.training.job import TrainResult, job_key_for, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
+from pipelines.training.tracking import Tags
 
 # Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
 # fit the job.
 BAD_INPUT = (ValueError, FileNotFoundError, DataError)
 # A variant's status in the flow's rows and summary.
-TRAINED, FAILED = "trained", "failed"
+TRAINED, FAILED = compare.TRAINED, "failed"
 
 
 class FamilyFailed(RuntimeError):
@@ -39,13 +45,14 @@ class FamilyFailed(RuntimeError):
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{variant}")
-def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str | None) -> dict:
+def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str | None, tags: dict[str, str]) -> dict:
     """One job, as a Ray job that this task waits on (its log lines come into this task run's log); a retry or a
-    rerun of the flow reattaches to it while it runs, or resubmits it to resume (see `submit.train_on_cluster`)."""
+    rerun of the flow reattaches to it while it runs, or resubmits it to resume (see `submit.train_on_cluster`).
+    `tags` go on the job's MLflow run (the family's parent run)."""
     from prefect.runtime import flow_run
 
     result: TrainResult = submit.train_on_cluster(recipe, dataset_dir, data_layout(data_dir), str(flow_run.id),
-                                                  emit=get_run_logger().info)
+                                                  emit=get_run_logger().info, tags=tags)
     return asdict(result)
 
 
@@ -55,23 +62,6 @@ def variant_row(variant: str, outcome: dict | BaseException) -> dict:
         lines = str(outcome).strip().splitlines()
         return {"variant": variant, "status": FAILED, "reason": lines[0] if lines else type(outcome).__name__}
     return {**outcome, "status": TRAINED}
-
-
-def format_summary(rows: list[dict]) -> str:
-    """The side-by-side table; a failed variant's row has its status and reason, "-" for what it never got."""
-    cols = [("variant", "variant", "{}"), ("params", "params", "{:,}"), ("epochs", "epochs_run", "{}"),
-            ("best ep", "best_epoch", "{}"), ("minival top-1", "minival_top1", "{:.1f}"),
-            ("val top-1", "val_top1", "{:.1f}"), ("val top-5", "val_top5", "{:.1f}"),
-            ("registered", "registered_model", "{}"), ("version", "version", "{}"),
-            ("champion", "champion", "{}")]
-
-    def cells(r: dict) -> list[str]:
-        status = f"{FAILED}: {r['reason']}" if r["status"] == FAILED else r["status"]
-        return [fmt.format(r[k]) if k in r else "-" for _, k, fmt in cols] + [status]
-
-    table = [[h for h, _, _ in cols] + ["status"]] + [cells(r) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table)
 
 
 def plan_family(
@@ -130,8 +120,15 @@ def train_family(
         # caller, such as `effnet family`, gets the exception raised).
         return failed_run(logger, exc)  # type: ignore[return-value]
     logger.info("training %d variant(s) on %s: %s", len(jobs), dataset.name, ", ".join(v for v, _ in jobs))
+    from prefect.runtime import flow_run
+
+    title = f"train-family {flow_run.name}: {recipe} on {dataset.name}"
+    c = tracking.client(layout.tracking_uri)
+    parent = tracking.open_family_run(c, tracking.experiment_id(c, layout.artifact_root), str(flow_run.id),
+                                      title, {"variants": variants, "recipe": recipe, "dataset": dataset.name})
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    futures = [train.submit(variant, tuned, str(dataset), data_dir) for variant, tuned in jobs]
+    futures = [train.submit(variant, tuned, str(dataset), data_dir, {Tags.PARENT_RUN: parent})
+               for variant, tuned in jobs]
     try:
         outcomes = [f.result(raise_on_failure=False) for f in futures]
     except BaseException:
@@ -140,6 +137,7 @@ def train_family(
         # leaves them running; a rerun reattaches.)
         stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned in jobs])
         logger.warning("stopped Ray job(s): %s", ", ".join(stopped) or "none running")
+        c.set_terminated(parent, "KILLED")
         raise
     rows = [variant_row(variant, outcome) for (variant, _), outcome in zip(jobs, outcomes)]
     for (variant, _), row in zip(jobs, rows):
@@ -148,8 +146,12 @@ def train_family(
                         row["registered_model"], row["version"])
         else:
             logger.error("%s: failed: %s", variant, row["reason"])
-    print("\n" + format_summary(rows))
+    print("\n" + compare.to_text(rows))
     failed = [(variant, row) for (variant, _), row in zip(jobs, rows) if row["status"] == FAILED]
+    # The comparison on the parent MLflow run, the table as the flow run's artifact in the Prefect UI.
+    tracking.close_family_run(c, parent, rows, title, "FAILED" if failed else "FINISHED")
+    create_markdown_artifact(key="family-summary", markdown=f"## {title}\n\n{compare.to_markdown(rows)}",
+                             description="The family side by side (MLflow: the parent run's comparison/)")
     if failed:
         message = (f"{len(failed)} of {len(rows)} variant(s) failed: "
                    + "; ".join(f"{variant} ({row['reason']})" for variant, row in failed))

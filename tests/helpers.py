@@ -223,3 +223,18 @@ def flow_run_logs(flow_run_id: Any) -> list[str]:
             return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
     return [log.message for log in asyncio.run(read())]
+
+
+def flow_run_artifacts(flow_run_id: Any) -> dict[str, Any]:
+    """The Prefect artifacts a flow run created, by key (as the UI's Artifacts tab lists them)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a for a in asyncio.run(read())}

@@ -4,9 +4,10 @@ on val and registered in MLflow.
 
 Read `run_training` top to bottom: check the job (variant, dataset, cluster), start or resume its MLflow run
 (`_open_job`: a job is its variant, its whole recipe and the dataset version), fit, evaluate the chosen
-checkpoint on val (`_chosen_checkpoint`, `_evaluate_on_val`), register it (`_register`). Cancelling the caller
-(SIGTERM, Ctrl-C, a cancelled flow run) stops the workers and records the run KILLED (`_StopOnSigterm`,
-`_abort`); `EpochProgress` prints one line per epoch from MLflow while the job runs.
+checkpoint on val (`_chosen_checkpoint`, `_evaluate_on`), decide on minival whether it takes `champion`
+(`_promotion`), register it (`_register`). Cancelling the caller (SIGTERM, Ctrl-C, a cancelled flow run) stops
+the workers and records the run KILLED (`_StopOnSigterm`, `_abort`); `EpochProgress` prints one line per epoch
+from MLflow while the job runs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import logging
 import math
 import re
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from pipelines.loading import make_loader
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, tracking
+from pipelines.training.promotion import Promotion, decide_promotion
 from pipelines.training.recipe import Recipe
 from pipelines.training.sizing import BatchPlan, size_job
 from pipelines.training.tracking import Tags
@@ -67,6 +68,12 @@ class TrainResult:
     val_top5: float
     params: int
     resumed: bool
+    gmacs: float = 0.0  # at the eval resolution
+    train_resolution: int = 0
+    eval_resolution: int = 0
+    wall_clock_hours: float = 0.0  # every attempt's, from fit to registration
+    gpu_hours: float = 0.0  # wall-clock hours x GPU workers (0 on CPU)
+    promotion: str = ""  # the champion decision, one line
 
 
 def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
@@ -115,9 +122,12 @@ class _Job:
     run_id: str
     resumed: bool
     marker: Path
+    seconds_before: float = 0.0  # the wall-clock seconds of its earlier attempts (a resumed job)
 
-    def mark(self, status: str) -> None:
-        atomic_write_json(self.marker, {"job_name": self.name, "run_id": self.run_id, "status": status})
+    def mark(self, status: str, seconds: float = 0.0) -> None:
+        """Record the job's status and its wall-clock seconds so far (this attempt's `seconds` added)."""
+        atomic_write_json(self.marker, {"job_name": self.name, "run_id": self.run_id, "status": status,
+                                        "wall_clock_seconds": self.seconds_before + seconds})
 
 
 def _open_job(
@@ -130,7 +140,8 @@ def _open_job(
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None
     if previous is not None and previous.get("status") != "finished":
-        job = _Job(key, previous["job_name"], previous["run_id"], True, marker)
+        job = _Job(key, previous["job_name"], previous["run_id"], True, marker,
+                   float(previous.get("wall_clock_seconds", 0.0)))
         c.update_run(job.run_id, status="RUNNING")
         for k, v in tags.items():
             c.set_tag(job.run_id, k, v)
@@ -316,8 +327,10 @@ def run_training(
                     tags or {})
     trainer = _trainer(job, recipe, layout, dataset_dir, manifest, batches)
 
+    started = time.monotonic()
+
     def record(status: str) -> None:
-        job.mark(status)
+        job.mark(status, time.monotonic() - started)
         try:
             c.set_terminated(job.run_id, RUN_STATUS[status])
         except Exception:  # noqa: BLE001 (the tracking server may be what failed)
@@ -331,10 +344,12 @@ def run_training(
         if result.error is not None:
             raise RuntimeError(f"training job {job.name} failed: {result.error}") from result.error
         chosen = _chosen_checkpoint(result, job, recipe, manifest)
-        val = _evaluate_on_val(chosen.model, dataset_dir, spec, recipe)
+        val = _evaluate_on(chosen.model, dataset_dir, "val", spec, recipe)
         tracking.log_metrics(c, job.run_id, {f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
                              step=chosen.best_epoch)
-        out = _register(layout, job, recipe, spec, manifest, dataset_dir, chosen, val)
+        promotion = _promotion(c, chosen.model, dataset_dir, spec, recipe, manifest)
+        hours = (job.seconds_before + time.monotonic() - started) / 3600
+        out = _register(layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours)
     except BaseException as exc:
         if stop.exc is not None:
             # Stopped from outside (recorded as killed by the stop itself); whatever `fit` raised on the way
@@ -415,23 +430,40 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
     )
 
 
-def _evaluate_on_val(model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe) -> dict[str, float]:
-    """Val, once, on the chosen checkpoint only, in a Ray task with one worker's resources (a GPU on a GPU
-    cluster, where the driver may have none)."""
+def _evaluate_on(model: torch.nn.Module, dataset_dir: Path, split: str, spec: Any, recipe: Recipe) -> dict[str, float]:
+    """One split, whole, at the model's own eval resolution and crop, in a Ray task with one worker's resources
+    (a GPU on a GPU cluster, where the driver may have none)."""
     import ray
 
     task = ray.remote(evaluate_split).options(num_cpus=recipe.ray.cpus_per_worker,
                                               num_gpus=1 if recipe.ray.use_gpu else 0)
-    return ray.get(task.remote(model, str(dataset_dir), "val", spec.eval_resolution, spec.crop_ratio, recipe))
+    return ray.get(task.remote(model, str(dataset_dir), split, spec.eval_resolution, spec.crop_ratio, recipe))
+
+
+def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe,
+               manifest: dict[str, Any]) -> Promotion:
+    """The candidate and the current champion, each evaluated on this version's minival: champion or not."""
+
+    def minival_top1(m: torch.nn.Module, m_spec: Any) -> float:
+        return _evaluate_on(m, dataset_dir, "minival", m_spec, recipe)["top1"]
+
+    return decide_promotion(c, tracking.registered_name(spec.name), minival_top1(model, spec),
+                            manifest["num_classes"], minival_top1)
 
 
 def _register(
     layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
-    chosen: _Chosen, val: dict[str, float],
+    chosen: _Chosen, val: dict[str, float], promotion: Promotion, wall_clock_hours: float,
 ) -> TrainResult:
-    """The chosen checkpoint registered with the variant's tags and its preprocessing (see tracking)."""
+    """The chosen checkpoint registered with the variant's tags, its preprocessing and the promotion decision;
+    its size, cost and resolutions logged as metrics of the run too (what MLflow's compare view plots)."""
     model, resolution = chosen.model, spec.eval_resolution
-    params = count_params(model)
+    params, gmacs = count_params(model), count_gmacs(model, resolution)
+    gpu_hours = wall_clock_hours * recipe.ray.num_workers if recipe.ray.use_gpu else 0.0
+    tracking.log_metrics(tracking.client(layout.tracking_uri), job.run_id, {
+        "model_params": params, "gmacs": gmacs, "train_resolution": spec.train_resolution,
+        "eval_resolution": resolution, "wall_clock_hours": wall_clock_hours, "gpu_hours": gpu_hours,
+    }, step=chosen.best_epoch)
     preprocessing = {
         "input": "float32 NCHW RGB, normalised with mean/std below",
         "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resolution": resolution,
@@ -439,26 +471,26 @@ def _register(
         "classes": manifest["classes"],
     }
     tags = {
-        Tags.VARIANT: spec.name, Tags.PARAMS: params, Tags.GMACS: f"{count_gmacs(model, resolution):.4f}",
+        Tags.VARIANT: spec.name, Tags.PARAMS: params, Tags.GMACS: f"{gmacs:.4f}",
         Tags.TRAIN_RESOLUTION: spec.train_resolution, Tags.EVAL_RESOLUTION: resolution, Tags.RECIPE: recipe.name,
         Tags.DATASET_VERSION: manifest["version"], Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
         Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
         Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
         Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
+        **promotion.tags(),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        sd = Path(tmp) / "state_dict.pt"
-        torch.save({"state_dict": model.state_dict(), "model_args": chosen.model_args}, sd)
-        example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
-        name, version, champion = tracking.register_best_checkpoint(
-            layout.tracking_uri, job.run_id, model, spec.name, example, preprocessing, tags, val["top1"],
-            manifest["version"], sd,
-        )
+    example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
+    name, version, champion = tracking.register_best_checkpoint(
+        layout.tracking_uri, job.run_id, model, spec.name, example, preprocessing, tags, promotion.promote,
+        weights={"state_dict": model.state_dict(), "model_args": chosen.model_args},
+    )
     return TrainResult(
         variant=spec.name, run_id=job.run_id, job_name=job.name, registered_model=name, version=version,
         champion=champion, best_epoch=chosen.best_epoch, epochs_run=chosen.epochs_run,
         stopped_early=chosen.stopped_early, minival_top1=chosen.minival_top1, val_top1=val["top1"],
-        val_top5=val["top5"], params=params, resumed=job.resumed,
+        val_top5=val["top5"], params=params, resumed=job.resumed, gmacs=gmacs,
+        train_resolution=spec.train_resolution, eval_resolution=resolution, wall_clock_hours=wall_clock_hours,
+        gpu_hours=gpu_hours, promotion=promotion.reason,
     )
 
 

@@ -132,6 +132,8 @@ class RuntimeConfig(_Strict):
     channels_last: bool = True
     compile: bool = False
     torch_threads: int | None = Field(None, ge=1, description="per worker; default: cpus_per_worker")
+    system_metrics_seconds: float | None = Field(
+        10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) of each node sampled this often; null: off")
 
 
 class Recipe(_Strict):

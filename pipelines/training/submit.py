@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -98,13 +98,14 @@ def job_environment(layout: DataLayout) -> dict[str, str]:
 
 
 def entrypoint(layout: DataLayout, recipe_file: Path, dataset_dir: Path, result_file: Path, gcs_address: str,
-               flow_run_id: str) -> str:
+               flow_run_id: str, tags: Mapping[str, str] | None = None) -> str:
     # The cluster's address is given, not left to Ray's job supervisor: it names the cluster started last on the
     # head's machine (/tmp/ray/ray_current_cluster), which is another one where two clusters share a machine.
+    all_tags = {Tags.FLOW_RUN: flow_run_id, **(tags or {})}
     return shlex.join([
         sys.executable, "-m", "flows.cli", "--data-dir", str(layout.root), "train", "--recipe", str(recipe_file),
-        "--data", str(dataset_dir), "--ray-address", gcs_address, "--tag", f"{Tags.FLOW_RUN}={flow_run_id}",
-        "--result-file", str(result_file),
+        "--data", str(dataset_dir), "--ray-address", gcs_address,
+        *(arg for k, v in all_tags.items() for arg in ("--tag", f"{k}={v}")), "--result-file", str(result_file),
     ])
 
 
@@ -144,7 +145,7 @@ def _is_active(job: Any) -> bool:
 
 def train_on_cluster(
     recipe: Recipe, dataset_dir: str | Path, layout: DataLayout, flow_run_id: str,
-    emit: Callable[[str], None] = print, poll_s: float = POLL_S,
+    emit: Callable[[str], None] = print, poll_s: float = POLL_S, tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Run one training job as a Ray job, wait for it to end, and return its result.
 
@@ -168,7 +169,7 @@ def train_on_cluster(
             return read_result(result_path(layout, key, done[-1]))
         prepare_tracking(layout)
         sid = _submit(client, layout, key, recipe, dataset_dir, gcs_address, flow_run_id,
-                      next_attempt((j.submission_id for j in jobs), key, flow_run_id), emit)
+                      next_attempt((j.submission_id for j in jobs), key, flow_run_id), emit, tags)
     info, logs = wait_for_job(client, sid, emit, poll_s)
     if info.status != "SUCCEEDED":
         raise JobFailed(failure_reason(info, logs))
@@ -179,10 +180,10 @@ def train_on_cluster(
 
 
 def _submit(client: Any, layout: DataLayout, key: str, recipe: Recipe, dataset_dir: Path, gcs_address: str,
-            flow_run_id: str, attempt: int, emit: Callable[[str], None]) -> str:
+            flow_run_id: str, attempt: int, emit: Callable[[str], None], tags: Mapping[str, str] | None) -> str:
     sid = submission_id(key, flow_run_id, attempt)
     command = entrypoint(layout, write_recipe(layout, key, recipe), dataset_dir, result_path(layout, key, sid),
-                         gcs_address, flow_run_id)
+                         gcs_address, flow_run_id, tags)
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:

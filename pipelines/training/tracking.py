@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared side by side
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
+# Where a registered version's run keeps its plain weights: a state_dict and the arguments that rebuild the model
+# through `models`, read back without unpickling (`pipelines.training.promotion.load_registered_weights`).
+STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 
 
 class Tags:
@@ -26,7 +29,7 @@ class Tags:
 
     VARIANT = "variant"  # R V: the variant's slug, every override in it
     RECIPE = "recipe"  # R V
-    DATASET_VERSION = "dataset_version"  # R V: champion is compared within one dataset version only
+    DATASET_VERSION = "dataset_version"  # R V
     JOB_NAME = "job_name"  # R: the Ray Train run (its storage folder)
     JOB_KEY = "job_key"  # R: variant + recipe hash + dataset version; a rerun with the same key resumes
     RESUMED_AT_EPOCH = "resumed_at_epoch"  # R: set when workers restarted from a checkpoint
@@ -34,13 +37,20 @@ class Tags:
     FIRST_STEP = "first_step_unix"  # R: when the first training step ended (start-up latency)
     REGISTERED = "registered_version"  # R: "<name>/<version>" once the run's model is registered
     FLOW_RUN = "prefect_flow_run_id"  # R: the Prefect flow run that drove the job (the last, if resumed)
+    RUN_KIND = "run_kind"  # R: "family" on a family's parent run (its members' runs are nested under it)
+    PARENT_RUN = "mlflow.parentRunId"  # R: MLflow's own tag, which nests a member's run under the family's
     PARAMS = "params"  # V: parameter count
     GMACS = "gmacs"  # V: multiply-accumulates at the eval resolution
     TRAIN_RESOLUTION = "train_resolution"  # V
     EVAL_RESOLUTION = "eval_resolution"  # V
     MANIFEST_SHA256 = "manifest_sha256"  # V: the exact staged files it was trained and evaluated on
-    MINIVAL_TOP1 = "minival_top1"  # V: of the chosen checkpoint
-    VAL_TOP1 = "val_top1"  # V: champion moves on it
+    MINIVAL_TOP1 = "minival_top1"  # V: of the chosen checkpoint, as training measured it
+    VAL_TOP1 = "val_top1"  # V: reported, never used to choose (neither a checkpoint nor the champion)
+    # V: the promotion, decided on the candidate's dataset version's minival, where the champion is evaluated too
+    PROMOTION_TOP1 = "promotion_minival_top1"  # the candidate's top-1 there
+    CHAMPION_TOP1 = "champion_minival_top1"  # the champion's top-1 there ("none": no champion to compare with)
+    CHAMPION_BEFORE = "champion_before"  # the champion's version then ("none")
+    PROMOTION = "promotion"  # the decision and why, one line
     EPOCHS_RUN = "epochs_run"  # V
     BEST_EPOCH = "best_epoch"  # V: the chosen checkpoint's epoch
     EARLY_STOPPED_EPOCH = "early_stopped_epoch"  # V: "none" when the schedule ran to its end
@@ -98,6 +108,32 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+FAMILY_KIND = "family"
+
+
+def open_family_run(c: MlflowClient, exp_id: str, flow_run_id: str, run_name: str, params: Mapping[str, Any]) -> str:
+    """The parent run of one family flow run: its members' runs are nested under it (the tag `PARENT_RUN`), and
+    it holds the family's comparison. A retry of the same flow run finds it again rather than make a second."""
+    found = c.search_runs([exp_id], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
+                                                  f"tags.{Tags.RUN_KIND} = '{FAMILY_KIND}'", max_results=1)
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    return start_run(c, exp_id, run_name, params, {Tags.FLOW_RUN: flow_run_id, Tags.RUN_KIND: FAMILY_KIND})
+
+
+def close_family_run(c: MlflowClient, run_id: str, rows: list[dict[str, Any]], title: str, status: str) -> None:
+    """Log the family's comparison (PNG, HTML, CSV under `comparison/`) to its parent run and end the run."""
+    import tempfile
+
+    from pipelines.training.compare import write_comparison
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_comparison(rows, Path(tmp), title):
+            c.log_artifact(run_id, str(path), "comparison")
+    c.set_terminated(run_id, status)
+
+
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
@@ -113,14 +149,13 @@ def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None
 
 def register_best_checkpoint(
     tracking_uri: str, run_id: str, model: Any, variant_slug: str, input_example: Any,
-    preprocessing: Mapping[str, Any], tags: Mapping[str, Any], val_top1: float, dataset_version: str,
-    state_dict_path: Path | None = None,
+    preprocessing: Mapping[str, Any], tags: Mapping[str, Any], promote: bool,
+    weights: Mapping[str, Any] | None = None,
 ) -> tuple[str, str, bool]:
     """Log the chosen model to the run, register it as `efficientnet-<variant>`, set aliases.
 
-    The version gets alias `candidate`; `champion` moves to it only when its val top-1 beats the current
-    champion's on the same dataset version (a champion from another dataset version is not comparable, so
-    the first model on a new version becomes champion). Returns (model name, version, became_champion).
+    The version gets alias `candidate`, and `champion` when `promote` (decided by the caller on minival, see
+    `pipelines.training.promotion`). Returns (model name, version, became_champion).
 
     Works against a tracking server as well as a SQLite store: MLflow 3 registers a logged model by its model
     id. A failure removes what this call made (logged model, version, a registered model it created), so a
@@ -144,9 +179,17 @@ def register_best_checkpoint(
             )
             made["model_id"] = info.model_id
             mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
-            if state_dict_path is not None:
-                # A plain state_dict plus the variant name rebuilds the model anywhere `models` is installed.
-                mlflow.log_artifact(str(state_dict_path), "checkpoint")
+            if weights is not None:
+                # Tensors and plain data ({"state_dict", "model_args"}): the model rebuilt through `models`, read
+                # back without unpickling.
+                import tempfile
+
+                import torch
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / Path(STATE_DICT_ARTIFACT).name
+                    torch.save(dict(weights), path)
+                    mlflow.log_artifact(str(path), str(Path(STATE_DICT_ARTIFACT).parent))
         if _registered_model(c, name) is None:
             c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
             made["registered_model"] = name
@@ -155,7 +198,6 @@ def register_best_checkpoint(
         made["version"] = mv.version
         _wait_ready(c, name, mv.version)
         c.set_registered_model_alias(name, CANDIDATE, mv.version)
-        promote = _beats_champion(c, name, val_top1, dataset_version)
         if promote:
             c.set_registered_model_alias(name, CHAMPION, mv.version)
         c.set_tag(run_id, Tags.REGISTERED, f"{name}/{mv.version}")
@@ -174,16 +216,14 @@ def _registered_model(c: MlflowClient, name: str) -> Any:
         return None
 
 
-def _beats_champion(c: MlflowClient, name: str, val_top1: float, dataset_version: str) -> bool:
+def champion_version(c: MlflowClient, name: str) -> Any:
+    """The registered model's version with alias `champion`, or None (no such model, or no champion yet)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        champ = c.get_model_version_by_alias(name, CHAMPION)
+        return c.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return True  # no champion yet
-    if champ.tags.get(Tags.DATASET_VERSION) != dataset_version:
-        return True
-    return val_top1 > float(champ.tags.get(Tags.VAL_TOP1, "-inf"))
+        return None
 
 
 def _aliases_of(c: MlflowClient, name: str, version: str) -> tuple[str, str, bool]:

@@ -267,6 +267,35 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     _quiet_ray_train_reports()
     worker = start_worker(job)
     state = resume(worker)
+    monitor = _system_metrics(job, resumed=state.step > 0)
+    try:
+        return _train_loop(worker, state)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(job: JobSpec, resumed: bool) -> Any:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where NVML is present) of this worker's node,
+    sampled every `runtime.system_metrics_seconds` by its first worker into the job's run as system/node_<n>/...;
+    None on the node's other workers, or when off."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    seconds = job.recipe.runtime.system_metrics_seconds
+    if seconds is None or ctx.get_local_rank() != 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(job.run_id, sampling_interval=seconds, node_id=f"node_{ctx.get_node_rank()}",
+                                   tracking_uri=job.tracking_uri, resume_logging=resumed)
+    monitor.start()
+    return monitor
+
+
+def _train_loop(worker: Worker, state: LoopState) -> dict[str, Any]:
+    """Per epoch from the resumed one: train, evaluate and early-stop when due, checkpoint, log."""
+    job = worker.job
     logged_upto = _log_pending(worker.client, job.run_id, state.history, _last_logged_epoch(worker.client, job.run_id)
                                ) if worker.client else 0
     schedule = job.recipe.schedule

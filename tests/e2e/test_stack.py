@@ -155,11 +155,13 @@ def _of_run(flow_run_id: Any) -> Any:
     return LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
 
 
-def _mlflow_runs_of(stack: Stack, flow_run_id: Any) -> list:
+def _mlflow_runs_of(stack: Stack, flow_run_id: Any, kind: str | None = None) -> list:
+    """The MLflow runs a flow run made: its members' jobs, or (kind "family") the family's parent run."""
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
     exp = c.get_experiment_by_name("efficientnet-family")
-    return [] if exp is None else c.search_runs([exp.experiment_id],
+    runs = [] if exp is None else c.search_runs([exp.experiment_id],
                                                 filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+    return [r for r in runs if r.data.tags.get("run_kind") == kind]
 
 
 def test_start_is_honest_and_binds_loopback_only(stack: Stack):
@@ -214,9 +216,12 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
     assert finished.work_pool_name == WORK_POOL and finished.infrastructure_pid, finished  # the worker ran it
 
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
-    runs = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id],
-                         filter_string=f"tags.prefect_flow_run_id = '{flow_run.id}'")
+    runs = _mlflow_runs_of(stack, flow_run.id)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    # Nested under the family's run on the server, which holds the comparison.
+    [parent] = _mlflow_runs_of(stack, flow_run.id, kind="family")
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+    assert {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/comparison.png"}
     for run in runs:
         name = "efficientnet-" + run.data.tags["variant"].removeprefix("efficientnet_").replace("_", "-")
         versions = c.search_model_versions(f"name='{name}'")
@@ -253,7 +258,7 @@ def test_bad_input_fails_the_run_at_once_or_is_refused(stack: Stack):
     assert finished.state.is_failed(), finished.state
     message = finished.state.message or ""
     assert "unknown model 'efficientnet_b99'" in message and "\n" not in message, message
-    assert not _mlflow_runs_of(stack, flow_run.id)  # not even the valid member started
+    assert not _mlflow_runs_of(stack, flow_run.id) and not _mlflow_runs_of(stack, flow_run.id, "family")  # nothing
     # The run's log says why in one line, and holds no traceback (the engine's re-raise of it is not logged).
     # Its process sends its last lines as it exits, the engine's report of the exception among them.
     logs: list[str] = []

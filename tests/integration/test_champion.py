@@ -1,106 +1,139 @@
-"""Which registered version is `champion`, on a real MLflow SQLite store: the best val top-1 among the versions
-of the same dataset version; a model trained on another dataset version takes the alias (the scores are not
-comparable, so the newest dataset's first model leads).
+"""Which registered version is `champion`, on a real MLflow SQLite store and a real staged minival: a candidate
+takes it only when its minival top-1 beats the current champion's, the champion evaluated on the same minival
+from its registered weights (whatever dataset version it was trained on); val never decides.
 
-The rule (`_beats_champion`) is checked against versions made directly in the registry with the tags a
-registration writes (seconds); one sequence through `register_best_checkpoint` checks that registration applies
-it and moves the aliases a user looks at.
+The rule itself (`promotion_decision`) is a table; `decide_promotion` is checked with a champion registered as
+training registers it and evaluated for real; one sequence through `register_best_checkpoint` checks that the
+decision moves the aliases a user looks at.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import models
 from pipelines.settings import DataLayout
 from pipelines.training import tracking
-from pipelines.training.tracking import CANDIDATE, CHAMPION, Tags, _beats_champion
+from pipelines.training.job import evaluate_split
+from pipelines.training.promotion import decide_promotion, load_registered_weights, promotion_decision
+from pipelines.training.recipe import load_recipe
+from pipelines.training.tracking import CANDIDATE, CHAMPION, STATE_DICT_ARTIFACT, Tags
 
-_names = (f"efficientnet-rule-{i}" for i in itertools.count())
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _version(c: MlflowClient, name: str, tags: dict[str, str], champion: bool = False) -> str:
-    mv = c.create_model_version(name, f"/nowhere/{name}", tags=tags)
-    if champion:
-        c.set_registered_model_alias(name, CHAMPION, mv.version)
-    return str(mv.version)
-
-
-def _with_champion(c: MlflowClient, dataset_version: str, val_top1: str | None) -> str:
-    """A registered model whose champion (version 1) was trained on `dataset_version` and scored `val_top1` (as
-    the tag holds it), and whose latest version (2, the candidate) scored 10 on the same data: a newcomer is
-    measured against the champion, not against the latest version."""
-    name = next(_names)
-    c.create_registered_model(name)
-    tags = {Tags.DATASET_VERSION: dataset_version} | ({Tags.VAL_TOP1: val_top1} if val_top1 is not None else {})
-    _version(c, name, tags, champion=True)
-    c.set_registered_model_alias(name, CANDIDATE, _version(c, name, {Tags.DATASET_VERSION: dataset_version,
-                                                                     Tags.VAL_TOP1: "10.000"}))
-    return name
-
-
-def test_the_first_version_of_a_model_becomes_champion(registry: MlflowClient) -> None:
-    assert _beats_champion(registry, "efficientnet-never-registered", 1.0, "v1")
-    name = next(_names)
-    registry.create_registered_model(name)
-    _version(registry, name, {Tags.DATASET_VERSION: "v1", Tags.VAL_TOP1: "80.000"})  # registered, no champion
-    assert _beats_champion(registry, name, 1.0, "v1")
+NUM_CLASSES = 4  # the tiny demo ImageNet's
+_variants = (f"efficientnet_b0_phi-{9 + i}" for i in itertools.count())  # one registered model per test
 
 
 @pytest.mark.parametrize(
-    "val_top1, dataset_version, promoted",
+    "candidate, champion, promoted",
     [
-        (60.0, "v1", True),  # better on the same data: takes champion
-        (50.001, "v1", True),
-        (40.0, "v1", False),  # worse than the champion (better than the latest version): stays candidate only
-        (50.0, "v1", False),  # a tie: the incumbent stays
-        (10.0, "v2", True),  # another dataset version: not comparable, the newcomer takes champion
-        (90.0, "v2", True),
+        (60.0, None, True),  # no champion: the first version takes it
+        (0.0, None, True),
+        (60.0, 50.0, True),  # better on the same minival
+        (50.001, 50.0, True),
+        (50.0, 50.0, False),  # a tie: the incumbent stays
+        (40.0, 50.0, False),
     ],
 )
-def test_champion_moves_only_to_a_better_model_of_the_same_dataset_version(
-    registry: MlflowClient, val_top1: float, dataset_version: str, promoted: bool
-) -> None:
-    name = _with_champion(registry, "v1", "50.000")
-    assert _beats_champion(registry, name, val_top1, dataset_version) is promoted
+def test_the_rule(candidate: float, champion: float | None, promoted: bool) -> None:
+    promote, reason = promotion_decision(candidate, champion)
+    assert promote is promoted
+    assert reason.startswith("promoted" if promoted else "kept the champion") and "\n" not in reason
 
 
-def test_a_champion_without_a_score_is_beaten_by_any(registry: MlflowClient) -> None:
-    name = _with_champion(registry, "v1", None)
-    assert _beats_champion(registry, name, 0.0, "v1")
-
-
-def _register(layout: DataLayout, model: object, val_top1: float, dataset_version: str) -> tuple[str, str, bool]:
+def _register(layout: DataLayout, variant: str, model: torch.nn.Module, promote: bool,
+              with_weights: bool = True) -> tuple[str, str, bool]:
+    """Register `model` as training does (its plain weights beside it), promoting it or not."""
     c = tracking.client(layout.tracking_uri)
-    run = tracking.start_run(c, tracking.experiment_id(c, layout.artifact_root), f"top1-{val_top1}", {}, {})
-    # The tags the training job writes on every version (pipelines/training/job.py), the score rounded as there.
-    tags = {Tags.DATASET_VERSION: dataset_version, Tags.VAL_TOP1: f"{val_top1:.3f}"}
+    run = tracking.start_run(c, tracking.experiment_id(c, layout.artifact_root), variant, {}, {})
+    weights = {"state_dict": model.state_dict(), "model_args": {
+        "name": "efficientnet_b0", "phi": -int(variant.rsplit("phi-", 1)[1]), "num_classes": model.num_classes}}
     return tracking.register_best_checkpoint(
-        layout.tracking_uri, run, model, "efficientnet_b0_phi-9", np.zeros((1, 3, 32, 32), np.float32),
-        {"resolution": 32}, tags, val_top1=val_top1, dataset_version=dataset_version)
+        layout.tracking_uri, run, model, variant, np.zeros((1, 3, 32, 32), np.float32), {"resolution": 32}, {},
+        promote=promote, weights=weights if with_weights else None)
 
 
-def test_registration_moves_candidate_always_and_champion_only_for_a_better_model(
-    data_layout_tmp: DataLayout,
-) -> None:
-    model = models.create_model("efficientnet_b0", num_classes=3, phi=-9).eval()
+def _model(variant: str, seed: int, num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.create_model("efficientnet_b0", num_classes=num_classes,
+                               phi=-int(variant.rsplit("phi-", 1)[1])).eval()
+
+
+@pytest.fixture
+def on_minival(staged_dataset: Path):
+    recipe = load_recipe("demo")
+    calls: list[float] = []
+
+    def minival_top1(model: torch.nn.Module, spec) -> float:
+        top1 = evaluate_split(model, str(staged_dataset), "minival", spec.eval_resolution, spec.crop_ratio,
+                              recipe)["top1"]
+        calls.append(top1)
+        return top1
+
+    minival_top1.calls = calls  # type: ignore[attr-defined]
+    return minival_top1
+
+
+def test_the_champion_is_evaluated_on_the_same_minival(data_layout_tmp: DataLayout, on_minival) -> None:
     c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
+    variant = next(_variants)
+    name = tracking.registered_name(variant)
+    # No champion yet: the candidate takes it without an evaluation of anything else.
+    first = decide_promotion(c, name, 30.0, NUM_CLASSES, on_minival)
+    assert first.promote and first.champion_top1 is None and first.champion_version is None
+    assert not on_minival.calls
+
+    champion = _model(variant, seed=0)
+    _register(data_layout_tmp, variant, champion, promote=True)
+    # Its registered weights are the model itself, rebuilt through `models` without unpickling.
+    loaded, spec = load_registered_weights(c, c.get_model_version_by_alias(name, CHAMPION))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), champion.state_dict().values()))
+    assert spec.name == variant
+
+    direct = on_minival(champion, spec)  # what the champion scores on this minival
+    on_minival.calls.clear()
+    better = decide_promotion(c, name, direct + 1.0, NUM_CLASSES, on_minival)
+    assert on_minival.calls == [direct]  # evaluated there, from its registered weights, once
+    assert better.promote and better.champion_top1 == direct and better.champion_version == "1"
+    assert better.tags()[Tags.CHAMPION_TOP1] == f"{direct:.3f}" and better.tags()[Tags.CHAMPION_BEFORE] == "1"
+    tie = decide_promotion(c, name, direct, NUM_CLASSES, on_minival)
+    assert not tie.promote and "kept the champion" in tie.reason
+    worse = decide_promotion(c, name, direct - 1.0, NUM_CLASSES, on_minival)
+    assert not worse.promote and worse.champion_top1 == direct
+
+
+def test_a_champion_that_cannot_be_evaluated_gives_way(data_layout_tmp: DataLayout, on_minival) -> None:
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
+    variant = next(_variants)
+    name = tracking.registered_name(variant)
+    _register(data_layout_tmp, variant, _model(variant, 0), promote=True, with_weights=False)
+    no_weights = decide_promotion(c, name, 1.0, NUM_CLASSES, on_minival)
+    assert no_weights.promote and no_weights.champion_top1 is None and STATE_DICT_ARTIFACT in no_weights.reason
+
+    other = next(_variants)
+    _register(data_layout_tmp, other, _model(other, 0, num_classes=7), promote=True)
+    other_classes = decide_promotion(c, tracking.registered_name(other), 1.0, NUM_CLASSES, on_minival)
+    assert other_classes.promote and "7 classes" in other_classes.reason
+    assert not on_minival.calls
+
+
+def test_registration_moves_candidate_always_and_champion_only_when_promoted(data_layout_tmp: DataLayout) -> None:
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
+    variant = next(_variants)
+    model = _model(variant, 0)
 
     def aliases(name: str) -> dict[str, str]:
         return {alias: str(c.get_model_version_by_alias(name, alias).version) for alias in (CANDIDATE, CHAMPION)}
 
-    name, first, became = _register(data_layout_tmp, model, 50.0, "v1")
+    name, first, became = _register(data_layout_tmp, variant, model, promote=True)
     assert (first, became) == ("1", True)
-    name, second, became = _register(data_layout_tmp, model, 40.0, "v1")  # worse on the same data
+    name, second, became = _register(data_layout_tmp, variant, model, promote=False)
     assert (second, became) == ("2", False)
     assert aliases(name) == {CANDIDATE: "2", CHAMPION: "1"}  # the better model keeps serving
+    name, third, became = _register(data_layout_tmp, variant, model, promote=True)
+    assert (third, became) == ("3", True) and aliases(name) == {CANDIDATE: "3", CHAMPION: "3"}

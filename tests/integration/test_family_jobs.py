@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -15,7 +16,7 @@ from pipelines.training import submit
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.training.tracking import Tags
 
-from helpers import flow_run_logs
+from helpers import flow_run_artifacts, flow_run_logs
 
 # Each job needs 1 Ray worker x 1 CPU: two fit the session's 2-CPU cluster at once.
 EPOCHS = 3
@@ -62,9 +63,35 @@ def test_variants_train_side_by_side_as_ray_jobs(staged_dataset, data_layout_tmp
     assert max(j.start_time for j in jobs) < min(j.end_time for j in jobs), "the two Ray jobs did not overlap"
 
     c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
+    exp = c.get_experiment_by_name("efficientnet-family").experiment_id
+    [parent] = c.search_runs([exp], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
+                                                  f"tags.{Tags.RUN_KIND} = 'family'")
+    assert parent.info.status == "FINISHED"
     for row in rows:
-        assert c.get_model_version(row["registered_model"], row["version"]).run_id == row["run_id"]
-        assert c.get_run(row["run_id"]).data.tags[Tags.FLOW_RUN] == flow_run_id
+        mv = c.get_model_version(row["registered_model"], row["version"])
+        assert mv.run_id == row["run_id"]
+        # First of its name: champion, decided on minival (no champion to compare with), val not involved.
+        assert mv.tags[Tags.PROMOTION].startswith("promoted") and mv.tags[Tags.CHAMPION_TOP1] == "none"
+        assert float(mv.tags[Tags.PROMOTION_TOP1]) >= 0 and row["champion"]
+        run = c.get_run(row["run_id"])
+        assert run.data.tags[Tags.FLOW_RUN] == flow_run_id
+        assert run.data.tags[Tags.PARENT_RUN] == parent.info.run_id  # nested under the family's run
+        # What MLflow's compare view plots, as metrics of the run.
+        metrics = run.data.metrics
+        assert metrics["model_params"] == row["params"] and metrics["gmacs"] == row["gmacs"] > 0
+        assert metrics["eval_resolution"] == row["eval_resolution"] and 0 < metrics["wall_clock_hours"] < 1
+        assert metrics["gpu_hours"] == 0  # CPU workers
+        assert any(k.startswith("system/node_0/cpu_utilization") for k in metrics), sorted(metrics)
+    # The parent run holds the comparison: the plot, the page, the table with a row per member.
+    files = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
+    assert files == {"comparison/comparison.png", "comparison/comparison.html", "comparison/comparison.csv"}
+    local = c.download_artifacts(parent.info.run_id, "comparison", str(data_layout_tmp.root / "downloaded"))
+    table = (Path(local) / "comparison.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in table[1:]] == [r["variant"] for r in rows]
+    assert (Path(local) / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same table as the flow run's artifact in the Prefect UI.
+    summary = flow_run_artifacts(state.state_details.flow_run_id)["family-summary"]
+    assert summary.type == "markdown" and all(f"| {r['variant']} |" in summary.data for r in rows), summary.data
     # The drivers' progress lines reach the flow run's log, one per epoch per variant.
     logs = flow_run_logs(state.state_details.flow_run_id)
     for row in rows:
@@ -162,7 +189,7 @@ def test_a_failed_variant_leaves_the_others_and_fails_the_run(staged_dataset, da
                                                               ray_cluster, monkeypatch):
     calls: list[float] = []
 
-    def train_on_cluster(recipe, dataset_dir, layout, flow_run_id, emit):
+    def train_on_cluster(recipe, dataset_dir, layout, flow_run_id, emit, tags):
         if recipe.model.phi == -8:
             calls.append(recipe.model.phi)
             raise submit.JobFailed("Ray job x__2 failed: RuntimeError: out of luck")

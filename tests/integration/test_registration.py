@@ -15,7 +15,7 @@ def _register(layout, run_id, tags):
     model = models.create_model("efficientnet_b0", num_classes=3, phi=-9).eval()
     return tracking.register_best_checkpoint(
         layout.tracking_uri, run_id, model, "efficientnet_b0_phi-9", np.zeros((1, 3, 32, 32), np.float32),
-        {"resolution": 32}, tags, val_top1=50.0, dataset_version="v1")
+        {"resolution": 32}, tags, promote=True)
 
 
 def test_register_once_and_clean_up_a_failure(data_layout_tmp):

@@ -52,7 +52,10 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
         assert tag in mv.tags, f"registered version lacks tag {tag}"
     assert int(mv.tags["params"]) == result.params
     champion = c.get_model_version_by_alias(result.registered_model, "champion")
-    assert str(champion.version) == result.version  # first model on this dataset version becomes champion
+    assert str(champion.version) == result.version  # the first model of its name becomes champion
+    assert mv.tags["champion_minival_top1"] == "none" and mv.tags["promotion"].startswith("promoted")
+    for metric in ("model_params", "gmacs", "eval_resolution", "wall_clock_hours", "gpu_hours"):
+        assert metric in c.get_run(result.run_id).data.metrics, metric
     run = c.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert (run.data.params["sizing.micro_batch"], run.data.params["sizing.accumulation"]) == ("8", "2")
@@ -68,3 +71,14 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
     res = int(mv.tags["eval_resolution"])
     out = model(torch.zeros(2, 3, res, res))
     assert out.shape == (2, CLASSES)
+
+    # A second job (another recipe: one epoch) is measured against the champion on the same minival: the
+    # champion, rebuilt from its registered weights, scores there what it scored when it was registered.
+    second = run_training(_tiny_recipe(epochs=1), learnable_dataset, data_layout_tmp)
+    mv2 = c.get_model_version(second.registered_model, second.version)
+    assert mv2.tags["champion_before"] == result.version
+    assert mv2.tags["champion_minival_top1"] == mv.tags["promotion_minival_top1"]
+    assert second.champion == (float(mv2.tags["promotion_minival_top1"]) > float(mv.tags["promotion_minival_top1"]))
+    expected = second.version if second.champion else result.version
+    assert str(c.get_model_version_by_alias(result.registered_model, "champion").version) == expected
+

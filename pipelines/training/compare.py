@@ -1,0 +1,120 @@
+"""The family side by side: top-1 against parameters and against GMACs (the papers' Figures 1 and 5), training
+time per variant, and the table, as the files a family's parent MLflow run holds (PNG, HTML, CSV) and as the
+markdown table of the Prefect artifact.
+
+Rows are the family flow's: a member's TrainResult fields with "status" "trained", or "variant", "status"
+"failed" and "reason". Plots and figures use the trained ones; the tables list every member.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+TRAINED = "trained"
+# (header, row key, format) of every table; the numbers the plots use are among them.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("variant", "variant", "{}"),
+    ("params (M)", "params", "{:.3f}"),
+    ("GMACs", "gmacs", "{:.4f}"),
+    ("train px", "train_resolution", "{}"),
+    ("eval px", "eval_resolution", "{}"),
+    ("minival top-1", "minival_top1", "{:.2f}"),
+    ("val top-1", "val_top1", "{:.2f}"),
+    ("val top-5", "val_top5", "{:.2f}"),
+    ("wall-clock h", "wall_clock_hours", "{:.3f}"),
+    ("GPU-h", "gpu_hours", "{:.3f}"),
+    ("version", "version", "{}"),
+    ("champion", "champion", "{}"),
+)
+FILES = ("comparison.png", "comparison.html", "comparison.csv")
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key not in row:
+        return "-"
+    value = row[key] / 1e6 if key == "params" else row[key]
+    return fmt.format(value)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Header, then one row of cells per member; the last column is its status (and why it failed)."""
+    status = [r["status"] if r["status"] == TRAINED else f"{r['status']}: {r.get('reason', '')}" for r in rows]
+    return ([[h for h, _, _ in COLUMNS] + ["status"]]
+            + [[_cell(r, k, f) for _, k, f in COLUMNS] + [s] for r, s in zip(rows, status)])
+
+
+def to_text(rows: Sequence[dict[str, Any]]) -> str:
+    """The table in aligned columns, for a console or a log."""
+    cells = table(rows)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(table(rows))
+    return out.getvalue()
+
+
+def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    cells = table(rows)
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]]) + "\n"
+
+
+def to_html(rows: Sequence[dict[str, Any]], title: str, image: str = FILES[0]) -> str:
+    cells = table(rows)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
+            f"<h2>{html.escape(title)}</h2><img src='{html.escape(image)}' alt='top-1 against params and GMACs'>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></body></html>\n")
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Three panels: val top-1 against parameters and against GMACs (log-scaled x, each point labelled with its
+    variant), and wall-clock hours per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["status"] == TRAINED]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, key, label, scale in ((axes[0], "params", "parameters (M)", 1e6), (axes[1], "gmacs", "GMACs", 1.0)):
+        shown = sorted((r for r in trained if r.get(key, 0) > 0), key=lambda r: r[key])  # a log axis: > 0 only
+        xs, ys = [r[key] / scale for r in shown], [r["val_top1"] for r in shown]
+        ax.plot(xs, ys, "o-", color="tab:red")
+        for r, x, y in zip(shown, xs, ys):
+            ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if xs:
+            ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
+        ax.set_ylabel("val top-1 (%)")
+        ax.grid(True, which="both", alpha=0.3)
+    names = [r["variant"] for r in trained]
+    axes[2].bar(range(len(names)), [r["wall_clock_hours"] for r in trained], color="tab:blue")
+    axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_ylabel("wall-clock hours")
+    axes[2].set_title("training time")
+    axes[0].set_title("top-1 against parameters")
+    axes[1].set_title("top-1 against GMACs")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_comparison(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """The PNG, HTML and CSV files of the comparison in `out_dir`; their paths."""
+    png, page, table_csv = (out_dir / name for name in FILES)
+    plot(rows, png, title)
+    page.write_text(to_html(rows, title, png.name))
+    table_csv.write_text(to_csv(rows))
+    return [png, page, table_csv]
