@@ -17,14 +17,18 @@ FLOW_RUN_LOGGER = "prefect.flow_runs"
 
 
 class _AlreadyReported(logging.Filter):
-    """Drops log records that carry `exc` as their exception: the flow has logged it in its own words."""
+    """Drops the log record that carries `exc` as its exception (the flow has logged it in its own words), then
+    leaves the logger: a long-lived process running many flows does not gather filters."""
 
-    def __init__(self, exc: BaseException):
+    def __init__(self, logger: logging.Logger, exc: BaseException):
         super().__init__()
-        self.exc = exc
+        self.logger, self.exc = logger, exc
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[1] is self.exc)
+        if record.exc_info and record.exc_info[1] is self.exc:
+            self.logger.removeFilter(self)
+            return False
+        return True
 
 
 def failed_run(logger: Any, exc: BaseException, message: str | None = None) -> State:
@@ -32,5 +36,6 @@ def failed_run(logger: Any, exc: BaseException, message: str | None = None) -> S
     for the flow to return; a direct caller of the flow gets `exc` raised, as Prefect does."""
     message = message or str(exc)
     logger.error("%s", message)
-    logging.getLogger(FLOW_RUN_LOGGER).addFilter(_AlreadyReported(exc))
+    engine_logger = logging.getLogger(FLOW_RUN_LOGGER)
+    engine_logger.addFilter(_AlreadyReported(engine_logger, exc))
     return Failed(message=message, data=exc)

@@ -33,11 +33,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 FILES = ("comparison.png", "comparison.html", "comparison.csv")
 
 
+def _shown(row: dict[str, Any], key: str) -> Any:
+    """A row's value as tables and plots show it: parameters in millions."""
+    return row[key] / 1e6 if key == "params" else row[key]
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    if key not in row:
-        return "-"
-    value = row[key] / 1e6 if key == "params" else row[key]
-    return fmt.format(value)
+    return fmt.format(_shown(row, key)) if key in row else "-"
 
 
 def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
@@ -87,9 +89,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     trained = [r for r in rows if r["status"] == TRAINED]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for ax, key, label, scale in ((axes[0], "params", "parameters (M)", 1e6), (axes[1], "gmacs", "GMACs", 1.0)):
+    for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "gmacs", "GMACs")):
         shown = sorted((r for r in trained if r.get(key, 0) > 0), key=lambda r: r[key])  # a log axis: > 0 only
-        xs, ys = [r[key] / scale for r in shown], [r["val_top1"] for r in shown]
+        xs, ys = [_shown(r, key) for r in shown], [r["val_top1"] for r in shown]
         ax.plot(xs, ys, "o-", color="tab:red")
         for r, x, y in zip(shown, xs, ys):
             ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -349,7 +349,7 @@ def run_training(
                              step=chosen.best_epoch)
         promotion = _promotion(c, chosen.model, dataset_dir, spec, recipe, manifest)
         hours = (job.seconds_before + time.monotonic() - started) / 3600
-        out = _register(layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours)
+        out = _register(c, layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours)
     except BaseException as exc:
         if stop.exc is not None:
             # Stopped from outside (recorded as killed by the stop itself); whatever `fit` raised on the way
@@ -452,7 +452,7 @@ def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, rec
 
 
 def _register(
-    layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
+    c: Any, layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
     chosen: _Chosen, val: dict[str, float], promotion: Promotion, wall_clock_hours: float,
 ) -> TrainResult:
     """The chosen checkpoint registered with the variant's tags, its preprocessing and the promotion decision;
@@ -460,7 +460,7 @@ def _register(
     model, resolution = chosen.model, spec.eval_resolution
     params, gmacs = count_params(model), count_gmacs(model, resolution)
     gpu_hours = wall_clock_hours * recipe.ray.num_workers if recipe.ray.use_gpu else 0.0
-    tracking.log_metrics(tracking.client(layout.tracking_uri), job.run_id, {
+    tracking.log_metrics(c, job.run_id, {
         "model_params": params, "gmacs": gmacs, "train_resolution": spec.train_resolution,
         "eval_resolution": resolution, "wall_clock_hours": wall_clock_hours, "gpu_hours": gpu_hours,
     }, step=chosen.best_epoch)

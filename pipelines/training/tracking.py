@@ -7,6 +7,7 @@ the Ray workers and the Prefect flows see the same runs.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -124,8 +125,6 @@ def open_family_run(c: MlflowClient, exp_id: str, flow_run_id: str, run_name: st
 
 def close_family_run(c: MlflowClient, run_id: str, rows: list[dict[str, Any]], title: str, status: str) -> None:
     """Log the family's comparison (PNG, HTML, CSV under `comparison/`) to its parent run and end the run."""
-    import tempfile
-
     from pipelines.training.compare import write_comparison
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,8 +181,6 @@ def register_best_checkpoint(
             if weights is not None:
                 # Tensors and plain data ({"state_dict", "model_args"}): the model rebuilt through `models`, read
                 # back without unpickling.
-                import tempfile
-
                 import torch
 
                 with tempfile.TemporaryDirectory() as tmp:
