@@ -36,10 +36,12 @@ def ray_cluster() -> Iterator[object]:
     os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
     import ray
 
-    # address="local": a new instance of our own, never a stack's head that may run on this machine. With the
-    # dashboard: its state API lets Ray Train clean up after a killed worker.
-    ctx = ray.init(address="local", num_cpus=2, log_to_driver=True, include_dashboard=True,
-                   dashboard_host="127.0.0.1", ignore_reinit_error=True)  # each tier's conftest has this fixture
+    from pipelines.training import cluster
+
+    # A new instance of our own, never a stack's head that may run on this machine. With the dashboard: its state
+    # API lets Ray Train clean up after a killed worker.
+    ctx = cluster.init_local(num_cpus=2, log_to_driver=True,
+                             ignore_reinit_error=True)  # each tier's conftest has this fixture
     yield ctx
     ray.shutdown()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
@@ -90,9 +91,41 @@ def connect(address: str | None, env: Mapping[str, str] | None = None) -> Any:
     runtime_env = {"env_vars": dict(env)} if env else None
     with _keep_sigterm_handler():
         if local:
-            return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                            log_to_driver=True, runtime_env=runtime_env)
+            return init_local(log_to_driver=True, runtime_env=runtime_env)
         return ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+
+
+def init_local(**init_args: Any) -> Any:
+    """ray.init of a new local instance of our own: dashboard (and its Jobs API) on 127.0.0.1, its job agent on
+    a free port.
+
+    Ray gives every new instance's dashboard agent the same port (52365), and ray.init has no argument for it: a
+    second instance on the machine (the stack's head, another local job, a test run) then has no agent, and its
+    Jobs API answers nothing. NOTE: private API of Ray 2.60: ray.init builds its node's `RayParams` from
+    `ray._private.parameter` at call time, so a subclass with another default is swapped in for the call.
+    """
+    import ray
+    import ray._private.parameter as parameter
+
+    original = parameter.RayParams
+    port = _free_port()
+
+    class _ParamsWithFreeAgentPort(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, dashboard_agent_listen_port: int | None = port, **kwargs: Any):
+            super().__init__(*args, dashboard_agent_listen_port=dashboard_agent_listen_port, **kwargs)
+
+    parameter.RayParams = _ParamsWithFreeAgentPort
+    try:
+        return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_args)
+    finally:
+        parameter.RayParams = original
+
+
+def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager

@@ -215,3 +215,44 @@ def test_a_failed_variant_leaves_the_others_and_fails_the_run(staged_dataset, da
 def test_negative_retries_are_bad_input(staged_dataset, data_layout_tmp, prefect_server):
     state = _family(staged_dataset, data_layout_tmp, retries=-1)
     assert state.is_failed() and "retries (-1)" in state.message and "\n" not in state.message
+
+
+_SECOND_INSTANCE = """
+import sys, time
+from pipelines.training import cluster
+from ray.job_submission import JobStatus, JobSubmissionClient
+ctx = cluster.init_local(num_cpus=1)
+client = JobSubmissionClient(f"http://{ctx.dashboard_url}")
+for _ in range(60):  # the agent registers a few seconds after ray.init returns
+    try:
+        sid = client.submit_job(entrypoint="python -c 'print(6 * 7)'")
+        break
+    except RuntimeError:
+        time.sleep(1)
+while client.get_job_status(sid) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+    time.sleep(0.5)
+print(client.get_job_status(sid))
+print(client.get_job_logs(sid))
+"""
+
+
+def test_a_second_local_instance_has_a_jobs_api_of_its_own(ray_cluster):
+    """Another Ray instance on the machine (here: the session's; a port held like Ray's default agent port, as a
+    stack's head holds it) does not take the job agent of a new local instance."""
+    import socket
+    import subprocess
+    import sys
+
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", 52365))
+        held.listen()
+    except OSError:
+        pass  # already held by another instance: the case itself
+    try:
+        done = subprocess.run([sys.executable, "-c", _SECOND_INSTANCE], capture_output=True, text=True, timeout=180)
+    finally:
+        held.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, *log = done.stdout.split("\n", 1)
+    assert (status, "42" in "".join(log)) == ("SUCCEEDED", True), done.stdout
