@@ -14,6 +14,8 @@ from pipelines.settings import DATA_DIR_ENV, StackError, data_layout
 from pipelines.source.demo import write_demo_imagenet
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, whole_number
 
+TIMEZONE_HELP = ("the nightly schedule's timezone, an IANA name such as Europe/Berlin (default: "
+                 "$EFFNET_NIGHTLY_TIMEZONE, else UTC)")
 RECIPE_HELP = "a recipe name (v1, v2-progressive, demo, demo-progressive) or the path to a recipe YAML file"
 
 
@@ -150,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
     from flows.deployments import serve_all
 
-    serve_all(args.deployments or None)
+    serve_all(args.deployments or None, timezone=args.timezone)
     return 0
 
 
@@ -161,7 +163,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise ValueError("no Prefect server to deploy to: start the stack (make up) or set PREFECT_API_URL")
     from flows.deployments import deploy_all
 
-    ids = deploy_all(args.pool, args.deployments or None)
+    ids = deploy_all(args.pool, args.deployments or None, timezone=args.timezone)
     print(f"{len(ids)} deployment(s) on work pool {args.pool}")
     return 0
 
@@ -260,12 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="register the Prefect deployments (train-family/b0-b7, ...) and run them "
                        "in this process, without a work pool or worker")
     s.add_argument("deployments", nargs="*", help="flow/name of those to serve (default: all)")
+    s.add_argument("--timezone", help=TIMEZONE_HELP)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("deploy", help="register the deployments on a Prefect work pool, whose worker runs them "
                        "(what the stack does; `serve` is the one-process alternative)")
     s.add_argument("deployments", nargs="*", help="flow/name of those to deploy (default: all)")
     s.add_argument("--pool", required=True, help="a `process` work pool on the Prefect server (the stack's: effnet)")
+    s.add_argument("--timezone", help=TIMEZONE_HELP)
     s.set_defaults(fn=cmd_deploy)
 
     s = sub.add_parser("verify", help="check a staged version's files against its manifest (sizes and checksums)")

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.deployments import DEMO_FAMILY
+from flows.deployments import DEMO_FAMILY, DEMO_STAGING
 from flows.stage_imagenet import stage_imagenet
 from flows.train_family import train_family
 from pipelines.settings import data_layout
 from pipelines.source.demo import write_demo_imagenet
-
-DEMO_TIERS = (64, 96, 128)
 
 
 @flow(name="demo", log_prints=True)
@@ -29,10 +27,7 @@ def demo(
         val_per_class=val_per_class, seed=seed,
     )
     logger.info("%s demo ImageNet at %s", "reusing the" if summary.reused else "generated a", layout.demo_archives)
-    dataset = stage_imagenet(
-        str(layout.demo_archives), str(layout.datasets), tiers=list(DEMO_TIERS), shard_size=64, minival=0.2,
-        seed=seed, max_bad_fraction=0.05,  # the demo plants one undecodable file among a few hundred
-    )
+    dataset = stage_imagenet(str(layout.demo_archives), str(layout.datasets), seed=seed, **DEMO_STAGING)
     overrides = {"schedule": {"epochs": epochs}} if epochs is not None else None
     return train_family(list(family), recipe="demo", dataset_dir=dataset, data_dir=str(layout.root),
                         overrides=overrides)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,17 @@ from pipelines.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
 TIMEZONE = "UTC"  # stored explicitly: a schedule without one is ambiguous on the server
+TIMEZONE_ENV = "EFFNET_NIGHTLY_TIMEZONE"  # the deployer's choice (an IANA name, e.g. Europe/Berlin)
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    flow: str  # "train-family" or "stage-imagenet"
+    flow: str  # "train-family", "stage-imagenet" or "nightly"
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
-    nightly: bool = False
+    nightly: bool = False  # on the cron schedule
     description: str = ""
+    one_at_a_time: bool = False  # a run that finds another of this deployment running is cancelled
 
     @property
     def full_name(self) -> str:
@@ -43,14 +46,25 @@ DEMO_FAMILY = ("phi=-9", "phi=-7")
 V1_FAMILY = variant_range("efficientnet_b0", "efficientnet_b7")  # the published B0-B7 (B8 is not in the paper)
 V2_FAMILY = variant_range("efficientnet_v2_s", "efficientnet_v2_l")  # the paper's S/M/L (XL needs ImageNet-21k)
 
+# The demo's staging, as `make demo` stages it (its archives plant one undecodable file among a few hundred).
+DEMO_STAGING = {"tiers": [64, 96, 128], "shard_size": 64, "minival": 0.2, "max_bad_fraction": 0.05}
+
 DEPLOYMENTS = (
-    DeploymentSpec("train-family", "b0-b7", {"variants": V1_FAMILY, "recipe": "v1"}, nightly=True,
+    DeploymentSpec("train-family", "b0-b7", {"variants": V1_FAMILY, "recipe": "v1"},
                    description="EfficientNet B0-B7, V1 paper recipe, on the latest staged ImageNet"),
     DeploymentSpec("train-family", "v2-s-m-l", {"variants": V2_FAMILY, "recipe": "v2-progressive"},
                    description="EfficientNetV2 S/M/L, progressive learning, on the latest staged ImageNet"),
     DeploymentSpec("train-family", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo"},
                    description="Two tiny compound-scaled members on the latest staged dataset (CPU)"),
     DeploymentSpec("stage-imagenet", "ilsvrc2012", {}, description="Stage ILSVRC2012: pass source and out"),
+    DeploymentSpec("nightly", "default", {"variants": V1_FAMILY, "recipe": "v1", "mode": "finetune"}, nightly=True,
+                   one_at_a_time=True,
+                   description="Every night: stage the images added to the source, fine-tune B0-B7's champions on "
+                               "them, promote on minival"),
+    DeploymentSpec("nightly", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo", "mode": "finetune",
+                                       "staging": DEMO_STAGING, "finetune_epochs": 2}, one_at_a_time=True,
+                   description="The nightly of the demo family: pass source (make demo writes one to the data "
+                               "directory's demo-imagenet)"),
 )
 
 
@@ -69,16 +83,36 @@ def entrypoint(flow: Any) -> str:
     return f"{path.as_posix()}:{flow.fn.__name__}"
 
 
-def build_deployments(names: list[str] | None = None, source: Path | None = None) -> list[Any]:
-    """Prefect RunnerDeployments for the specs (all, or those named 'flow/name').
+def nightly_timezone(timezone: str | None = None) -> str:
+    """The nightly schedule's timezone: `timezone`, else $EFFNET_NIGHTLY_TIMEZONE, else UTC; ValueError for a name
+    that is not in the IANA database."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    name = timezone or os.environ.get(TIMEZONE_ENV) or TIMEZONE
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown timezone {name!r}: give an IANA name such as UTC or Europe/Berlin") from None
+    return name
+
+
+def build_deployments(names: list[str] | None = None, source: Path | None = None,
+                      timezone: str | None = None) -> list[Any]:
+    """Prefect RunnerDeployments for the specs (all, or those named 'flow/name'); the nightly's cron in
+    `timezone` (see `nightly_timezone`).
 
     With `source` (a checkout), each flow is loaded from its file there, so that the deployment carries a pull
     step (`set_working_directory`) and a work pool's worker can run it.
     """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.schedules import Cron
+
+    from flows.nightly import nightly
     from flows.stage_imagenet import stage_imagenet
     from flows.train_family import train_family
 
-    flows = {f.name: f for f in (train_family, stage_imagenet)}
+    tz = nightly_timezone(timezone)
+    flows = {f.name: f for f in (train_family, stage_imagenet, nightly)}
     out = []
     for spec in select_specs(names):
         flow = flows[spec.flow]
@@ -86,21 +120,24 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
             flow = flow.from_source(source=str(source), entrypoint=entrypoint(flow))
         kwargs: dict[str, Any] = {"name": spec.name, "parameters": spec.parameters, "description": spec.description}
         if spec.nightly:
-            from prefect.schedules import Cron
-
-            kwargs["schedule"] = Cron(NIGHTLY_CRON, timezone=TIMEZONE)
+            kwargs["schedule"] = Cron(NIGHTLY_CRON, timezone=tz)
+        if spec.one_at_a_time:
+            # CANCEL_NEW, not ENQUEUE: nights that each outlast a day would otherwise queue up without end; the
+            # next night stages everything added since anyway.
+            kwargs["concurrency_limit"] = ConcurrencyLimitConfig(
+                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
         out.append(flow.to_deployment(**kwargs))
     return out
 
 
-def deploy_all(work_pool_name: str, names: list[str] | None = None) -> list[UUID]:
+def deploy_all(work_pool_name: str, names: list[str] | None = None, timezone: str | None = None) -> list[UUID]:
     """Register the deployments on a `process` work pool, their code in this checkout; their ids.
 
     ValueError when the pool does not exist or a deployment is refused (Prefect prints which, and why).
     """
     from prefect import deploy
 
-    deployments = build_deployments(names, source=PROJECT_ROOT)
+    deployments = build_deployments(names, source=PROJECT_ROOT, timezone=timezone)
     # build/push False: the code is already where the worker runs it; there is no image.
     ids = deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
                  print_next_steps_message=False, ignore_warnings=True)
@@ -110,11 +147,11 @@ def deploy_all(work_pool_name: str, names: list[str] | None = None) -> list[UUID
     return ids
 
 
-def serve_all(names: list[str] | None = None) -> None:
+def serve_all(names: list[str] | None = None, timezone: str | None = None) -> None:
     from prefect import serve
 
     # pause_on_shutdown=False: stopping the server process must not silently pause the nightly schedule.
-    serve(*build_deployments(names), pause_on_shutdown=False)
+    serve(*build_deployments(names, timezone=timezone), pause_on_shutdown=False)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,7 +26,7 @@ from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import data_layout
 from pipelines.training import cluster, compare, submit, tracking
-from pipelines.training.job import TrainResult, job_key_for, validate_job
+from pipelines.training.job import TrainResult, job_key_for, tuned_variant_slug, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
 from pipelines.training.tracking import Tags
 
@@ -64,32 +65,65 @@ def variant_row(variant: str, outcome: dict | BaseException) -> dict:
     return {**outcome, "status": TRAINED}
 
 
-def plan_family(
-    variants: list[str], recipe: str, dataset_dir: str | None, data_dir: str | None, overrides: dict | None,
-) -> tuple[Path, list[tuple[str, Recipe]]]:
-    """Every member's recipe, checked (variant, recipe, overrides, dataset), before anything trains.
+def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
+                   member_overrides: dict[str, dict] | None = None) -> list[tuple[str, Recipe]]:
+    """Each member's recipe: the recipe, `overrides`, the member's model, then the member's own overrides.
 
     Raises ValueError / FileNotFoundError naming the first problem.
     """
     if not variants:
         raise ValueError("no variants given")
-    layout = data_layout(data_dir)
+    strangers = sorted(set(member_overrides or {}) - set(variants))
+    if strangers:
+        raise ValueError(f"member_overrides names {', '.join(strangers)}, not among the variants {variants}")
     base = load_recipe(recipe)
     if overrides:
         base = base.with_overrides(**overrides)
-    dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
     jobs = []
     for variant in variants:
         tuned = base.with_overrides(model=parse_family_member(variant))
-        validate_job(tuned, dataset)
+        if (own := (member_overrides or {}).get(variant)):
+            tuned = tuned.with_overrides(**own)
         jobs.append((variant, tuned))
+    return jobs
+
+
+def plan_family(
+    variants: list[str], recipe: str, dataset_dir: str | None, data_dir: str | None, overrides: dict | None,
+    member_overrides: dict[str, dict] | None = None,
+) -> tuple[Path, list[tuple[str, Recipe]]]:
+    """Every member's recipe (`member_recipes`), checked with the dataset, before anything trains.
+
+    Raises ValueError / FileNotFoundError naming the first problem.
+    """
+    jobs = member_recipes(variants, recipe, overrides, member_overrides)
+    dataset = Path(dataset_dir) if dataset_dir else latest_version(data_layout(data_dir).datasets)
+    for _, tuned in jobs:
+        validate_job(tuned, dataset)
     return dataset, jobs
+
+
+def from_champions(c: Any, jobs: list[tuple[str, Recipe]]) -> tuple[list[tuple[str, Recipe]], list[str]]:
+    """Each member set to fine-tune from its variant's registered champion, pinned to the champion's version
+    (a retry resumes the same job even if the alias moves meanwhile); the members whose variant has no champion
+    yet stay from scratch and are named in the second list."""
+    out, no_champion = [], []
+    for variant, tuned in jobs:
+        name = tracking.registered_name(tuned_variant_slug(tuned))
+        champ = tracking.champion_version(c, name)
+        if champ is None:
+            no_champion.append(variant)
+            out.append((variant, tuned))
+        else:
+            out.append((variant, tuned.with_overrides(init={"from": f"models:/{name}/{champ.version}"})))
+    return out, no_champion
 
 
 @flow(name="train-family", log_prints=True)
 def train_family(
     variants: list[str], recipe: str = "v1", dataset_dir: str | None = None, data_dir: str | None = None,
     overrides: dict | None = None, retries: int = 1, retry_delay_seconds: float = 10,
+    member_overrides: dict[str, dict] | None = None, start_from: str = "scratch",
 ) -> list[dict]:
     """Train each variant with one recipe on one staged dataset version, all at once; returns one row per variant
     (its TrainResult's fields and "status": "trained", or "status": "failed" and "reason").
@@ -105,13 +139,24 @@ def train_family(
         overrides: Recipe fields to change, by section, e.g. {"schedule": {"epochs": 3}}.
         retries: How many more times a variant whose job fails is tried, resuming from its checkpoints (>= 0).
         retry_delay_seconds: Seconds between a failed try and the next (>= 0).
+        member_overrides: Recipe fields to change for one member, over `overrides`, by member as written in
+            `variants`, e.g. {"efficientnet_b7": {"data": {"batch_size": 64}}}.
+        start_from: "scratch", or "champion": each member fine-tunes its variant's registered champion (a member
+            with none yet trains from scratch).
     """
     logger = get_run_logger()
     layout = data_layout(data_dir)
     try:
         if retries < 0 or retry_delay_seconds < 0:
             raise ValueError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
-        dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides)
+        dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides, member_overrides)
+        c = tracking.client(layout.tracking_uri)
+        if start_from == "champion":
+            jobs, no_champion = from_champions(c, jobs)
+            if no_champion:
+                logger.info("no champion yet for %s: from scratch", ", ".join(no_champion))
+        elif start_from != "scratch":
+            raise ValueError(f"start_from must be 'scratch' or 'champion', not {start_from!r}")
         cluster.connect(layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
         for _, tuned in jobs:
             cluster.check_fits(tuned)
@@ -123,7 +168,6 @@ def train_family(
     from prefect.runtime import flow_run
 
     title = f"train-family {flow_run.name}: {recipe} on {dataset.name}"
-    c = tracking.client(layout.tracking_uri)
     parent = tracking.open_family_run(c, tracking.experiment_id(c, layout.artifact_root), str(flow_run.id),
                                       title, {"variants": variants, "recipe": recipe, "dataset": dataset.name})
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)

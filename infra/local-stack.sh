@@ -48,8 +48,11 @@ ok = any(w["name"] == name and w["status"] == "ONLINE" and datetime.fromisoforma
 sys.exit(0 if ok else 1)' "$WORKER_NAME" "$RUN/worker.pid" 2>/dev/null
 }
 
-deployed() {  # are the deployments on the work pool? (train-family/demo stands for them all)
-  prefect_api deployments/name/train-family/demo | grep -q "\"work_pool_name\":\"$WORK_POOL\""
+deployed() {  # are the deployments on the work pool? (the first and the last of the list stand for them all)
+  local name
+  for name in train-family/b0-b7 nightly/demo; do
+    prefect_api "deployments/name/$name" | grep -q "\"work_pool_name\":\"$WORK_POOL\"" || return 1
+  done
 }
 
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }

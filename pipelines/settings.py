@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 DATA_DIR_ENV = "EFFNET_DATA_DIR"
+SOURCE_ENV = "EFFNET_SOURCE"  # the ILSVRC2012 source the nightly stages from
 STACK_FILE = "stack.json"  # written by infra/local-stack.sh start, removed by stop
 # Ray's switch for a single-machine cluster: its node address becomes 127.0.0.1 and every Ray server binds
 # loopback only (otherwise Ray swaps 127.0.0.1 for the host's address and listens on all interfaces).
@@ -75,6 +76,12 @@ class DataLayout:
     @property
     def demo_archives(self) -> Path:
         return self.root / "demo-imagenet"
+
+    @property
+    def source(self) -> Path:
+        """Where the nightly looks for the ILSVRC2012 source when neither the run nor $EFFNET_SOURCE names one
+        (the archives, or a link to them)."""
+        return self.root / "source"
 
     @property
     def datasets(self) -> Path:
@@ -162,3 +169,8 @@ def data_layout(root: str | os.PathLike[str] | None = None) -> DataLayout:
     if root is None:
         root = os.environ.get(DATA_DIR_ENV) or PROJECT_ROOT / "data"
     return DataLayout(Path(root).expanduser().resolve())
+
+
+def default_source(layout: DataLayout) -> Path:
+    """The ILSVRC2012 source a run that names none stages from: $EFFNET_SOURCE, else the data directory's."""
+    return Path(os.environ[SOURCE_ENV]).expanduser() if os.environ.get(SOURCE_ENV) else layout.source

@@ -31,6 +31,19 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("champion", "champion", "{}"),
 )
 FILES = ("comparison.png", "comparison.html", "comparison.csv")
+# The nightly's before/after of each variant's champion (rows: `champion_rows`); val top-1 is there to report.
+CHAMPION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("variant", "variant", "{}"),
+    ("started from", "init_from", "{}"),
+    ("new version", "version", "{}"),
+    ("its minival top-1", "promotion_top1", "{:.2f}"),
+    ("champion before", "champion_before", "{}"),
+    ("champion before on that minival", "champion_before_top1", "{:.2f}"),
+    ("champion now", "champion_after", "{}"),
+    ("val top-1 (report)", "val_top1", "{:.2f}"),
+    ("decision", "promotion", "{}"),
+)
+CHAMPION_FILES = ("champions.html", "champions.csv")
 
 
 def _shown(row: dict[str, Any], key: str) -> Any:
@@ -39,44 +52,69 @@ def _shown(row: dict[str, Any], key: str) -> Any:
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    return fmt.format(_shown(row, key)) if key in row else "-"
+    if row.get(key) is None:
+        return "-" if key not in row else "none"
+    return fmt.format(_shown(row, key))
 
 
-def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+Columns = Sequence[tuple[str, str, str]]
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> list[list[str]]:
     """Header, then one row of cells per member; the last column is its status (and why it failed)."""
     status = [r["status"] if r["status"] == TRAINED else f"{r['status']}: {r.get('reason', '')}" for r in rows]
-    return ([[h for h, _, _ in COLUMNS] + ["status"]]
-            + [[_cell(r, k, f) for _, k, f in COLUMNS] + [s] for r, s in zip(rows, status)])
+    return ([[h for h, _, _ in columns] + ["status"]]
+            + [[_cell(r, k, f) for _, k, f in columns] + [s] for r, s in zip(rows, status)])
 
 
-def to_text(rows: Sequence[dict[str, Any]]) -> str:
+def to_text(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
     """The table in aligned columns, for a console or a log."""
-    cells = table(rows)
+    cells = table(rows, columns)
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+def to_csv(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(table(rows))
+    csv.writer(out, lineterminator="\n").writerows(table(rows, columns))
     return out.getvalue()
 
 
-def to_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    cells = table(rows)
+def to_markdown(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
+    cells = table(rows, columns)
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]]) + "\n"
 
 
-def to_html(rows: Sequence[dict[str, Any]], title: str, image: str = FILES[0]) -> str:
-    cells = table(rows)
+def to_html(rows: Sequence[dict[str, Any]], title: str, image: str | None = FILES[0],
+            columns: Columns = COLUMNS) -> str:
+    cells = table(rows, columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
+    figure = f"<img src='{html.escape(image)}' alt='top-1 against params and GMACs'>" if image else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><img src='{html.escape(image)}' alt='top-1 against params and GMACs'>"
+            f"<h2>{html.escape(title)}</h2>{figure}"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></body></html>\n")
+
+
+def champion_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Family rows with "champion_after": the new version when it took `champion`, else the champion before (a
+    failed member keeps whatever champion it had, unknown here)."""
+    def after(r: dict[str, Any]) -> Any:
+        return r["version"] if r.get("champion") else r.get("champion_before")
+
+    return [{**r, "champion_after": after(r)} if r["status"] == TRAINED else dict(r) for r in rows]
+
+
+def write_champions(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    """The before/after of each champion (`CHAMPION_FILES`) in `out_dir`."""
+    shown = champion_rows(rows)
+    page, sheet = (out_dir / name for name in CHAMPION_FILES)
+    page.write_text(to_html(shown, title, image=None, columns=CHAMPION_COLUMNS))
+    sheet.write_text(to_csv(shown, CHAMPION_COLUMNS))
+    return [page, sheet]
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:

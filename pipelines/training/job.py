@@ -39,6 +39,7 @@ from pipelines.training.promotion import Promotion, decide_promotion
 from pipelines.training.recipe import Recipe
 from pipelines.training.sizing import BatchPlan, size_job
 from pipelines.training.tracking import Tags
+from pipelines.training.warm_start import write_init_weights
 from pipelines.training.worker import (
     CHECKPOINT_FILE,
     CHECKPOINT_RANK,
@@ -74,6 +75,10 @@ class TrainResult:
     wall_clock_hours: float = 0.0  # every attempt's, from fit to registration
     gpu_hours: float = 0.0  # wall-clock hours x GPU workers (0 on CPU)
     promotion: str = ""  # the champion decision, one line
+    promotion_top1: float = 0.0  # this version on its dataset version's minival, as the decision measured it
+    champion_before: str | None = None  # the champion's version when this one was registered (None: none)
+    champion_before_top1: float | None = None  # that champion on the same minival (None: none comparable)
+    init_from: str | None = None  # models:/NAME/VERSION it was fine-tuned from (None: from scratch)
 
 
 def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
@@ -83,11 +88,15 @@ def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant_slug}__{recipe.name}-{recipe_hash}__{dataset_version}")
 
 
+def tuned_variant_slug(recipe: Recipe) -> str:
+    """The slug of the variant a recipe trains, every model override in it (what names its registered model)."""
+    return models.resolve_variant(recipe.model.variant, **recipe.model.overrides()).name
+
+
 def job_key_for(recipe: Recipe, dataset_dir: str | Path) -> str:
     """The key `run_training` gives this recipe's job on this dataset version, for a caller that hands the job
     to another process (a Ray job) and must find it again."""
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
-    return _job_key(spec.name, recipe, read_manifest(dataset_dir)["version"])
+    return _job_key(tuned_variant_slug(recipe), recipe, read_manifest(dataset_dir)["version"])
 
 
 def _job_marker(layout: DataLayout, key: str) -> Path:
@@ -323,9 +332,10 @@ def run_training(
     cluster.check_fits(recipe)
 
     c = tracking.client(layout.tracking_uri)
+    init_weights, lineage = _warm_start(c, layout, recipe, spec, manifest)
     job = _open_job(c, tracking.experiment_id(c, layout.artifact_root), layout, spec, recipe, manifest, batches,
-                    tags or {})
-    trainer = _trainer(job, recipe, layout, dataset_dir, manifest, batches)
+                    {**(tags or {}), **lineage})
+    trainer = _trainer(job, recipe, layout, dataset_dir, manifest, batches, init_weights)
 
     started = time.monotonic()
 
@@ -349,7 +359,7 @@ def run_training(
                              step=chosen.best_epoch)
         promotion = _promotion(c, chosen.model, dataset_dir, spec, recipe, manifest)
         hours = (job.seconds_before + time.monotonic() - started) / 3600
-        out = _register(c, layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours)
+        out = _register(c, layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours, lineage)
     except BaseException as exc:
         if stop.exc is not None:
             # Stopped from outside (recorded as killed by the stop itself); whatever `fit` raised on the way
@@ -366,8 +376,20 @@ def run_training(
     return out
 
 
+def _warm_start(c: Any, layout: DataLayout, recipe: Recipe, spec: Any,
+                manifest: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+    """A fine-tuning job's starting weights, fitted and written once for its workers (recipe `init`), and its
+    lineage tag; (None, {}) from scratch."""
+    if recipe.init is None:
+        return None, {}
+    dest = _job_marker(layout, _job_key(spec.name, recipe, manifest["version"])).with_suffix(".init.pt")
+    lineage = write_init_weights(c, recipe.init, spec, manifest["num_classes"], recipe.seed, dest)
+    return str(dest), {Tags.INIT_FROM: lineage}
+
+
 def _trainer(
     job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, manifest: dict[str, Any], batches: BatchPlan,
+    init_weights: str | None,
 ) -> Any:
     """The job's TorchTrainer: its workers, its storage (where a resumed job finds its checkpoints), the best
     checkpoint by minival kept."""
@@ -375,7 +397,7 @@ def _trainer(
 
     spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
                                tracking_uri=layout.tracking_uri, run_id=job.run_id, micro_batch=batches.micro_batch,
-                               accumulation=batches.accumulation)
+                               accumulation=batches.accumulation, init_weights=init_weights)
     return _abortable_trainer(
         train_worker,
         train_loop_config=spec_for_workers.model_dump(),
@@ -454,6 +476,7 @@ def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, rec
 def _register(
     c: Any, layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
     chosen: _Chosen, val: dict[str, float], promotion: Promotion, wall_clock_hours: float,
+    lineage: Mapping[str, str],
 ) -> TrainResult:
     """The chosen checkpoint registered with the variant's tags, its preprocessing and the promotion decision;
     its size, cost and resolutions logged as metrics of the run too (what MLflow's compare view plots)."""
@@ -477,7 +500,7 @@ def _register(
         Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
         Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
         Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
-        **promotion.tags(),
+        **promotion.tags(), **lineage,
     }
     example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
     name, version, champion = tracking.register_best_checkpoint(
@@ -490,7 +513,9 @@ def _register(
         stopped_early=chosen.stopped_early, minival_top1=chosen.minival_top1, val_top1=val["top1"],
         val_top5=val["top5"], params=params, resumed=job.resumed, gmacs=gmacs,
         train_resolution=spec.train_resolution, eval_resolution=resolution, wall_clock_hours=wall_clock_hours,
-        gpu_hours=gpu_hours, promotion=promotion.reason,
+        gpu_hours=gpu_hours, promotion=promotion.reason, promotion_top1=promotion.candidate_top1,
+        champion_before=promotion.champion_version, champion_before_top1=promotion.champion_top1,
+        init_from=lineage.get(Tags.INIT_FROM),
     )
 
 

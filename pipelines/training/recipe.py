@@ -136,6 +136,17 @@ class RuntimeConfig(_Strict):
         10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) of each node sampled this often; null: off")
 
 
+class InitConfig(_Strict):
+    """Start from a registered model's weights rather than from scratch (fine-tuning): `from` names the version
+    (`models:/efficientnet-b0/3`, or `models:/efficientnet-b0@champion`, read when the job starts); `head: keep`
+    keeps its classifier (same classes), `reset` builds a new one for the dataset's classes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    from_: str = Field(alias="from", pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$",
+                       description="models:/NAME/VERSION or models:/NAME@ALIAS")
+    head: Literal["keep", "reset"] = "keep"
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
@@ -149,6 +160,7 @@ class Recipe(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     ray: RayConfig = RayConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    init: InitConfig | None = None  # None: from scratch
 
     @model_validator(mode="after")
     def _eval_every_fits(self) -> "Recipe":

@@ -52,6 +52,7 @@ class Tags:
     CHAMPION_TOP1 = "champion_minival_top1"  # the champion's top-1 there ("none": no champion to compare with)
     CHAMPION_BEFORE = "champion_before"  # the champion's version then ("none")
     PROMOTION = "promotion"  # the decision and why, one line
+    INIT_FROM = "init_from"  # R V: models:/NAME/VERSION a fine-tuned job started from (recipe `init`)
     EPOCHS_RUN = "epochs_run"  # V
     BEST_EPOCH = "best_epoch"  # V: the chosen checkpoint's epoch
     EARLY_STOPPED_EPOCH = "early_stopped_epoch"  # V: "none" when the schedule ran to its end

@@ -46,6 +46,7 @@ from pipelines.training import augment, tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import EpochSettings, ema_decay_at, epoch_settings, learning_rate
 from pipelines.training.tracking import Tags
+from pipelines.training.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class JobSpec(BaseModel):
     # The resolved sizes (pipelines.training.sizing): recipe.data.batch_size = micro_batch x accumulation.
     micro_batch: int | None = None  # None: the recipe's batch at once
     accumulation: int = 1
+    init_weights: str | None = None  # the starting weights' file (recipe `init`, written by the driver)
 
     @property
     def loader_batch(self) -> int:
@@ -360,6 +362,8 @@ def start_worker(job: JobSpec) -> Worker:
     seed_everything(recipe.seed, 0, 0)  # rank 0's stream on every rank: the same initial weights
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     model = models.build_model(spec, job.num_classes)
+    if job.init_weights:
+        load_init_weights(model, job.init_weights)  # before the EMA copy: both start from them
     if recipe.model.bn_momentum is not None:
         set_bn_momentum(model, recipe.model.bn_momentum)
     if recipe.runtime.channels_last:

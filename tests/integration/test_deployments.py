@@ -1,5 +1,5 @@
-"""The deployments users run (`prefect deployment run train-family/b0-b7`) exist with the nightly schedule, both
-as `effnet serve` registers them and as `effnet deploy` puts them on a `process` work pool (the stack's way)."""
+"""The deployments users run (`prefect deployment run train-family/b0-b7`, the nightly's schedule) exist, both as
+`effnet serve` registers them and as `effnet deploy` puts them on a `process` work pool (the stack's way)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import asyncio
 import pytest
 
 import models
-from flows.deployments import DEPLOYMENTS, NIGHTLY_CRON, TIMEZONE, build_deployments, deploy_all, select_specs
+from flows.deployments import (
+    DEPLOYMENTS,
+    NIGHTLY_CRON,
+    TIMEZONE,
+    TIMEZONE_ENV,
+    build_deployments,
+    deploy_all,
+    nightly_timezone,
+    select_specs,
+)
 from pipelines.settings import PROJECT_ROOT
 from pipelines.training.recipe import load_recipe
 
@@ -48,11 +57,24 @@ def test_deployments_register_with_schedule(prefect_server):
     assert len(ids) == len(DEPLOYMENTS)
 
     b0_b7 = _read("train-family/b0-b7")
-    assert b0_b7.parameters["variants"] == [f"efficientnet_b{i}" for i in range(8)]
-    (sched,) = b0_b7.schedules
+    assert b0_b7.parameters["variants"] == [f"efficientnet_b{i}" for i in range(8)] and not b0_b7.schedules
+    night = _read("nightly/default")
+    assert night.parameters == {"variants": b0_b7.parameters["variants"], "recipe": "v1", "mode": "finetune"}
+    (sched,) = night.schedules
     assert sched.schedule.cron == NIGHTLY_CRON and sched.schedule.timezone == TIMEZONE and sched.active
-    demo = _read("train-family/demo")
-    assert not demo.schedules
+    # Two nights never overlap: Prefect's deployment concurrency limit (see test_nightly for it at work).
+    assert night.global_concurrency_limit.limit == 1
+    assert night.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert not _read("train-family/demo").schedules and not _read("nightly/demo").schedules
+
+
+def test_the_nightly_timezone_is_the_deployers(monkeypatch, prefect_server):
+    monkeypatch.setenv(TIMEZONE_ENV, "Asia/Tokyo")
+    assert nightly_timezone() == "Asia/Tokyo" and nightly_timezone("Europe/Berlin") == "Europe/Berlin"
+    (deployment,) = build_deployments(["nightly/default"], timezone="Europe/Berlin")
+    assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"
+    with pytest.raises(ValueError, match="unknown timezone 'Mars/Olympus'"):
+        nightly_timezone("Mars/Olympus")
 
 
 def test_v2_family_names_real_variants_and_recipe():
@@ -60,7 +82,7 @@ def test_v2_family_names_real_variants_and_recipe():
     assert spec.parameters["variants"] == ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
     assert set(spec.parameters["variants"]) <= set(models.list_models())
     assert load_recipe(spec.parameters["recipe"]).progressive.enabled
-    assert not spec.nightly  # the nightly schedule stays on b0-b7 alone
+    assert not spec.nightly  # the schedule is the nightly's alone
     with pytest.raises(ValueError, match="unknown deployment train-family/b9"):
         select_specs(["train-family/b9"])
 

@@ -31,6 +31,10 @@ CASES = {
     "missing dataset": (dict(variants=["phi=-9"], recipe="demo", dataset_dir="/nonexistent/version"),
                         "/nonexistent/version"),
     "unfit cluster": (dict(variants=["phi=-9"], recipe="v1"), "missing: CPU, GPU"),
+    "member override for no member": (dict(variants=["phi=-9"], recipe="demo", member_overrides={"phi=-8": {}}),
+                                      "member_overrides names phi=-8"),
+    "bad member override": (dict(variants=["phi=-9"], recipe="demo",
+                                 member_overrides={"phi=-9": {"data": {"batch_size": 0}}}), "data.batch_size"),
 }
 
 

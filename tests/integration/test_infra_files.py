@@ -225,7 +225,7 @@ def test_the_rayjob_runs_a_real_effnet_command():
     for variant in args.variants:
         parse_family_member(variant)
     load_recipe(args.recipe)
-    # By default the RayJob trains what the nightly b0-b7 deployment trains.
+    # By default the RayJob trains what the b0-b7 deployment trains.
     assert args.variants == list(V1_FAMILY)
 
 
