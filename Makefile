@@ -7,6 +7,8 @@ PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 # FFCV compiles against these; pip has no FFCV wheels.
 FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
+# The UI tests look at the MLflow and Prefect UIs through it (they skip without it).
+UI_DEBS := chromium
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
 
@@ -29,12 +31,14 @@ setup:
 	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && $(PY) -c "import models, pipelines, flows" 2>/dev/null; then \
 		echo "setup: $(VENV) is up to date"; exit 0; fi; \
 	set -e; \
-	missing=$$(for p in $(FFCV_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	missing=$$(for p in $(FFCV_DEBS) $(UI_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-		if [ "$$(id -u)" = 0 ]; then echo "setup: installing Debian packages for FFCV: $$missing"; \
+		if [ "$$(id -u)" = 0 ]; then echo "setup: installing Debian packages: $$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-		else echo "setup: FFCV needs the Debian packages: $$missing"; \
-			echo "       run: sudo apt-get install -y $$missing   (then make setup again)"; exit 1; fi; fi; \
+		else needed=$$(for p in $(FFCV_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+			if [ -n "$$needed" ]; then echo "setup: FFCV needs the Debian packages: $$needed"; \
+				echo "       run: sudo apt-get install -y $$missing   (then make setup again)"; exit 1; fi; \
+			echo "setup: without $(UI_DEBS) the UI tests skip (sudo apt-get install -y $(UI_DEBS))"; fi; fi; \
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 	$(PIP) install -q --upgrade pip wheel setuptools; \
 	echo "setup: installing torch $(TORCH_VERSION) first, so the project's torch range is already met"; \

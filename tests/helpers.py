@@ -238,3 +238,24 @@ def flow_run_artifacts(flow_run_id: Any) -> dict[str, Any]:
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
     return {a.key: a for a in asyncio.run(read())}
+
+
+def browse(url: str, screenshot: Path | None = None, wait_ms: int = 20_000) -> str:
+    """A page as a user's browser shows it (headless Chromium, Debian's `chromium`): its DOM once its scripts
+    have run for `wait_ms` of the page's time, and a screenshot to `screenshot` when asked. Skips the test
+    when there is no Chromium (`make setup` installs it)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("needs headless Chromium (Debian package chromium; make setup installs it as root)")
+    # --no-sandbox: Chromium refuses to run as root with its sandbox; the pages are our own servers'.
+    base = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1000",
+            f"--virtual-time-budget={wait_ms}"]
+    if screenshot is not None:
+        subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    return subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                          check=True).stdout

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # module (each Ray Train worker and controller unpickling the training loop), while only rank 0 logs.
 
 EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared side by side
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI (not by its Python API)
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
 # Where a registered version's run keeps its plain weights: a state_dict and the arguments that rebuild the model
 # through `models`, read back without unpickling (`pipelines.training.promotion.load_registered_weights`).
@@ -80,7 +81,10 @@ def experiment_id(c: MlflowClient, artifact_root: str | None = None, name: str =
     if exp is not None:
         return exp.experiment_id
     try:
-        return c.create_experiment(name, artifact_location=artifact_root)
+        # The kind makes MLflow 3's UI open the experiment in its model-training view (runs, metrics, compare)
+        # rather than the GenAI one (traces, evaluation runs) it guesses for an experiment without one.
+        return c.create_experiment(name, artifact_location=artifact_root,
+                                   tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
     except MlflowException:  # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
 

@@ -1,7 +1,8 @@
 """The product as users run it, on the real servers: `make up` (`infra/local-stack.sh start`: Prefect
 server, MLflow server, Ray head, the `effnet` process work pool and its worker, the deployments deployed to it),
 staging through the stack, `prefect deployment run train-family/demo` through the Prefect client, run by the
-pool's worker, registered models checked on the MLflow server, bad input failing the run at once, the scheduler
+pool's worker, registered models checked on the MLflow server, the MLflow and Prefect UIs in a headless browser,
+a nightly with nothing new, bad input failing the run at once, the scheduler
 creating runs, a cancelled run, then `make down` while a run trains: no process left (the worker's flow runs, which
 have sessions of their own, included), nothing listening outside loopback, and the data directory usable
 without it.
@@ -27,11 +28,16 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
 
+from helpers import browse
+
 STACK = PROJECT_ROOT / "infra" / "local-stack.sh"
 EFFNET = PROJECT_ROOT / ".venv" / "bin" / "effnet"
 SERVICES = ("prefect", "mlflow", "ray", "worker")
 WORK_POOL = "effnet"
 EPOCHS = 2
+# How the demo source is staged through the stack (`effnet stage`), and so what the nightly's staging repeats.
+STAGED = {"tiers": [64, 96], "minival": 0.25, "max_bad_fraction": 0.1, "shard_size": 32}
+FAMILY_RUN: dict[str, Any] = {}  # the deployment run's flow run and MLflow runs, for the UI test after it
 # One member that would train for long: what cancel and stop interrupt.
 LONG_RUN = {"variants": ["phi=-9"], "overrides": {"schedule": {"epochs": 200, "patience": None}}}
 
@@ -149,6 +155,12 @@ def _wait_state(stack: Stack, flow_run_id: Any, state: str, timeout: float) -> A
     raise AssertionError(f"flow run {flow_run_id} not {state} within {timeout} s (state {run.state})")
 
 
+def _artifacts_of(flow_run_id: Any) -> Any:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    return ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+
+
 def _of_run(flow_run_id: Any) -> Any:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -202,8 +214,9 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
                         "--val-per-class", "4")
     assert made.returncode == 0, made.stderr
     staged = stack.effnet("stage", "--source", str(archives), "--out", str(stack.root / "datasets"),
-                          "--tiers", "64", "96", "--minival", "0.25", "--max-bad-fraction", "0.1",
-                          "--shard-size", "32", "--no-progress")
+                          "--tiers", *map(str, STAGED["tiers"]), "--minival", str(STAGED["minival"]),
+                          "--max-bad-fraction", str(STAGED["max_bad_fraction"]),
+                          "--shard-size", str(STAGED["shard_size"]), "--no-progress")
     assert staged.returncode == 0, staged.stderr[-3000:]
     # Staged through the stack's Prefect server, not a temporary one.
     flows = stack.prefect(lambda c: c.read_flows())
@@ -249,6 +262,43 @@ def test_deployment_run_trains_and_registers_on_the_servers(stack: Stack):
     for variant in ("efficientnet_b0_phi-9", "efficientnet_b0_phi-7"):
         for epoch in range(1, EPOCHS + 1):
             assert sum(line.startswith(f"{variant} epoch {epoch}/{EPOCHS}") for line in lines) == 1, lines
+    FAMILY_RUN["flow_run_id"], FAMILY_RUN["parent"] = flow_run.id, parent
+    FAMILY_RUN["members"] = [r.info.run_name for r in runs]
+
+
+def test_the_uis_show_the_family(stack: Stack):
+    """What a user opens after the run, in a real browser: the MLflow UI's family run with its nested runs and
+    the comparison plot, and the Prefect UI's summary artifact of the flow run (screenshots under ui/)."""
+    if not FAMILY_RUN:
+        pytest.skip("needs the deployment run of test_deployment_run_trains_and_registers_on_the_servers")
+    shots = stack.root.parent / "ui"
+    shots.mkdir(exist_ok=True)
+    parent = FAMILY_RUN["parent"]
+    run_page = f"{stack.mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    dom = browse(run_page, shots / "mlflow-family-run.png")
+    assert parent.info.run_name in dom and "Child runs" in dom, dom[-3000:]
+    assert all(name in dom for name in FAMILY_RUN["members"]), (FAMILY_RUN["members"], dom[-3000:])
+    dom = browse(f"{run_page}/artifacts/comparison/comparison.png", shots / "mlflow-comparison.png")
+    assert "comparison/comparison.png" in dom and "<img" in dom, dom[-3000:]
+
+    artifacts = stack.prefect(lambda c: c.read_artifacts(artifact_filter=_artifacts_of(FAMILY_RUN["flow_run_id"])))
+    [summary] = [a for a in artifacts if a.key == "family-summary"]
+    prefect_ui = stack.prefect_api.removesuffix("/api")
+    dom = browse(f"{prefect_ui}/artifacts/artifact/{summary.id}", shots / "prefect-family-summary.png")
+    assert "family-summary" in dom and all(f">{v}<" in dom for v in ("efficientnet_b0_phi-9",
+                                                                      "efficientnet_b0_phi-7")), dom[-3000:]
+    print("\nscreenshots: " + ", ".join(str(p) for p in sorted(shots.glob("*.png"))))
+
+
+def test_a_nightly_with_nothing_new_says_so(stack: Stack):
+    """`nightly/demo` on the source the family was just trained from: staged already (the same parameters), every
+    member has a version on it: the run ends Completed saying there is nothing to do, having trained nothing."""
+    flow_run = _run_deployment(stack, "nightly/demo", {"source": str(stack.root / "demo-imagenet"),
+                                                       "staging": STAGED})
+    finished = _wait_final(stack, flow_run.id, timeout=300)
+    assert finished.state.is_completed() and "nothing to do" in (finished.state.message or ""), finished.state
+    assert finished.work_pool_name == WORK_POOL
+    assert not _mlflow_runs_of(stack, flow_run.id, kind="family")
 
 
 def test_bad_input_fails_the_run_at_once_or_is_refused(stack: Stack):
