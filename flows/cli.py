@@ -81,6 +81,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.training.coefficients import resolve_coefficients
     from pipelines.training.job import run_training, validate_job
     from pipelines.training.recipe import load_recipe, parse_family_member
 
@@ -94,6 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None:
         sections["ray"] = {"num_workers": args.workers}
     recipe = recipe.with_overrides(**sections) if sections else recipe
+    recipe = resolve_coefficients(recipe, data_layout(args.data_dir))
     tags = dict(_key_value("--tag", t) for t in args.tag)
     validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
     result = run_training(recipe, args.data, data_layout(args.data_dir), ray_address=args.ray_address,

@@ -149,7 +149,8 @@ def nightly(
         night = (finetune_overrides(load_recipe(recipe).with_overrides(**(overrides or {})), finetune_epochs,
                                     finetune_lr_scale) if mode == "finetune" else None)
         # Every member's recipe checked now, not after hours of staging.
-        members = [(v, tuned_variant_slug(r)) for v, r in member_recipes(variants, recipe, overrides, member_overrides)]
+        members = [(v, tuned_variant_slug(r)) for v, r in member_recipes(variants, recipe, overrides, member_overrides,
+                                                                         layout)]
         src = str(source or default_source(layout))
         dataset = stage_imagenet(src, str(layout.datasets), base_version="auto", **stage_args)
     except BAD_INPUT as exc:

@@ -24,8 +24,9 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
-from pipelines.settings import data_layout
+from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, compare, submit, tracking
+from pipelines.training.coefficients import resolve_coefficients
 from pipelines.training.job import TrainResult, job_key_for, tuned_variant_slug, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
 from pipelines.training.tracking import Tags
@@ -66,8 +67,10 @@ def variant_row(variant: str, outcome: dict | BaseException) -> dict:
 
 
 def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
-                   member_overrides: dict[str, dict] | None = None) -> list[tuple[str, Recipe]]:
-    """Each member's recipe: the recipe, `overrides`, the member's model, then the member's own overrides.
+                   member_overrides: dict[str, dict] | None = None,
+                   layout: DataLayout | None = None) -> list[tuple[str, Recipe]]:
+    """Each member's recipe: the recipe, `overrides`, the member's model, then the member's own overrides; a named
+    coefficient set resolved to its numbers (from `layout`'s sets).
 
     Raises ValueError / FileNotFoundError naming the first problem.
     """
@@ -84,7 +87,7 @@ def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
         tuned = base.with_overrides(model=parse_family_member(variant))
         if (own := (member_overrides or {}).get(variant)):
             tuned = tuned.with_overrides(**own)
-        jobs.append((variant, tuned))
+        jobs.append((variant, resolve_coefficients(tuned, layout or data_layout())))
     return jobs
 
 
@@ -96,8 +99,9 @@ def plan_family(
 
     Raises ValueError / FileNotFoundError naming the first problem.
     """
-    jobs = member_recipes(variants, recipe, overrides, member_overrides)
-    dataset = Path(dataset_dir) if dataset_dir else latest_version(data_layout(data_dir).datasets)
+    layout = data_layout(data_dir)
+    jobs = member_recipes(variants, recipe, overrides, member_overrides, layout)
+    dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
     for _, tuned in jobs:
         validate_job(tuned, dataset)
     return dataset, jobs
@@ -132,7 +136,8 @@ def train_family(
 
     Args:
         variants: Members of the family: registered variants (efficientnet_b0 ... efficientnet_b7, efficientnet_v2_s,
-            ...) or "phi=N", B0 compound-scaled by phi N (e.g. "phi=-3", "phi=1.5").
+            ...) or "phi=N", B0 compound-scaled by phi N (e.g. "phi=-3", "phi=1.5"), by the paper's coefficients or
+            a named set ("phi=2,coefficients=my-search") or explicit ones ("phi=2,alpha=1.3,beta=1.1,gamma=1.1").
         recipe: A recipe name (v1, v2-progressive, demo, demo-progressive) or the path of a recipe YAML file.
         dataset_dir: A staged dataset version directory; empty for the latest one staged in the data directory.
         data_dir: The data directory (stores, checkpoints, datasets); empty for EFFNET_DATA_DIR or ./data.

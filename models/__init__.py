@@ -20,12 +20,16 @@ from .efficientnet import (
 )
 from .variants import (
     ARCHITECTURES,
+    DEFAULT_COEFFICIENT_TOLERANCE,
+    PAPER_COEFFICIENTS,
     VARIANTS,
     Architecture,
+    CoefficientSet,
     ProgressiveSpec,
     ScaledCoefficients,
     StageSpec,
     VariantSpec,
+    check_coefficients,
     compound_scale,
     get_variant,
     list_models,
@@ -38,8 +42,11 @@ from .variants import (
 
 __all__ = [
     "ARCHITECTURES",
+    "DEFAULT_COEFFICIENT_TOLERANCE",
+    "PAPER_COEFFICIENTS",
     "VARIANTS",
     "Architecture",
+    "CoefficientSet",
     "BlockPlan",
     "EfficientNet",
     "NetworkPlan",
@@ -49,6 +56,7 @@ __all__ = [
     "StageSpec",
     "VariantSpec",
     "build_model",
+    "check_coefficients",
     "compound_scale",
     "create_model",
     "drop_path_rates",

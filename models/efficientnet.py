@@ -12,9 +12,9 @@ from torch import nn
 from .layers import BLOCKS, ConvBNAct
 from .variants import (
     VariantSpec,
+    architecture_of,
     check_positive_int,
     check_rate,
-    architecture_of,
     resolve_variant,
     round_channels,
     round_repeats,

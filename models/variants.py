@@ -260,6 +260,51 @@ def check_resolution(name: str, value: Any) -> int:
     return value
 
 
+# --------------------------------------------------------------------------------------------------
+# Compound-scaling coefficient sets
+# --------------------------------------------------------------------------------------------------
+
+# Paper Sec. 3.3: alpha * beta^2 * gamma^2 ~= 2, so that FLOPs grow by about 2^phi; alpha, beta, gamma >= 1.
+FLOPS_PER_PHI = 2.0
+DEFAULT_COEFFICIENT_TOLERANCE = 0.1  # relative: alpha * beta^2 * gamma^2 within 10% of 2 (the paper's: 1.92)
+
+
+@dataclass(frozen=True)
+class CoefficientSet:
+    """Depth, width and resolution bases of compound scaling, under a name ("paper", or a search's)."""
+
+    name: str
+    alpha: float  # depth
+    beta: float  # width
+    gamma: float  # resolution
+
+    @property
+    def flops_factor(self) -> float:
+        """How much one unit of phi multiplies the FLOPs by: alpha * beta^2 * gamma^2."""
+        return self.alpha * self.beta**2 * self.gamma**2
+
+
+def check_coefficients(name: str, alpha: Any, beta: Any, gamma: Any,
+                       tolerance: float = DEFAULT_COEFFICIENT_TOLERANCE) -> CoefficientSet:
+    """A coefficient set, checked: each a real >= 1, and alpha * beta^2 * gamma^2 within `tolerance` (relative)
+    of 2; ValueError naming the set and what is wrong."""
+    values = {k: check_real(f"{name}: {k}", v, positive=True) for k, v in
+              (("alpha", alpha), ("beta", beta), ("gamma", gamma))}
+    below = [f"{k} {v:g}" for k, v in values.items() if v < 1]
+    if below:
+        raise ValueError(f"{name}: alpha, beta and gamma must be >= 1 (scaling up makes nothing smaller), got "
+                         + ", ".join(below))
+    tolerance = check_real(f"{name}: tolerance", tolerance, positive=True)
+    cs = CoefficientSet(name, **values)
+    if abs(cs.flops_factor - FLOPS_PER_PHI) > tolerance * FLOPS_PER_PHI:
+        raise ValueError(f"{name}: alpha * beta^2 * gamma^2 = {cs.flops_factor:.3f} (alpha {cs.alpha:g}, beta "
+                         f"{cs.beta:g}, gamma {cs.gamma:g}), not within {tolerance:.0%} of {FLOPS_PER_PHI:g}")
+    return cs
+
+
+PAPER_COEFFICIENTS = CoefficientSet("paper", PAPER_ALPHA, PAPER_BETA, PAPER_GAMMA)
+
+
 def compound_scale(
     phi: float,
     alpha: float = PAPER_ALPHA,

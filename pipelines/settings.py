@@ -84,6 +84,11 @@ class DataLayout:
         return self.root / "source"
 
     @property
+    def coefficients(self) -> Path:
+        """Named compound-scaling coefficient sets (one JSON file each), as a scaling search stores them."""
+        return self.root / "coefficients"
+
+    @property
     def datasets(self) -> Path:
         return self.root / "datasets"
 

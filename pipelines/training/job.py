@@ -500,7 +500,7 @@ def _register(
         Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
         Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
         Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
-        **promotion.tags(), **lineage,
+        **promotion.tags(), **lineage, **scaling_tags(recipe),
     }
     example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
     name, version, champion = tracking.register_best_checkpoint(
@@ -517,6 +517,16 @@ def _register(
         champion_before=promotion.champion_version, champion_before_top1=promotion.champion_top1,
         init_from=lineage.get(Tags.INIT_FROM),
     )
+
+
+def scaling_tags(recipe: Recipe) -> dict[str, str]:
+    """Which phi and coefficient set a compound-scaled member was built with ({} for a table variant)."""
+    m = recipe.model
+    if m.phi is None:
+        return {}
+    cs = m.coefficient_set()
+    return {Tags.PHI: f"{m.phi:g}", Tags.COEFFICIENTS: cs.name,
+            Tags.SCALING: f"alpha={cs.alpha:g} beta={cs.beta:g} gamma={cs.gamma:g}"}
 
 
 def evaluate_split(

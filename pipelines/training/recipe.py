@@ -13,7 +13,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.variants import V1_BASE_NAME
+from models.variants import (
+    DEFAULT_COEFFICIENT_TOLERANCE,
+    PAPER_COEFFICIENTS,
+    V1_BASE_NAME,
+    CoefficientSet,
+    check_coefficients,
+)
 from pipelines.loading import BACKENDS
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -27,10 +33,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a coefficient set's name: a file name, a tag value
+
+
 class ModelConfig(_Strict):
     variant: str = V1_BASE_NAME
     # Compound-scaling overrides applied on top of the variant (phi=-3 gives a CPU-sized model).
     phi: float | None = None
+    # The bases phi scales by: a named set (`paper`, or one a scaling search stored; resolved to its numbers
+    # when the job is planned, `pipelines.training.coefficients`) or explicit values; unset ones are the paper's.
+    coefficients: str | None = Field(None, pattern=SET_NAME, description="a named coefficient set")
+    alpha: float | None = Field(None, gt=0, description="depth base of compound scaling")
+    beta: float | None = Field(None, gt=0, description="width base of compound scaling")
+    gamma: float | None = Field(None, gt=0, description="resolution base of compound scaling")
+    coefficient_tolerance: float = Field(DEFAULT_COEFFICIENT_TOLERANCE, gt=0, lt=1,
+                                         description="alpha * beta^2 * gamma^2 within this fraction of 2")
     width_mult: float | None = None
     depth_mult: float | None = None
     resolution: int | None = Field(None, ge=16, description="train resolution; default: the variant's")
@@ -43,8 +60,26 @@ class ModelConfig(_Strict):
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
-        keys = ("phi", "width_mult", "depth_mult", "resolution", "eval_resolution", "dropout", "stochastic_depth")
+        keys = ("phi", "alpha", "beta", "gamma", "width_mult", "depth_mult", "resolution", "eval_resolution",
+                "dropout", "stochastic_depth")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def coefficient_set(self) -> CoefficientSet:
+        """The set phi scales by: the given values, the paper's for those not given."""
+        paper = PAPER_COEFFICIENTS
+        return CoefficientSet(self.coefficients or ("paper" if self.alpha is self.beta is self.gamma is None
+                                                    else "explicit"),
+                              self.alpha or paper.alpha, self.beta or paper.beta, self.gamma or paper.gamma)
+
+    @model_validator(mode="after")
+    def _coefficients_hold(self) -> "ModelConfig":
+        if (self.alpha, self.beta, self.gamma) != (None, None, None):
+            if self.phi is None:
+                raise ValueError("alpha, beta and gamma only apply together with phi")
+            cs = self.coefficient_set()
+            check_coefficients(f"coefficient set {cs.name!r}", cs.alpha, cs.beta, cs.gamma,
+                               self.coefficient_tolerance)
+        return self
 
 
 class OptimConfig(_Strict):
@@ -239,24 +274,52 @@ def describe_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
-        given = f" (given {err['input']!r})" if err["loc"] and err["type"] != "missing" and "input" in err else ""
-        parts.append(f"{where}{given}: {err['msg']}")
+        # A whole section's value (a model-level check) is no help in one line: its message names the fields.
+        shown = err["loc"] and err["type"] != "missing" and "input" in err and not isinstance(err["input"], dict)
+        given = f" (given {err['input']!r})" if shown else ""
+        parts.append(f"{where}{given}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
+
+
+MEMBER_SCALING_KEYS = ("coefficients", "alpha", "beta", "gamma")
 
 
 def parse_family_member(member: str) -> dict[str, Any]:
     """A family member as written in a flow parameter -> `model` section overrides.
 
-    `efficientnet_b3` is a registered variant; `phi=-3` (or `phi=1.5`) is B0 compound-scaled by that phi.
+    `efficientnet_b3` is a registered variant; `phi=-3` (or `phi=1.5`) is B0 compound-scaled by that phi, with
+    the recipe's coefficients (the paper's by default); `phi=2,coefficients=my-search` scales by a named set,
+    `phi=2,alpha=1.3,beta=1.1,gamma=1.15` by explicit values.
     """
     member = member.strip()
-    if member.startswith("phi="):
-        try:
-            phi = float(member[4:])
-        except ValueError:
-            raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
-        if not math.isfinite(phi):
-            raise ValueError(f"family member {member!r}: phi must be a finite number, e.g. phi=-3")
-        return {"variant": V1_BASE_NAME, "phi": phi, "width_mult": None, "depth_mult": None,
-                "resolution": None, "eval_resolution": None}
-    return {"variant": member, "phi": None}
+    if not member.startswith("phi="):
+        return {"variant": member, "phi": None}
+    first, *rest = member.split(",")
+    try:
+        phi = float(first[4:])
+    except ValueError:
+        raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
+    if not math.isfinite(phi):
+        raise ValueError(f"family member {member!r}: phi must be a finite number, e.g. phi=-3")
+    out: dict[str, Any] = {"variant": V1_BASE_NAME, "phi": phi, "width_mult": None, "depth_mult": None,
+                           "resolution": None, "eval_resolution": None}
+    for part in rest:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in MEMBER_SCALING_KEYS:
+            raise ValueError(f"family member {member!r}: {part.strip()!r} is not one of "
+                             f"{', '.join(k + '=...' for k in MEMBER_SCALING_KEYS)}")
+        if key == "coefficients":
+            out[key] = value.strip()
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"family member {member!r}: {key} must be a number") from None
+    if "coefficients" in out and {"alpha", "beta", "gamma"} & set(out):
+        raise ValueError(f"family member {member!r}: a named coefficient set or alpha/beta/gamma, not both")
+    if "coefficients" in out:  # the set's own numbers replace whatever the recipe had (resolved later)
+        out.update(alpha=None, beta=None, gamma=None)
+    elif {"alpha", "beta", "gamma"} & set(out):
+        out["coefficients"] = None
+    return out

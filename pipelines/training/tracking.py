@@ -53,6 +53,9 @@ class Tags:
     CHAMPION_TOP1 = "champion_minival_top1"  # the champion's top-1 there ("none": no champion to compare with)
     CHAMPION_BEFORE = "champion_before"  # the champion's version then ("none")
     PROMOTION = "promotion"  # the decision and why, one line
+    PHI = "phi"  # V: the compound-scaling exponent a member was built with (phi members only)
+    COEFFICIENTS = "coefficients"  # V: the coefficient set's name ("paper", a search's, "explicit")
+    SCALING = "scaling"  # V: "alpha=A beta=B gamma=G", the set's numbers
     INIT_FROM = "init_from"  # R V: models:/NAME/VERSION a fine-tuned job started from (recipe `init`)
     EPOCHS_RUN = "epochs_run"  # V
     BEST_EPOCH = "best_epoch"  # V: the chosen checkpoint's epoch

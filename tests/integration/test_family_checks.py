@@ -31,6 +31,8 @@ CASES = {
     "missing dataset": (dict(variants=["phi=-9"], recipe="demo", dataset_dir="/nonexistent/version"),
                         "/nonexistent/version"),
     "unfit cluster": (dict(variants=["phi=-9"], recipe="v1"), "missing: CPU, GPU"),
+    "unknown coefficient set": (dict(variants=["phi=-9,coefficients=nope"], recipe="demo"),
+                                "no coefficient set 'nope'"),
     "member override for no member": (dict(variants=["phi=-9"], recipe="demo", member_overrides={"phi=-8": {}}),
                                       "member_overrides names phi=-8"),
     "bad member override": (dict(variants=["phi=-9"], recipe="demo",
