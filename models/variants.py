@@ -40,6 +40,10 @@ PAPER_GAMMA = 1.15  # resolution
 RESOLUTION_MULTIPLE = 8
 MIN_RESOLUTION = 32
 
+# V2 paper Sec. 4.2: scaling V2 up, the largest inference image size is capped at 480 (larger images cost memory
+# and training speed for little accuracy). Table variants keep theirs (XL's released code evaluates at 512).
+V2_MAX_RESOLUTION = 480
+
 # Stochastic-depth rate of every released model (the rate approached by the last block).
 DEFAULT_STOCHASTIC_DEPTH = 0.2
 
@@ -570,9 +574,12 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
         `resolution` sets the training resolution; for V1 (which trains and evaluates at one size) it
         sets the eval resolution too, for V2 the eval resolution keeps its ratio to the training one.
       dropout, stochastic_depth: rates in [0, 1).
+      allow_large_resolution: a V2 resolution override above V2_MAX_RESOLUTION is refused unless True.
     Overrides equal to the named variant's value leave the name unchanged.
     """
     spec = get_variant(name)
+    overrides = dict(overrides)
+    allow_large = bool(overrides.pop("allow_large_resolution", False))
     unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; valid overrides: {list(OVERRIDE_KEYS)}")
@@ -639,6 +646,12 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
 
     if not changes:
         return spec
+    sizes = (changes.get("train_resolution", spec.train_resolution), changes.get("eval_resolution",
+                                                                              spec.eval_resolution))
+    if spec.family == "v2" and max(sizes) > V2_MAX_RESOLUTION and not allow_large:
+        raise ValueError(f"{name}: train/eval resolution {sizes[0]}/{sizes[1]} goes above V2's cap of "
+                         f"{V2_MAX_RESOLUTION} (paper Sec. 4.2); set model.allow_large_resolution: true to train it "
+                         "anyway")
     if "eval_resolution" in changes and spec.family == "v1":
         changes["crop_ratio"] = v1_crop_ratio(changes["eval_resolution"])
     return dataclasses.replace(spec, name="_".join([spec.name, *tags]), **changes)

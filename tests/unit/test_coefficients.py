@@ -1,6 +1,7 @@
 """Compound-scaling coefficient sets as data: checked (>= 1, alpha * beta^2 * gamma^2 within a tolerance of 2),
 named (`paper`, or a stored search result) in recipes and family members, resolved to numbers when a job is
-planned, and the member built from them has the depth, width and resolution the set implies."""
+planned, and the member built from them has the depth, width and resolution the set implies. V2's own rule: a
+resolution override above the paper's cap of 480 is refused unless asked for."""
 
 from __future__ import annotations
 
@@ -100,3 +101,19 @@ def test_unknown_clashing_and_built_in_sets_are_errors(tmp_path):
         load_coefficient_set(layout, "broken")
     assert resolve_coefficients(load_recipe("demo").with_overrides(model={"coefficients": "paper"}),
                                 layout).model.alpha == PAPER_COEFFICIENTS.alpha
+
+
+def test_v2_resolutions_above_the_papers_cap_are_refused_unless_asked_for():
+    with pytest.raises(ValueError, match="train/eval resolution 400/500 goes above V2's cap of 480"):
+        models.resolve_variant("efficientnet_v2_m", resolution=400)
+    assert models.resolve_variant("efficientnet_v2_m", resolution=400, allow_large_resolution=True
+                                  ).eval_resolution == 500
+    assert models.resolve_variant("efficientnet_v2_m", resolution=320).eval_resolution == 400  # below: as before
+    assert models.get_variant("efficientnet_v2_xl").eval_resolution == 512  # a table variant keeps its own
+    assert models.resolve_variant("efficientnet_b7", resolution=640).eval_resolution == 640  # V1 has no cap
+    # The recipe's switch reaches the models' check.
+    recipe = load_recipe("v2-progressive").with_overrides(model={"variant": "efficientnet_v2_m", "resolution": 400})
+    with pytest.raises(ValueError, match="set model.allow_large_resolution: true"):
+        models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    allowed = recipe.with_overrides(model={"allow_large_resolution": True})
+    assert models.resolve_variant(allowed.model.variant, **allowed.model.overrides()).eval_resolution == 500
