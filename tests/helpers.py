@@ -259,3 +259,68 @@ def browse(url: str, screenshot: Path | None = None, wait_ms: int = 20_000) -> s
         subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
     return subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120,
                           check=True).stdout
+
+
+def jobs_client(ray_cluster: Any) -> Any:
+    """The Ray Jobs API of the tests' cluster."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
+
+
+def ray_jobs(client: Any, field: str, value: str) -> list:
+    """The Ray jobs whose submission metadata has `field` = `value`."""
+    return [j for j in client.list_jobs() if (j.metadata or {}).get(field) == value]
+
+
+def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list[dict],
+                     epochs: dict[str, int]) -> None:
+    """What a first `train-family` run (no champion yet) leaves, asserted: one Ray job per member, side by side; a
+    finished parent MLflow run with the members' runs nested under it, each registered as champion (on minival)
+    with the metrics MLflow's compare view plots; the comparison files on the parent; the summary artifact and
+    one progress line per epoch (`epochs` by variant) in the flow run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.training import submit
+    from pipelines.training.tracking import Tags
+
+    jobs = ray_jobs(jobs_client(ray_cluster), submit.FLOW_RUN_FIELD, flow_run_id)
+    assert len(jobs) == len(rows) and all(j.status == "SUCCEEDED" for j in jobs), jobs
+    assert max(j.start_time for j in jobs) < min(j.end_time for j in jobs), "the Ray jobs did not overlap"
+
+    c = MlflowClient(tracking_uri=layout.tracking_uri, registry_uri=layout.tracking_uri)
+    exp = c.get_experiment_by_name("efficientnet-family").experiment_id
+    [parent] = c.search_runs([exp], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
+                                                  f"tags.{Tags.RUN_KIND} = 'family'")
+    assert parent.info.status == "FINISHED"
+    for row in rows:
+        mv = c.get_model_version(row["registered_model"], row["version"])
+        assert mv.run_id == row["run_id"]
+        # First of its name: champion, decided on minival (no champion to compare with), val not involved.
+        assert mv.tags[Tags.PROMOTION].startswith("promoted") and mv.tags[Tags.CHAMPION_TOP1] == "none"
+        assert float(mv.tags[Tags.PROMOTION_TOP1]) >= 0 and row["champion"]
+        run = c.get_run(row["run_id"])
+        assert run.data.tags[Tags.FLOW_RUN] == flow_run_id
+        assert run.data.tags[Tags.PARENT_RUN] == parent.info.run_id  # nested under the family's run
+        # What MLflow's compare view plots, as metrics of the run.
+        metrics = run.data.metrics
+        assert metrics["model_params"] == row["params"] and metrics["gmacs"] == row["gmacs"] > 0
+        assert metrics["eval_resolution"] == row["eval_resolution"] and 0 < metrics["wall_clock_hours"] < 1
+        assert metrics["gpu_hours"] == 0  # CPU workers
+        assert any(k.startswith("system/node_0/cpu_utilization") for k in metrics), sorted(metrics)
+    # The parent run holds the comparison: the plot, the page, the table with a row per member.
+    files = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
+    assert files == {"comparison/comparison.png", "comparison/comparison.html", "comparison/comparison.csv"}
+    local = Path(c.download_artifacts(parent.info.run_id, "comparison", str(layout.root / "downloaded")))
+    table = (local / "comparison.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in table[1:]] == [r["variant"] for r in rows]
+    assert (local / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The same table as the flow run's artifact in the Prefect UI.
+    summary = flow_run_artifacts(flow_run_id)["family-summary"]
+    assert summary.type == "markdown" and all(f"| {r['variant']} |" in summary.data for r in rows), summary.data
+    # The drivers' progress lines reach the flow run's log, one per epoch per variant.
+    logs = flow_run_logs(flow_run_id)
+    for row in rows:
+        n = epochs[row["variant"]]
+        for epoch in range(1, n + 1):
+            assert sum(line.startswith(f"{row['variant']} epoch {epoch}/{n}") for line in logs) == 1, logs

@@ -365,7 +365,7 @@ def test_scheduler_creates_runs(stack: Stack):
     assert min(r.expected_start_time.timestamp() for r in scheduled) - time.time() < 90
 
     async def nightly(client):
-        d = await client.read_deployment_by_name("train-family/b0-b7")
+        d = await client.read_deployment_by_name("nightly/default")
         return await client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[d.id])))
 
     upcoming = stack.prefect(nightly)

@@ -1,5 +1,5 @@
-"""`train-family` runs each variant as a Ray job of its own (the Jobs API) on the session's cluster: the variants
-train side by side; a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a
+"""`train-family` runs each variant as a Ray job of its own (the Jobs API) on the session's cluster (the variants
+side by side, their MLflow parent run and comparison: `helpers.check_family_run`, on the nightly's first night); a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a
 second caller for a job that still runs waits on it rather than start another driver; a variant that fails for
 good leaves the others be and fails the run, naming it."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -16,7 +15,7 @@ from pipelines.training import submit
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.training.tracking import Tags
 
-from helpers import flow_run_artifacts, flow_run_logs
+from helpers import flow_run_logs, jobs_client, ray_jobs
 
 # Each job needs 1 Ray worker x 1 CPU: two fit the session's 2-CPU cluster at once.
 EPOCHS = 3
@@ -34,69 +33,10 @@ def _keys(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES) -> dict[st
     return {variant: job_key_for(recipe, staged_dataset) for variant, recipe in jobs}
 
 
-def _jobs_client(ray_cluster):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
-
-
-def _ray_jobs(client, field: str, value: str) -> list:
-    return [j for j in client.list_jobs() if (j.metadata or {}).get(field) == value]
-
-
 def _runs_of(layout, key: str) -> list:
     c = MlflowClient(tracking_uri=layout.tracking_uri)
     exp = c.get_experiment_by_name("efficientnet-family")
     return c.search_runs([exp.experiment_id], filter_string=f"tags.{Tags.JOB_KEY} = '{key}'") if exp else []
-
-
-def test_variants_train_side_by_side_as_ray_jobs(staged_dataset, data_layout_tmp, prefect_server, ray_cluster):
-    state = _family(staged_dataset, data_layout_tmp)
-    assert state.is_completed(), state.message
-    rows = state.result()
-    assert [(r["variant"], r["status"]) for r in rows] == [("efficientnet_b0_phi-9", "trained"),
-                                                           ("efficientnet_b0_phi-8", "trained")]
-
-    flow_run_id = str(state.state_details.flow_run_id)
-    jobs = _ray_jobs(_jobs_client(ray_cluster), submit.FLOW_RUN_FIELD, flow_run_id)
-    assert len(jobs) == 2 and all(j.status == "SUCCEEDED" for j in jobs), jobs
-    assert max(j.start_time for j in jobs) < min(j.end_time for j in jobs), "the two Ray jobs did not overlap"
-
-    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri, registry_uri=data_layout_tmp.tracking_uri)
-    exp = c.get_experiment_by_name("efficientnet-family").experiment_id
-    [parent] = c.search_runs([exp], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
-                                                  f"tags.{Tags.RUN_KIND} = 'family'")
-    assert parent.info.status == "FINISHED"
-    for row in rows:
-        mv = c.get_model_version(row["registered_model"], row["version"])
-        assert mv.run_id == row["run_id"]
-        # First of its name: champion, decided on minival (no champion to compare with), val not involved.
-        assert mv.tags[Tags.PROMOTION].startswith("promoted") and mv.tags[Tags.CHAMPION_TOP1] == "none"
-        assert float(mv.tags[Tags.PROMOTION_TOP1]) >= 0 and row["champion"]
-        run = c.get_run(row["run_id"])
-        assert run.data.tags[Tags.FLOW_RUN] == flow_run_id
-        assert run.data.tags[Tags.PARENT_RUN] == parent.info.run_id  # nested under the family's run
-        # What MLflow's compare view plots, as metrics of the run.
-        metrics = run.data.metrics
-        assert metrics["model_params"] == row["params"] and metrics["gmacs"] == row["gmacs"] > 0
-        assert metrics["eval_resolution"] == row["eval_resolution"] and 0 < metrics["wall_clock_hours"] < 1
-        assert metrics["gpu_hours"] == 0  # CPU workers
-        assert any(k.startswith("system/node_0/cpu_utilization") for k in metrics), sorted(metrics)
-    # The parent run holds the comparison: the plot, the page, the table with a row per member.
-    files = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
-    assert files == {"comparison/comparison.png", "comparison/comparison.html", "comparison/comparison.csv"}
-    local = c.download_artifacts(parent.info.run_id, "comparison", str(data_layout_tmp.root / "downloaded"))
-    table = (Path(local) / "comparison.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in table[1:]] == [r["variant"] for r in rows]
-    assert (Path(local) / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The same table as the flow run's artifact in the Prefect UI.
-    summary = flow_run_artifacts(state.state_details.flow_run_id)["family-summary"]
-    assert summary.type == "markdown" and all(f"| {r['variant']} |" in summary.data for r in rows), summary.data
-    # The drivers' progress lines reach the flow run's log, one per epoch per variant.
-    logs = flow_run_logs(state.state_details.flow_run_id)
-    for row in rows:
-        for epoch in range(1, EPOCHS + 1):
-            assert sum(line.startswith(f"{row['variant']} epoch {epoch}/{EPOCHS}") for line in logs) == 1, logs
 
 
 def _stop_once_resumable(layout, client, key: str, done: threading.Event, stopped: list) -> None:
@@ -108,7 +48,7 @@ def _stop_once_resumable(layout, client, key: str, done: threading.Event, stoppe
         runs = _runs_of(layout, key)
         if runs and (layout.ray_storage / runs[0].data.tags[Tags.JOB_NAME] / "checkpoint_manager_snapshot.json"
                      ).exists() and c.get_metric_history(runs[0].info.run_id, "train_loss"):
-            for job in _ray_jobs(client, submit.KEY_FIELD, key):
+            for job in ray_jobs(client, submit.KEY_FIELD, key):
                 if job.status == "RUNNING":
                     client.stop_job(job.submission_id)
                     stopped.append(job.submission_id)
@@ -120,7 +60,7 @@ def test_a_stopped_job_is_resubmitted_and_resumes(staged_dataset, data_layout_tm
     epochs = 6  # room to stop it after its first epoch and before its last
     overrides = {**OVERRIDES, "schedule": {"epochs": epochs, "patience": None}}
     key = _keys(staged_dataset, data_layout_tmp, overrides=overrides)["phi=-8"]
-    client = _jobs_client(ray_cluster)
+    client = jobs_client(ray_cluster)
     done, stopped = threading.Event(), []
     stopper = threading.Thread(target=_stop_once_resumable,
                                args=(data_layout_tmp, client, key, done, stopped), daemon=True)
@@ -137,7 +77,7 @@ def test_a_stopped_job_is_resubmitted_and_resumes(staged_dataset, data_layout_tm
     resumed = rows["efficientnet_b0_phi-8"]
     assert resumed["status"] == "trained" and resumed["resumed"] and resumed["epochs_run"] == epochs
 
-    jobs = [j for j in _ray_jobs(client, submit.KEY_FIELD, key)
+    jobs = [j for j in ray_jobs(client, submit.KEY_FIELD, key)
             if j.metadata[submit.FLOW_RUN_FIELD] == str(state.state_details.flow_run_id)]
     assert sorted((j.submission_id, j.status) for j in jobs) == [
         (stopped[0], "STOPPED"), (stopped[0].removesuffix("__1") + "__2", "SUCCEEDED")], jobs
@@ -153,7 +93,7 @@ def test_a_stopped_job_is_resubmitted_and_resumes(staged_dataset, data_layout_tm
 def test_a_second_caller_reattaches_to_the_running_job(staged_dataset, data_layout_tmp, ray_cluster):
     _, [(_, recipe)] = plan_family(["phi=-9"], "demo", str(staged_dataset), str(data_layout_tmp.root), OVERRIDES)
     key = job_key_for(recipe, staged_dataset)
-    client = _jobs_client(ray_cluster)
+    client = jobs_client(ray_cluster)
     results: dict[str, TrainResult] = {}
     said: dict[str, list[str]] = {"first": [], "retry": [], "rerun": []}
 
@@ -164,7 +104,7 @@ def test_a_second_caller_reattaches_to_the_running_job(staged_dataset, data_layo
     first = threading.Thread(target=train, args=("first", "flow-run-a"), daemon=True)
     first.start()
     deadline = time.time() + 300
-    while not any(j.status == "RUNNING" for j in _ray_jobs(client, submit.KEY_FIELD, key)):
+    while not any(j.status == "RUNNING" for j in ray_jobs(client, submit.KEY_FIELD, key)):
         assert first.is_alive() and time.time() < deadline, said["first"][-20:]
         time.sleep(0.5)
     # A Prefect retry of the same flow run, and a rerun of the flow, while the job runs.
@@ -177,7 +117,7 @@ def test_a_second_caller_reattaches_to_the_running_job(staged_dataset, data_layo
     assert set(results) == {"first", "retry", "rerun"}, said
     assert len({r.run_id for r in results.values()}) == 1
     # The session's cluster keeps the Ray jobs of earlier tests, of the same key too: only these callers' count.
-    jobs = [j for j in _ray_jobs(client, submit.KEY_FIELD, key)
+    jobs = [j for j in ray_jobs(client, submit.KEY_FIELD, key)
             if j.metadata[submit.FLOW_RUN_FIELD] in ("flow-run-a", "flow-run-b")]
     assert [(j.submission_id, j.status) for j in jobs] == [(submit.submission_id(key, "flow-run-a", 1), "SUCCEEDED")]
     for name in ("retry", "rerun"):

@@ -21,7 +21,7 @@ from pipelines.source.demo import extract_to_tree
 from pipelines.training.recipe import load_recipe
 from pipelines.training.tracking import CHAMPION, Tags
 
-from helpers import add_images, flow_run_artifacts
+from helpers import add_images, check_family_run, flow_run_artifacts
 
 IMPROVES, STAYS = "phi=-9", "phi=-8"
 SLUGS = {IMPROVES: "efficientnet_b0_phi-9", STAYS: "efficientnet_b0_phi-8"}  # the rows' variants
@@ -31,7 +31,7 @@ OVERRIDES = {"ray": {"num_workers": 1}, "schedule": {"epochs": 3, "patience": No
 # Night 1: IMPROVES barely trains (its champion stays near chance, and a few epochs beat it by far). Night 2:
 # STAYS fine-tunes with a learning rate and a BN momentum of ~0, so its new version is its champion's weights,
 # which score the same on any minival: not better, so the champion stays.
-NIGHT_1 = {IMPROVES: {"optim": {"lr_per_256": 1e-9}, "schedule": {"epochs": 1}}}
+NIGHT_1 = {IMPROVES: {"optim": {"lr_per_256": 1e-9}}}
 NIGHT_2 = {STAYS: {"optim": {"lr_per_256": 1e-12}, "model": {"bn_momentum": 1e-9}}}
 
 
@@ -55,6 +55,10 @@ def test_three_nights(demo_archives, demo_summary, tmp_path, prefect_server, ray
     v1 = latest_version(layout.datasets)
     rows1 = {r["variant"]: r for r in first.result()}
     assert all(r["champion"] and r["init_from"] is None for r in rows1.values())  # no champion yet: from scratch
+    # The night's family run (a train-family subflow): side by side, compared, summarised.
+    family_flow_run = c.get_run(rows1[SLUGS[IMPROVES]]["run_id"]).data.tags[Tags.FLOW_RUN]
+    check_family_run(layout, ray_cluster, family_flow_run, list(rows1.values()),
+                     dict.fromkeys(SLUGS.values(), OVERRIDES["schedule"]["epochs"]))
 
     new = add_images(tree, demo_summary.wnids, {demo_summary.wnids[0]: 3, demo_summary.wnids[2]: 2})
     second = _night(tree, layout, NIGHT_2)
