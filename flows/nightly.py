@@ -98,7 +98,7 @@ def night_member_overrides(c: Any, members: list[tuple[str, str]], night: dict |
     return own, finetuned
 
 
-def report(c: Any, rows: list[dict], title: str) -> str:
+def report(c: Any, rows: list[dict], title: str) -> None:
     """The nightly's promotion table: the flow run's artifact, and files on the family's parent MLflow run."""
     shown = compare.champion_rows(rows)
     markdown = f"## {title}\n\n{compare.to_markdown(shown, compare.CHAMPION_COLUMNS)}"
@@ -110,7 +110,6 @@ def report(c: Any, rows: list[dict], title: str) -> str:
         for parent in parents - {None}:
             for path in files:
                 c.log_artifact(parent, str(path), "nightly")
-    return markdown
 
 
 @flow(name="nightly", log_prints=True)
