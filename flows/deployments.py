@@ -27,7 +27,7 @@ TIMEZONE_ENV = "EFFNET_NIGHTLY_TIMEZONE"  # the deployer's choice (an IANA name,
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    flow: str  # "train-family", "stage-imagenet" or "nightly"
+    flow: str  # "train-family", "stage-imagenet", "nightly", "search-scaling" or "scaling-study"
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
     nightly: bool = False  # on the cron schedule
@@ -61,6 +61,12 @@ DEPLOYMENTS = (
                    one_at_a_time=True,
                    description="Every night: stage the images added to the source, fine-tune B0-B7's champions on "
                                "them, promote on minival"),
+    DeploymentSpec("search-scaling", "default", {},
+                   description="Compound scaling's step 1: grid search of alpha, beta, gamma at phi = 1 (defaults: "
+                               "the demo's baseline and grid; pass baseline, recipe, grid for ImageNet)"),
+    DeploymentSpec("scaling-study", "default", {},
+                   description="Width, depth, resolution and compound scaling at equal FLOPs, side by side "
+                               "(defaults: demo size)"),
     DeploymentSpec("nightly", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo", "mode": "finetune",
                                        "staging": DEMO_STAGING, "finetune_epochs": 2}, one_at_a_time=True,
                    description="The nightly of the demo family: pass source (make demo writes one to the data "
@@ -108,11 +114,12 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
     from prefect.schedules import Cron
 
     from flows.nightly import nightly
+    from flows.scaling import scaling_study, search_scaling
     from flows.stage_imagenet import stage_imagenet
     from flows.train_family import train_family
 
     tz = nightly_timezone(timezone)
-    flows = {f.name: f for f in (train_family, stage_imagenet, nightly)}
+    flows = {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study)}
     out = []
     for spec in select_specs(names):
         flow = flows[spec.flow]

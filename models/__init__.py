@@ -37,6 +37,7 @@ from .variants import (
     round_channels,
     round_repeats,
     round_resolution,
+    stage_repeats,
     variant_range,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "round_repeats",
     "round_resolution",
     "set_regularization",
+    "stage_repeats",
     "unwrap_model",
     "variant_range",
 ]

@@ -17,7 +17,7 @@ from .variants import (
     check_rate,
     resolve_variant,
     round_channels,
-    round_repeats,
+    stage_repeats,
 )
 
 
@@ -55,9 +55,10 @@ def plan_blocks(spec: VariantSpec) -> NetworkPlan:
     stem = width(arch.stem)
     in_channels = stem
     blocks: list[BlockPlan] = []
-    for stage_index, stage in enumerate(arch.stages):
+    repeats = stage_repeats([stage.repeats for stage in arch.stages], spec.depth_mult, spec.late_depth_stages)
+    for stage_index, (stage, stage_blocks) in enumerate(zip(arch.stages, repeats)):
         out_channels = width(stage.channels)
-        for repeat in range(round_repeats(stage.repeats, spec.depth_mult)):
+        for repeat in range(stage_blocks):
             blocks.append(
                 BlockPlan(
                     stage=stage_index,

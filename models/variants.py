@@ -20,7 +20,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Sequence
 
 Family = Literal["v1", "v2"]
 BlockKind = Literal["mbconv", "fused_mbconv"]
@@ -217,6 +217,31 @@ def round_repeats(repeats: int, depth_mult: float) -> int:
     return max(1, math.ceil(round(repeats * depth_mult, _FLOAT_NOISE_DECIMALS)))
 
 
+def stage_repeats(base_repeats: Sequence[int], depth_mult: float, late_stages: int = 0) -> list[int]:
+    """Each stage's block count at `depth_mult`.
+
+    Uniform (late_stages 0, V1's rule): every stage scaled by `round_repeats`. Non-uniform (V2 paper Sec. 4.2:
+    "gradually add more layers to later stages"): the blocks uniform scaling would add, the same number in all,
+    go to the last `late_stages` stages only, shared in proportion to their base repeats (largest remainder; ties
+    to the later stage). Shrinking (depth_mult <= 1) stays uniform: there is nothing to add.
+    """
+    uniform = [round_repeats(r, depth_mult) for r in base_repeats]
+    if late_stages == 0 or depth_mult <= 1:
+        return uniform
+    if not 0 < late_stages <= len(base_repeats):
+        raise ValueError(f"late_depth_stages must be in 1..{len(base_repeats)} (the stages there are), "
+                         f"got {late_stages}")
+    added = sum(uniform) - sum(base_repeats)
+    late = range(len(base_repeats) - late_stages, len(base_repeats))
+    weight = sum(base_repeats[i] for i in late)
+    shares = {i: added * base_repeats[i] / weight for i in late}
+    counts = {i: math.floor(shares[i]) for i in late}
+    by_remainder = sorted(late, key=lambda i: (shares[i] - counts[i], i), reverse=True)
+    for i in by_remainder[: added - sum(counts.values())]:
+        counts[i] += 1
+    return [r + counts.get(i, 0) for i, r in enumerate(base_repeats)]
+
+
 def round_resolution(resolution: float) -> int:
     """Nearest multiple of RESOLUTION_MULTIPLE (halves round up), at least MIN_RESOLUTION."""
     return max(MIN_RESOLUTION, math.floor(resolution / RESOLUTION_MULTIPLE + 0.5) * RESOLUTION_MULTIPLE)
@@ -376,6 +401,9 @@ class VariantSpec:
     progressive_automl: ProgressiveSpec | None = None
     base: str = ""  # the registered name this spec was resolved from (its own name if registered)
     phi: float | None = None  # set when width/depth/resolution came from compound_scale
+    # Non-uniform depth (V2's rule, `stage_repeats`): the blocks depth scaling adds go to the last this many
+    # stages only; 0 scales every stage alike.
+    late_depth_stages: int = 0
 
     def __post_init__(self) -> None:
         # Specs also arrive from saved checkpoints (`from_dict`): reject what could not be built.
@@ -392,6 +420,9 @@ class VariantSpec:
             raise ValueError(f"crop_ratio must be in (0, 1], got {crop}")
         check_rate("dropout", self.dropout)
         check_rate("stochastic_depth", self.stochastic_depth)
+        if isinstance(self.late_depth_stages, bool) or not isinstance(self.late_depth_stages, int) \
+                or self.late_depth_stages < 0:
+            raise ValueError(f"late_depth_stages must be an int >= 0, got {self.late_depth_stages!r}")
 
     @property
     def eval_resize(self) -> int:
@@ -552,6 +583,7 @@ _OVERRIDE_TAGS: dict[str, str] = {
     "eval_resolution": "er",
     "dropout": "drop",
     "stochastic_depth": "sd",
+    "late_depth_stages": "late",
 }
 OVERRIDE_KEYS: tuple[str, ...] = tuple(_OVERRIDE_TAGS)
 
@@ -574,6 +606,8 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
         `resolution` sets the training resolution; for V1 (which trains and evaluates at one size) it
         sets the eval resolution too, for V2 the eval resolution keeps its ratio to the training one.
       dropout, stochastic_depth: rates in [0, 1).
+      late_depth_stages: non-uniform depth (V2's rule, `stage_repeats`): the blocks that depth scaling adds go
+        to the last N stages only (0: every stage alike).
       allow_large_resolution: a V2 resolution override above V2_MAX_RESOLUTION is refused unless True.
     Overrides equal to the named variant's value leave the name unchanged.
     """
@@ -643,6 +677,15 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
             if value != getattr(spec, key):
                 changes[key] = value
                 tag(key, value)
+
+    if "late_depth_stages" in given:
+        value = given["late_depth_stages"]
+        stages = len(ARCHITECTURES[spec.architecture].stages)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= stages:
+            raise ValueError(f"late_depth_stages must be an int in 0..{stages} (the stages of {name}), got {value!r}")
+        if value != spec.late_depth_stages:
+            changes["late_depth_stages"] = value
+            tag("late_depth_stages", value)
 
     if not changes:
         return spec

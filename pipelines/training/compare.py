@@ -110,11 +110,7 @@ def champion_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_champions(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """The before/after of each champion (`CHAMPION_FILES`) in `out_dir`."""
-    shown = champion_rows(rows)
-    page, sheet = (out_dir / name for name in CHAMPION_FILES)
-    page.write_text(to_html(shown, title, image=None, columns=CHAMPION_COLUMNS))
-    sheet.write_text(to_csv(shown, CHAMPION_COLUMNS))
-    return [page, sheet]
+    return write_table(champion_rows(rows), out_dir, title, CHAMPION_COLUMNS, CHAMPION_FILES)
 
 
 def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -158,3 +154,80 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) 
     page.write_text(to_html(rows, title, png.name))
     table_csv.write_text(to_csv(rows))
     return [png, page, table_csv]
+
+
+# A scaling search's trials (rows: `pipelines.training.scaling` outcomes as the search flow writes them).
+SEARCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("trial", "trial", "{}"),
+    ("alpha", "alpha", "{:g}"),
+    ("beta", "beta", "{:g}"),
+    ("gamma", "gamma", "{:g}"),
+    ("a*b^2*g^2", "flops_factor", "{:.3f}"),
+    ("variant", "variant", "{}"),
+    ("GMACs", "gmacs", "{:.4f}"),
+    ("epochs run", "epochs_run", "{}"),
+    ("stopped by ASHA", "stopped_early", "{}"),
+    ("best minival top-1", "best_minival_top1", "{:.2f}"),
+    ("its minival loss", "best_minival_loss", "{:.4f}"),
+)
+SEARCH_FILES = ("trials.html", "trials.csv")
+# The scaling study's members: one row per method and FLOPs target, the baseline first.
+STUDY_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("method", "method", "{}"),
+    ("target x", "target", "{:g}"),
+    ("GMACs x", "gmacs_ratio", "{:.2f}"),
+    ("variant", "variant", "{}"),
+    ("depth x", "depth_factor", "{:.3f}"),
+    ("width x", "width_factor", "{:.3f}"),
+    ("resolution x", "resolution_factor", "{:.3f}"),
+    ("params (M)", "params", "{:.3f}"),
+    ("GMACs", "gmacs", "{:.4f}"),
+    ("eval px", "eval_resolution", "{}"),
+    ("best epoch", "best_epoch", "{}"),
+    ("minival top-1", "minival_top1", "{:.2f}"),
+    ("val top-1", "val_top1", "{:.2f}"),
+)
+STUDY_FILES = ("scaling_study.png", "scaling_study.html", "scaling_study.csv")
+
+
+def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, columns: Columns,
+                names: Sequence[str], image: str | None = None) -> list[Path]:
+    """An HTML page and a CSV of `rows` in `out_dir`, named `names` (page, sheet); their paths."""
+    page, sheet = (out_dir / name for name in names)
+    page.write_text(to_html(rows, title, image=image, columns=columns))
+    sheet.write_text(to_csv(rows, columns))
+    return [page, sheet]
+
+
+def plot_study(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """The paper's Figure 8 setting: val top-1 against GMACs, one line per scaling method, each starting at the
+    baseline; each point labelled with its FLOPs target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["status"] == TRAINED]
+    baseline = [r for r in trained if r["method"] == "baseline"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method in dict.fromkeys(r["method"] for r in trained if r["method"] != "baseline"):
+        shown = baseline + sorted((r for r in trained if r["method"] == method), key=lambda r: r["gmacs"])
+        line, = ax.plot([r["gmacs"] for r in shown], [r["val_top1"] for r in shown], "o-", label=method,
+                        linewidth=2.5 if method == "compound" else 1.5)
+        for r in shown[len(baseline):]:
+            ax.annotate(f"x{r['target']:g}", (r["gmacs"], r["val_top1"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=line.get_color())
+    ax.set_xlabel("GMACs (at the eval resolution)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="scaled by")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_study(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    png, page, sheet = (out_dir / name for name in STUDY_FILES)
+    plot_study(rows, png, title)
+    return [png, *write_table(rows, out_dir, title, STUDY_COLUMNS, (page.name, sheet.name), image=png.name)]

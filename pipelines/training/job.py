@@ -4,7 +4,7 @@ on val and registered in MLflow.
 
 Read `run_training` top to bottom: check the job (variant, dataset, cluster), start or resume its MLflow run
 (`_open_job`: a job is its variant, its whole recipe and the dataset version), fit, evaluate the chosen
-checkpoint on val (`_chosen_checkpoint`, `_evaluate_on`), decide on minival whether it takes `champion`
+checkpoint on val (`_chosen_checkpoint`, `evaluate_on_cluster`), decide on minival whether it takes `champion`
 (`_promotion`), register it (`_register`). Cancelling the caller (SIGTERM, Ctrl-C, a cancelled flow run) stops
 the workers and records the run KILLED (`_StopOnSigterm`, `_abort`); `EpochProgress` prints one line per epoch
 from MLflow while the job runs.
@@ -354,7 +354,7 @@ def run_training(
         if result.error is not None:
             raise RuntimeError(f"training job {job.name} failed: {result.error}") from result.error
         chosen = _chosen_checkpoint(result, job, recipe, manifest)
-        val = _evaluate_on(chosen.model, dataset_dir, "val", spec, recipe)
+        val = evaluate_on_cluster(chosen.model, dataset_dir, "val", spec, recipe)
         tracking.log_metrics(c, job.run_id, {f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
                              step=chosen.best_epoch)
         promotion = _promotion(c, chosen.model, dataset_dir, spec, recipe, manifest)
@@ -426,7 +426,7 @@ class _Chosen:
     stopped_early: bool
 
 
-def _best_scored(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
+def best_scored_checkpoint(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
     """The kept checkpoint with the best minival score, the earliest of equals (as `record_minival` keeps the
     earlier epoch on a tie); mid-epoch and unevaluated checkpoints (UNSCORED) are never chosen."""
     scored = [(float(m[CHECKPOINT_RANK]), -int(m["epoch"]), c) for c, m in kept
@@ -435,7 +435,7 @@ def _best_scored(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
 
 
 def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[str, Any]) -> _Chosen:
-    best = _best_scored(result.best_checkpoints or [])
+    best = best_scored_checkpoint(result.best_checkpoints or [])
     if best is None:
         raise RuntimeError(f"training job {job.name} reported no checkpoint scored on minival")
     with best.as_directory() as d:
@@ -452,7 +452,8 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
     )
 
 
-def _evaluate_on(model: torch.nn.Module, dataset_dir: Path, split: str, spec: Any, recipe: Recipe) -> dict[str, float]:
+def evaluate_on_cluster(model: torch.nn.Module, dataset_dir: Path, split: str, spec: Any,
+                        recipe: Recipe) -> dict[str, float]:
     """One split, whole, at the model's own eval resolution and crop, in a Ray task with one worker's resources
     (a GPU on a GPU cluster, where the driver may have none)."""
     import ray
@@ -467,7 +468,7 @@ def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, rec
     """The candidate and the current champion, each evaluated on this version's minival: champion or not."""
 
     def minival_top1(m: torch.nn.Module, m_spec: Any) -> float:
-        return _evaluate_on(m, dataset_dir, "minival", m_spec, recipe)["top1"]
+        return evaluate_on_cluster(m, dataset_dir, "minival", m_spec, recipe)["top1"]
 
     return decide_promotion(c, tracking.registered_name(spec.name), minival_top1(model, spec),
                             manifest["num_classes"], minival_top1)

@@ -53,6 +53,8 @@ class ModelConfig(_Strict):
     resolution: int | None = Field(None, ge=16, description="train resolution; default: the variant's")
     eval_resolution: int | None = Field(None, ge=16, description="eval resolution; default: the variant's")
     allow_large_resolution: bool = Field(False, description="a V2 resolution above the paper's cap of 480")
+    late_depth_stages: int | None = Field(None, ge=0, description="non-uniform depth: the blocks depth scaling "
+                                          "adds go to the last N stages (V2's rule); 0 or unset: every stage")
     dropout: float | None = Field(None, ge=0, lt=1)
     stochastic_depth: float | None = Field(None, ge=0, lt=1)
     # PyTorch convention (weight of the new batch). None keeps the paper's 0.01 (TF decay 0.99), which needs
@@ -62,7 +64,7 @@ class ModelConfig(_Strict):
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
         keys = ("phi", "alpha", "beta", "gamma", "width_mult", "depth_mult", "resolution", "eval_resolution",
-                "dropout", "stochastic_depth")
+                "dropout", "stochastic_depth", "late_depth_stages")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         return {**out, "allow_large_resolution": True} if self.allow_large_resolution else out
 

@@ -57,7 +57,10 @@ class Tags:
     COEFFICIENTS = "coefficients"  # V: the coefficient set's name ("paper", a search's, "explicit")
     SCALING = "scaling"  # V: "alpha=A beta=B gamma=G", the set's numbers
     INIT_FROM = "init_from"  # R V: models:/NAME/VERSION a fine-tuned job started from (recipe `init`)
-    EPOCHS_RUN = "epochs_run"  # V
+    EPOCHS_RUN = "epochs_run"  # R V (R: a scaling experiment's trial)
+    SEARCH_KEY = "search_key"  # R: a scaling experiment's key, on its parent run and its trials' runs
+    TRIAL = "trial"  # R: a trial's label in its experiment ("alpha=1.2 beta=1.1 gamma=1.15", "width x2")
+    STOPPED_BY = "stopped_by"  # R: "scheduler" when ASHA stopped the trial early, else "none"
     BEST_EPOCH = "best_epoch"  # V: the chosen checkpoint's epoch
     EARLY_STOPPED_EPOCH = "early_stopped_epoch"  # V: "none" when the schedule ran to its end
 

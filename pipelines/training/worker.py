@@ -29,7 +29,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -350,15 +350,23 @@ class Worker:
 
 
 def start_worker(job: JobSpec) -> Worker:
-    """This rank's model, EMA and optimizer on its device, with the same initial weights on every rank."""
+    """This Ray Train worker's rank: its model, EMA and optimizer on its device (`build_worker`), the model
+    wrapped by DDP when there are several ranks."""
     import ray.train
     import ray.train.torch
 
-    recipe = job.recipe
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    return build_worker(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                        wrap=ray.train.torch.prepare_model)
+
+
+def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
+                 wrap: Callable[..., torch.nn.Module] | None = None) -> Worker:
+    """A rank's model, EMA and optimizer on `device`, with the same initial weights on every rank; `wrap` (DDP's)
+    wraps the model when `world` > 1. With rank 0 and world 1 it is a whole training process on its own (a Tune
+    trial of the scaling search)."""
+    recipe = job.recipe
     torch.set_num_threads(recipe.runtime.torch_threads or max(1, int(recipe.ray.cpus_per_worker)))
-    device = ray.train.torch.get_device()
     seed_everything(recipe.seed, 0, 0)  # rank 0's stream on every rank: the same initial weights
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     model = models.build_model(spec, job.num_classes)
@@ -370,7 +378,7 @@ def start_worker(job: JobSpec) -> Worker:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False).to(device) if recipe.regularization.ema_decay else None
     model = model.to(device)
-    net = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    net = wrap(model, move_to_device=False) if world > 1 and wrap is not None else model
     if recipe.runtime.compile:
         net = torch.compile(net)
     return Worker(
@@ -402,17 +410,37 @@ def resume(worker: Worker) -> LoopState:
     if checkpoint is None:
         return LoopState(history=[])
     with checkpoint.as_directory() as d:
-        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=worker.device, weights_only=True)
-    worker.model.load_state_dict(saved["model"])
-    if worker.ema is not None:
-        worker.ema.load_state_dict(saved["ema"])
-    worker.optimizer.load_state_dict(saved["optimizer"])
-    state = LoopState(**saved["loop"])
+        state = restore_checkpoint(worker, Path(d) / CHECKPOINT_FILE)
     log.info("rank %d resumed at epoch %d, batch %d (step %d)", worker.rank, state.epoch, state.batch, state.step)
     if worker.client is not None:
         worker.client.set_tag(worker.job.run_id, Tags.RESUMED_AT_EPOCH, str(state.epoch))
         worker.client.set_tag(worker.job.run_id, Tags.RESUMED_AT_BATCH, str(state.batch))
     return state
+
+
+def restore_checkpoint(worker: Worker, path: Path) -> LoopState:
+    """Weights, EMA and optimizer from a checkpoint file `write_checkpoint` wrote (tensors and plain data only,
+    read without unpickling); its loop state."""
+    saved = torch.load(path, map_location=worker.device, weights_only=True)
+    worker.model.load_state_dict(saved["model"])
+    if worker.ema is not None:
+        worker.ema.load_state_dict(saved["ema"])
+    worker.optimizer.load_state_dict(saved["optimizer"])
+    return LoopState(**saved["loop"])
+
+
+def write_checkpoint(worker: Worker, state: LoopState, path: Path) -> None:
+    """This worker's state as a checkpoint file: model, EMA, optimizer, loop state, and the variant and recipe
+    that rebuild the model."""
+    recipe = worker.recipe
+    torch.save(
+        {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
+         "optimizer": worker.optimizer.state_dict(), "loop": dict(state.__dict__), "variant": worker.spec.name,
+         "model_args": {"name": recipe.model.variant, **recipe.model.overrides(),
+                        "num_classes": worker.job.num_classes},
+         "recipe": recipe.model_dump()},
+        path,
+    )
 
 
 def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "CheckpointClock") -> dict[str, float]:
@@ -525,15 +553,7 @@ def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if worker.rank == 0:
-            recipe = worker.recipe
-            torch.save(
-                {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
-                 "optimizer": worker.optimizer.state_dict(), "loop": dict(state.__dict__), "variant": worker.spec.name,
-                 "model_args": {"name": recipe.model.variant, **recipe.model.overrides(),
-                                "num_classes": worker.job.num_classes},
-                 "recipe": recipe.model_dump()},
-                Path(tmp) / CHECKPOINT_FILE,
-            )
+            write_checkpoint(worker, state, Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(ray_metrics(row), checkpoint=checkpoint)
 

@@ -20,7 +20,7 @@ import torch
 import models
 from pipelines.dataset import DataError, read_manifest
 from pipelines.loading.transforms import center_crop_box
-from pipelines.training.job import _evaluate_on, evaluate_split
+from pipelines.training.job import evaluate_on_cluster, evaluate_split
 from pipelines.training.recipe import Recipe, load_recipe
 from pipelines.training.worker import JobSpec, LoopState, Worker, evaluate_and_early_stop
 
@@ -115,7 +115,7 @@ def test_job_val_task_reads_the_recipe_backend(
     recipe = _recipe("ffcv")
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     model = _model(read_manifest(formats_dataset)["num_classes"])
-    val = _evaluate_on(model, formats_dataset, "val", spec, recipe)
+    val = evaluate_on_cluster(model, formats_dataset, "val", spec, recipe)
     assert val["loss"] == pytest.approx(scores["ffcv"]["val"]["loss"], rel=1e-5)
     assert val["top1"] == scores["ffcv"]["val"]["top1"]
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import models
-from pipelines.training.job import _best_scored
+from pipelines.training.job import best_scored_checkpoint
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import ema_decay_at
 from pipelines.training.worker import (
@@ -233,10 +233,10 @@ def test_the_chosen_checkpoint_is_the_best_scored_the_earliest_of_equals() -> No
     def kept(*ranks: tuple[int, float]) -> list[tuple[str, dict]]:
         return [(f"epoch-{e}", {"epoch": e, CHECKPOINT_RANK: r}) for e, r in ranks]
 
-    assert _best_scored(kept((2, 60.0), (5, 70.0), (6, UNSCORED))) == "epoch-5"
-    assert _best_scored(kept((7, 70.0), (5, 70.0))) == "epoch-5"  # a tie keeps the earlier epoch
-    assert _best_scored(kept((0, 0.0))) == "epoch-0"  # 0% is a score
-    assert _best_scored(kept((1, UNSCORED))) is None
+    assert best_scored_checkpoint(kept((2, 60.0), (5, 70.0), (6, UNSCORED))) == "epoch-5"
+    assert best_scored_checkpoint(kept((7, 70.0), (5, 70.0))) == "epoch-5"  # a tie keeps the earlier epoch
+    assert best_scored_checkpoint(kept((0, 0.0))) == "epoch-0"  # 0% is a score
+    assert best_scored_checkpoint(kept((1, UNSCORED))) is None
 
 
 def test_a_step_draws_the_same_whatever_ran_before_it() -> None:
