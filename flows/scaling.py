@@ -103,7 +103,7 @@ def _failed_trials(rows: list[dict[str, Any]]) -> str | None:
 def search_scaling(
     baseline: str = "phi=-9", recipe: str = "demo", dataset_dir: str | None = None, data_dir: str | None = None,
     overrides: dict | None = None, alphas: list[float] = list(DEMO_ALPHAS), betas: list[float] = list(DEMO_BETAS),
-    gammas: list[float] = list(DEMO_GAMMAS), tolerance: float = 0.1, epochs: int = 6, grace_period: int = 1,
+    gammas: list[float] = list(DEMO_GAMMAS), tolerance: float = 0.1, epochs: int = 8, grace_period: int = 2,
     reduction_factor: float = 2.0, max_concurrent_trials: int = 0, set_name: str = "searched",
     replace: bool = False,
 ) -> dict:

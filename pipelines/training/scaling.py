@@ -292,6 +292,8 @@ def scaling_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                                                "history": state.history})
         logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
         tune.report({**ray_metrics(row), EPOCHS_DONE: state.epoch})
+    if read_trial_state(home)["status"] != FINISHED:  # resumed from a last epoch whose state was not yet written
+        atomic_write_json(home / TRIAL_STATE, {"status": FINISHED, "history": state.history})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -437,6 +439,6 @@ def member_figures(outcome: TrialOutcome, num_classes: int) -> dict[str, Any]:
     spec = member_spec(outcome.model)
     with torch.device("meta"):
         model = models.build_model(spec, num_classes)
-    return {"variant": spec.name, "params": count_params(model), "gmacs": count_gmacs(model, spec.eval_resolution),
+    return {"variant": spec.name, "params": count_params(model), "gmacs": member_gmacs(outcome.model, num_classes),
             "train_resolution": spec.train_resolution, "eval_resolution": spec.eval_resolution,
             "depth_mult": spec.depth_mult, "width_mult": spec.width_mult}

@@ -27,6 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
+from pipelines.training.tracking import Tags
 
 from helpers import browse
 
@@ -299,6 +300,25 @@ def test_a_nightly_with_nothing_new_says_so(stack: Stack):
     assert finished.state.is_completed() and "nothing to do" in (finished.state.message or ""), finished.state
     assert finished.work_pool_name == WORK_POOL
     assert not _mlflow_runs_of(stack, flow_run.id, kind="family")
+
+
+def test_a_scaling_search_runs_on_the_stack(stack: Stack):
+    """`search-scaling/default` on the pool, two grid points for time: its trials run as Ray Tune trials on the
+    stack's Ray head, each a nested run on the MLflow server, and the winner is stored in the data directory."""
+    flow_run = _run_deployment(stack, "search-scaling/default", {
+        "alphas": [1.1, 1.2], "betas": [1.1], "gammas": [1.2], "epochs": 2, "grace_period": 1,
+        "set_name": "stack-search"})
+    finished = _wait_final(stack, flow_run.id, timeout=300)
+    assert finished.state.is_completed(), finished.state
+    (parent,) = _mlflow_runs_of(stack, flow_run.id, kind="scaling-search")
+    assert parent.info.status == "FINISHED" and parent.data.tags["coefficients.name"] == "stack-search"
+    stored = json.loads((stack.root / "coefficients" / "stack-search.json").read_text())
+    assert stored["source"]["search_run"] == parent.info.run_id
+    assert (stored["alpha"], stored["beta"], stored["gamma"]) in {(1.1, 1.1, 1.2), (1.2, 1.1, 1.2)}
+    c = MlflowClient(tracking_uri=stack.mlflow_uri)
+    trials = c.search_runs([parent.info.experiment_id], filter_string=f"tags.{Tags.PARENT_RUN} = "
+                                                                      f"'{parent.info.run_id}'")
+    assert len(trials) == 2 and all(c.get_metric_history(t.info.run_id, "minival_top1") for t in trials)
 
 
 def test_bad_input_fails_the_run_at_once_or_is_refused(stack: Stack):
