@@ -109,6 +109,62 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file (a registered "
+              "version's state_dict.pt, a job's checkpoint.pt)")
+
+
+def _dataset_dir(data: str, data_dir: str | None) -> str:
+    """A staged version as given: its directory, or its name among the data directory's datasets."""
+    if os.path.isdir(data):
+        return data
+    named = data_layout(data_dir).datasets / data
+    if named.is_dir():
+        return str(named)
+    raise FileNotFoundError(f"--data {data}: neither a directory nor a staged version in {named.parent}")
+
+
+def _write_result(result: dict, out: str | None) -> None:
+    if out:
+        from pipelines.atomic import atomic_write_json
+
+        atomic_write_json(out, result)
+    else:
+        print(json.dumps(result, indent=1))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipelines.training.evaluation import evaluate_model, log_evaluation
+    from pipelines.training.model_ref import load_model
+
+    layout = data_layout(args.data_dir)
+    dataset = _dataset_dir(args.data, args.data_dir)
+    loaded = load_model(args.model, layout.tracking_uri)
+    result = evaluate_model(loaded, dataset, args.split, backend=args.backend, batch_size=args.batch_size,
+                            per_class=args.per_class)
+    if args.mlflow:
+        result["mlflow_run"] = log_evaluation(layout.tracking_uri, layout.artifact_root, result, loaded.run_id)
+    _write_result(result, args.out)
+    print(f"{loaded.source} on {result['dataset']} {args.split}: top-1 {result['top1']:.2f}, top-5 "
+          f"{result['top5']:.2f}, loss {result['loss']:.4f} ({result['samples']} images at {result['resolution']} px)",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.training.export import export_model
+    from pipelines.training.model_ref import load_model
+
+    layout = data_layout(args.data_dir)
+    loaded = load_model(args.model, layout.tracking_uri)
+    report = export_model(loaded, args.format, args.out)
+    if args.attach:
+        from pipelines.training.export import attach_export
+
+        report["artifact"] = attach_export(layout.tracking_uri, loaded, report)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _key_value(flag: str, text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -249,6 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--result-file", help="write the result (JSON) to this file, whole or not at all, instead of "
                    "to stdout")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="evaluate a trained model on a staged split with its own preprocessing")
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--data", required=True, help="a staged dataset version: its directory or its name")
+    s.add_argument("--split", default="val", choices=["val", "minival"])
+    s.add_argument("--backend", default="wds", help="the loader: wds (default), ffcv or dali")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--per-class", action="store_true", help="each class's top-1 too")
+    s.add_argument("--mlflow", action="store_true", help="also log the evaluation as an MLflow run (run_kind eval)")
+    s.add_argument("--out", help="write the result (JSON) to this file instead of stdout")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("export", help="export a trained model to ONNX, TorchScript or PT2, checked by running it")
+    s.add_argument("model", help=MODEL_HELP)
+    s.add_argument("--format", required=True, help="onnx, torchscript or pt2")
+    s.add_argument("--out", required=True, help="the file to write")
+    s.add_argument("--attach", action="store_true", help="also log the file to the model's MLflow run (export/) "
+                   "and tag its registered version with it")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("family", help="train several variants (the train-family flow)")
     s.add_argument("variants", nargs="+")

@@ -180,8 +180,8 @@ def search_scaling(
     winner = scaling.pick_winner(outcomes)
     found = CoefficientSet(set_name, winner.params["alpha"], winner.params["beta"], winner.params["gamma"])
     path = save_coefficient_set(layout, found, tolerance, source={
-        "search_run": parent, "search_key": key, "flow_run": str(flow_run.id), "baseline": base.name, "dataset": manifest["version"],
-        "minival_top1": winner.best_minival_top1, "trials": len(plans)})
+        "search_run": parent, "search_key": key, "flow_run": str(flow_run.id), "baseline": base.name,
+        "dataset": manifest["version"], "minival_top1": winner.best_minival_top1, "trials": len(plans)})
     stopped = sum(o.stopped_early for o in outcomes)
     for k, v in {"coefficients.name": set_name, "coefficients.alpha": f"{found.alpha:g}",
                  "coefficients.beta": f"{found.beta:g}", "coefficients.gamma": f"{found.gamma:g}",

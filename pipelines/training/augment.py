@@ -2,8 +2,8 @@
 
 Loaders deliver RandomResizedCrop + flip as uint8 NCHW; everything else happens here on the whole batch:
 RandAugment (magnitude set per progressive stage), the AutoAugment ImageNet policy (`augment.policy:
-autoaugment`; the `v1` recipe turns it on, as the V1 paper trains), and mixup/cutmix (alpha set per stage) on the normalised
-floats with soft targets.
+autoaugment`; the `v1` recipe turns it on, as the V1 paper trains), and mixup/cutmix (alpha set per stage) on the
+normalised floats with soft targets.
 
 Magnitudes follow the TF reference: level in [0, 10] maps linearly onto each op's range (a magnitude above
 10 (V2-L's final RandAugment magnitude is 20-25) extrapolates past the nominal maximum, as automl does).

@@ -261,7 +261,8 @@ class EpochProgress:
 
     def __init__(self, c: Any, run_id: str, label: str, epochs: int, emit: Callable[[str], None],
                  interval: float = 2.0):
-        self.c, self.run_id, self.label, self.epochs, self.emit, self.interval = c, run_id, label, epochs, emit, interval
+        self.c, self.run_id, self.label, self.epochs = c, run_id, label, epochs
+        self.emit, self.interval = emit, interval
         self.shown = _last_logged_epoch(c, run_id)  # a resumed job shows only its new epochs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
@@ -505,7 +506,7 @@ def _register(
     }
     example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
     name, version, champion = tracking.register_best_checkpoint(
-        layout.tracking_uri, job.run_id, model, spec.name, example, preprocessing, tags, promotion.promote,
+        layout.tracking_uri, job.run_id, spec.name, example, preprocessing, tags, promotion.promote,
         weights={"state_dict": model.state_dict(), "model_args": chosen.model_args},
     )
     return TrainResult(

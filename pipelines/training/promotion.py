@@ -9,15 +9,13 @@ be evaluated there (no weights file, other classes) is not comparable and gives 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-import models
 from pipelines.training import tracking
+from pipelines.training.model_ref import load_registered_weights
 from pipelines.training.tracking import STATE_DICT_ARTIFACT, Tags
 
 Evaluate = Callable[[torch.nn.Module, Any], float]  # (model in eval mode, its VariantSpec) -> minival top-1
@@ -49,22 +47,6 @@ def promotion_decision(candidate_top1: float, champion_top1: float | None) -> tu
     if candidate_top1 > champion_top1:
         return True, f"promoted: minival top-1 {candidate_top1:.2f} > champion's {champion_top1:.2f}"
     return False, f"kept the champion: minival top-1 {candidate_top1:.2f} <= champion's {champion_top1:.2f}"
-
-
-def load_registered_weights(c: Any, version: Any) -> tuple[torch.nn.Module, Any] | None:
-    """A registered version's model (eval mode) and its VariantSpec, rebuilt from its run's plain weights; None
-    when the run holds none (registered some other way)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = c.download_artifacts(version.run_id, STATE_DICT_ARTIFACT, tmp)
-        except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact)
-            return None
-        saved = torch.load(Path(path), map_location="cpu", weights_only=True)
-    args = dict(saved["model_args"])
-    name, num_classes = args.pop("name"), int(args.pop("num_classes"))
-    model = models.create_model(name, num_classes=num_classes, **args)
-    model.load_state_dict(saved["state_dict"])
-    return model.eval(), models.resolve_variant(name, **args)
 
 
 def decide_promotion(c: Any, registered_name: str, candidate_top1: float, num_classes: int,

@@ -22,7 +22,7 @@ EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared s
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI (not by its Python API)
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
 # Where a registered version's run keeps its plain weights: a state_dict and the arguments that rebuild the model
-# through `models`, read back without unpickling (`pipelines.training.promotion.load_registered_weights`).
+# through `models`, read back without unpickling (`pipelines.training.model_ref`).
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 
 
@@ -157,10 +157,30 @@ def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None
 
 
 
+def log_served_model(weights_file: Path, input_example: Any, preprocessing: Mapping[str, Any],
+                     variant_slug: str) -> Any:
+    """The active run's MLflow model: a pyfunc whose code is `served_model.py` (logged as source, models-from-code),
+    the weights file an artifact of it, the `models` package beside it; nothing in it is pickled. Its ModelInfo."""
+    import mlflow
+    import numpy
+    import torch
+
+    from pipelines.settings import PROJECT_ROOT
+    from pipelines.training import served_model
+
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=served_model.__file__, artifacts={served_model.WEIGHTS: str(weights_file)},
+        code_paths=[str(PROJECT_ROOT / "models")], input_example=input_example,
+        metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
+        # Given, not inferred: inferring loads the model in a subprocess to see what it imports.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
+                          f"mlflow=={mlflow.__version__}"],
+    )
+
+
 def register_best_checkpoint(
-    tracking_uri: str, run_id: str, model: Any, variant_slug: str, input_example: Any,
-    preprocessing: Mapping[str, Any], tags: Mapping[str, Any], promote: bool,
-    weights: Mapping[str, Any] | None = None,
+    tracking_uri: str, run_id: str, variant_slug: str, input_example: Any, preprocessing: Mapping[str, Any],
+    tags: Mapping[str, Any], promote: bool, weights: Mapping[str, Any],
 ) -> tuple[str, str, bool]:
     """Log the chosen model to the run, register it as `efficientnet-<variant>`, set aliases.
 
@@ -173,7 +193,7 @@ def register_best_checkpoint(
     registered twice.
     """
     import mlflow
-    import mlflow.pytorch
+    import torch
 
     c = client(tracking_uri)
     name = registered_name(variant_slug)
@@ -182,22 +202,15 @@ def register_best_checkpoint(
         return _aliases_of(c, *done.split("/", 1))
     made: dict[str, Any] = {}
     try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example, serialization_format="pickle",
-                metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
-            )
+        with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+            # Tensors and plain data ({"state_dict", "model_args"}): the run's copy is what promotion and
+            # fine-tuning read; the MLflow model carries its own and rebuilds the model from it through `models`.
+            path = Path(tmp) / Path(STATE_DICT_ARTIFACT).name
+            torch.save(dict(weights), path)
+            mlflow.log_artifact(str(path), str(Path(STATE_DICT_ARTIFACT).parent))
+            info = log_served_model(path, input_example, preprocessing, variant_slug)
             made["model_id"] = info.model_id
             mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
-            if weights is not None:
-                # Tensors and plain data ({"state_dict", "model_args"}): the model rebuilt through `models`, read
-                # back without unpickling.
-                import torch
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / Path(STATE_DICT_ARTIFACT).name
-                    torch.save(dict(weights), path)
-                    mlflow.log_artifact(str(path), str(Path(STATE_DICT_ARTIFACT).parent))
         if _registered_model(c, name) is None:
             c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
             made["registered_model"] = name

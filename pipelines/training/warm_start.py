@@ -9,7 +9,6 @@ a resumed job reuses it, so its attempts all start from the same weights even if
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +16,19 @@ import torch
 
 import models
 from pipelines.atomic import atomic_path
-from pipelines.training.promotion import load_registered_weights
+from pipelines.training.model_ref import ModelError, load_registered_weights, registered_version
 from pipelines.training.recipe import InitConfig
 from pipelines.training.tracking import STATE_DICT_ARTIFACT
 
 CLASSIFIER = "classifier."  # the state_dict prefix of the head `head: reset` rebuilds
-_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
-
-
-def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/NAME/VERSION` -> (NAME, VERSION, None); `models:/NAME@ALIAS` -> (NAME, None, ALIAS)."""
-    m = _MODEL_URI.match(uri)
-    if m is None:
-        raise ValueError(f"init.from {uri!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-    return m["name"], m["version"], m["alias"]
 
 
 def resolve_version(c: Any, uri: str) -> Any:
     """The registered version a `models:/` URI names now; ValueError naming what is missing."""
-    from mlflow.exceptions import MlflowException
-
-    name, version, alias = parse_model_uri(uri)
     try:
-        return c.get_model_version(name, version) if version else c.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        what = f"version {version}" if version else f"alias {alias!r}"
-        raise ValueError(f"init.from {uri}: the registry has no {what} of model {name!r}") from None
+        return registered_version(c, uri)
+    except ModelError as exc:
+        raise ValueError(f"init.from {exc}") from None
 
 
 def fitted_state(source: dict[str, torch.Tensor], target: torch.nn.Module, head: str) -> dict[str, torch.Tensor]:

@@ -122,9 +122,10 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    channels_last: bool, amp: bool,
+    channels_last: bool, amp: bool, per_class: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Sums (loss, top-1, top-5, count) over this rank's batches, then across ranks; returns means."""
+    """Sums (loss, top-1, top-5, count) over this rank's batches, then across ranks; returns means. `per_class`
+    (2 x classes, on `device`), when given, gathers each class's top-1 hits (row 0) and images (row 1)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for images, labels in batches:
@@ -133,6 +134,9 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        if per_class is not None:
+            per_class[0].index_add_(0, y, (top5[:, 0] == y).to(per_class.dtype))
+            per_class[1].index_add_(0, y, torch.ones_like(y, dtype=per_class.dtype))
         sums += torch.tensor(
             [F.cross_entropy(logits, y, reduction="sum").item(), (top5[:, 0] == y).sum().item(),
              (top5 == y[:, None]).any(dim=1).sum().item(), len(y)],

@@ -21,7 +21,8 @@ import models
 from pipelines.settings import DataLayout
 from pipelines.training import tracking
 from pipelines.training.job import evaluate_split
-from pipelines.training.promotion import decide_promotion, load_registered_weights, promotion_decision
+from pipelines.training.model_ref import load_registered_weights
+from pipelines.training.promotion import decide_promotion, promotion_decision
 from pipelines.training.recipe import load_recipe
 from pipelines.training.tracking import CANDIDATE, CHAMPION, STATE_DICT_ARTIFACT, Tags
 
@@ -48,14 +49,21 @@ def test_the_rule(candidate: float, champion: float | None, promoted: bool) -> N
 
 def _register(layout: DataLayout, variant: str, model: torch.nn.Module, promote: bool,
               with_weights: bool = True) -> tuple[str, str, bool]:
-    """Register `model` as training does (its plain weights beside it), promoting it or not."""
+    """Register `model` as training does (its plain weights beside it), promoting it or not; or, without weights,
+    as a version registered some other way (a run with no artifacts)."""
     c = tracking.client(layout.tracking_uri)
     run = tracking.start_run(c, tracking.experiment_id(c, layout.artifact_root), variant, {}, {})
+    if not with_weights:
+        name = tracking.registered_name(variant)
+        c.create_registered_model(name)
+        mv = c.create_model_version(name, f"runs:/{run}/elsewhere", run_id=run)
+        c.set_registered_model_alias(name, tracking.CHAMPION, mv.version)
+        return name, str(mv.version), True
     weights = {"state_dict": model.state_dict(), "model_args": {
         "name": "efficientnet_b0", "phi": -int(variant.rsplit("phi-", 1)[1]), "num_classes": model.num_classes}}
     return tracking.register_best_checkpoint(
-        layout.tracking_uri, run, model, variant, np.zeros((1, 3, 32, 32), np.float32), {"resolution": 32}, {},
-        promote=promote, weights=weights if with_weights else None)
+        layout.tracking_uri, run, variant, np.zeros((1, 3, 32, 32), np.float32), {"resolution": 32}, {},
+        promote=promote, weights=weights)
 
 
 def _model(variant: str, seed: int, num_classes: int = NUM_CLASSES) -> torch.nn.Module:

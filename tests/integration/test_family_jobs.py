@@ -1,7 +1,8 @@
 """`train-family` runs each variant as a Ray job of its own (the Jobs API) on the session's cluster (the variants
-side by side, their MLflow parent run and comparison: `helpers.check_family_run`, on the nightly's first night); a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a
-second caller for a job that still runs waits on it rather than start another driver; a variant that fails for
-good leaves the others be and fails the run, naming it."""
+side by side, their MLflow parent run and comparison: `helpers.check_family_run`, on the nightly's first night);
+a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a second caller for a
+job that still runs waits on it rather than start another driver; a variant that fails for good leaves the others
+be and fails the run, naming it."""
 
 from __future__ import annotations
 

@@ -13,9 +13,11 @@ from pipelines.training import tracking
 
 def _register(layout, run_id, tags):
     model = models.create_model("efficientnet_b0", num_classes=3, phi=-9).eval()
+    weights = {"state_dict": model.state_dict(), "model_args": {"name": "efficientnet_b0", "phi": -9,
+                                                                "num_classes": 3}}
     return tracking.register_best_checkpoint(
-        layout.tracking_uri, run_id, model, "efficientnet_b0_phi-9", np.zeros((1, 3, 32, 32), np.float32),
-        {"resolution": 32}, tags, promote=True)
+        layout.tracking_uri, run_id, "efficientnet_b0_phi-9", np.zeros((1, 3, 32, 32), np.float32),
+        {"resolution": 32}, tags, promote=True, weights=weights)
 
 
 def test_register_once_and_clean_up_a_failure(data_layout_tmp):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -32,7 +35,7 @@ def _tiny_recipe(epochs: int = 6):
     )
 
 
-def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_cluster):
+def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_cluster, capsys):
     # Each step's 16 images per worker in two micro-batches of 8: gradients accumulated, all-reduced once.
     recipe = _tiny_recipe().with_overrides(data={"micro_batch_size": 8})
     result = run_training(recipe, learnable_dataset, data_layout_tmp)
@@ -61,16 +64,7 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
     assert (run.data.params["sizing.micro_batch"], run.data.params["sizing.accumulation"]) == ("8", "2")
     assert "val_top1" in run.data.metrics
 
-    # The registered model loads back with MLflow's own loader and classifies a batch.
-    import mlflow
-    import mlflow.pytorch
-    import torch
-
-    mlflow.set_tracking_uri(data_layout_tmp.tracking_uri)
-    model = mlflow.pytorch.load_model(f"models:/{result.registered_model}@candidate")
-    res = int(mv.tags["eval_resolution"])
-    out = model(torch.zeros(2, 3, res, res))
-    assert out.shape == (2, CLASSES)
+    check_the_registered_model_in_use(data_layout_tmp, learnable_dataset, result, mv, capsys)
 
     # A second job (another recipe: one epoch) is measured against the champion on the same minival: the
     # champion, rebuilt from its registered weights, scores there what it scored when it was registered.
@@ -82,3 +76,54 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
     expected = second.version if second.champion else result.version
     assert str(c.get_model_version_by_alias(result.registered_model, "champion").version) == expected
 
+
+
+def check_the_registered_model_in_use(layout, dataset, result, mv, capsys) -> None:
+    """What a user does with the version: load it with MLflow's own loader (no pickle in it), evaluate it with
+    `effnet eval` (val top-1 as recorded at registration), export it in every format (each file run and
+    compared), and a checkpoint holding a pickled object refused in one line."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from flows.cli import main
+    from pipelines.training.model_ref import load_model
+
+    uri = f"models:/{result.registered_model}@candidate"
+    mlflow.set_tracking_uri(layout.tracking_uri)
+    served = mlflow.pyfunc.load_model(uri)
+    files = [p.name for p in Path(mlflow.artifacts.download_artifacts(uri)).rglob("*")]
+    assert "served_model.py" in files and "state_dict.pt" in files and not [f for f in files if f.endswith(".pkl")]
+    res = int(mv.tags["eval_resolution"])
+    x = np.random.default_rng(0).standard_normal((2, 3, res, res), dtype=np.float32)
+    rebuilt = load_model(uri, layout.tracking_uri)
+    assert rebuilt.source == f"models:/{result.registered_model}/{result.version}"
+    np.testing.assert_allclose(served.predict(x), rebuilt.model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+    out = layout.root / "eval.json"
+    assert main(["--data-dir", str(layout.root), "eval", uri, "--data", str(dataset), "--per-class",
+                 "--mlflow", "--out", str(out)]) == 0
+    evaluated = json.loads(out.read_text())
+    assert abs(evaluated["top1"] - float(mv.tags["val_top1"])) <= 0.1, (evaluated["top1"], mv.tags["val_top1"])
+    assert evaluated["resolution"] == res and evaluated["samples"] == CLASSES * 8
+    assert len(evaluated["per_class_top1"]) == CLASSES
+    c = MlflowClient(tracking_uri=layout.tracking_uri)
+    assert c.get_run(evaluated["mlflow_run"]).data.metrics["val_top1"] == evaluated["top1"]
+
+    for fmt in ("onnx", "torchscript", "pt2"):
+        target = layout.root / f"model.{fmt}"
+        args = ["--data-dir", str(layout.root), "export", uri, "--format", fmt, "--out", str(target)]
+        assert main(args + (["--attach"] if fmt == "onnx" else [])) == 0
+        assert target.stat().st_size > 0
+    assert c.get_model_version(result.registered_model, result.version).tags["export.onnx"] == "export/model.onnx"
+
+    pickled = layout.root / "pickled.pt"
+    torch.save({"model_args": {"name": "efficientnet_b0"}, "state_dict": _NotATensor()}, pickled)
+    capsys.readouterr()
+    assert main(["--data-dir", str(layout.root), "eval", str(pickled), "--data", str(dataset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a plain checkpoint: it holds pickled objects" in err and "\n" not in err, err
+
+
+class _NotATensor:
+    """An object a checkpoint must not hold: loading it would need unpickling."""

@@ -1,0 +1,71 @@
+"""Checkpoint files read back without unpickling: the two layouts the project writes, and every way a file can
+fail to be what it claims, each a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint
+from pipelines.training.export import export_model
+from pipelines.training.model_ref import LoadedModel, load_file, parse_model_uri
+
+ARGS = {"name": "efficientnet_b0", "phi": -9, "num_classes": 3}
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.create_model("efficientnet_b0", phi=-9, num_classes=3).eval()
+
+
+def test_a_registered_state_dict_and_a_training_checkpoint_rebuild_their_model(tmp_path) -> None:
+    weights, ema = _model(0), _model(1)
+    torch.save({"state_dict": weights.state_dict(), "model_args": ARGS}, tmp_path / "state_dict.pt")
+    torch.save({"model": weights.state_dict(), "ema": ema.state_dict(), "optimizer": {}, "loop": {"epoch": 3},
+                "model_args": ARGS}, tmp_path / "checkpoint.pt")
+    x = torch.randn(2, 3, 64, 64)
+    registered = load_file(tmp_path / "state_dict.pt")
+    assert registered.spec.name == "efficientnet_b0_phi-9" and registered.num_classes == 3
+    assert torch.equal(registered.model(x), weights(x))
+    assert torch.equal(load_file(tmp_path / "checkpoint.pt").model(x), ema(x))  # the EMA: what training scored
+
+
+def test_a_file_that_holds_a_pickled_object_is_refused_not_loaded(tmp_path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "model_args": ARGS, "hook": Exception("runs on load")}, path)
+    with pytest.raises(ModelError, match="not a plain checkpoint: it holds pickled objects, which are never loaded"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"model_args": ARGS}, "holds no weights"),
+    ({"state_dict": {}}, "holds no model_args"),
+    ({"state_dict": {}, "model_args": {**ARGS, "name": "efficientnet_b99"}}, "do not describe a model"),
+    ({"state_dict": {"x": 1}, "model_args": ARGS}, "not a dict of tensors"),
+    ({"state_dict": _model(0).state_dict(), "model_args": {**ARGS, "num_classes": 5}},
+     "do not fit efficientnet_b0_phi-9 with 5 classes: size mismatch"),
+])
+def test_a_checkpoint_that_is_not_what_it_claims_is_a_clear_error(saved, message) -> None:
+    with pytest.raises(ModelError, match=message) as info:
+        model_from_checkpoint(saved, "f.pt")
+    assert "\n" not in str(info.value)
+
+
+def test_not_a_checkpoint_file(tmp_path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not a checkpoint file"):
+        read_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(ModelError, match="no such checkpoint file"):
+        load_file(tmp_path / "missing.pt")
+    with pytest.raises(ModelError, match="expected models:/NAME/VERSION"):
+        parse_model_uri("models:/b0")
+
+
+def test_an_export_in_an_unknown_format_or_to_a_missing_folder_is_refused(tmp_path) -> None:
+    spec = models.resolve_variant("efficientnet_b0", phi=-9)
+    loaded = LoadedModel(_model(0), spec, 3, "test", None)
+    with pytest.raises(ValueError, match="format must be one of onnx, torchscript, pt2"):
+        export_model(loaded, "tflite", tmp_path / "m.tflite")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        export_model(loaded, "onnx", tmp_path / "nowhere" / "m.onnx")
