@@ -81,14 +81,35 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.training.coefficients import resolve_coefficients
-    from pipelines.training.job import run_training, validate_job
     from pipelines.training.recipe import load_recipe, parse_family_member
 
+    sections: dict = {"model": parse_family_member(args.variant)} if args.variant else {}
+    return _train(load_recipe(args.recipe), sections, args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """`effnet train` from a registered model's weights: its variant, the recipe's training settings."""
+    from pipelines.training.model_ref import load_model, parse_model_uri
+    from pipelines.training.recipe import ModelConfig, load_recipe
+
     recipe = load_recipe(args.recipe)
-    sections: dict = {}
-    if args.variant:
-        sections["model"] = parse_family_member(args.variant)
+    source = load_model(args.model, data_layout(args.data_dir).tracking_uri)
+    if not args.model.startswith("models:/"):
+        raise ValueError(f"{args.model}: fine-tuning starts from a registered version (models:/NAME/VERSION or "
+                         "models:/NAME@ALIAS)")
+    # The source's architecture, whatever the recipe's model section says; its training knobs stay.
+    model = ModelConfig.of_model_args(source.model_args, recipe.model).model_dump()
+    freeze = int(args.freeze) if args.freeze and args.freeze.isdigit() else (args.freeze or 0)
+    init = {"from": source.source, "head": args.head, "freeze": freeze, "freeze_epochs": args.freeze_epochs}
+    register_as = args.register_as or f"{parse_model_uri(source.source)[0]}-finetuned"
+    return _train(recipe.with_overrides(register_as=register_as), {"model": model, "init": init}, args)
+
+
+def _train(recipe: Any, sections: dict, args: argparse.Namespace) -> int:
+    """One job of `recipe` with `sections` and the command's --epochs/--workers over it, run and reported."""
+    from pipelines.training.coefficients import resolve_coefficients
+    from pipelines.training.job import run_training, validate_job
+
     # `is not None`: an explicit 0 is checked by the recipe schema (and refused), never silently ignored.
     if args.epochs is not None:
         sections["schedule"] = {"epochs": args.epochs}
@@ -306,6 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "to stdout")
     s.set_defaults(fn=cmd_train)
 
+    s = sub.add_parser("finetune", help="train from a registered model's weights (recipe section `init`), e.g. "
+                       "on other classes with a new head")
+    s.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    s.add_argument("--data", required=True, help="a staged dataset version directory")
+    s.add_argument("--recipe", default="finetune", help=RECIPE_HELP + " (default: finetune, the V2 paper's "
+                   "transfer settings)")
+    s.add_argument("--head", default="reset", help="reset (a new classifier for the dataset's classes, the "
+                   "default) or keep (the same classes)")
+    s.add_argument("--freeze", help="for the first --freeze-epochs: the stem and this many stages, or 'backbone' "
+                   "(everything but the classifier)")
+    s.add_argument("--freeze-epochs", type=int, default=0)
+    s.add_argument("--register-as", help="the registered model of the new versions, a task of its own (default: "
+                   "the source's name + '-finetuned'); its champion is decided among them")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--ray-address", help="the Ray cluster to join (default: as `train`)")
+    s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for the MLflow run")
+    s.add_argument("--result-file", help="write the result (JSON) to this file instead of to stdout")
+    s.set_defaults(fn=cmd_finetune)
+
     s = sub.add_parser("eval", help="evaluate a trained model on a staged split with its own preprocessing")
     s.add_argument("model", help=MODEL_HELP)
     s.add_argument("--data", required=True, help="a staged dataset version: its directory or its name")
@@ -363,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands that start servers of their own (a temporary Prefect server, a local Ray instance).
-STARTS_SERVERS = ("stage", "train", "family", "demo")
+STARTS_SERVERS = ("stage", "train", "finetune", "family", "demo")
 
 
 def main(argv: Sequence[str] | None = None, watch: bool | None = None) -> int:

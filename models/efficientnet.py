@@ -194,6 +194,17 @@ def set_regularization(
         model._stochastic_depth = rate
 
 
+def frozen_part(model: nn.Module, stages: int | str) -> list[nn.Module]:
+    """The modules layer-wise freezing holds still: the stem and the first `stages` stages, or with "backbone"
+    everything but the classifier (stem, stages, head conv). ValueError for more stages than the model has."""
+    net = unwrap_model(model)
+    if stages == "backbone":
+        return [net.stem, *net.stages, net.head]
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= len(net.stages):
+        raise ValueError(f"freeze: {stages!r} is not 'backbone' or a number of stages in 0..{len(net.stages)}")
+    return [net.stem, *net.stages[:stages]] if stages else []
+
+
 def unwrap_model(model: nn.Module) -> EfficientNet:
     """The EfficientNet inside torch.compile's and DistributedDataParallel's wrappers."""
     inner = model

@@ -112,6 +112,9 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     """Everything that can be checked before Ray starts: the variant, the dataset and its files, and that the
     variant fits the recipe's device memory (the micro-batch and accumulation that make its batch)."""
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    if recipe.init is not None:
+        with torch.device("meta"):
+            models.frozen_part(models.build_model(spec, 1), recipe.init.freeze)  # ValueError: not so many stages
     manifest = read_manifest(dataset_dir)
     for split in SPLITS:
         if manifest["splits"].get(split, {}).get("samples", 0) == 0:
@@ -471,7 +474,7 @@ def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, rec
     def minival_top1(m: torch.nn.Module, m_spec: Any) -> float:
         return evaluate_on_cluster(m, dataset_dir, "minival", m_spec, recipe)["top1"]
 
-    return decide_promotion(c, tracking.registered_name(spec.name), minival_top1(model, spec),
+    return decide_promotion(c, registered_model_name(recipe, spec.name), minival_top1(model, spec),
                             manifest["num_classes"], minival_top1)
 
 
@@ -508,6 +511,7 @@ def _register(
     name, version, champion = tracking.register_best_checkpoint(
         layout.tracking_uri, job.run_id, spec.name, example, preprocessing, tags, promotion.promote,
         weights={"state_dict": model.state_dict(), "model_args": chosen.model_args},
+        name=registered_model_name(recipe, spec.name),
     )
     return TrainResult(
         variant=spec.name, run_id=job.run_id, job_name=job.name, registered_model=name, version=version,
@@ -519,6 +523,11 @@ def _register(
         champion_before=promotion.champion_version, champion_before_top1=promotion.champion_top1,
         init_from=lineage.get(Tags.INIT_FROM),
     )
+
+
+def registered_model_name(recipe: Recipe, variant_slug: str) -> str:
+    """The registered model a job's version goes to: the recipe's `register_as`, else efficientnet-<variant>."""
+    return recipe.register_as or tracking.registered_name(variant_slug)
 
 
 def scaling_tags(recipe: Recipe) -> dict[str, str]:

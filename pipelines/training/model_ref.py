@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class LoadedModel:
     num_classes: int
     source: str  # what was loaded: models:/NAME/VERSION (an alias resolved), runs:/ID, or the file
     run_id: str | None  # the training run it came from, when known
+    model_args: dict[str, Any] = field(default_factory=dict)  # the variant's name, its overrides, its classes
 
 
 class NoWeights(ModelError):
@@ -51,19 +52,21 @@ def load_file(path: str | Path) -> LoadedModel:
     if not path.is_file():
         raise ModelError(f"{path}: no such checkpoint file (or give models:/NAME@ALIAS, models:/NAME/VERSION, "
                          "runs:/RUN_ID)")
-    model, spec, num_classes = model_from_checkpoint(read_checkpoint(path), str(path))
-    return LoadedModel(model, spec, num_classes, str(path), None)
+    saved = read_checkpoint(path)
+    model, spec, num_classes = model_from_checkpoint(saved, str(path))
+    return LoadedModel(model, spec, num_classes, str(path), None, dict(saved["model_args"]))
 
 
-def run_weights(c: Any, run_id: str, where: str) -> tuple[torch.nn.Module, VariantSpec, int]:
-    """The plain weights a training run registered (`checkpoint/state_dict.pt`), rebuilt."""
+def run_weights(c: Any, run_id: str, where: str) -> tuple[torch.nn.Module, VariantSpec, int, dict[str, Any]]:
+    """The plain weights a training run registered (`checkpoint/state_dict.pt`), rebuilt; and its model_args."""
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = c.download_artifacts(run_id, STATE_DICT_ARTIFACT, tmp)
         except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact or run)
             raise NoWeights(f"{where}: run {run_id} holds no {STATE_DICT_ARTIFACT} (is it a run that registered "
                              "a model?)") from None
-        return model_from_checkpoint(read_checkpoint(path), f"{where} ({STATE_DICT_ARTIFACT})")
+        saved = read_checkpoint(path)
+        return (*model_from_checkpoint(saved, f"{where} ({STATE_DICT_ARTIFACT})"), dict(saved["model_args"]))
 
 
 def registered_version(c: Any, ref: str) -> Any:
@@ -90,20 +93,20 @@ def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
     if ref.startswith("models:/"):
         mv = registered_version(c, ref)
         source = f"models:/{mv.name}/{mv.version}"
-        model, spec, num_classes = run_weights(c, mv.run_id, source)
-        return LoadedModel(model, spec, num_classes, source, mv.run_id)
+        model, spec, num_classes, args = run_weights(c, mv.run_id, source)
+        return LoadedModel(model, spec, num_classes, source, mv.run_id, args)
     m = _RUN_URI.match(ref)
     if m is None:
         raise ModelError(f"{ref}: expected runs:/RUN_ID (32 hex digits)")
-    model, spec, num_classes = run_weights(c, m["run"], ref)
-    return LoadedModel(model, spec, num_classes, ref, m["run"])
+    model, spec, num_classes, args = run_weights(c, m["run"], ref)
+    return LoadedModel(model, spec, num_classes, ref, m["run"], args)
 
 
 def load_registered_weights(c: Any, version: Any) -> tuple[torch.nn.Module, VariantSpec] | None:
     """A registered version's model (eval mode) and its VariantSpec, rebuilt from its run's plain weights; None
     when the run holds none (registered some other way)."""
     try:
-        model, spec, _ = run_weights(c, version.run_id, f"models:/{version.name}/{version.version}")
+        model, spec, _, _ = run_weights(c, version.run_id, f"models:/{version.name}/{version.version}")
     except NoWeights:
         return None
     return model, spec

@@ -68,6 +68,14 @@ class ModelConfig(_Strict):
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         return {**out, "allow_large_resolution": True} if self.allow_large_resolution else out
 
+    @classmethod
+    def of_model_args(cls, model_args: dict[str, Any], like: "ModelConfig") -> "ModelConfig":
+        """The model section that rebuilds a saved model from its checkpoint's `model_args` (the variant's name,
+        its overrides, its classes), with `like`'s training knobs (BN momentum, the coefficients' tolerance)."""
+        args = {k: v for k, v in model_args.items() if k not in ("name", "num_classes")}
+        return cls(variant=model_args["name"], bn_momentum=like.bn_momentum,
+                   coefficient_tolerance=like.coefficient_tolerance, **args)
+
     def coefficient_set(self) -> CoefficientSet:
         """The set phi scales by: the given values, the paper's for those not given."""
         paper = PAPER_COEFFICIENTS
@@ -184,6 +192,18 @@ class InitConfig(_Strict):
     from_: str = Field(alias="from", pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$",
                        description="models:/NAME/VERSION or models:/NAME@ALIAS")
     head: Literal["keep", "reset"] = "keep"
+    # Layer-wise freezing for the first epochs (a new head settles before the features move): the stem and the
+    # first N stages, or "backbone" (everything but the classifier), weights and BN statistics kept as loaded.
+    freeze: int | Literal["backbone"] = Field(0, description="stages frozen with the stem (0: none), or 'backbone'")
+    freeze_epochs: int = Field(0, ge=0, description="epochs the frozen part stays frozen")
+
+    @model_validator(mode="after")
+    def _freeze_is_whole(self) -> "InitConfig":
+        if isinstance(self.freeze, int) and self.freeze < 0:
+            raise ValueError("init.freeze must be a number of stages >= 0 or 'backbone'")
+        if (self.freeze != 0) != (self.freeze_epochs > 0):
+            raise ValueError("init.freeze and init.freeze_epochs go together: what to freeze, and for how long")
+        return self
 
 
 class Recipe(_Strict):
@@ -200,6 +220,9 @@ class Recipe(_Strict):
     ray: RayConfig = RayConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     init: InitConfig | None = None  # None: from scratch
+    # The registered model the job's version goes to (and whose champion it is measured against); default
+    # efficientnet-<variant>. A model fine-tuned onto other classes is another task: `effnet finetune` names it.
+    register_as: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
     @model_validator(mode="after")
     def _eval_every_fits(self) -> "Recipe":
@@ -209,7 +232,7 @@ class Recipe(_Strict):
 
     def with_overrides(self, **sections: dict[str, Any]) -> "Recipe":
         """A copy with some fields of some sections replaced, validated like a file."""
-        data = self.model_dump()
+        data = self.model_dump(by_alias=True)  # as a file spells the fields (init's `from`)
         for section, values in sections.items():
             if section not in data:
                 raise ValueError(f"unknown recipe section {section!r}")

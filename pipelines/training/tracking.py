@@ -180,9 +180,9 @@ def log_served_model(weights_file: Path, input_example: Any, preprocessing: Mapp
 
 def register_best_checkpoint(
     tracking_uri: str, run_id: str, variant_slug: str, input_example: Any, preprocessing: Mapping[str, Any],
-    tags: Mapping[str, Any], promote: bool, weights: Mapping[str, Any],
+    tags: Mapping[str, Any], promote: bool, weights: Mapping[str, Any], name: str | None = None,
 ) -> tuple[str, str, bool]:
-    """Log the chosen model to the run, register it as `efficientnet-<variant>`, set aliases.
+    """Log the chosen model to the run, register it as `name` (default `efficientnet-<variant>`), set aliases.
 
     The version gets alias `candidate`, and `champion` when `promote` (decided by the caller on minival, see
     `pipelines.training.promotion`). Returns (model name, version, became_champion).
@@ -196,7 +196,7 @@ def register_best_checkpoint(
     import torch
 
     c = client(tracking_uri)
-    name = registered_name(variant_slug)
+    name = name or registered_name(variant_slug)
     done = c.get_run(run_id).data.tags.get(Tags.REGISTERED)
     if done:
         return _aliases_of(c, *done.split("/", 1))

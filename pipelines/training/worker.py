@@ -460,6 +460,7 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
     aug_gen = torch.Generator(device=device)
     global_batch = recipe.data.batch_size * worker.world
     worker.net.train()
+    frozen = frozen_parameters(worker, epoch)
     start = state.batch
     loader = make_loader(
         job.dataset_dir, "train", settings.image_size, job.loader_batch, worker.rank, worker.world, epoch,
@@ -480,6 +481,8 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
         step_loss, images = accumulate_gradients(
             worker.net, (next(micro_batches) for _ in range(job.accumulation)), recipe, settings, job.num_classes,
             device, worker.amp, aug_gen)
+        for p in frozen:  # no gradient: the optimizer leaves them (and their decay, their moments) be
+            p.grad = None
         if recipe.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(worker.model.parameters(), recipe.optim.grad_clip)
         worker.optimizer.step()
@@ -509,6 +512,20 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
         "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
         "train_bad_samples": float(_bad_samples(loader)),
     }
+
+
+def frozen_parameters(worker: Worker, epoch: int) -> list[torch.nn.Parameter]:
+    """Fine-tuning's layer-wise freezing (`init.freeze` for the first `init.freeze_epochs`): the frozen modules
+    put in eval mode (their BN statistics kept), their parameters returned for the loop to drop their gradients.
+    The gradients are still computed (and all-reduced under DDP, which expects every parameter's): dropping them
+    after the backward leaves DDP's buckets whole. Nothing on other epochs."""
+    init = worker.recipe.init
+    if init is None or epoch >= init.freeze_epochs:
+        return []
+    modules = models.frozen_part(worker.model, init.freeze)
+    for m in modules:
+        m.eval()
+    return [p for m in modules for p in m.parameters()]
 
 
 @dataclass

@@ -28,6 +28,15 @@ def learnable_dataset(tmp_path_factory):
     return stage_directly(archives, tmp_path_factory.mktemp("datasets"), params)
 
 
+@pytest.fixture(scope="module")
+def five_classes(tmp_path_factory):
+    """Another dataset, five classes of its own, to fine-tune onto with a new head."""
+    archives = write_demo_imagenet(tmp_path_factory.mktemp("archives5"), num_classes=5, train_per_class=40,
+                                   val_per_class=8, seed=7).out_dir
+    params = StageParams(tiers=(64,), shard_size=32, minival=0.2, seed=0, max_bad_fraction=0.05)
+    return stage_directly(archives, tmp_path_factory.mktemp("datasets5"), params)
+
+
 def _tiny_recipe(epochs: int = 6):
     return load_recipe("demo").with_overrides(
         model={"variant": "efficientnet_b0", "phi": -9}, schedule={"epochs": epochs, "patience": None},
@@ -35,7 +44,7 @@ def _tiny_recipe(epochs: int = 6):
     )
 
 
-def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_cluster, capsys):
+def test_train_job_learns_and_registers(learnable_dataset, five_classes, data_layout_tmp, ray_cluster, capsys):
     # Each step's 16 images per worker in two micro-batches of 8: gradients accumulated, all-reduced once.
     recipe = _tiny_recipe().with_overrides(data={"micro_batch_size": 8})
     result = run_training(recipe, learnable_dataset, data_layout_tmp)
@@ -74,6 +83,10 @@ def test_train_job_learns_and_registers(learnable_dataset, data_layout_tmp, ray_
     assert mv2.tags["champion_minival_top1"] == mv.tags["promotion_minival_top1"]
     assert second.champion == (float(mv2.tags["promotion_minival_top1"]) > float(mv.tags["promotion_minival_top1"]))
     expected = second.version if second.champion else result.version
+    assert str(c.get_model_version_by_alias(result.registered_model, "champion").version) == expected
+
+    check_fine_tuning_onto_other_classes(data_layout_tmp, five_classes, result)
+    # Another task, another registered model: the source's champion is where it was.
     assert str(c.get_model_version_by_alias(result.registered_model, "champion").version) == expected
 
 
@@ -127,3 +140,25 @@ def check_the_registered_model_in_use(layout, dataset, result, mv, capsys) -> No
 
 class _NotATensor:
     """An object a checkpoint must not hold: loading it would need unpickling."""
+
+
+def check_fine_tuning_onto_other_classes(layout, dataset, source) -> None:
+    """`effnet finetune` from the registered version onto five other classes with a new head, the backbone frozen
+    for the first epoch: it learns well above chance, and the new run and version record where it started."""
+    from flows.cli import main
+
+    out = layout.root / "finetune.json"
+    uri = f"models:/{source.registered_model}/{source.version}"
+    assert main(["--data-dir", str(layout.root), "finetune", uri, "--data", str(dataset), "--recipe", "demo",
+                 "--epochs", "5", "--workers", "1", "--freeze", "backbone", "--freeze-epochs", "1",
+                 "--result-file", str(out)]) == 0
+    tuned = json.loads(out.read_text())
+    print(f"\nfine-tuned onto 5 classes (backbone frozen 1 of 5 epochs): minival top-1 {tuned['minival_top1']:.1f}, "
+          f"val top-1 {tuned['val_top1']:.1f} (chance 20)")
+    chance = 100 / 5
+    assert tuned["minival_top1"] > chance + 20, tuned
+    assert tuned["variant"] == source.variant and tuned["init_from"] == uri
+    assert tuned["registered_model"] == f"{source.registered_model}-finetuned" and tuned["champion"]
+    c = MlflowClient(tracking_uri=layout.tracking_uri)
+    assert c.get_run(tuned["run_id"]).data.tags["init_from"] == uri
+    assert c.get_model_version(tuned["registered_model"], tuned["version"]).tags["init_from"] == uri

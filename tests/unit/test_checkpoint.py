@@ -69,3 +69,34 @@ def test_an_export_in_an_unknown_format_or_to_a_missing_folder_is_refused(tmp_pa
         export_model(loaded, "tflite", tmp_path / "m.tflite")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         export_model(loaded, "onnx", tmp_path / "nowhere" / "m.onnx")
+
+
+# --- fine-tuning's layer-wise freezing ---
+
+
+def test_the_frozen_part_is_the_stem_and_the_first_stages_or_all_but_the_classifier() -> None:
+    net = _model(0)
+    assert models.frozen_part(net, 0) == []
+    assert models.frozen_part(net, 2) == [net.stem, net.stages[0], net.stages[1]]
+    backbone = {id(p) for m in models.frozen_part(net, "backbone") for p in m.parameters()}
+    assert backbone == {id(p) for n, p in net.named_parameters() if not n.startswith("classifier.")}
+    with pytest.raises(ValueError, match="number of stages in 0..7"):
+        models.frozen_part(net, 8)
+
+
+def test_frozen_modules_keep_their_weights_and_bn_statistics_only_for_the_first_epochs() -> None:
+    from types import SimpleNamespace
+
+    from pipelines.training.recipe import load_recipe
+    from pipelines.training.worker import frozen_parameters
+
+    recipe = load_recipe("demo").with_overrides(init={"from": "models:/x/1", "freeze": 1, "freeze_epochs": 2})
+    net = _model(0).train()
+    worker = SimpleNamespace(recipe=recipe, model=net)
+    frozen = frozen_parameters(worker, epoch=1)
+    assert {id(p) for p in frozen} == {id(p) for m in (net.stem, net.stages[0]) for p in m.parameters()}
+    assert not net.stem.training and not net.stages[0].training and net.stages[1].training  # BN: running stats
+    net.train()
+    assert frozen_parameters(worker, epoch=2) == [] and net.stem.training
+    with pytest.raises(ValueError, match="go together"):
+        recipe.with_overrides(init={"from": "models:/x/1", "freeze": 1, "freeze_epochs": 0})
