@@ -584,6 +584,7 @@ _OVERRIDE_TAGS: dict[str, str] = {
     "dropout": "drop",
     "stochastic_depth": "sd",
     "late_depth_stages": "late",
+    "crop_ratio": "crop",
 }
 OVERRIDE_KEYS: tuple[str, ...] = tuple(_OVERRIDE_TAGS)
 
@@ -605,6 +606,7 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
       width_mult, depth_mult, resolution, eval_resolution: explicit values; they win over phi.
         `resolution` sets the training resolution; for V1 (which trains and evaluates at one size) it
         sets the eval resolution too, for V2 the eval resolution keeps its ratio to the training one.
+      crop_ratio: the eval centre crop's share of the resized image, in (0, 1] (default: the variant's).
       dropout, stochastic_depth: rates in [0, 1).
       late_depth_stages: non-uniform depth (V2's rule, `stage_repeats`): the blocks that depth scaling adds go
         to the last N stages only (0: every stage alike).
@@ -687,6 +689,14 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
             changes["late_depth_stages"] = value
             tag("late_depth_stages", value)
 
+    if "crop_ratio" in given:  # an explicit ratio wins over the one V1 derives from the eval resolution
+        value = check_real("crop_ratio", given["crop_ratio"], positive=True)
+        if not value <= 1:
+            raise ValueError(f"crop_ratio must be in (0, 1], got {value!r}")
+        if value != spec.crop_ratio or "eval_resolution" in changes:
+            changes["crop_ratio"] = value
+            tag("crop_ratio", value)
+
     if not changes:
         return spec
     sizes = (changes.get("train_resolution", spec.train_resolution), changes.get("eval_resolution",
@@ -695,7 +705,7 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
         raise ValueError(f"{name}: train/eval resolution {sizes[0]}/{sizes[1]} goes above V2's cap of "
                          f"{V2_MAX_RESOLUTION} (paper Sec. 4.2); set model.allow_large_resolution: true to train it "
                          "anyway")
-    if "eval_resolution" in changes and spec.family == "v1":
+    if "eval_resolution" in changes and spec.family == "v1" and "crop_ratio" not in changes:
         changes["crop_ratio"] = v1_crop_ratio(changes["eval_resolution"])
     return dataclasses.replace(spec, name="_".join([spec.name, *tags]), **changes)
 

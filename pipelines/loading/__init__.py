@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 
 from pipelines.dataset import EVAL_SPLITS, TRAIN_SPLITS
+from pipelines.loading.transforms import TrainCrop
 
 BACKENDS = ("wds", "ffcv", "dali")
 
@@ -40,10 +41,11 @@ BACKENDS = ("wds", "ffcv", "dali")
 def make_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
     epoch: int = 0, backend: str = "wds", seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
-    start_batch: int = 0,
+    start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """A DataLoader of (uint8 NCHW images, int64 labels) for one rank of one epoch of a staged split; a train
-    loader started at `start_batch` yields the batches an uninterrupted one yields from that batch on."""
+    loader started at `start_batch` yields the batches an uninterrupted one yields from that batch on. Train
+    crops are random-resized within `train_crop`'s ranges; eval takes the centre crop of `crop_ratio`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if split not in TRAIN_SPLITS + EVAL_SPLITS:
@@ -58,4 +60,4 @@ def make_loader(
     else:
         from pipelines.loading.wds import make_wds_loader as make_backend_loader
     return make_backend_loader(dataset_dir, split, resolution, batch_size, rank, world_size, epoch, seed,
-                               crop_ratio, num_workers, start_batch)
+                               crop_ratio, num_workers, start_batch, train_crop=train_crop)

@@ -49,6 +49,7 @@ from pipelines.dataset import (
     split_tier,
 )
 from pipelines.loading.sampling import rank_epoch_indices
+from pipelines.loading.transforms import TrainCrop
 from pipelines.seeds import Stream, mix_seed
 
 
@@ -59,7 +60,7 @@ def _device_id() -> int | None:
 
 def build_pipeline(
     paths: list[str], index_paths: list[str], train: bool, resolution: int, crop_ratio: float, batch_size: int,
-    num_threads: int, seed: int, device_id: int | None,
+    num_threads: int, seed: int, device_id: int | None, train_crop: TrainCrop = TrainCrop(),
 ) -> Any:
     """The DALI pipeline of one epoch: read (in index order), decode, crop, flip, uint8 CHW."""
     from nvidia.dali import fn, types
@@ -77,8 +78,8 @@ def build_pipeline(
         if train:
             # The area/aspect draw of transforms.random_resized_crop_box, with DALI's own generator.
             images = fn.decoders.image_random_crop(
-                jpegs, device=decode_on, output_type=types.RGB, random_area=[0.08, 1.0],
-                random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                jpegs, device=decode_on, output_type=types.RGB, random_area=list(train_crop.scale),
+                random_aspect_ratio=list(train_crop.ratio), num_attempts=10,
             )
             images = fn.resize(images, resize_x=resolution, resize_y=resolution)
             mirror = fn.random.coin_flip(probability=0.5)
@@ -115,9 +116,10 @@ class DaliLoader:
     def __init__(
         self, shards: list[Path], lines: list[list[str]], indices: np.ndarray, train: bool, resolution: int,
         batch_size: int, crop_ratio: float, num_workers: int, seed: int, start_batch: int = 0,
+        train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         self.shards, self.lines, self.indices, self.train = shards, lines, indices, train
-        self.start_batch = start_batch
+        self.start_batch, self.train_crop = start_batch, train_crop
         self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
         self.num_threads, self.seed = max(1, num_workers), seed
         # position in the split's planned order -> (shard, line in its index)
@@ -154,7 +156,7 @@ class DaliLoader:
             paths, index_paths = self._write_rank_indexes(folder)
             device_id = _device_id()
             pipe = build_pipeline(paths, index_paths, self.train, self.resolution, self.crop_ratio,
-                                  self.batch_size, self.num_threads, self.seed, device_id)
+                                  self.batch_size, self.num_threads, self.seed, device_id, self.train_crop)
             left = self.samples()
             try:
                 # DALI's generator runs through the pipeline's samples in order: a loader started at batch k
@@ -196,7 +198,7 @@ def dali_seed(seed: int, epoch: int, rank: int) -> int:
 
 def make_dali_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0,
+    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
 ) -> DaliLoader:
     """`make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
@@ -212,4 +214,4 @@ def make_dali_loader(
     n = sum(s.samples for s in shards)
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch)
     return DaliLoader([s.path for s in shards], lines, indices, train, resolution, batch_size, crop_ratio,
-                      num_workers, dali_seed(seed, epoch, rank), start_batch)
+                      num_workers, dali_seed(seed, epoch, rank), start_batch, train_crop)

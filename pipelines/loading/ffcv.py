@@ -31,6 +31,7 @@ import torch
 
 from pipelines.dataset import FFCV, DataError, beton_relpath, read_manifest, split_tier
 from pipelines.loading.sampling import rank_epoch_indices
+from pipelines.loading.transforms import TrainCrop
 from pipelines.seeds import Stream, mix_seed
 
 
@@ -82,8 +83,8 @@ def _seeded_crop_decoder_class() -> type:
         """Decode, random-resized-crop and flip with probability 1/2, drawing from a generator seeded with
         (epoch seed, sample index) for each sample: the same pixels whatever thread decodes the sample."""
 
-        def __init__(self, output_size: tuple[int, int], seed: int) -> None:
-            super().__init__(output_size)
+        def __init__(self, output_size: tuple[int, int], seed: int, crop: TrainCrop) -> None:
+            super().__init__(output_size, scale=crop.scale, ratio=crop.ratio)
             self.seed = seed
 
         def generate_code(self) -> Any:
@@ -170,11 +171,11 @@ class FfcvLoader:
 
     def __init__(
         self, path: Path, indices: np.ndarray, train: bool, resolution: int, batch_size: int, crop_ratio: float,
-        num_workers: int, aug_seed: int,
+        num_workers: int, aug_seed: int, train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         self.path, self.indices, self.train = path, indices, train
         self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
-        self.num_workers, self.aug_seed = max(1, num_workers), aug_seed
+        self.num_workers, self.aug_seed, self.train_crop = max(1, num_workers), aug_seed, train_crop
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -189,7 +190,7 @@ class FfcvLoader:
         _fix_os_cache_state_type()
         res = (self.resolution, self.resolution)
         if self.train:
-            decoder = _seeded_crop_decoder_class()(res, self.aug_seed)
+            decoder = _seeded_crop_decoder_class()(res, self.aug_seed, self.train_crop)
         else:
             decoder = _center_crop_decoder_class()(res, ratio=self.crop_ratio)
         threads = torch.get_num_threads()
@@ -253,7 +254,7 @@ def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
 
 def make_ffcv_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0,
+    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
 ) -> FfcvLoader:
     """`make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads.
 
@@ -269,4 +270,4 @@ def make_ffcv_loader(
         raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including '{FFCV}'")
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)[start_batch * batch_size:]
     return FfcvLoader(path, indices, train, resolution, batch_size, crop_ratio, num_workers,
-                      augmentation_seed(seed, epoch))
+                      augmentation_seed(seed, epoch), train_crop)

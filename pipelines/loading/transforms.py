@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,9 +26,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class TrainCrop:
+    """The random-resized crop's ranges: the area fraction kept (`scale`) and the aspect ratio (`ratio`, drawn
+    log-uniformly). Every backend draws from these."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # Inception's (Szegedy et al. 2015), as every EfficientNet trains
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
 def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    width: int, height: int, rng: random.Random, scale: tuple[float, float] = TrainCrop.scale,
+    ratio: tuple[float, float] = TrainCrop.ratio,
 ) -> tuple[int, int, int, int]:
     """(left, top, w, h) of an Inception-style crop: area fraction in `scale`, log-uniform aspect in `ratio`.
 

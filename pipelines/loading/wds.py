@@ -41,7 +41,7 @@ from pipelines.dataset import (
     split_tier,
 )
 from pipelines.loading.sampling import rank_positions
-from pipelines.loading.transforms import center_crop_box, decode_crop, random_resized_crop_box
+from pipelines.loading.transforms import TrainCrop, center_crop_box, decode_crop, random_resized_crop_box
 from pipelines.seeds import Stream, mix_seed
 
 
@@ -57,14 +57,14 @@ class WdsDataset(IterableDataset):
     def __init__(
         self, shards: list[ShardInfo], train: bool, resolution: int, rank: int, world_size: int, epoch: int,
         seed: int, crop_ratio: float, batch_size: int = 1, start_batch: int = 0, shuffle_window: int = 512,
-        context: Any = None,
+        context: Any = None, train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         if start_batch and not train:
             raise ValueError("only a train loader starts part-way through its epoch")
         self.shards, self.train, self.resolution = shards, train, resolution
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.crop_ratio, self.batch_size, self.start_batch = crop_ratio, batch_size, start_batch
-        self.shuffle_window = shuffle_window
+        self.shuffle_window, self.train_crop = shuffle_window, train_crop
         self.total = sum(s.samples for s in shards)
         # Samples that failed to decode, counted in whichever process decodes them: a shared counter when
         # DataLoader workers (started from `context`) do.
@@ -166,7 +166,8 @@ class WdsDataset(IterableDataset):
         try:
             label = int(parts[LABEL_EXT])
             if self.train:
-                box = lambda w, h: random_resized_crop_box(w, h, rng)  # noqa: E731
+                crop = self.train_crop
+                box = lambda w, h: random_resized_crop_box(w, h, rng, crop.scale, crop.ratio)  # noqa: E731
                 hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution, flip=rng.random() < 0.5)
             else:
                 box = lambda w, h: center_crop_box(w, h, self.resolution, self.crop_ratio)  # noqa: E731
@@ -260,7 +261,7 @@ def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 
 def make_wds_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0,
+    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
 ) -> DataLoader:
     """`make_loader(..., backend="wds")`: num_workers DataLoader worker processes (0: decode in this one)."""
     dataset_dir = Path(dataset_dir)
@@ -271,7 +272,7 @@ def make_wds_loader(
     # gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
     context = _worker_context() if num_workers > 0 else None
     dataset = WdsDataset(shards, train, resolution, rank, world_size, epoch, seed, crop_ratio, batch_size=batch_size,
-                         start_batch=start_batch, context=context)
+                         start_batch=start_batch, context=context, train_crop=train_crop)
     return DataLoader(
         dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
         persistent_workers=False, collate_fn=_collate, multiprocessing_context=context,

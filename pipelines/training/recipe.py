@@ -21,6 +21,7 @@ from models.variants import (
     check_coefficients,
 )
 from pipelines.loading import BACKENDS
+from pipelines.loading.transforms import TrainCrop
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
@@ -52,6 +53,8 @@ class ModelConfig(_Strict):
     depth_mult: float | None = None
     resolution: int | None = Field(None, ge=16, description="train resolution; default: the variant's")
     eval_resolution: int | None = Field(None, ge=16, description="eval resolution; default: the variant's")
+    crop_ratio: float | None = Field(None, gt=0, le=1, description="eval centre crop's share of the resized image; "
+                                     "default: the variant's (V1: res / (res + 32), V2: 1)")
     allow_large_resolution: bool = Field(False, description="a V2 resolution above the paper's cap of 480")
     late_depth_stages: int | None = Field(None, ge=0, description="non-uniform depth: the blocks depth scaling "
                                           "adds go to the last N stages (V2's rule); 0 or unset: every stage")
@@ -64,7 +67,7 @@ class ModelConfig(_Strict):
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
         keys = ("phi", "alpha", "beta", "gamma", "width_mult", "depth_mult", "resolution", "eval_resolution",
-                "dropout", "stochastic_depth", "late_depth_stages")
+                "crop_ratio", "dropout", "stochastic_depth", "late_depth_stages")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         return {**out, "allow_large_resolution": True} if self.allow_large_resolution else out
 
@@ -153,6 +156,22 @@ class DataConfig(_Strict):
     micro_batch_size: int | None = Field(None, ge=1, description="images per forward pass; default: sized to fit")
     loader_workers: int = Field(4, ge=0)
     eval_batch_size: int | None = Field(None, ge=1)
+    # The training crop's ranges (the papers': Inception's); small or close-up datasets often keep more area.
+    rrc_scale: tuple[float, float] = Field(TrainCrop.scale, description="area fraction a training crop keeps")
+    rrc_ratio: tuple[float, float] = Field(TrainCrop.ratio, description="aspect ratios of a training crop")
+
+    @model_validator(mode="after")
+    def _crop_ranges(self) -> "DataConfig":
+        (s0, s1), (r0, r1) = self.rrc_scale, self.rrc_ratio
+        if not 0 < s0 <= s1 <= 1:
+            raise ValueError(f"data.rrc_scale must be (min, max) with 0 < min <= max <= 1, got {self.rrc_scale}")
+        if not 0 < r0 <= r1:
+            raise ValueError(f"data.rrc_ratio must be (min, max) with 0 < min <= max, got {self.rrc_ratio}")
+        return self
+
+    @property
+    def train_crop(self) -> TrainCrop:
+        return TrainCrop(tuple(self.rrc_scale), tuple(self.rrc_ratio))
 
 
 class ScheduleConfig(_Strict):

@@ -465,7 +465,7 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
     loader = make_loader(
         job.dataset_dir, "train", settings.image_size, job.loader_batch, worker.rank, worker.world, epoch,
         recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers,
-        start_batch=start * job.accumulation,
+        start_batch=start * job.accumulation, train_crop=recipe.data.train_crop,
     )
     micro_batches = iter(loader)
     # Summed on the device: read back (a host sync) only at a checkpoint and at the end of the epoch.

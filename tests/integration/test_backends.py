@@ -27,6 +27,7 @@ from pipelines.loading import ffcv as ffcv_loading
 from pipelines.loading import make_loader
 from pipelines.loading.ffcv import _seeded_crop_decoder_class
 from pipelines.loading.sampling import rank_epoch_indices
+from pipelines.loading.transforms import TrainCrop
 
 from helpers import STAGE_PARAMS, read_samples, stage_directly
 
@@ -181,6 +182,17 @@ def test_train_epoch_is_deterministic_for_seed_and_epoch(formats_dataset: Path, 
     assert torch.equal(labels, labels_again) and torch.equal(images, images_again)  # the crops and flips too
     assert not torch.equal(epoch(1)[0], images)
     assert not torch.equal(epoch(0, seed=1)[0], images)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_training_crop_ranges_reach_every_backend(formats_dataset: Path, backend: str) -> None:
+    def epoch(crop: TrainCrop) -> tuple[torch.Tensor, torch.Tensor]:
+        return _epoch(make_loader(formats_dataset, "train", 32, 5, backend=backend, train_crop=crop))
+
+    default, same_default = epoch(TrainCrop()), epoch(TrainCrop((0.08, 1.0), (3 / 4, 4 / 3)))
+    narrow = epoch(TrainCrop((0.3, 0.3), (1.0, 1.0)))
+    assert torch.equal(default[0], same_default[0])  # the defaults are the papers' ranges
+    assert torch.equal(default[1], narrow[1]) and not torch.equal(default[0], narrow[0])  # same samples, other crops
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,52 @@
+"""The recipe knobs small and new datasets need: the training crop's ranges, the eval crop ratio, label
+smoothing; the papers' values stay the defaults."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+import models
+from pipelines.loading.transforms import TrainCrop, random_resized_crop_box
+from pipelines.training.recipe import RecipeError, load_recipe
+
+
+def test_the_defaults_are_the_papers() -> None:
+    recipe = load_recipe("v1")
+    assert recipe.data.train_crop == TrainCrop((0.08, 1.0), (3 / 4, 4 / 3))
+    assert recipe.regularization.label_smoothing == 0.1
+    assert models.resolve_variant("efficientnet_b0").crop_ratio == 0.875  # 224 / (224 + 32)
+
+
+def test_the_training_crop_stays_within_the_ranges_given() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        left, top, w, h = random_resized_crop_box(400, 300, rng, scale=(0.25, 0.5), ratio=(0.9, 1.1))
+        assert 0.25 * 0.98 <= w * h / (400 * 300) <= 0.5 * 1.02
+        assert 0.9 * 0.97 <= w / h <= 1.1 * 1.03
+        assert 0 <= left <= 400 - w and 0 <= top <= 300 - h
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"rrc_scale": [0.5, 0.2]}, "data.rrc_scale must be"),
+    ({"rrc_scale": [0.0, 1.0]}, "data.rrc_scale must be"),
+    ({"rrc_ratio": [2.0, 1.0]}, "data.rrc_ratio must be"),
+])
+def test_bad_crop_ranges_are_refused(data, message) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("demo").with_overrides(data=data)
+
+
+def test_a_recipe_sets_the_eval_crop_ratio_and_label_smoothing() -> None:
+    recipe = load_recipe("demo").with_overrides(model={"crop_ratio": 1.0}, regularization={"label_smoothing": 0.0},
+                                                data={"rrc_scale": [0.35, 1.0]})
+    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    assert spec.crop_ratio == 1.0 and spec.name.endswith("_crop1") and spec.eval_resize == spec.eval_resolution
+    assert recipe.data.train_crop.scale == (0.35, 1.0) and recipe.regularization.label_smoothing == 0.0
+    # The ratio is the variant's metadata: what evaluation and the registered preprocessing read.
+    assert models.resolve_variant("efficientnet_b0", eval_resolution=300, crop_ratio=0.9).crop_ratio == 0.9
+    assert math.isclose(models.resolve_variant("efficientnet_b0", eval_resolution=300).crop_ratio, 300 / 332)
+    with pytest.raises(ValueError, match="crop_ratio must be in"):
+        models.resolve_variant("efficientnet_b0", crop_ratio=1.5)
