@@ -12,7 +12,7 @@ UI_DEBS := chromium
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
 
-.PHONY: setup demo test test-unit test-integration test-gpu bench up down status constraints clean-data help
+.PHONY: setup demo test test-unit test-integration test-gpu bench bench-gpu up down status constraints clean-data help
 
 help:
 	@echo "make demo   - the main job end to end on the built-in demo ImageNet (sets up first)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-integration - tests/integration and tests/e2e: real Ray, Prefect, MLflow, FFCV, DALI"
 	@echo "make test-gpu         - the tests marked gpu (skipped, saying why, where CUDA is not available)"
 	@echo "make bench  - benchmarks; figures go to benchmarks/results/*.json"
+	@echo "make bench-gpu - the GPU path measured (benchmarks/gpu.py -> benchmarks/results/gpu.json)"
 	@echo "make up     - the local stack: Prefect server + work pool 'effnet' and its worker, MLflow server, Ray head"
 	@echo "make down   - stop every process of the stack"
 	@echo "make status - what of the stack runs and answers (exit 1 when something does not)"
@@ -65,10 +66,14 @@ test-gpu: setup
 	$(PY) -m pytest -m gpu
 
 # Every script in benchmarks/ but the two files of the package they share (benchmarks.common).
-BENCHMARKS := $(sort $(filter-out benchmarks/__init__.py benchmarks/common.py,$(wildcard benchmarks/*.py)))
+# benchmarks/gpu.py is `make bench-gpu`: the GPU path, for a CUDA machine (without one it says what it skipped).
+BENCHMARKS := $(sort $(filter-out benchmarks/__init__.py benchmarks/common.py benchmarks/gpu.py,$(wildcard benchmarks/*.py)))
 
 bench: setup
 	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-gpu: setup
+	$(PY) benchmarks/gpu.py
 
 # The local stack on 127.0.0.1, state under the data directory (infra/README.md).
 up: setup
