@@ -139,14 +139,14 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits1 = top5[:, 0] == y
         if per_class is not None:
-            per_class[0].index_add_(0, y, (top5[:, 0] == y).to(per_class.dtype))
+            per_class[0].index_add_(0, y, hits1.to(per_class.dtype))
             per_class[1].index_add_(0, y, torch.ones_like(y, dtype=per_class.dtype))
-        sums += torch.tensor(
-            [F.cross_entropy(logits, y, reduction="sum").item(), (top5[:, 0] == y).sum().item(),
-             (top5 == y[:, None]).any(dim=1).sum().item(), len(y)],
-            dtype=torch.float64, device=device,
-        )
+        # Summed on the device: no host sync per batch (the GPU's queue stays full); read back once at the end.
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits1.sum().double(),
+                             (top5 == y[:, None]).any(dim=1).sum().double(),
+                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     loss, top1, top5, n = sums.tolist()
@@ -537,11 +537,13 @@ def frozen_parameters(worker: Worker, epoch: int) -> list[torch.nn.Parameter]:
 class CheckpointClock:
     """When a mid-epoch checkpoint is due: every `every_steps` optimizer steps, or once `every_minutes` have
     passed since the last checkpoint. Every rank must report together (Ray Train waits for all), so the minutes
-    are rank 0's clock, broadcast to the other ranks each step."""
+    are rank 0's clock, broadcast to the other ranks; only every MINUTES_CHECK_STEPS steps, as reading the answer
+    back is a host sync that would stall a GPU's queue every step."""
 
     every_steps: int | None
     every_minutes: float | None
     since: float = field(default_factory=time.monotonic)
+    MINUTES_CHECK_STEPS = 32  # a few seconds of steps on any GPU: nothing next to minutes
 
     def restart(self) -> None:
         self.since = time.monotonic()
@@ -549,7 +551,7 @@ class CheckpointClock:
     def due(self, step: int, device: torch.device) -> bool:
         if self.every_steps is not None and step % self.every_steps == 0:
             return True
-        if self.every_minutes is None:
+        if self.every_minutes is None or step % self.MINUTES_CHECK_STEPS:
             return False
         late = torch.tensor([time.monotonic() - self.since >= 60 * self.every_minutes], dtype=torch.uint8,
                             device=device)

@@ -23,6 +23,7 @@ from pipelines.training.worker import (
     CheckpointClock,
     LoopState,
     build_optimizer,
+    evaluate,
     ray_metrics,
     record_minival,
     seed_step,
@@ -212,11 +213,13 @@ def test_a_checkpoint_is_due_every_n_steps_and_never_without_a_setting() -> None
 def test_a_checkpoint_is_due_once_the_minutes_have_passed_since_the_last() -> None:
     cpu = torch.device("cpu")
     clock = CheckpointClock(None, 1.0)
-    assert not clock.due(1, cpu)
+    every = CheckpointClock.MINUTES_CHECK_STEPS
+    assert not clock.due(every, cpu)
     clock.since -= 61  # as if a minute had passed
-    assert clock.due(2, cpu)
+    assert not clock.due(every + 1, cpu)  # the clock is read every MINUTES_CHECK_STEPS steps only (a host sync)
+    assert clock.due(2 * every, cpu)
     clock.restart()
-    assert not clock.due(3, cpu)
+    assert not clock.due(3 * every, cpu)
 
 
 def test_ray_is_told_finite_figures_and_a_rank_for_every_checkpoint() -> None:
@@ -252,3 +255,24 @@ def test_a_step_draws_the_same_whatever_ran_before_it() -> None:
     gen = torch.Generator()
     seed_step(3, 2, 8, 1, gen)
     assert not torch.equal(torch.rand(4), first[0])  # the next batch draws anew
+
+
+def test_evaluate_matches_a_hand_count_and_counts_each_class() -> None:
+    logits = [torch.tensor([[5.0, 1, 0, 0, 0, 0], [0, 0, 3, 2, 1, 0]]), torch.tensor([[0.0, 0, 0, 0, 1, 9]])]
+    labels = [torch.tensor([0, 3]), torch.tensor([1])]  # hit; top-5 only; a miss beyond top-5 (rank 6 of 6)
+
+    class Preset(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.batches = iter(logits)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return next(self.batches)
+
+    batches = [(torch.zeros(len(y), 3, 2, 2, dtype=torch.uint8), y) for y in labels]
+    counts = torch.zeros(2, 6, dtype=torch.float64)
+    m = evaluate(Preset(), batches, torch.device("cpu"), channels_last=False, amp=False, per_class=counts)
+    loss = sum(torch.nn.functional.cross_entropy(lg, y, reduction="sum") for lg, y in zip(logits, labels)) / 3
+    assert m["samples"] == 3 and math.isclose(m["top1"], 100 / 3) and math.isclose(m["top5"], 200 / 3)
+    assert math.isclose(m["loss"], float(loss), rel_tol=1e-6)  # float32 per batch, float64 sums
+    assert counts.tolist() == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0]]
