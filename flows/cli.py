@@ -107,7 +107,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _train(recipe: Any, sections: dict, args: argparse.Namespace) -> int:
     """One job of `recipe` with `sections` and the command's --epochs/--workers over it, run and reported."""
-    from pipelines.training.coefficients import resolve_coefficients
+    from pipelines.training.baselines import resolve_named
     from pipelines.training.job import run_training, validate_job
 
     # `is not None`: an explicit 0 is checked by the recipe schema (and refused), never silently ignored.
@@ -116,7 +116,7 @@ def _train(recipe: Any, sections: dict, args: argparse.Namespace) -> int:
     if args.workers is not None:
         sections["ray"] = {"num_workers": args.workers}
     recipe = recipe.with_overrides(**sections) if sections else recipe
-    recipe = resolve_coefficients(recipe, data_layout(args.data_dir))
+    recipe = resolve_named(recipe, data_layout(args.data_dir))
     tags = dict(_key_value("--tag", t) for t in args.tag)
     validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
     result = run_training(recipe, args.data, data_layout(args.data_dir), ray_address=args.ray_address,

@@ -26,7 +26,7 @@ from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, compare, submit, tracking
-from pipelines.training.coefficients import resolve_coefficients
+from pipelines.training.baselines import resolve_named
 from pipelines.training.job import TrainResult, job_key_for, tuned_variant_slug, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
 from pipelines.training.tracking import Tags
@@ -87,7 +87,7 @@ def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
         tuned = base.with_overrides(model=parse_family_member(variant))
         if (own := (member_overrides or {}).get(variant)):
             tuned = tuned.with_overrides(**own)
-        jobs.append((variant, resolve_coefficients(tuned, layout or data_layout())))
+        jobs.append((variant, resolve_named(tuned, layout or data_layout())))
     return jobs
 
 

@@ -12,15 +12,15 @@ plain functions of the measured figures and their exponents.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
-from .variants import ARCHITECTURES, BLOCK_KINDS, Architecture, StageSpec
+from .variants import BLOCK_KINDS, Architecture, StageSpec, architecture_name, register_architecture
+
+__all__ = ["architecture_name", "register_architecture"]  # re-exported: where a searched table is named
 
 KERNELS = (3, 5)
 EXPANSIONS = (1, 4, 6)
@@ -98,23 +98,6 @@ def space_around(base: Architecture, repeat_range: int = 1) -> SearchSpace:
     stages = tuple(StageChoices(channels=row.channels, stride=row.stride, repeats=repeats(row.repeats))
                    for row in base.stages)
     return SearchSpace(stem=base.stem, head=base.head, stages=stages, ten_percent_rule=base.ten_percent_rule)
-
-
-def architecture_name(arch: Architecture) -> str:
-    """A name that is the table's content: the same rows, the same name, in any process."""
-    digest = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:12]
-    return f"searched_{digest}"
-
-
-def register_architecture(arch: Architecture, name: str | None = None) -> str:
-    """Make a searched table buildable under a name (its content's by default); ValueError when the name holds
-    another table. Registering the same table again is a no-op."""
-    name = name or architecture_name(arch)
-    known = ARCHITECTURES.get(name)
-    if known is not None and known != arch:
-        raise ValueError(f"architecture name {name!r} is taken by another table")
-    ARCHITECTURES[name] = arch
-    return name
 
 
 def describe(arch: Architecture) -> list[str]:

@@ -17,6 +17,8 @@ Tables 4 and 6; the released configs of both.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -187,6 +189,44 @@ ARCHITECTURES: dict[str, Architecture] = {
         ten_percent_rule=False,
     ),
 }
+
+
+def architecture_to_dict(arch: Architecture) -> dict[str, Any]:
+    """A table as plain data (what a recipe and a checkpoint carry); `architecture_from_dict` reads it back."""
+    return dataclasses.asdict(arch)
+
+
+def architecture_from_dict(data: dict[str, Any]) -> Architecture:
+    """A table from plain data, every row checked (StageSpec); ValueError naming what is wrong."""
+    try:
+        stages = tuple(StageSpec(**row) for row in data["stages"])
+        arch = Architecture(stem=int(data["stem"]), stages=stages, head=int(data["head"]),
+                            ten_percent_rule=bool(data["ten_percent_rule"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a stage table ({type(exc).__name__}: {exc}); expected stem, stages, head, "
+                         "ten_percent_rule") from None
+    if not stages:
+        raise ValueError("a stage table needs at least one stage")
+    return arch
+
+
+def architecture_name(arch: Architecture) -> str:
+    """A name that is the table's content: the same rows, the same name, in any process."""
+    digest = hashlib.sha256(json.dumps(architecture_to_dict(arch), sort_keys=True).encode()).hexdigest()[:12]
+    return f"searched_{digest}"
+
+
+def register_architecture(arch: Architecture, name: str | None = None) -> str:
+    """Make a table buildable under a name (its content's by default); ValueError when the name holds another
+    table. Registering the same table again is a no-op (each process registers what its recipe carries)."""
+    name = name or architecture_name(arch)
+    known = ARCHITECTURES.get(name)
+    if known is not None and known != arch:
+        raise ValueError(f"architecture name {name!r} is taken by another table")
+    ARCHITECTURES[name] = arch
+    return name
+
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -611,16 +651,20 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
       late_depth_stages: non-uniform depth (V2's rule, `stage_repeats`): the blocks that depth scaling adds go
         to the last N stages only (0: every stage alike).
       allow_large_resolution: a V2 resolution override above V2_MAX_RESOLUTION is refused unless True.
+      table: a stage table (an Architecture, or its `architecture_to_dict` form: a searched baseline) built in
+        place of the variant's, with the variant's multipliers, resolutions and rates; registered under its
+        content's name (`architecture_name`), so every process that resolves it builds the same network.
     Overrides equal to the named variant's value leave the name unchanged.
     """
     spec = get_variant(name)
     overrides = dict(overrides)
     allow_large = bool(overrides.pop("allow_large_resolution", False))
+    table = overrides.pop("table", None)
     unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; valid overrides: {list(OVERRIDE_KEYS)}")
     given = {key: value for key, value in overrides.items() if value is not None}
-    if not given:
+    if not given and table is None:
         return spec
 
     scaling_keys = [key for key in ("alpha", "beta", "gamma") if key in given]
@@ -688,6 +732,13 @@ def resolve_variant(name: str, **overrides: Any) -> VariantSpec:
         if value != spec.late_depth_stages:
             changes["late_depth_stages"] = value
             tag("late_depth_stages", value)
+
+    if table is not None:  # a searched stage table in place of the variant's (scaled like it)
+        arch = table if isinstance(table, Architecture) else architecture_from_dict(table)
+        if arch != ARCHITECTURES[spec.architecture]:  # the variant's own table changes nothing
+            architecture = register_architecture(arch)
+            changes["architecture"] = architecture
+            tags.append(f"t{architecture.removeprefix('searched_')[:8]}")
 
     if "crop_ratio" in given:  # an explicit ratio wins over the one V1 derives from the eval resolution
         value = check_real("crop_ratio", given["crop_ratio"], positive=True)

@@ -84,6 +84,11 @@ class DataLayout:
         return self.root / "source"
 
     @property
+    def baselines(self) -> Path:
+        """Named baseline stage tables (one JSON file each), as a baseline search stores them."""
+        return self.root / "baselines"
+
+    @property
     def coefficients(self) -> Path:
         """Named compound-scaling coefficient sets (one JSON file each), as a scaling search stores them."""
         return self.root / "coefficients"

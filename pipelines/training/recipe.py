@@ -37,6 +37,27 @@ class _Strict(BaseModel):
 SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a coefficient set's name: a file name, a tag value
 
 
+class StageRow(_Strict):
+    """One row of a stage table (models.StageSpec): a searched baseline's stage."""
+
+    block: Literal["mbconv", "fused_mbconv"]
+    expand: int = Field(ge=1)
+    kernel: int = Field(ge=1)
+    stride: int = Field(ge=1)
+    channels: int = Field(ge=1)
+    repeats: int = Field(ge=1)
+    se_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class TableConfig(_Strict):
+    """A stage table built in place of the variant's (a searched baseline; see models.search_space)."""
+
+    stem: int = Field(ge=1)
+    stages: list[StageRow] = Field(min_length=1)
+    head: int = Field(ge=1)
+    ten_percent_rule: bool = True
+
+
 class ModelConfig(_Strict):
     variant: str = V1_BASE_NAME
     # Compound-scaling overrides applied on top of the variant (phi=-3 gives a CPU-sized model).
@@ -63,12 +84,17 @@ class ModelConfig(_Strict):
     # PyTorch convention (weight of the new batch). None keeps the paper's 0.01 (TF decay 0.99), which needs
     # thousands of steps to settle; short runs need a faster average or their eval-mode BN is still at init.
     bn_momentum: float | None = Field(None, gt=0, le=1)
+    table: TableConfig | None = Field(None, description="a searched stage table in place of the variant's")
+    # A stored baseline by name (`pipelines.training.baselines`), resolved to its `table` when the job is planned.
+    baseline: str | None = Field(None, pattern=SET_NAME, description="a named baseline table")
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
         keys = ("phi", "alpha", "beta", "gamma", "width_mult", "depth_mult", "resolution", "eval_resolution",
                 "crop_ratio", "dropout", "stochastic_depth", "late_depth_stages")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.table is not None:
+            out["table"] = self.table.model_dump()
         return {**out, "allow_large_resolution": True} if self.allow_large_resolution else out
 
     @classmethod
@@ -327,7 +353,7 @@ def describe_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-MEMBER_SCALING_KEYS = ("coefficients", "alpha", "beta", "gamma")
+MEMBER_SCALING_KEYS = ("coefficients", "alpha", "beta", "gamma", "baseline")
 
 
 def parse_family_member(member: str) -> dict[str, Any]:
@@ -335,7 +361,8 @@ def parse_family_member(member: str) -> dict[str, Any]:
 
     `efficientnet_b3` is a registered variant; `phi=-3` (or `phi=1.5`) is B0 compound-scaled by that phi, with
     the recipe's coefficients (the paper's by default); `phi=2,coefficients=my-search` scales by a named set,
-    `phi=2,alpha=1.3,beta=1.1,gamma=1.15` by explicit values.
+    `phi=2,alpha=1.3,beta=1.1,gamma=1.15` by explicit values; `phi=0,baseline=my-nas` scales a stored baseline
+    table (a baseline search's) in place of B0's.
     """
     member = member.strip()
     if not member.startswith("phi="):
@@ -355,7 +382,7 @@ def parse_family_member(member: str) -> dict[str, Any]:
         if not eq or key not in MEMBER_SCALING_KEYS:
             raise ValueError(f"family member {member!r}: {part.strip()!r} is not one of "
                              f"{', '.join(k + '=...' for k in MEMBER_SCALING_KEYS)}")
-        if key == "coefficients":
+        if key in ("coefficients", "baseline"):
             out[key] = value.strip()
         else:
             try:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict
 import models
 from models import CoefficientSet, VariantSpec, check_coefficients, round_resolution
 from models.summary import count_gmacs, count_params
+from models.variants import architecture_to_dict
 from pipelines.atomic import atomic_path, atomic_write_json
 from pipelines.training import tracking
 from pipelines.training.recipe import Recipe
@@ -84,10 +85,14 @@ def _multiplier(value: float) -> float:
 def scaled_model(base: VariantSpec, depth: float, width: float, resolution: float) -> dict[str, Any]:
     """Model-section overrides for `base` scaled by these factors: explicit multipliers of its stage table (so phi
     and its coefficients no longer apply), its resolution rounded as compound scaling rounds it."""
-    return {"variant": base.base or base.name, "phi": None, "coefficients": None, "alpha": None, "beta": None,
+    variant = base.base or base.name
+    own_table = models.get_variant(variant).architecture == base.architecture
+    return {"variant": variant, "phi": None, "coefficients": None, "alpha": None, "beta": None,
             "gamma": None, "width_mult": _multiplier(base.width_mult * width),
             "depth_mult": _multiplier(base.depth_mult * depth),
-            "resolution": round_resolution(base.train_resolution * resolution), "eval_resolution": None}
+            "resolution": round_resolution(base.train_resolution * resolution), "eval_resolution": None,
+            # A searched baseline's rows travel with every member scaled from it.
+            "table": None if own_table else architecture_to_dict(models.ARCHITECTURES[base.architecture])}
 
 
 def point_label(cs: CoefficientSet) -> str:
