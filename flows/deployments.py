@@ -67,6 +67,9 @@ DEPLOYMENTS = (
     DeploymentSpec("scaling-study", "default", {},
                    description="Width, depth, resolution and compound scaling at equal FLOPs, side by side "
                                "(defaults: demo size)"),
+    DeploymentSpec("search-baseline", "default", {},
+                   description="The baseline search at proxy scale (V1 space around B0, random search; defaults: "
+                               "the demo's), the best table stored as a named baseline"),
     DeploymentSpec("nightly", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo", "mode": "finetune",
                                        "staging": DEMO_STAGING, "finetune_epochs": 2}, one_at_a_time=True,
                    description="The nightly of the demo family: pass source (make demo writes one to the data "
@@ -115,11 +118,13 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
 
     from flows.nightly import nightly
     from flows.scaling import scaling_study, search_scaling
+    from flows.search_baseline import search_baseline
     from flows.stage_imagenet import stage_imagenet
     from flows.train_family import train_family
 
     tz = nightly_timezone(timezone)
-    flows = {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study)}
+    flows = {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study,
+                                 search_baseline)}
     out = []
     for spec in select_specs(names):
         flow = flows[spec.flow]

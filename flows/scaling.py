@@ -85,13 +85,13 @@ def _trial_row(o: scaling.TrialOutcome, figures: dict[str, Any]) -> dict[str, An
             "best_minival_loss": o.best_minival_loss, "run_id": o.run_id, **status}
 
 
-def _log_files(c: Any, run_id: str, write: Any, folder: str) -> None:
+def log_files(c: Any, run_id: str, write: Any, folder: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for path in write(Path(tmp)):
             c.log_artifact(run_id, str(path), folder)
 
 
-def _failed_trials(rows: list[dict[str, Any]]) -> str | None:
+def failed_trials(rows: list[dict[str, Any]]) -> str | None:
     failed = [r for r in rows if r["status"] != compare.TRAINED]
     if not failed:
         return None
@@ -171,9 +171,9 @@ def search_scaling(
         raise
     rows = [_trial_row(o, scaling.member_figures(o, manifest["num_classes"])) for o in outcomes]
     print("\n" + compare.to_text(rows, compare.SEARCH_COLUMNS))
-    _log_files(c, parent, lambda d: compare.write_table(rows, d, title, compare.SEARCH_COLUMNS,
+    log_files(c, parent, lambda d: compare.write_table(rows, d, title, compare.SEARCH_COLUMNS,
                                                         compare.SEARCH_FILES), "search")
-    problem = _failed_trials(rows)
+    problem = failed_trials(rows)
     if problem:
         c.set_terminated(parent, "FAILED")
         return failed_run(logger, RuntimeError(problem))  # type: ignore[return-value]
@@ -267,10 +267,10 @@ def scaling_study(
     for r in rows:
         r["gmacs_ratio"] = r["gmacs"] / base_gmacs if r.get("gmacs") else math.nan
     print("\n" + compare.to_text(rows, compare.STUDY_COLUMNS))
-    _log_files(c, parent, lambda d: compare.write_study(rows, d, title), "comparison")
+    log_files(c, parent, lambda d: compare.write_study(rows, d, title), "comparison")
     verdict = study_verdict(rows)
     c.set_tag(parent, "verdict", verdict)
-    problem = _failed_trials([{**r, "trial": r["method"]} for r in rows])
+    problem = failed_trials([{**r, "trial": r["method"]} for r in rows])
     c.set_terminated(parent, "FAILED" if problem else "FINISHED")
     create_markdown_artifact(key=STUDY_ARTIFACT, description="Scaling methods at equal FLOPs (MLflow: the parent "
                              "run's comparison/)", markdown=f"## {title}\n\n{verdict}\n\n"

@@ -231,3 +231,50 @@ def write_study(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> li
     png, page, sheet = (out_dir / name for name in STUDY_FILES)
     plot_study(rows, png, title)
     return [png, *write_table(rows, out_dir, title, STUDY_COLUMNS, (page.name, sheet.name), image=png.name)]
+
+
+# A baseline search's trials: one row per sampled table.
+BASELINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("trial", "trial", "{}"),
+    ("round", "generation", "{}"),
+    ("params (M)", "params", "{:.3f}"),
+    ("GMACs", "gmacs", "{:.4f}"),
+    ("s / image", "seconds_per_image", "{:.5f}"),
+    ("epochs run", "epochs_run", "{}"),
+    ("stopped by ASHA", "stopped_early", "{}"),
+    ("best minival top-1", "best_minival_top1", "{:.2f}"),
+    ("reward", "reward", "{:.4f}"),
+    ("rows", "rows", "{}"),
+)
+BASELINE_FILES = ("baselines.png", "baselines.html", "baselines.csv")
+
+
+def plot_baseline_search(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Reward against GMACs and against the measured training time per image, one point per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [r for r in rows if r["status"] == TRAINED and r.get("reward") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, label in ((axes[0], "gmacs", "GMACs"), (axes[1], "seconds_per_image", "training s / image")):
+        ax.scatter([r[key] for r in scored], [r["reward"] for r in scored], color="tab:red")
+        for r in scored:
+            ax.annotate(r["trial"].removeprefix("searched_")[:6], (r[key], r["reward"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_ylabel("reward")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("reward against GMACs")
+    axes[1].set_title("reward against training-step time")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_baseline_search(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    png, page, sheet = (out_dir / name for name in BASELINE_FILES)
+    plot_baseline_search(rows, png, title)
+    return [png, *write_table(rows, out_dir, title, BASELINE_COLUMNS, (page.name, sheet.name), image=png.name)]

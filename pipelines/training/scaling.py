@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -319,6 +320,7 @@ class TrialOutcome:
     stopped_early: bool  # by the scheduler (trials have no early stopping of their own)
     error: str | None
     best_checkpoint: Path | None  # the best epoch's checkpoint file (None: none scored)
+    history: tuple[dict[str, Any], ...] = ()  # the trial's per-epoch rows
 
 
 def open_parent_run(c: Any, exp_id: str, kind: str, key: str, run_name: str, params: Mapping[str, Any],
@@ -370,7 +372,9 @@ def run_trials(
                     "micro_batch": batches[p.label].micro_batch, "accumulation": batches[p.label].accumulation}
                    for p in todo]
         # Tune's own state goes to a folder of this attempt: it is never restored (its restore unpickles); the
-        # trials' folders carry what a rerun needs.
+        # trials' folders carry what a rerun needs. Its TensorBoard logger says at INFO, per trial, which config
+        # values it leaves out (a searched table's rows): quiet.
+        logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)
         tuner = tune.Tuner(
             trainable, param_space={"trial": tune.grid_search(configs)},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent or None,
@@ -411,7 +415,7 @@ def _outcome(plan: TrialPlan, run_id: str, home: Path, error: str | None) -> Tri
         best_epoch=int(best["epoch"]) if best else -1, best_minival_top1=float(best[SCORE]) if best else math.nan,
         best_minival_loss=float(best["minival_loss"]) if best else math.nan,
         stopped_early=state["status"] == STOPPED, error=error,
-        best_checkpoint=best_file if best is not None and best_file.exists() else None,
+        best_checkpoint=best_file if best is not None and best_file.exists() else None, history=tuple(history),
     )
 
 
