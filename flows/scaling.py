@@ -62,6 +62,17 @@ def connect_and_check(layout: DataLayout, recipe: Recipe) -> None:
     cluster.check_fits(recipe)  # one trial's worker; Tune runs as many at once as fit
 
 
+def finish_search(c: Any, parent: str, stored: Path, folder: str, tags: dict[str, str], logger: Any,
+                  summary: str) -> None:
+    """A search's parent run ended: what it found as tags and as the stored file's copy (under `folder`), the
+    summary logged."""
+    for k, v in tags.items():
+        c.set_tag(parent, k, v)
+    c.log_artifact(parent, str(stored), folder)
+    c.set_terminated(parent, "FINISHED")
+    logger.info("%s", summary)
+
+
 def check_set_name(layout: DataLayout, name: str, key: str, replace: bool) -> None:
     """A stored set of that name is replaced only when asked, or when this same search stored it (a rerun after
     a crash that came after the winner was stored)."""
@@ -183,15 +194,12 @@ def search_scaling(
         "search_run": parent, "search_key": key, "flow_run": str(flow_run.id), "baseline": base.name,
         "dataset": manifest["version"], "minival_top1": winner.best_minival_top1, "trials": len(plans)})
     stopped = sum(o.stopped_early for o in outcomes)
-    for k, v in {"coefficients.name": set_name, "coefficients.alpha": f"{found.alpha:g}",
-                 "coefficients.beta": f"{found.beta:g}", "coefficients.gamma": f"{found.gamma:g}",
-                 "trials_stopped_early": str(stopped)}.items():
-        c.set_tag(parent, k, v)
-    c.log_artifact(parent, str(path), "coefficients")
-    c.set_terminated(parent, "FINISHED")
     summary = (f"winner {winner.label} (minival top-1 {winner.best_minival_top1:.2f}), stored as coefficient set "
                f"{set_name!r} ({path}); ASHA stopped {stopped} of {len(plans)} trial(s) early")
-    logger.info("%s", summary)
+    finish_search(c, parent, path, "coefficients", {
+        "coefficients.name": set_name, "coefficients.alpha": f"{found.alpha:g}",
+        "coefficients.beta": f"{found.beta:g}", "coefficients.gamma": f"{found.gamma:g}",
+        "trials_stopped_early": str(stopped)}, logger, summary)
     create_markdown_artifact(key=SEARCH_ARTIFACT, description="The scaling search's trials (MLflow: the parent "
                              "run's search/)", markdown=f"## {title}\n\n{summary}\n\n"
                              f"{compare.to_markdown(rows, compare.SEARCH_COLUMNS)}")

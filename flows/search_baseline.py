@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact
 
 import models
 from flows.failures import failed_run
-from flows.scaling import check_trials, connect_and_check, failed_trials, log_files
+from flows.scaling import check_trials, connect_and_check, failed_trials, finish_search, log_files
 from flows.train_family import BAD_INPUT
 from models import search_space
 from models.variants import architecture_to_dict, compound_scale
@@ -203,14 +203,10 @@ def search_baseline(
     path = save_baseline(layout, name, tables[best["trial"]], source={
         "search_run": parent, "flow_run": str(flow_run.id), "space": space, "reward": kind,
         "reward_value": best["reward"], "minival_top1": best["best_minival_top1"], "dataset": manifest["version"]})
-    for k, v in {"baseline.name": name, "baseline.trial": best["trial"], "baseline.reward": f"{best['reward']:.4f}"
-                 }.items():
-        c.set_tag(parent, k, v)
-    c.log_artifact(parent, str(path), "baselines")
-    c.set_terminated(parent, "FINISHED")
     summary = (f"best {best['trial']} (reward {best['reward']:.4f}, minival top-1 {best['best_minival_top1']:.2f}, "
                f"{best['gmacs']:.4f} GMACs): stored as baseline {name!r} ({path}); rows: {best['rows']}")
-    logger.info("%s", summary)
+    finish_search(c, parent, path, "baselines", {"baseline.name": name, "baseline.trial": best["trial"],
+                                                 "baseline.reward": f"{best['reward']:.4f}"}, logger, summary)
     create_markdown_artifact(key=ARTIFACT, description="The baseline search's trials (MLflow: the parent run's "
                              "search/)", markdown=f"## {title}\n\n{summary}\n\n"
                              f"{compare.to_markdown(rows, compare.BASELINE_COLUMNS)}")
