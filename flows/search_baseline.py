@@ -4,12 +4,12 @@ search that found B0; V2: the training-aware search that found V2-S), one Ray Tu
 
 Its deployment `search-baseline/default` is declared in `flows/deployments.py`; the defaults fit the demo data
 on two CPU cores. Architectures are drawn from the space around the base table (`models.search_space`: per stage
-block kind, kernel, expansion, repeats, SE), by random search or by regularised evolution (rounds of mutations of
-the best so far); every one is trained at the proxy scale (the base's compound multipliers at `proxy_phi`) as a
-nested MLflow run with ASHA stopping the weak ones; each is scored by the paper's reward (V1: accuracy x
-(FLOPs / target)^w; V2: accuracy x step-time^w x params^v, step time measured on the trial's machine), and the
-best is stored as a named baseline (`data/baselines/NAME.json`) that `train-family` ("phi=2,baseline=NAME") and
-`search-scaling` (baseline "phi=-9,baseline=NAME") build.
+block kind, kernel, expansion, repeats, SE), by random search or by evolution (rounds of mutations of the best
+half so far, regularised evolution's mutation without its ageing); every one is trained at the proxy scale (the
+base's compound multipliers at `proxy_phi`) as a nested MLflow run with ASHA stopping the weak ones; each is
+scored by the paper's reward (V1: accuracy x (FLOPs / target)^w; V2: accuracy x step-time^w x params^v, step time
+measured on the trial's machine), and the best is stored as a named baseline (`data/baselines/NAME.json`) that
+`train-family` ("phi=2,baseline=NAME") and `search-scaling` (baseline "phi=-9,baseline=NAME") build.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def search_baseline(
 
     Args:
         space: "v1" (the space around B0, MBConv and Fused-MBConv per stage) or "v2" (around V2-S).
-        algorithm: "random" (random search), or "evolution": `rounds` rounds, each mutating the best of the
-            trials so far (regularised evolution's step, one stage redrawn).
+        algorithm: "random" (random search), or "evolution": `rounds` rounds, each mutating the best half of
+            the trials so far (one stage redrawn: regularised evolution's mutation, by rounds, without ageing).
         samples: Architectures per round (random: in all).
         rounds: Rounds of evolution (random search: ignored).
         reward: "v1" (accuracy x (GMACs / target)^-0.07) or "v2" (accuracy x step-time^-0.07 x params^-0.05);
@@ -158,7 +158,7 @@ def search_baseline(
     for generation in range(generations):
         if generation == 0:
             batch = sample_architectures(the_space, samples, seed)
-        else:  # regularised evolution: mutate the best so far, one stage redrawn each
+        else:  # evolution: mutate the best half so far, one stage redrawn each
             ranked = sorted((r for r in rows if r.get("reward") is not None), key=lambda r: -r["reward"])
             parents = [tables[r["trial"]] for r in ranked[: max(1, samples // 2)]] or list(tables.values())
             batch = [the_space.mutate(rng.choice(parents), rng) for _ in range(samples)]
@@ -190,9 +190,12 @@ def search_baseline(
         rows += [_row(o, num_classes) for o in outcomes]
         for r, value in zip(rows, rewards(rows, kind, target)):
             r["reward"] = value
-    for r in rows:
+    for r in rows:  # each trial's figures on its run: what MLflow's compare view plots
         if r.get("reward") is not None:
-            tracking.log_metrics(c, r["run_id"], {"reward": r["reward"]}, step=max(r["best_epoch"], 0))
+            tracking.log_metrics(c, r["run_id"], {"reward": r["reward"], "gmacs": r["gmacs"],
+                                                  "model_params": r["params"],
+                                                  "seconds_per_image": r["seconds_per_image"]},
+                                 step=max(r["best_epoch"], 0))
     print("\n" + compare.to_text(rows, compare.BASELINE_COLUMNS))
     log_files(c, parent, lambda d: compare.write_baseline_search(rows, d, title), "search")
     problem = failed_trials(rows)

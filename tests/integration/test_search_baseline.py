@@ -30,7 +30,9 @@ def test_the_search_stores_the_best_table_and_a_family_trains_from_it(staged_dat
     c = MlflowClient(tracking_uri=layout.tracking_uri, registry_uri=layout.tracking_uri)
     trials = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id],
                            filter_string=f"tags.{Tags.PARENT_RUN} = '{out['parent_run']}'")
-    assert len(trials) == 3 and all("reward" in t.data.metrics for t in trials)
+    assert len(trials) == 3
+    for t in trials:  # accuracy, FLOPs, parameters and step time, and the reward, on each trial's run
+        assert {"minival_top1", "gmacs", "model_params", "seconds_per_image", "reward"} <= set(t.data.metrics)
     best = max(trials, key=lambda t: t.data.metrics["reward"])
     assert best.data.tags[Tags.TRIAL] == out["trial"] and best.data.metrics["reward"] == pytest.approx(out["reward"])
     stored = load_baseline(layout, "test-nas")
