@@ -37,6 +37,7 @@ from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, tracking
 from pipelines.training.promotion import Promotion, decide_promotion
 from pipelines.training.recipe import Recipe
+from pipelines.training.schedules import check_progressive_eval_size
 from pipelines.training.sizing import BatchPlan, size_job
 from pipelines.training.tracking import Tags
 from pipelines.training.warm_start import write_init_weights
@@ -47,6 +48,7 @@ from pipelines.training.worker import (
     JobSpec,
     _last_logged_epoch,
     evaluate,
+    train_steps_per_epoch,
     train_worker,
 )
 
@@ -112,6 +114,7 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     """Everything that can be checked before Ray starts: the variant, the dataset and its files, and that the
     variant fits the recipe's device memory (the micro-batch and accumulation that make its batch)."""
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    check_progressive_eval_size(recipe, spec)
     if recipe.init is not None:
         with torch.device("meta"):
             models.frozen_part(models.build_model(spec, 1), recipe.init.freeze)  # ValueError: not so many stages
@@ -124,7 +127,10 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     if recipe.data.backend == FFCV and FFCV not in manifest.get("extra", {}):
         raise DataError(f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
                         f"files; stage it with formats including '{FFCV}' (or choose the wds backend)")
-    return spec, manifest, size_job(recipe, spec, manifest["num_classes"])
+    batches = size_job(recipe, spec, manifest["num_classes"])
+    train_steps_per_epoch(manifest["splits"]["train"]["samples"], recipe.data, batches.micro_batch,
+                          batches.accumulation, recipe.ray.num_workers)
+    return spec, manifest, batches
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,10 @@ class ProgressiveConfig(_Strict):
     `rule: paper` is the V2 paper (stage i of n at min + (max - min) * i / (n - 1); Table 6 ranges);
     `rule: automl` is the released code (min + (max - min) * (i + 1) / n, its own ranges, dropout constant).
     Explicit [min, max] pairs override the variant's table.
+    `choose_from: last_stage`: early stopping scores (and may choose) only the last stage's checkpoints, those
+    trained at the size and regularisation evaluation is closest to; minival is still measured every epoch.
+    The papers report the last epoch; an earlier stage's checkpoint that ties on a saturated minival was chosen
+    before and lost val top-1 (benchmarks/progressive.py). `any_stage` scores every epoch.
     """
 
     enabled: bool = False
@@ -172,6 +176,8 @@ class ProgressiveConfig(_Strict):
     dropout: tuple[float, float] | None = None
     randaug_magnitude: tuple[float, float] | None = None
     mixup_alpha: tuple[float, float] | None = None
+    choose_from: Literal["last_stage", "any_stage"] = Field(
+        "last_stage", description="the epochs whose checkpoints early stopping scores and may choose")
 
 
 class DataConfig(_Strict):

@@ -40,6 +40,7 @@ from models.variants import architecture_to_dict
 from pipelines.atomic import atomic_path, atomic_write_json
 from pipelines.training import tracking
 from pipelines.training.recipe import Recipe
+from pipelines.training.schedules import first_scored_epoch
 from pipelines.training.tracking import Tags
 from pipelines.training.worker import (
     SCORE,
@@ -391,7 +392,8 @@ def run_trials(
             elif read_trial_state(homes[label])["status"] == RUNNING:  # ended by the scheduler before its epochs
                 state = read_trial_state(homes[label])
                 atomic_write_json(homes[label] / TRIAL_STATE, {**state, "status": STOPPED})
-    outcomes = [_outcome(p, runs[p.label], homes[p.label], errors.get(p.label)) for p in plans]
+    first = first_scored_epoch(recipe)
+    outcomes = [_outcome(p, runs[p.label], homes[p.label], errors.get(p.label), first) for p in plans]
     for o in outcomes:
         c.set_tag(o.run_id, Tags.STOPPED_BY, "scheduler" if o.stopped_early else "none")
         c.set_tag(o.run_id, Tags.EPOCHS_RUN, str(o.epochs_run))
@@ -404,10 +406,10 @@ def _trial_name(trial: Any) -> str:
     return f"{trial.trial_id}_{Path(trial.config['trial']['home']).name}"
 
 
-def _outcome(plan: TrialPlan, run_id: str, home: Path, error: str | None) -> TrialOutcome:
+def _outcome(plan: TrialPlan, run_id: str, home: Path, error: str | None, first_scored: int) -> TrialOutcome:
     state = read_trial_state(home)
     history = state["history"]
-    scored = [r for r in history if math.isfinite(r.get(SCORE, math.nan))]
+    scored = [r for r in history if math.isfinite(r.get(SCORE, math.nan)) and r["epoch"] >= first_scored]
     best = max(scored, key=lambda r: (r[SCORE], -r["epoch"]), default=None)
     best_file = home / BEST_CHECKPOINT
     return TrialOutcome(

@@ -71,6 +71,16 @@ def stage_fraction(stage: int, stages: int, rule: str) -> float:
     raise ValueError(f"unknown progressive rule {rule!r}")
 
 
+def first_scored_epoch(recipe: "Recipe") -> int:
+    """The first epoch early stopping scores: the last stage's first under `progressive.choose_from:
+    last_stage`, else 0."""
+    prog, epochs = recipe.progressive, recipe.schedule.epochs
+    if not prog.enabled or prog.choose_from == "any_stage":
+        return 0
+    last = progressive_stage(epochs - 1, epochs, prog.stages)  # with fewer epochs than stages, not stages - 1
+    return next(e for e in range(epochs) if progressive_stage(e, epochs, prog.stages) == last)
+
+
 def _lerp(lo: float, hi: float, t: float) -> float:
     return lo + (hi - lo) * t
 
@@ -101,3 +111,21 @@ def epoch_settings(epoch: int, recipe: "Recipe", spec: Any) -> EpochSettings:
         randaug_magnitude=_lerp(*mags, t) if aug.policy == "randaugment" else 0.0,
         mixup_alpha=_lerp(*mixes, t), cutmix_alpha=aug.cutmix_alpha,
     )
+
+
+def check_progressive_eval_size(recipe: "Recipe", spec: Any) -> None:
+    """Refuse a progressive recipe whose last stage trains above the size the model is evaluated at.
+
+    The V2 paper evaluates at or above its last training size (V2-S: trains up to 300, evaluates at 384). Below
+    it, minival (which chooses the checkpoint) and val see smaller objects than training ended on: measured by
+    benchmarks/progressive.py, 64 -> 192 px training evaluated at the phi=-5 variant's own 112 px lost val top-1
+    that evaluating at 192 px did not. It happens when a recipe moves `progressive.image_size` off the variant's
+    table and leaves the model's resolution alone.
+    """
+    if not recipe.progressive.enabled:
+        return
+    last = epoch_settings(recipe.schedule.epochs - 1, recipe, spec).image_size
+    if last > spec.eval_resolution:
+        raise ValueError(
+            f"progressive training ends at {last} px but {spec.name} evaluates at {spec.eval_resolution} px: "
+            f"set model.resolution to {last} (the eval size follows it) or model.eval_resolution to at least {last}")

@@ -44,7 +44,13 @@ from pipelines.loading.transforms import normalize
 from pipelines.seeds import Stream, mix_seed
 from pipelines.training import augment, tracking
 from pipelines.training.recipe import Recipe
-from pipelines.training.schedules import EpochSettings, ema_decay_at, epoch_settings, learning_rate
+from pipelines.training.schedules import (
+    EpochSettings,
+    ema_decay_at,
+    epoch_settings,
+    first_scored_epoch,
+    learning_rate,
+)
 from pipelines.training.tracking import Tags
 from pipelines.training.warm_start import load_init_weights
 
@@ -321,7 +327,7 @@ def _train_loop(worker: Worker, state: LoopState) -> dict[str, Any]:
         row.setdefault(SCORE, float("nan"))
         state.epoch = epoch + 1
         state.history.append(row)
-        save_checkpoint(worker, state, row)
+        save_checkpoint(worker, state, row, scored=epoch >= first_scored_epoch(job.recipe))
         clock.restart()
         if worker.client is not None:  # only what a persisted checkpoint holds, so a restart logs no duplicates
             logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
@@ -399,13 +405,18 @@ def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
 
 
 def _steps_per_epoch(job: JobSpec, world: int) -> int:
-    data = job.recipe.data
     n_train = read_manifest(job.dataset_dir)["splits"]["train"]["samples"]
+    return train_steps_per_epoch(n_train, job.recipe.data, job.loader_batch, job.accumulation, world)
+
+
+def train_steps_per_epoch(n_train: int, data: Any, loader_batch: int, accumulation: int, world: int) -> int:
+    """Optimizer steps in an epoch of `n_train` images (`data`: the recipe's data section); ValueError if none,
+    which the driver checks before Ray starts (`validate_job`)."""
     # Only the wds DataLoader splits a rank's share across worker processes (each drops its own partial batch).
     split_workers = data.loader_workers if data.backend == "wds" else 0
     # A step takes `accumulation` micro-batches; an epoch's last micro-batches that do not make a whole step are
     # left, as a partial batch is.
-    steps = batches_per_epoch(n_train, job.loader_batch, world, split_workers) // job.accumulation
+    steps = batches_per_epoch(n_train, loader_batch, world, split_workers) // accumulation
     if steps < 1:
         raise ValueError(f"{n_train} training images give no full batch of {data.batch_size} on {world} workers")
     return steps
@@ -561,7 +572,8 @@ class CheckpointClock:
 
 
 def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
-    """Minival top-1 of the scored weights (summed across ranks), recorded for early stopping."""
+    """Minival top-1 of the scored weights (summed across ranks), recorded for early stopping from the first
+    scored epoch on (`progressive.choose_from`)."""
     recipe, spec = worker.recipe, worker.spec
     loader = make_loader(
         worker.job.dataset_dir, "minival", spec.eval_resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
@@ -569,13 +581,14 @@ def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dic
         num_workers=recipe.data.loader_workers,
     )
     m = evaluate(worker.scored, loader, worker.device, recipe.runtime.channels_last, worker.amp)
-    record_minival(state, m["top1"], epoch, recipe.schedule.patience)
+    if epoch >= first_scored_epoch(recipe):
+        record_minival(state, m["top1"], epoch, recipe.schedule.patience)
     return {"minival_loss": m["loss"], "minival_top1": m["top1"], "minival_top5": m["top5"]}
 
 
-def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> None:
+def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float], scored: bool = True) -> None:
     """Report an epoch's row (or a mid-epoch data position) to Ray Train; rank 0 attaches the checkpoint (every
-    rank reports: Ray waits for all)."""
+    rank reports: Ray waits for all). An epoch before the first scored one is kept unranked, never chosen."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -583,11 +596,12 @@ def save_checkpoint(worker: Worker, state: LoopState, row: dict[str, float]) -> 
         if worker.rank == 0:
             write_checkpoint(worker, state, Path(tmp) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(ray_metrics(row), checkpoint=checkpoint)
+        ray.train.report(ray_metrics(row, scored), checkpoint=checkpoint)
 
 
-def ray_metrics(row: dict[str, float]) -> dict[str, float]:
-    """What a report tells Ray Train: the row's finite figures, and the rank its checkpoint is kept by."""
-    score = row.get(SCORE, math.nan)
+def ray_metrics(row: dict[str, float], scored: bool = True) -> dict[str, float]:
+    """What a report tells Ray Train: the row's finite figures, and the rank its checkpoint is kept by (UNSCORED
+    for a row without a score, or one of an epoch early stopping does not score)."""
+    score = row.get(SCORE, math.nan) if scored else math.nan
     return {**{k: v for k, v in row.items() if math.isfinite(v)},
             CHECKPOINT_RANK: score if math.isfinite(score) else UNSCORED}

@@ -162,3 +162,23 @@ def check_fine_tuning_onto_other_classes(layout, dataset, source) -> None:
     c = MlflowClient(tracking_uri=layout.tracking_uri)
     assert c.get_run(tuned["run_id"]).data.tags["init_from"] == uri
     assert c.get_model_version(tuned["registered_model"], tuned["version"]).tags["init_from"] == uri
+
+
+def test_a_progressive_job_grows_the_size_and_chooses_from_its_last_stage(learnable_dataset, data_layout_tmp,
+                                                                           ray_cluster):
+    """V2 progressive learning in a real job: the size grows stage by stage, minival is measured every epoch, and
+    the checkpoint is chosen among the last stage's (`progressive.choose_from: last_stage`), trained at the size
+    evaluation uses."""
+    recipe = load_recipe("demo-progressive").with_overrides(
+        schedule={"epochs": 4}, progressive={"stages": 2}, data={"batch_size": 16})
+    result = run_training(recipe, learnable_dataset, data_layout_tmp)
+
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
+
+    def history(key):
+        return [m.value for m in sorted(c.get_metric_history(result.run_id, key), key=lambda m: m.step)]
+
+    assert history("image_size") == [32, 32, 64, 64]
+    assert len(history("minival_top1")) == 4
+    assert result.best_epoch in (2, 3) and result.eval_resolution == 64
+    assert result.minival_top1 == max(history("minival_top1")[2:])

@@ -8,7 +8,13 @@ import torch
 import models
 from pipelines.training import augment
 from pipelines.training.recipe import load_recipe
-from pipelines.training.schedules import epoch_settings, progressive_stage, stage_fraction
+from pipelines.training.schedules import (
+    check_progressive_eval_size,
+    epoch_settings,
+    first_scored_epoch,
+    progressive_stage,
+    stage_fraction,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +69,49 @@ def test_progressive_without_a_table_needs_explicit_ranges():
     recipe = load_recipe("demo").with_overrides(progressive={"enabled": True})
     with pytest.raises(ValueError, match="progressive table"):
         epoch_settings(0, recipe, models.resolve_variant("efficientnet_b0", phi=-9))
+
+
+def _spec(recipe):
+    return models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+
+
+@pytest.mark.parametrize("recipe_name,variant", [("demo-progressive", None), ("v2-progressive", None),
+                                                 ("v2-progressive", "efficientnet_v2_m"),
+                                                 ("v2-progressive", "efficientnet_v2_l")])
+@pytest.mark.parametrize("rule", ["paper", "automl"])
+def test_the_shipped_progressive_recipes_evaluate_at_or_above_their_last_size(recipe_name, variant, rule):
+    recipe = load_recipe(recipe_name).with_overrides(progressive={"rule": rule},
+                                                     **({"model": {"variant": variant}} if variant else {}))
+    check_progressive_eval_size(recipe, _spec(recipe))  # no error
+
+
+def test_progressive_sizes_moved_above_the_eval_size_are_refused_until_the_resolution_follows():
+    # The benchmark's setting: phi=-5 evaluates at 112 px; training moved up to 192 px.
+    moved = load_recipe("demo-progressive").with_overrides(model={"phi": -5}, progressive={"image_size": [64, 192]})
+    with pytest.raises(ValueError, match="ends at 192 px but efficientnet_b0_phi-5 evaluates at 112 px"):
+        check_progressive_eval_size(moved, _spec(moved))
+    for fix in ({"resolution": 192}, {"eval_resolution": 224}):
+        fixed = moved.with_overrides(model=fix)
+        check_progressive_eval_size(fixed, _spec(fixed))
+        assert _spec(fixed).eval_resolution >= 192
+    # Without progressive learning the sizes are not used, so nothing is refused.
+    off = moved.with_overrides(progressive={"enabled": False})
+    check_progressive_eval_size(off, _spec(off))
+
+
+@pytest.mark.parametrize("epochs,stages,choose_from,expected", [
+    (16, 4, "last_stage", 12), (12, 4, "last_stage", 9), (350, 4, "last_stage", 263), (10, 3, "last_stage", 7),
+    (3, 4, "last_stage", 2),  # fewer epochs than stages: the last epoch's stage is the last one reached
+    (5, 1, "last_stage", 0), (16, 4, "any_stage", 0)])
+def test_early_stopping_scores_from_the_last_stage(epochs, stages, choose_from, expected):
+    recipe = load_recipe("demo-progressive").with_overrides(
+        schedule={"epochs": epochs}, progressive={"stages": stages, "choose_from": choose_from})
+    assert first_scored_epoch(recipe) == expected
+    stage_of = [epoch_settings(e, recipe, _spec(recipe)).stage for e in range(epochs)]
+    if choose_from == "last_stage":  # the first epoch of the stage the training ends in
+        assert stage_of[expected] == stage_of[-1] and (expected == 0 or stage_of[expected - 1] < stage_of[-1])
+    off = recipe.with_overrides(progressive={"enabled": False})
+    assert first_scored_epoch(off) == 0
 
 
 def _batch(n=8, size=32, seed=0):

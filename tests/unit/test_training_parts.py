@@ -229,6 +229,8 @@ def test_ray_is_told_finite_figures_and_a_rank_for_every_checkpoint() -> None:
     unscored = ray_metrics({"epoch": 4.0, "train_loss": 1.4, SCORE: math.nan})
     assert unscored == {"epoch": 4.0, "train_loss": 1.4, CHECKPOINT_RANK: UNSCORED}
     assert ray_metrics({"epoch": 4.0, "batch": 7.0})[CHECKPOINT_RANK] == UNSCORED  # mid-epoch
+    # An epoch early stopping does not score (progressive learning before its last stage): figures, no rank.
+    assert ray_metrics(epoch_row, scored=False) == {**epoch_row, CHECKPOINT_RANK: UNSCORED}
     assert UNSCORED < 0.0  # below every top-1, so Ray keeps scored checkpoints before it
 
 

@@ -58,3 +58,23 @@ def test_an_ffcv_recipe_on_a_version_without_ffcv_files_stops_before_ray(staged_
     with pytest.raises(DataError, match="no FFCV files; stage it with formats including 'ffcv'"):
         validate_job(recipe, staged_dataset)
     validate_job(load_recipe("demo"), staged_dataset)  # the same version is fine for wds
+
+
+def test_a_batch_larger_than_the_training_split_stops_before_ray(staged_dataset):
+    """Found inside every Ray worker, after the retries, with a traceback per attempt, before it was checked here."""
+    from pipelines.training.job import validate_job
+    from pipelines.training.recipe import load_recipe
+
+    recipe = load_recipe("demo").with_overrides(data={"batch_size": 4096})
+    with pytest.raises(ValueError, match=r"training images give no full batch of 4096 on 2 workers"):
+        validate_job(recipe, staged_dataset)
+
+
+def test_a_progressive_recipe_evaluating_below_its_last_size_stops_before_ray(staged_dataset):
+    from pipelines.training.job import validate_job
+    from pipelines.training.recipe import load_recipe
+
+    recipe = load_recipe("demo-progressive").with_overrides(progressive={"image_size": [32, 96]})
+    with pytest.raises(ValueError, match="ends at 96 px but efficientnet_b0_phi-9 evaluates at 64 px"):
+        validate_job(recipe, staged_dataset)
+    validate_job(recipe.with_overrides(model={"resolution": 96}), staged_dataset)
