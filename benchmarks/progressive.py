@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=16)  # 4 per stage: at 12 the last stage (3 epochs) fell 2 points short
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--val-per-class", type=int, default=50, help="val images per class (one point = classes/2)")
+    p.add_argument("--arms", nargs="+", choices=("progressive", "fixed"), default=["progressive", "fixed"])
+    p.add_argument("--choose-from", choices=("last_stage", "any_stage"), default="last_stage",
+                   help="the progressive arm's progressive.choose_from")
+    p.add_argument("--out", type=Path, default=RESULTS)
     # Large enough that convolutions, not per-image Python overhead, dominate a step: at phi=-9 and 32-64 px
     # the measured speed-up is only ~1.1x because decoding and DDP overheads do not shrink with the image.
     p.add_argument("--phi", type=float, default=-5)
@@ -132,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     dataset = stage(archives, work / "datasets", params, log=lambda *_: None)
 
     progressive = load_recipe("demo-progressive").with_overrides(
-        schedule={"epochs": args.epochs}, model={"phi": args.phi}, progressive={"image_size": list(args.sizes)})
+        schedule={"epochs": args.epochs}, model={"phi": args.phi},
+        progressive={"image_size": list(args.sizes), "choose_from": args.choose_from})
     last = progressive.progressive
     recipes = arm_recipes(progressive)
     own_spec = resolve_variant(progressive.model.variant, **progressive.model.overrides())
     rows = []
     for seed in args.seeds:
-        for name in ("progressive", "fixed"):
+        for name in args.arms:
             recipe = recipes[name].model_copy(update={"seed": seed})
             layout = DataLayout(work / f"data-{name}-{seed}").ensure()
             t0 = time.time()
@@ -156,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['val_top1']:5.1f}  eval {row['eval_resolution']} px  train {train_seconds:6.1f} s  "
                       f"job {job_seconds:6.1f} s", flush=True)
 
-    summary = summarise(rows, ["progressive", "fixed", AT_VARIANT_EVAL])
+    summary = summarise(rows, [*args.arms, *([AT_VARIANT_EVAL] if "progressive" in args.arms else [])])
     print(json.dumps(summary, indent=1))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
         "benchmark": "progressive", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
         "setup": {"phi": args.phi, "sizes": args.sizes, "image_size": args.image_size, "classes": args.classes,
                   "train_per_class": args.train_per_class, "epochs": args.epochs,
-                  "seeds": args.seeds, "val_per_class": args.val_per_class,
+                  "seeds": args.seeds, "val_per_class": args.val_per_class, "arms": args.arms,
                   "minival_images": split_images(dataset, "minival"), "val_images": split_images(dataset, "val"),
                   "progressive": progressive.progressive.model_dump(),
                   "fixed": {"resolution": last.image_size[1], "dropout": last.dropout[1],

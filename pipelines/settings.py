@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 DATA_DIR_ENV = "EFFNET_DATA_DIR"
 SOURCE_ENV = "EFFNET_SOURCE"  # the ILSVRC2012 source the nightly stages from
 STACK_FILE = "stack.json"  # written by infra/local-stack.sh start, removed by stop
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable: set by a user, it names a shared server
 # Ray's switch for a single-machine cluster: its node address becomes 127.0.0.1 and every Ray server binds
 # loopback only (otherwise Ray swaps 127.0.0.1 for the host's address and listens on all interfaces).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -39,7 +40,7 @@ class StackSettings(BaseModel):
 
     def environment(self) -> dict[str, str]:
         """The variables the libraries' own clients read (Prefect, MLflow, Ray auth)."""
-        return {"PREFECT_API_URL": self.prefect_api_url, "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+        return {"PREFECT_API_URL": self.prefect_api_url, TRACKING_URI_ENV: self.mlflow_tracking_uri,
                 "RAY_AUTH_MODE": self.ray_auth_mode}
 
     def unreachable(self, timeout: float = 3.0) -> list[str]:
@@ -134,8 +135,8 @@ class DataLayout:
     def tracking_uri(self) -> str:
         """MLflow's own MLFLOW_TRACKING_URI when set (a shared server), else the stack's server, else the
         SQLite store in here (the same database the stack's server uses)."""
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+        if os.environ.get(TRACKING_URI_ENV):
+            return os.environ[TRACKING_URI_ENV]
         return self.stack.mlflow_tracking_uri if self.stack else f"sqlite:///{self.mlflow_db}"
 
     @property

@@ -456,7 +456,9 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
     model = models.create_model(recipe.model.variant, num_classes=manifest["num_classes"], **recipe.model.overrides())
     model.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
     return _Chosen(
-        model=model.eval(), model_args=saved["model_args"], best_epoch=int(loop["best_epoch"]),
+        # The epoch these weights are of (saved after it, so `epoch` is already the next one): the same as
+        # early stopping's best epoch, given the rank's tie-break (EPOCH_RANK_STEP).
+        model=model.eval(), model_args=saved["model_args"], best_epoch=int(loop["epoch"]) - 1,
         minival_top1=float(loop["best_top1"]), epochs_run=int(ret.get("epochs_run", loop["epoch"])),
         stopped_early=bool(ret.get("stopped_early", False)),
     )

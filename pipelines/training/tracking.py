@@ -7,10 +7,13 @@ the Ray workers and the Prefect flows see the same runs.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
+
+from pipelines.settings import TRACKING_URI_ENV
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -75,8 +78,16 @@ def client(tracking_uri: str) -> MlflowClient:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    # MLflow's fluent API (log_model) follows the process's URI; set_tracking_uri also exports it as
+    # MLFLOW_TRACKING_URI, which a DataLayout reads as the user's shared server: a second data directory in
+    # the same process (a benchmark's arms, a test session) then logged into the first one's store.
+    before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
+    if before is None:
+        os.environ.pop(TRACKING_URI_ENV, None)
+    else:
+        os.environ[TRACKING_URI_ENV] = before
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 

@@ -102,3 +102,17 @@ def test_the_stack_file_points_every_client_at_the_stack(tmp_path, monkeypatch):
 ])
 def test_loopback_addresses(address, loopback):
     assert is_loopback_address(address) == loopback
+
+
+def test_a_second_data_directory_in_the_same_process_keeps_its_own_store(tmp_path, monkeypatch):
+    """MLflow exports the URI a client is made for; read back as the user's shared server, it sent a second data
+    directory's runs into the first one's store (every arm of a benchmark, every test of a session)."""
+    from pipelines.training import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = DataLayout(tmp_path / "a"), DataLayout(tmp_path / "b")
+    tracking.client(first.tracking_uri)
+    assert second.tracking_uri == f"sqlite:///{tmp_path}/b/mlflow/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://shared:5000")
+    tracking.client(first.tracking_uri)
+    assert second.tracking_uri == "http://shared:5000"  # the user's variable is left as it was

@@ -225,7 +225,10 @@ def test_a_checkpoint_is_due_once_the_minutes_have_passed_since_the_last() -> No
 def test_ray_is_told_finite_figures_and_a_rank_for_every_checkpoint() -> None:
     """NaN never reaches Ray Train: its run snapshot would store null, which a relaunched driver cannot rank."""
     epoch_row = {"epoch": 3.0, "train_loss": 1.5, SCORE: 71.5}
-    assert ray_metrics(epoch_row) == {**epoch_row, CHECKPOINT_RANK: 71.5}
+    assert ray_metrics(epoch_row) == {**epoch_row, CHECKPOINT_RANK: pytest.approx(71.5, abs=1e-5)}
+    # Equal scores: the earlier epoch ranks higher (Ray keeps the later of equal ranks, early stopping the earlier).
+    later = ray_metrics({**epoch_row, "epoch": 9.0})[CHECKPOINT_RANK]
+    assert ray_metrics(epoch_row)[CHECKPOINT_RANK] > later > 71.5 - 0.004  # above one image less of 25,000
     unscored = ray_metrics({"epoch": 4.0, "train_loss": 1.4, SCORE: math.nan})
     assert unscored == {"epoch": 4.0, "train_loss": 1.4, CHECKPOINT_RANK: UNSCORED}
     assert ray_metrics({"epoch": 4.0, "batch": 7.0})[CHECKPOINT_RANK] == UNSCORED  # mid-epoch
