@@ -4,7 +4,7 @@ Every arm is a real job (Ray Train, 2 CPU workers, MLflow). `fixed` trains at th
 dropout 0.3, RandAugment 6) with progressive learning off. `progressive` is `demo-progressive` (4 stages,
 64 -> 192 px, dropout and RandAugment growing), evaluated as `fixed` is, at the last stage's size (its model
 section says `resolution: 192`, as a recipe must when it moves the progressive sizes off the variant's own), its
-checkpoint chosen among the last stage's epochs (`progressive.choose_from: last_stage`, the default). Each
+checkpoint chosen among every epoch's (`--choose-from`: the recipe's `progressive.choose_from`). Each
 progressive model is evaluated a second time at the phi=-5 variant's own eval preprocessing (112 px, crop 0.78),
 as earlier runs of this benchmark did: the summary's `progressive-at-variant-eval` (same weights, so the
 difference is the evaluation size alone).
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--val-per-class", type=int, default=50, help="val images per class (one point = classes/2)")
     p.add_argument("--arms", nargs="+", choices=("progressive", "fixed"), default=["progressive", "fixed"])
-    p.add_argument("--choose-from", choices=("last_stage", "any_stage"), default="last_stage",
+    p.add_argument("--choose-from", choices=("last_stage", "any_stage"), default="any_stage",
                    help="the progressive arm's progressive.choose_from")
     p.add_argument("--out", type=Path, default=RESULTS)
     # Large enough that convolutions, not per-image Python overhead, dominate a step: at phi=-9 and 32-64 px

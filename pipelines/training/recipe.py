@@ -163,10 +163,10 @@ class ProgressiveConfig(_Strict):
     `rule: paper` is the V2 paper (stage i of n at min + (max - min) * i / (n - 1); Table 6 ranges);
     `rule: automl` is the released code (min + (max - min) * (i + 1) / n, its own ranges, dropout constant).
     Explicit [min, max] pairs override the variant's table.
-    `choose_from: last_stage`: early stopping scores (and may choose) only the last stage's checkpoints, those
-    trained at the size and regularisation evaluation is closest to; minival is still measured every epoch.
-    The papers report the last epoch; an earlier stage's checkpoint that ties on a saturated minival was chosen
-    before and lost val top-1 (benchmarks/progressive.py). `any_stage` scores every epoch.
+    `choose_from`: the epochs early stopping scores and may choose: `any_stage` (every epoch) or `last_stage`
+    (only the last stage's, trained at the size evaluation uses, as the papers' last-epoch figures are; minival
+    is still measured every epoch). Measured on demo data (benchmarks/progressive.py, 3 seeds, 500 val images):
+    val top-1 99.5 any_stage, 99.1 last_stage, within the seeds' spread; any_stage stays the default.
     """
 
     enabled: bool = False
@@ -177,7 +177,7 @@ class ProgressiveConfig(_Strict):
     randaug_magnitude: tuple[float, float] | None = None
     mixup_alpha: tuple[float, float] | None = None
     choose_from: Literal["last_stage", "any_stage"] = Field(
-        "last_stage", description="the epochs whose checkpoints early stopping scores and may choose")
+        "any_stage", description="the epochs whose checkpoints early stopping scores and may choose")
 
 
 class DataConfig(_Strict):

@@ -170,7 +170,7 @@ def test_a_progressive_job_grows_the_size_and_chooses_from_its_last_stage(learna
     the checkpoint is chosen among the last stage's (`progressive.choose_from: last_stage`), trained at the size
     evaluation uses."""
     recipe = load_recipe("demo-progressive").with_overrides(
-        schedule={"epochs": 4}, progressive={"stages": 2}, data={"batch_size": 16})
+        schedule={"epochs": 4}, progressive={"stages": 2, "choose_from": "last_stage"}, data={"batch_size": 16})
     result = run_training(recipe, learnable_dataset, data_layout_tmp)
 
     c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
