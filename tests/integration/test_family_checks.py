@@ -30,7 +30,11 @@ CASES = {
     "bad phi": (dict(variants=["phi=fast"], recipe="demo"), "phi=fast"),
     "missing dataset": (dict(variants=["phi=-9"], recipe="demo", dataset_dir="/nonexistent/version"),
                         "/nonexistent/version"),
-    "unfit cluster": (dict(variants=["phi=-9"], recipe="v1"), "missing: CPU, GPU"),
+    # A batch the tiny dataset holds: v1's 256 x 8 workers is refused first, for the data.
+    "unfit cluster": (dict(variants=["phi=-9"], recipe="v1",
+                           overrides={"data": {"batch_size": 1, "loader_workers": 0}}), "missing: CPU, GPU"),
+    "batch larger than the data": (dict(variants=["phi=-9"], recipe="demo", overrides={"data": {"batch_size": 4096}}),
+                                   "give no full batch of 4096"),
     "unknown coefficient set": (dict(variants=["phi=-9,coefficients=nope"], recipe="demo"),
                                 "no coefficient set 'nope'"),
     "member override for no member": (dict(variants=["phi=-9"], recipe="demo", member_overrides={"phi=-8": {}}),
@@ -58,7 +62,8 @@ def test_bad_family_input_fails_at_once_in_one_line(case, staged_dataset, data_l
 
 
 def test_run_training_refuses_an_unfit_recipe_before_starting(staged_dataset, data_layout_tmp, ray_cluster):
-    recipe = load_recipe("demo").with_overrides(model={"phi": -9}, ray={"num_workers": 3})  # 3 x 1 CPU on 2
+    recipe = load_recipe("demo").with_overrides(model={"phi": -9}, ray={"num_workers": 3},  # 3 x 1 CPU on 2
+                                                data={"batch_size": 2})  # that the tiny dataset holds on 3
     with pytest.raises(cluster.ClusterError, match=r"3 workers x \{CPU: 1\}.*missing: CPU"):
         run_training(recipe, staged_dataset, data_layout_tmp)
     assert _runs(data_layout_tmp) == []
