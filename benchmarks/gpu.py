@@ -225,7 +225,7 @@ def part_job(args: argparse.Namespace, dataset: Path, data_dir: Path, b0_images_
     epochs = max(2, -(-args.job_steps * batch // n_train)) if gpu else 2
     recipe = job_recipe(data_dir / "gpu-bench-recipe.yaml", gpu, batch, epochs, cores)
     result_file = data_dir / "gpu-bench-result.json"
-    command = [sys.executable, "-m", "flows.cli", "--data-dir", str(data_dir), "train", "--recipe", str(recipe),
+    command = [sys.executable, "-m", "cli.effnet", "--data-dir", str(data_dir), "train", "--recipe", str(recipe),
                "--data", str(dataset), "--result-file", str(result_file)]
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.job_timeout_s)
@@ -257,7 +257,7 @@ def _train_images(dataset: Path) -> int:
 
 def _epoch_images_per_s(data_dir: Path, run_id: str) -> list[float]:
     from pipelines.settings import DataLayout
-    from pipelines.training import tracking
+    from pipelines.registry import tracking
 
     c = tracking.client(DataLayout(data_dir).tracking_uri)
     return [m.value for m in sorted(c.get_metric_history(run_id, "images_per_s"), key=lambda m: m.step)]

@@ -82,8 +82,8 @@ def at_variant_eval(row: dict, result, dataset, layout, own) -> dict:
     """The progressive run's registered model evaluated at the eval preprocessing of `own` (a VariantSpec)."""
     import dataclasses
 
-    from pipelines.training.evaluation import evaluate_model
-    from pipelines.training.model_ref import load_model
+    from pipelines.inference.evaluation import evaluate_model
+    from pipelines.registry.model_ref import load_model
 
     loaded = load_model(f"models:/{result.registered_model}/{result.version}", layout.tracking_uri)
     loaded = dataclasses.replace(loaded, spec=dataclasses.replace(

@@ -14,7 +14,7 @@ A night, top to bottom:
    `train-family`: with `mode="finetune"` each from its variant's champion for a short schedule at a lower
    learning rate (`finetune_overrides`), with `mode="retrain"` from scratch with the recipe.
 3. Each new version takes `champion` only when it beats the champion on the new version's minival, the
-   champion evaluated there too (`pipelines.training.promotion`); val is reported, never used to choose. The
+   champion evaluated there too (`pipelines.registry.promotion`); val is reported, never used to choose. The
    decisions, each champion before and after, are the flow run's `nightly-promotions` artifact and files on the
    family's parent MLflow run (`nightly/`).
 """
@@ -35,10 +35,10 @@ from flows.stage_imagenet import stage_imagenet
 from flows.train_family import BAD_INPUT, FamilyFailed, member_recipes, train_family
 from pipelines.dataset import read_manifest
 from pipelines.settings import DataLayout, data_layout, default_source
-from pipelines.training import compare, tracking
+from pipelines.registry import compare, tracking
 from pipelines.training.job import tuned_variant_slug
 from pipelines.training.recipe import Recipe, load_recipe
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 MODES = ("finetune", "retrain")
 ARTIFACT = "nightly-promotions"

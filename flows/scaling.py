@@ -1,5 +1,5 @@
 """Prefect flows `search-scaling` (compound scaling's step 1) and `scaling-study` (compound against one-dimension
-scaling at equal FLOPs), each one Ray Tune experiment of short trainings (`pipelines.training.scaling`).
+scaling at equal FLOPs), each one Ray Tune experiment of short trainings (`pipelines.search.trials`).
 
 Their deployments (`search-scaling/default`, `scaling-study/default`) are declared in `flows/deployments.py`; the
 defaults fit the demo data on two CPU cores. For ImageNet pass e.g. baseline "efficientnet_b0", recipe "v1" and
@@ -29,11 +29,13 @@ from flows.train_family import BAD_INPUT, member_recipes
 from models import CoefficientSet, VariantSpec
 from pipelines.dataset import latest_version
 from pipelines.settings import DataLayout, data_layout
-from pipelines.training import cluster, compare, scaling, tracking
+from pipelines.training import cluster
+from pipelines.registry import compare, tracking
+from pipelines.search import trials
 from pipelines.training.coefficients import load_coefficient_set, save_coefficient_set, set_path
 from pipelines.training.job import evaluate_on_cluster, validate_job
 from pipelines.training.recipe import Recipe
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 SEARCH_ARTIFACT, STUDY_ARTIFACT = "scaling-search", "scaling-study"
 # The demo's grid: 8 points within 10% of alpha * beta^2 * gamma^2 = 2, the paper's (1.2, 1.1, 1.15) among them.
@@ -49,10 +51,10 @@ def plan_trials(baseline: str, recipe: str, overrides: dict | None, dataset_dir:
     (_, base_recipe), = member_recipes([baseline], recipe, overrides, layout=layout)
     dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
     spec, manifest, _ = validate_job(base_recipe, dataset)
-    return dataset, scaling.trial_recipe(base_recipe, epochs), spec, manifest
+    return dataset, trials.trial_recipe(base_recipe, epochs), spec, manifest
 
 
-def check_trials(plans: Sequence[scaling.TrialPlan], recipe: Recipe, dataset: Path) -> dict[str, Any]:
+def check_trials(plans: Sequence[trials.TrialPlan], recipe: Recipe, dataset: Path) -> dict[str, Any]:
     """Each trial's model checked against the dataset and its memory; its BatchPlan by label."""
     return {p.label: validate_job(recipe.with_overrides(model=p.model), dataset)[2] for p in plans}
 
@@ -88,7 +90,7 @@ def check_set_name(layout: DataLayout, name: str, key: str, replace: bool) -> No
                          "replace=true")
 
 
-def _trial_row(o: scaling.TrialOutcome, figures: dict[str, Any]) -> dict[str, Any]:
+def _trial_row(o: trials.TrialOutcome, figures: dict[str, Any]) -> dict[str, Any]:
     status = {"status": compare.TRAINED} if o.error is None else {"status": "failed",
                                                                    "reason": o.error.strip().splitlines()[0]}
     return {"trial": o.label, **o.params, **figures, "epochs_run": o.epochs_run, "best_epoch": o.best_epoch,
@@ -147,11 +149,11 @@ def search_scaling(
         if not 1 <= grace_period <= epochs or not reduction_factor > 1 or max_concurrent_trials < 0:
             raise ValueError(f"need 1 <= grace_period ({grace_period}) <= epochs ({epochs}), reduction_factor "
                              f"({reduction_factor}) > 1 and max_concurrent_trials ({max_concurrent_trials}) >= 0")
-        points = scaling.search_points(alphas, betas, gammas, tolerance)
+        points = trials.search_points(alphas, betas, gammas, tolerance)
         dataset, trial_recipe, base, manifest = plan_trials(baseline, recipe, overrides, dataset_dir, layout, epochs)
-        plans = scaling.search_trials(base, points)
+        plans = trials.search_trials(base, points)
         batches = check_trials(plans, trial_recipe, dataset)
-        key = scaling.experiment_key(scaling.SEARCH_KIND, {
+        key = trials.experiment_key(trials.SEARCH_KIND, {
             "baseline": base.name, "recipe": trial_recipe.model_dump(), "points": [p.label for p in plans],
             "tolerance": tolerance, "asha": [grace_period, reduction_factor], "dataset": manifest["version"]})
         check_set_name(layout, set_name, key, replace)
@@ -165,22 +167,22 @@ def search_scaling(
     from prefect.runtime import flow_run
 
     title = f"search-scaling {flow_run.name}: {base.name} on {dataset.name}"
-    parent = scaling.open_parent_run(
-        c, exp_id, scaling.SEARCH_KIND, key, title,
+    parent = trials.open_parent_run(
+        c, exp_id, trials.SEARCH_KIND, key, title,
         {"baseline": baseline, "recipe": recipe, "alphas": alphas, "betas": betas, "gammas": gammas,
          "tolerance": tolerance, "epochs": epochs, "grace_period": grace_period,
          "reduction_factor": reduction_factor, "dataset": dataset.name, "set_name": set_name},
         {Tags.FLOW_RUN: str(flow_run.id), Tags.DATASET_VERSION: manifest["version"]})
-    setup = scaling.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=manifest["num_classes"],
+    setup = trials.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=manifest["num_classes"],
                                tracking_uri=layout.tracking_uri)
     try:
-        outcomes = scaling.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
-                                      scheduler=scaling.asha(epochs, grace_period, reduction_factor),
+        outcomes = trials.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
+                                      scheduler=trials.asha(epochs, grace_period, reduction_factor),
                                       max_concurrent=max_concurrent_trials)
     except BaseException:
         c.set_terminated(parent, "KILLED")  # a rerun with the same parameters restores the experiment
         raise
-    rows = [_trial_row(o, scaling.member_figures(o, manifest["num_classes"])) for o in outcomes]
+    rows = [_trial_row(o, trials.member_figures(o, manifest["num_classes"])) for o in outcomes]
     print("\n" + compare.to_text(rows, compare.SEARCH_COLUMNS))
     log_files(c, parent, lambda d: compare.write_table(rows, d, title, compare.SEARCH_COLUMNS,
                                                         compare.SEARCH_FILES), "search")
@@ -188,7 +190,7 @@ def search_scaling(
     if problem:
         c.set_terminated(parent, "FAILED")
         return failed_run(logger, RuntimeError(problem))  # type: ignore[return-value]
-    winner = scaling.pick_winner(outcomes)
+    winner = trials.pick_winner(outcomes)
     found = CoefficientSet(set_name, winner.params["alpha"], winner.params["beta"], winner.params["gamma"])
     path = save_coefficient_set(layout, found, tolerance, source={
         "search_run": parent, "search_key": key, "flow_run": str(flow_run.id), "baseline": base.name,
@@ -212,7 +214,7 @@ def search_scaling(
 def scaling_study(
     baseline: str = "phi=-9", recipe: str = "demo", dataset_dir: str | None = None, data_dir: str | None = None,
     overrides: dict | None = None, targets: list[float] = [2.0, 4.0],
-    methods: list[str] = list(scaling.METHODS), coefficients: str = "paper", epochs: int = 6,
+    methods: list[str] = list(trials.METHODS), coefficients: str = "paper", epochs: int = 6,
     max_concurrent_trials: int = 0,
 ) -> list[dict]:
     """The paper's comparison of scaling methods (Figure 8 / Table 3) at small scale: from one baseline and the
@@ -240,12 +242,12 @@ def scaling_study(
             raise ValueError(f"max_concurrent_trials must be >= 0, got {max_concurrent_trials}")
         cs, _ = load_coefficient_set(layout, coefficients)
         dataset, trial_recipe, base, manifest = plan_trials(baseline, recipe, overrides, dataset_dir, layout, epochs)
-        plans = scaling.study_trials(base, methods, targets, cs, manifest["num_classes"])
+        plans = trials.study_trials(base, methods, targets, cs, manifest["num_classes"])
         batches = check_trials(plans, trial_recipe, dataset)
         connect_and_check(layout, trial_recipe)
     except BAD_INPUT as exc:
         return failed_run(logger, exc)  # type: ignore[return-value]
-    key = scaling.experiment_key(scaling.STUDY_KIND, {
+    key = trials.experiment_key(trials.STUDY_KIND, {
         "baseline": base.name, "recipe": trial_recipe.model_dump(), "members": [p.model for p in plans],
         "coefficients": [cs.alpha, cs.beta, cs.gamma], "dataset": manifest["version"]})
     logger.info("scaling study %s: %d member(s) (%s at FLOPs x %s) from %s, %d epoch(s) each, on %s", key,
@@ -256,15 +258,15 @@ def scaling_study(
     from prefect.runtime import flow_run
 
     title = f"scaling-study {flow_run.name}: {base.name} on {dataset.name}"
-    parent = scaling.open_parent_run(
-        c, exp_id, scaling.STUDY_KIND, key, title,
+    parent = trials.open_parent_run(
+        c, exp_id, trials.STUDY_KIND, key, title,
         {"baseline": baseline, "recipe": recipe, "targets": targets, "methods": methods,
          "coefficients": coefficients, "epochs": epochs, "dataset": dataset.name},
         {Tags.FLOW_RUN: str(flow_run.id), Tags.DATASET_VERSION: manifest["version"]})
-    setup = scaling.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=manifest["num_classes"],
+    setup = trials.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=manifest["num_classes"],
                                tracking_uri=layout.tracking_uri)
     try:
-        outcomes = scaling.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
+        outcomes = trials.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
                                       max_concurrent=max_concurrent_trials)
         rows = [_study_row(c, o, plan, dataset, trial_recipe, manifest["num_classes"])
                 for o, plan in zip(outcomes, plans)]
@@ -289,17 +291,17 @@ def scaling_study(
     return rows
 
 
-def _study_row(c: Any, o: scaling.TrialOutcome, plan: scaling.TrialPlan, dataset: Path, recipe: Recipe,
+def _study_row(c: Any, o: trials.TrialOutcome, plan: trials.TrialPlan, dataset: Path, recipe: Recipe,
                num_classes: int) -> dict[str, Any]:
     """A member's row: its figures, and its chosen checkpoint's val top-1 (also logged on its run)."""
-    figures = scaling.member_figures(o, num_classes)
+    figures = trials.member_figures(o, num_classes)
     row = {"method": plan.params["method"], "target": plan.params["target"], "depth_factor": 1.0,
            "width_factor": 1.0, "resolution_factor": 1.0, **plan.params, **figures, "best_epoch": o.best_epoch,
            "minival_top1": o.best_minival_top1, "run_id": o.run_id}
     if o.error is not None or o.best_checkpoint is None:
         return {**row, "status": "failed", "reason": (o.error or "no scored checkpoint").strip().splitlines()[0]}
-    val = evaluate_on_cluster(scaling.load_trial_weights(o, num_classes), dataset, "val",
-                              scaling.member_spec(o.model), recipe)
+    val = evaluate_on_cluster(trials.load_trial_weights(o, num_classes), dataset, "val",
+                              trials.member_spec(o.model), recipe)
     tracking.log_metrics(c, o.run_id, {"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
                                        "gmacs": figures["gmacs"], "model_params": figures["params"]},
                          step=o.best_epoch)

@@ -1,6 +1,6 @@
 """Prefect flow `search-baseline`: the papers' baseline search at proxy scale (V1: MnasNet's multi-objective
 search that found B0; V2: the training-aware search that found V2-S), one Ray Tune experiment of short trainings
-(the scaling search's machinery, `pipelines.training.scaling.run_trials`).
+(the scaling search's machinery, `pipelines.search.trials.run_trials`).
 
 Its deployment `search-baseline/default` is declared in `flows/deployments.py`; the defaults fit the demo data
 on two CPU cores. Architectures are drawn from the space around the base table (`models.search_space`: per stage
@@ -31,11 +31,12 @@ from models import search_space
 from models.variants import architecture_to_dict, compound_scale
 from pipelines.dataset import latest_version
 from pipelines.settings import data_layout
-from pipelines.training import compare, scaling, tracking
+from pipelines.registry import compare, tracking
+from pipelines.search import trials
 from pipelines.training.baselines import baseline_path, save_baseline
 from pipelines.training.job import validate_job
 from pipelines.training.recipe import load_recipe
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 ARTIFACT = "baseline-search"
 KIND = "baseline-search"
@@ -133,7 +134,7 @@ def search_baseline(
         table_key, variant = SPACES[space]
         base_table = models.ARCHITECTURES[table_key]
         the_space = search_space.space_around(base_table, repeat_range)
-        trial_recipe = scaling.trial_recipe(load_recipe(recipe).with_overrides(**(overrides or {})), epochs)
+        trial_recipe = trials.trial_recipe(load_recipe(recipe).with_overrides(**(overrides or {})), epochs)
         dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
         _, manifest, _ = validate_job(trial_recipe.with_overrides(model=proxy_model(variant, base_table, proxy_phi)),
                                       dataset)
@@ -142,13 +143,13 @@ def search_baseline(
         return failed_run(logger, exc)  # type: ignore[return-value]
     kind = reward or space
     num_classes = manifest["num_classes"]
-    target = target_gmacs or scaling.member_gmacs(proxy_model(variant, base_table, proxy_phi), num_classes)
+    target = target_gmacs or trials.member_gmacs(proxy_model(variant, base_table, proxy_phi), num_classes)
     c = tracking.client(layout.tracking_uri)
     exp_id = tracking.experiment_id(c, layout.artifact_root)
     from prefect.runtime import flow_run
 
     title = f"search-baseline {flow_run.name}: {space} space, {algorithm}, on {dataset.name}"
-    setup = scaling.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=num_classes,
+    setup = trials.TrialSetup(recipe=trial_recipe, dataset_dir=str(dataset), num_classes=num_classes,
                                tracking_uri=layout.tracking_uri)
     rows: list[dict[str, Any]] = []
     tables: dict[str, models.Architecture] = {}
@@ -164,25 +165,25 @@ def search_baseline(
             batch = [the_space.mutate(rng.choice(parents), rng) for _ in range(samples)]
             batch = [a for a in dict.fromkeys(batch) if search_space.architecture_name(a) not in
                      {search_space.architecture_name(t) for t in tables.values()}]
-        plans = [scaling.TrialPlan(f"{search_space.architecture_name(a)}", proxy_model(variant, a, proxy_phi),
+        plans = [trials.TrialPlan(f"{search_space.architecture_name(a)}", proxy_model(variant, a, proxy_phi),
                                    {"rows": " | ".join(search_space.describe(a)), "generation": generation})
                  for a in batch]
         if not plans:
             continue
         tables.update({p.label: a for p, a in zip(plans, batch)})
-        key = scaling.experiment_key(KIND, {"space": space, "plans": [p.label for p in plans], "epochs": epochs,
+        key = trials.experiment_key(KIND, {"space": space, "plans": [p.label for p in plans], "epochs": epochs,
                                             "recipe": trial_recipe.model_dump(), "dataset": manifest["version"],
                                             "asha": [grace_period, reduction_factor], "proxy": proxy_phi})
         if parent is None:
-            parent = scaling.open_parent_run(
+            parent = trials.open_parent_run(
                 c, exp_id, KIND, key, title,
                 {"space": space, "algorithm": algorithm, "samples": samples, "rounds": rounds, "reward": kind,
                  "proxy_phi": proxy_phi, "epochs": epochs, "dataset": dataset.name, "name": name},
                 {Tags.FLOW_RUN: str(flow_run.id), Tags.DATASET_VERSION: manifest["version"]})
         try:
             batches = check_trials(plans, trial_recipe, dataset)
-            outcomes = scaling.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
-                                          scheduler=scaling.asha(epochs, grace_period, reduction_factor),
+            outcomes = trials.run_trials(key, plans, setup, batches, layout.ray_storage / "tune", c, exp_id, parent,
+                                          scheduler=trials.asha(epochs, grace_period, reduction_factor),
                                           max_concurrent=max_concurrent_trials)
         except BaseException:
             c.set_terminated(parent, "KILLED")
@@ -217,8 +218,8 @@ def search_baseline(
             "parent_run": parent, "trials": rows}
 
 
-def _row(o: scaling.TrialOutcome, num_classes: int) -> dict[str, Any]:
-    figures = scaling.member_figures(o, num_classes)
+def _row(o: trials.TrialOutcome, num_classes: int) -> dict[str, Any]:
+    figures = trials.member_figures(o, num_classes)
     # Training speed after the first epoch (which pays the start-up), or the first alone.
     speeds = [r["images_per_s"] for r in (o.history[1:] or o.history) if r.get("images_per_s")]
     status = {"status": compare.TRAINED} if o.error is None else {"status": "failed",

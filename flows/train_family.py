@@ -8,7 +8,7 @@ run, so the variants train side by side as far as the cluster's resources allow.
 checkpoints. A variant that fails for good does not stop the others; the run ends Failed, naming it.
 
 In MLflow the family is one parent run with its members' runs nested under it; the parent ends holding the
-comparison (`pipelines.training.compare`: plots, page, table), which is also the flow run's `family-summary`
+comparison (`pipelines.registry.compare`: plots, page, table), which is also the flow run's `family-summary`
 markdown artifact in the Prefect UI.
 """
 
@@ -25,11 +25,12 @@ from prefect.cache_policies import NO_CACHE
 from flows.failures import failed_run
 from pipelines.dataset import DataError, latest_version
 from pipelines.settings import DataLayout, data_layout
-from pipelines.training import cluster, compare, submit, tracking
+from pipelines.training import cluster, submit
+from pipelines.registry import compare, tracking
 from pipelines.training.baselines import resolve_named
 from pipelines.training.job import TrainResult, job_key_for, tuned_variant_slug, validate_job
 from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 # Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
 # fit the job.

@@ -6,7 +6,7 @@ objects is refused (unpickling runs whatever code the file names). Two layouts a
 - a training checkpoint (a job's `checkpoint.pt`, a scaling trial's `best.pt`): {"model", "ema", "model_args",
   ...}; its EMA weights when it kept an EMA (what training scored and chose).
 `model_args` is the variant's name, its overrides and its classes: enough to rebuild it through this package.
-Depends on torch only (it travels with the registered MLflow model, `pipelines/training/served_model.py`).
+Depends on torch only (it travels with the registered MLflow model, `pipelines/registry/served_model.py`).
 """
 
 from __future__ import annotations

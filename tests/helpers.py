@@ -282,7 +282,7 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     from mlflow.tracking import MlflowClient
 
     from pipelines.training import submit
-    from pipelines.training.tracking import Tags
+    from pipelines.registry.tracking import Tags
 
     jobs = ray_jobs(jobs_client(ray_cluster), submit.FLOW_RUN_FIELD, flow_run_id)
     assert len(jobs) == len(rows) and all(j.status == "SUCCEEDED" for j in jobs), jobs

@@ -1,5 +1,5 @@
 """One training job, driven from the caller's process: a variant trained by Ray Train (DDP over Ray workers
-running `pipelines.training.worker.train_worker`), early-stopped on minival, the chosen checkpoint evaluated
+running `pipelines.training.loop.train_worker`), early-stopped on minival, the chosen checkpoint evaluated
 on val and registered in MLflow.
 
 Read `run_training` top to bottom: check the job (variant, dataset, cluster), start or resume its MLflow run
@@ -34,14 +34,15 @@ from pipelines.dataset import FFCV, SPLITS, DataError, check_version, manifest_h
 from pipelines.loading import make_loader
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipelines.settings import DataLayout, data_layout
-from pipelines.training import cluster, tracking
-from pipelines.training.promotion import Promotion, decide_promotion
+from pipelines.training import cluster
+from pipelines.registry import tracking
+from pipelines.registry.promotion import Promotion, decide_promotion
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import check_progressive_eval_size
 from pipelines.training.sizing import BatchPlan, size_job
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 from pipelines.training.warm_start import write_init_weights
-from pipelines.training.worker import (
+from pipelines.training.loop import (
     CHECKPOINT_FILE,
     CHECKPOINT_RANK,
     UNSCORED,

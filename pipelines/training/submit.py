@@ -26,10 +26,11 @@ import yaml
 
 from pipelines.atomic import atomic_write_bytes
 from pipelines.settings import DATA_DIR_ENV, RAY_LOOPBACK_ENV, DataLayout
-from pipelines.training import cluster, tracking
+from pipelines.training import cluster
+from pipelines.registry import tracking
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.training.recipe import Recipe, load_recipe
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 # The Ray job's metadata keys: the same names as the MLflow run's tags.
 KEY_FIELD, FLOW_RUN_FIELD = Tags.JOB_KEY, Tags.FLOW_RUN
@@ -103,7 +104,7 @@ def entrypoint(layout: DataLayout, recipe_file: Path, dataset_dir: Path, result_
     # head's machine (/tmp/ray/ray_current_cluster), which is another one where two clusters share a machine.
     all_tags = {Tags.FLOW_RUN: flow_run_id, **(tags or {})}
     return shlex.join([
-        sys.executable, "-m", "flows.cli", "--data-dir", str(layout.root), "train", "--recipe", str(recipe_file),
+        sys.executable, "-m", "cli.effnet", "--data-dir", str(layout.root), "train", "--recipe", str(recipe_file),
         "--data", str(dataset_dir), "--ray-address", gcs_address,
         *(arg for k, v in all_tags.items() for arg in ("--tag", f"{k}={v}")), "--result-file", str(result_file),
     ])

@@ -16,9 +16,9 @@ import torch
 
 import models
 from pipelines.atomic import atomic_path
-from pipelines.training.model_ref import ModelError, load_registered_weights, registered_version
+from pipelines.registry.model_ref import ModelError, load_registered_weights, registered_version
 from pipelines.training.recipe import InitConfig
-from pipelines.training.tracking import STATE_DICT_ARTIFACT
+from pipelines.registry.tracking import STATE_DICT_ARTIFACT
 
 CLASSIFIER = "classifier."  # the state_dict prefix of the head `head: reset` rebuilds
 

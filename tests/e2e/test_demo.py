@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from flows.demo import demo
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 
 def test_demo_end_to_end_and_rerun(data_layout_tmp, prefect_server, ray_cluster):

@@ -27,7 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 from helpers import browse
 

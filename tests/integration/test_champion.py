@@ -19,12 +19,12 @@ from mlflow.tracking import MlflowClient
 
 import models
 from pipelines.settings import DataLayout
-from pipelines.training import tracking
+from pipelines.registry import tracking
 from pipelines.training.job import evaluate_split
-from pipelines.training.model_ref import load_registered_weights
-from pipelines.training.promotion import decide_promotion, promotion_decision
+from pipelines.registry.model_ref import load_registered_weights
+from pipelines.registry.promotion import decide_promotion, promotion_decision
 from pipelines.training.recipe import load_recipe
-from pipelines.training.tracking import CANDIDATE, CHAMPION, STATE_DICT_ARTIFACT, Tags
+from pipelines.registry.tracking import CANDIDATE, CHAMPION, STATE_DICT_ARTIFACT, Tags
 
 NUM_CLASSES = 4  # the tiny demo ImageNet's
 _variants = (f"efficientnet_b0_phi-{9 + i}" for i in itertools.count())  # one registered model per test

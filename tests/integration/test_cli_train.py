@@ -10,7 +10,7 @@ import pytest
 
 def _effnet(*args: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--data-dir", str(tmp_path / "data"), *args],
+        [sys.executable, "-m", "cli.effnet", "--data-dir", str(tmp_path / "data"), *args],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -43,7 +43,7 @@ def test_bad_data_path(tmp_path):
 def test_models_json_lists_the_registry():
     import json
 
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "models", "--json", "efficientnet_b0",
+    p = subprocess.run([sys.executable, "-m", "cli.effnet", "models", "--json", "efficientnet_b0",
                         "efficientnet_v2_s"], capture_output=True, text=True, timeout=120)
     rows = json.loads(p.stdout)
     assert [r["name"] for r in rows] == ["efficientnet_b0", "efficientnet_v2_s"]

@@ -22,7 +22,7 @@ from pipelines.dataset import DataError, read_manifest
 from pipelines.loading.transforms import center_crop_box
 from pipelines.training.job import evaluate_on_cluster, evaluate_split
 from pipelines.training.recipe import Recipe, load_recipe
-from pipelines.training.worker import JobSpec, LoopState, Worker, evaluate_and_early_stop
+from pipelines.training.loop import JobSpec, LoopState, Worker, evaluate_and_early_stop
 
 from helpers import STAGE_PARAMS, stage_directly
 

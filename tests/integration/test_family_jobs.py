@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from flows.train_family import FamilyFailed, plan_family, train_family
 from pipelines.training import submit
 from pipelines.training.job import TrainResult, job_key_for
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 from helpers import flow_run_logs, jobs_client, ray_jobs
 

@@ -41,7 +41,7 @@ def test_a_killed_training_leaves_no_ray_process(staged_dataset, data_layout_tmp
     recipe_file = tmp_path / "long.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "train", "--variant", "phi=-9", "--recipe", str(recipe_file),
+        [sys.executable, "-m", "cli.effnet", "train", "--variant", "phi=-9", "--recipe", str(recipe_file),
          "--data", str(staged_dataset)],
         env=_env(data_layout_tmp.root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
@@ -61,7 +61,7 @@ def test_a_killed_staging_leaves_no_prefect_server(tmp_path):
                                    seed=3).out_dir
     root = tmp_path / "data"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "stage", "--source", str(archives), "--out", str(root / "datasets"),
+        [sys.executable, "-m", "cli.effnet", "stage", "--source", str(archives), "--out", str(root / "datasets"),
          "--tiers", "64", "--minival", "0.1", "--max-bad-fraction", "0.1", "--workers", "1", "--no-progress"],
         env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from pipelines.settings import DataLayout
 from pipelines.training.job import run_training
 from pipelines.training.recipe import Recipe, load_recipe
-from pipelines.training.tracking import EXPERIMENT, Tags
-from pipelines.training.worker import CHECKPOINT_FILE
+from pipelines.registry.tracking import EXPERIMENT, Tags
+from pipelines.training.loop import CHECKPOINT_FILE
 
 EPOCHS = 2
 STOP_AT_BATCH = 3  # of the first epoch's 8: stopped once a checkpoint this far in is persisted
@@ -136,7 +136,7 @@ def test_a_driver_killed_mid_epoch_resumes_at_its_batch_when_run_again(
 ) -> None:
     recipe_file = tmp_path / "every-step.yaml"
     recipe_file.write_text(yaml.safe_dump(_recipe().model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "flows.cli", "--data-dir", str(data_layout_tmp.root), "train",
+    cmd = [sys.executable, "-m", "cli.effnet", "--data-dir", str(data_layout_tmp.root), "train",
            "--recipe", str(recipe_file), "--data", str(staged_dataset)]
     # The driver joins this session's Ray cluster, as a driver on a real cluster would.
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address_info["address"]}

@@ -19,7 +19,7 @@ from pipelines.dataset import latest_version
 from pipelines.settings import DataLayout
 from pipelines.source.demo import extract_to_tree
 from pipelines.training.recipe import load_recipe
-from pipelines.training.tracking import CHAMPION, Tags
+from pipelines.registry.tracking import CHAMPION, Tags
 
 from helpers import add_images, check_family_run, flow_run_artifacts
 

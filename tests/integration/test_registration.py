@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import models
-from pipelines.training import tracking
+from pipelines.registry import tracking
 
 
 def _register(layout, run_id, tags):

@@ -14,7 +14,7 @@ from flows.scaling import SEARCH_ARTIFACT, STUDY_ARTIFACT, scaling_study, search
 from flows.train_family import train_family
 from models.summary import count_params
 from pipelines.training.coefficients import load_coefficient_set, save_coefficient_set
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 from helpers import flow_run_artifacts
 

@@ -12,8 +12,8 @@ from flows.train_family import train_family
 from models import ARCHITECTURES
 from models.search_space import space_around
 from pipelines.training.baselines import load_baseline
-from pipelines.training.model_ref import load_model
-from pipelines.training.tracking import Tags
+from pipelines.registry.model_ref import load_model
+from pipelines.registry.tracking import Tags
 
 from helpers import flow_run_artifacts
 

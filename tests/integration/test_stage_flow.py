@@ -68,7 +68,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
 
 def _effnet_stage(tmp_path: Path, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
+        [sys.executable, "-m", "cli.effnet", "--data-dir", str(tmp_path / "data"), "stage", "--source",
          str(source), "--out", str(out), "--tiers", "32", "64", "--shard-size", "8", "--minival", "0.25",
          "--max-bad-fraction", "0.05", *extra],
         capture_output=True, text=True, timeout=300, env=_cli_env(tmp_path),

@@ -94,7 +94,7 @@ def _effnet_stage(tmp_path: Path, source: Path, out: Path, *extra: str) -> subpr
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "ph")}
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--data-dir", str(tmp_path / "data"), "stage", "--source",
+        [sys.executable, "-m", "cli.effnet", "--data-dir", str(tmp_path / "data"), "stage", "--source",
          str(source), "--out", str(out), "--tiers", "32", "64", "--shard-size", "8", "--minival", "0.25",
          "--max-bad-fraction", "0.05", *extra],
         capture_output=True, text=True, timeout=300, env=env,

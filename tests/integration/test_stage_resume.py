@@ -22,7 +22,7 @@ from pipelines.staging.stager import stage
 
 from helpers import BAD_INPUTS, STAGE_PARAMS, damaged_source, stage_directly
 
-EFFNET = [sys.executable, "-m", "flows.cli"]
+EFFNET = [sys.executable, "-m", "cli.effnet"]
 
 # Stages argv[1] into argv[2] with two worker processes (whose exit with the killed parent is checked too).
 # Shards are written a little slower than they would be, so that a kill lands among them reliably; the code

@@ -99,8 +99,8 @@ def check_the_registered_model_in_use(layout, dataset, result, mv, capsys) -> No
     import numpy as np
     import torch
 
-    from flows.cli import main
-    from pipelines.training.model_ref import load_model
+    from cli.effnet import main
+    from pipelines.registry.model_ref import load_model
 
     uri = f"models:/{result.registered_model}@candidate"
     mlflow.set_tracking_uri(layout.tracking_uri)
@@ -145,7 +145,7 @@ class _NotATensor:
 def check_fine_tuning_onto_other_classes(layout, dataset, source) -> None:
     """`effnet finetune` from the registered version onto five other classes with a new head, the backbone frozen
     for the first epoch: it learns well above chance, and the new run and version record where it started."""
-    from flows.cli import main
+    from cli.effnet import main
 
     out = layout.root / "finetune.json"
     uri = f"models:/{source.registered_model}/{source.version}"

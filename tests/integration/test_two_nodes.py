@@ -169,7 +169,7 @@ def test_one_job_spreads_over_two_nodes(two_nodes: TwoNodes, staged_dataset: Pat
 
     env = {**two_nodes.env, DATA_DIR_ENV: str(tmp_path / "data")}  # its RAY_ADDRESS: the job joins these nodes
     train = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "train", "--recipe", "demo", "--epochs", "1", "--data",
+        [sys.executable, "-m", "cli.effnet", "train", "--recipe", "demo", "--epochs", "1", "--data",
          str(staged_dataset)],
         env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert train.returncode == 0, train.stderr[-5000:]

@@ -8,8 +8,8 @@ import torch
 
 import models
 from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint
-from pipelines.training.export import export_model
-from pipelines.training.model_ref import LoadedModel, load_file, parse_model_uri
+from pipelines.inference.export import export_model
+from pipelines.registry.model_ref import LoadedModel, load_file, parse_model_uri
 
 ARGS = {"name": "efficientnet_b0", "phi": -9, "num_classes": 3}
 
@@ -88,7 +88,7 @@ def test_frozen_modules_keep_their_weights_and_bn_statistics_only_for_the_first_
     from types import SimpleNamespace
 
     from pipelines.training.recipe import load_recipe
-    from pipelines.training.worker import frozen_parameters
+    from pipelines.training.loop import frozen_parameters
 
     recipe = load_recipe("demo").with_overrides(init={"from": "models:/x/1", "freeze": 1, "freeze_epochs": 2})
     net = _model(0).train()

@@ -107,7 +107,7 @@ def test_loopback_addresses(address, loopback):
 def test_a_second_data_directory_in_the_same_process_keeps_its_own_store(tmp_path, monkeypatch):
     """MLflow exports the URI a client is made for; read back as the user's shared server, it sent a second data
     directory's runs into the first one's store (every arm of a benchmark, every test of a session)."""
-    from pipelines.training import tracking
+    from pipelines.registry import tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first, second = DataLayout(tmp_path / "a"), DataLayout(tmp_path / "b")

@@ -14,7 +14,7 @@ from pipelines.settings import DataLayout
 from pipelines.training.coefficients import load_coefficient_set, resolve_coefficients, save_coefficient_set
 from pipelines.training.job import scaling_tags
 from pipelines.training.recipe import RecipeError, load_recipe, parse_family_member
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 
 FOUND = CoefficientSet("my-search", 1.3, 1.1, 1.1)  # 1.3 * 1.21 * 1.21 = 1.903
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 
-from pipelines.training import compare
+from pipelines.registry import compare
 
 ROWS = [
     {"variant": "efficientnet_b0", "status": "trained", "params": 5_288_548, "gmacs": 0.3897, "train_resolution": 224,

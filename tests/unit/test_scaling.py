@@ -10,7 +10,8 @@ import pytest
 import models
 from flows.scaling import study_verdict
 from models import PAPER_COEFFICIENTS, CoefficientSet, plan_blocks, resolve_variant, round_resolution, stage_repeats
-from pipelines.training import compare, scaling
+from pipelines.registry import compare
+from pipelines.search import trials
 from pipelines.training.recipe import ModelConfig
 
 BASE = resolve_variant("efficientnet_b0", phi=-9)  # the demo's baseline
@@ -18,7 +19,7 @@ BASE = resolve_variant("efficientnet_b0", phi=-9)  # the demo's baseline
 
 def test_every_grid_point_meets_the_constraint_and_the_others_are_left_out() -> None:
     alphas, betas, gammas, tolerance = [1.0, 1.2, 1.4], [1.0, 1.1], [1.1, 1.15, 1.3], 0.05
-    points = scaling.search_points(alphas, betas, gammas, tolerance)
+    points = trials.search_points(alphas, betas, gammas, tolerance)
     off = [(a, b, g) for a in alphas for b in betas for g in gammas
            if abs(a * b * b * g * g - 2) > tolerance * 2]
     assert len(points) + len(off) == len(alphas) * len(betas) * len(gammas)
@@ -36,21 +37,21 @@ def test_every_grid_point_meets_the_constraint_and_the_others_are_left_out() -> 
 ])
 def test_a_bad_grid_is_one_clear_error(grid, message) -> None:
     with pytest.raises(ValueError, match=message):
-        scaling.search_points(*grid, tolerance=0.1)
+        trials.search_points(*grid, tolerance=0.1)
 
 
 def test_a_trial_is_the_baseline_scaled_at_phi_1() -> None:
     cs = CoefficientSet("p", 1.3, 1.1, 1.15)
-    (plan,) = scaling.search_trials(BASE, [cs])
-    spec = scaling.member_spec(plan.model)
+    (plan,) = trials.search_trials(BASE, [cs])
+    spec = trials.member_spec(plan.model)
     assert spec.depth_mult == pytest.approx(BASE.depth_mult * 1.3, abs=1e-6)
     assert spec.width_mult == pytest.approx(BASE.width_mult * 1.1, abs=1e-6)
     assert spec.train_resolution == spec.eval_resolution == round_resolution(BASE.train_resolution * 1.15)
     assert plan.params == {"alpha": 1.3, "beta": 1.1, "gamma": 1.15, "flops_factor": cs.flops_factor}
     # A V2 baseline keeps V2's eval-to-train ratio and its non-uniform depth.
     v2 = resolve_variant("efficientnet_v2_s", late_depth_stages=2)
-    (plan,) = scaling.search_trials(v2, [cs])
-    spec = scaling.member_spec({**plan.model, "late_depth_stages": 2})
+    (plan,) = trials.search_trials(v2, [cs])
+    spec = trials.member_spec({**plan.model, "late_depth_stages": 2})
     assert spec.train_resolution == round_resolution(300 * 1.15)
     assert spec.eval_resolution == round(spec.train_resolution * 384 / 300)
 
@@ -62,28 +63,28 @@ def test_a_trial_is_the_baseline_scaled_at_phi_1() -> None:
     ("compound", 2.0, (1.2**2, 1.1**2, 1.15**2)),
 ])
 def test_method_factors(method, s, expected) -> None:
-    assert scaling.method_factors(method, s, PAPER_COEFFICIENTS) == pytest.approx(expected)
+    assert trials.method_factors(method, s, PAPER_COEFFICIENTS) == pytest.approx(expected)
 
 
 def test_fit_to_gmacs_takes_the_nearer_side_of_the_step_that_crosses_the_target() -> None:
     def steps(s: float) -> float:  # a non-decreasing step function: 1, 2, 4, 8 GMACs at s in [1,2), [2,3), ...
         return 2.0 ** math.floor(s - 1)
 
-    assert steps(scaling.fit_to_gmacs(steps, 4.0, 1.0, 10.0)) == 4.0  # reachable: hit exactly
-    assert steps(scaling.fit_to_gmacs(steps, 2.5, 1.0, 10.0)) == 2.0  # 2 is nearer 2.5 than 4 (by ratio)
-    assert steps(scaling.fit_to_gmacs(steps, 3.5, 1.0, 10.0)) == 4.0
-    assert scaling.fit_to_gmacs(steps, 1e6, 1.0, 10.0) == 10.0  # out of reach: the upper bound
+    assert steps(trials.fit_to_gmacs(steps, 4.0, 1.0, 10.0)) == 4.0  # reachable: hit exactly
+    assert steps(trials.fit_to_gmacs(steps, 2.5, 1.0, 10.0)) == 2.0  # 2 is nearer 2.5 than 4 (by ratio)
+    assert steps(trials.fit_to_gmacs(steps, 3.5, 1.0, 10.0)) == 4.0
+    assert trials.fit_to_gmacs(steps, 1e6, 1.0, 10.0) == 10.0  # out of reach: the upper bound
 
 
 def test_study_members_reach_the_flops_target_each_by_its_own_dimension() -> None:
-    plans = scaling.study_trials(BASE, ["width", "depth", "resolution", "compound"], [2.0], PAPER_COEFFICIENTS,
+    plans = trials.study_trials(BASE, ["width", "depth", "resolution", "compound"], [2.0], PAPER_COEFFICIENTS,
                                  num_classes=10)
     assert [p.label for p in plans] == ["baseline", "width x2", "depth x2", "resolution x2", "compound x2"]
-    base = scaling.member_spec(plans[0].model)
-    g0 = scaling.member_gmacs(plans[0].model, 10)
+    base = trials.member_spec(plans[0].model)
+    g0 = trials.member_gmacs(plans[0].model, 10)
     for plan in plans[1:]:
-        spec = scaling.member_spec(plan.model)
-        assert scaling.member_gmacs(plan.model, 10) / g0 == pytest.approx(2.0, rel=0.1), plan.label
+        spec = trials.member_spec(plan.model)
+        assert trials.member_gmacs(plan.model, 10) / g0 == pytest.approx(2.0, rel=0.1), plan.label
         changed = {k for k in ("depth_mult", "width_mult", "train_resolution") if getattr(spec, k) != getattr(base, k)}
         assert changed == {"width": {"width_mult"}, "depth": {"depth_mult"}, "resolution": {"train_resolution"},
                            "compound": {"depth_mult", "width_mult", "train_resolution"}}[plan.params["method"]]
@@ -95,20 +96,20 @@ def test_study_members_reach_the_flops_target_each_by_its_own_dimension() -> Non
 ])
 def test_a_bad_study_is_one_clear_error(methods, targets, message) -> None:
     with pytest.raises(ValueError, match=message):
-        scaling.study_trials(BASE, methods, targets, PAPER_COEFFICIENTS, num_classes=10)
+        trials.study_trials(BASE, methods, targets, PAPER_COEFFICIENTS, num_classes=10)
 
 
-def _outcome(label: str, top1: float, loss: float, error: str | None = None) -> scaling.TrialOutcome:
-    return scaling.TrialOutcome(label, {}, "run", {}, 3, 2, top1, loss, False, error, None)
+def _outcome(label: str, top1: float, loss: float, error: str | None = None) -> trials.TrialOutcome:
+    return trials.TrialOutcome(label, {}, "run", {}, 3, 2, top1, loss, False, error, None)
 
 
 def test_the_winner_is_the_best_minival_top1_then_the_lower_loss_then_the_earlier_point() -> None:
-    assert scaling.pick_winner([_outcome("a", 50, 1.0), _outcome("b", 60, 2.0)]).label == "b"
-    assert scaling.pick_winner([_outcome("a", 60, 1.5), _outcome("b", 60, 1.2)]).label == "b"
-    assert scaling.pick_winner([_outcome("a", 60, 1.2), _outcome("b", 60, 1.2)]).label == "a"
-    assert scaling.pick_winner([_outcome("a", 90, 0.1, error="boom"), _outcome("b", 10, 3.0)]).label == "b"
+    assert trials.pick_winner([_outcome("a", 50, 1.0), _outcome("b", 60, 2.0)]).label == "b"
+    assert trials.pick_winner([_outcome("a", 60, 1.5), _outcome("b", 60, 1.2)]).label == "b"
+    assert trials.pick_winner([_outcome("a", 60, 1.2), _outcome("b", 60, 1.2)]).label == "a"
+    assert trials.pick_winner([_outcome("a", 90, 0.1, error="boom"), _outcome("b", 10, 3.0)]).label == "b"
     with pytest.raises(RuntimeError, match="no trial finished"):
-        scaling.pick_winner([_outcome("a", 90, 0.1, error="boom")])
+        trials.pick_winner([_outcome("a", 90, 0.1, error="boom")])
 
 
 # --- V2's non-uniform depth ---

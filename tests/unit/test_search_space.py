@@ -93,7 +93,7 @@ def test_rewards_refuse_figures_that_are_not_positive_and_step_times_are_relativ
 def test_a_stored_baseline_is_what_a_family_member_and_the_scaling_search_build(tmp_path) -> None:
     from flows.train_family import member_recipes
     from pipelines.settings import DataLayout
-    from pipelines.training import scaling
+    from pipelines.search import trials
     from pipelines.training.baselines import load_baseline, save_baseline
 
     layout = DataLayout(tmp_path / "data").ensure()
@@ -104,7 +104,7 @@ def test_a_stored_baseline_is_what_a_family_member_and_the_scaling_search_build(
     assert recipe.model.baseline is None and recipe.model.table is not None  # the rows themselves travel
     spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
     assert ARCHITECTURES[spec.architecture] == arch and spec.phi == -9
-    (plan,) = scaling.search_trials(spec, [models.PAPER_COEFFICIENTS])
-    assert ARCHITECTURES[scaling.member_spec(plan.model).architecture] == arch  # scaled, same rows
+    (plan,) = trials.search_trials(spec, [models.PAPER_COEFFICIENTS])
+    assert ARCHITECTURES[trials.member_spec(plan.model).architecture] == arch  # scaled, same rows
     with pytest.raises(ValueError, match="no baseline 'other'; known: my-nas"):
         member_recipes(["phi=-9,baseline=other"], "demo", None, layout=layout)

@@ -92,7 +92,7 @@ def test_the_flow_parameters_default_to_stage_params_and_an_empty_list_is_no_def
 
 
 def test_the_stage_flags_default_to_stage_params() -> None:
-    from flows.cli import build_parser
+    from cli.effnet import build_parser
 
     args = vars(build_parser().parse_args(["stage", "--source", "src", "--out", "out"]))
     flags = {f.name for f in dataclasses.fields(StageParams)} & set(args)

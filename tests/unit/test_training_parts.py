@@ -16,7 +16,7 @@ import models
 from pipelines.training.job import best_scored_checkpoint
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import ema_decay_at
-from pipelines.training.worker import (
+from pipelines.training.loop import (
     CHECKPOINT_RANK,
     SCORE,
     UNSCORED,

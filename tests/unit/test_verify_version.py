@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows import cli
+from cli import effnet
 from pipelines.dataset import DataError, damaged_files, read_manifest
 from pipelines.training.job import validate_job
 from pipelines.training.recipe import load_recipe
@@ -17,7 +17,7 @@ def _shard(version, split="train"):
 
 def test_a_whole_version_passes_every_check(staged_dataset, capsys):
     assert damaged_files(staged_dataset, checksums=True) == []
-    assert cli.main(["verify", str(staged_dataset)]) == 0
+    assert effnet.main(["verify", str(staged_dataset)]) == 0
     assert "sizes and sha256 as in the manifest" in capsys.readouterr().out
 
 
@@ -33,7 +33,7 @@ def test_a_truncated_or_deleted_shard_stops_the_job_before_ray(copy_staged, caps
     assert f"{deleted.relative_to(copy_staged)} is missing" in message
     assert f"{truncated.relative_to(copy_staged)} has 512 bytes" in message
     assert "run `effnet stage` again" in message
-    assert cli.main(["verify", str(copy_staged), "--sizes-only"]) == 2
+    assert effnet.main(["verify", str(copy_staged), "--sizes-only"]) == 2
     assert "is missing" in capsys.readouterr().err
 
 
@@ -45,7 +45,7 @@ def test_a_changed_byte_is_found_by_the_checksums_only(copy_staged, capsys):
     assert damaged_files(copy_staged) == []  # same size: the quick check before a job passes
     assert damaged_files(copy_staged, checksums=True) == [
         f"{shard.relative_to(copy_staged)} does not match its sha256"]
-    assert cli.main(["verify", str(copy_staged)]) == 2
+    assert effnet.main(["verify", str(copy_staged)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not match its sha256" in err
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from pipelines.training.model_ref import parse_model_uri
+from pipelines.registry.model_ref import parse_model_uri
 from pipelines.training.recipe import RecipeError, load_recipe
 from pipelines.training.warm_start import CLASSIFIER, fitted_state
 

@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """`effnet train` from a registered model's weights: its variant, the recipe's training settings."""
-    from pipelines.training.model_ref import load_model, parse_model_uri
+    from pipelines.registry.model_ref import load_model, parse_model_uri
     from pipelines.training.recipe import ModelConfig, load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -154,8 +154,8 @@ def _write_result(result: dict, out: str | None) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.training.evaluation import evaluate_model, log_evaluation
-    from pipelines.training.model_ref import load_model
+    from pipelines.inference.evaluation import evaluate_model, log_evaluation
+    from pipelines.registry.model_ref import load_model
 
     layout = data_layout(args.data_dir)
     dataset = _dataset_dir(args.data, args.data_dir)
@@ -172,14 +172,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipelines.training.export import export_model
-    from pipelines.training.model_ref import load_model
+    from pipelines.inference.export import export_model
+    from pipelines.registry.model_ref import load_model
 
     layout = data_layout(args.data_dir)
     loaded = load_model(args.model, layout.tracking_uri)
     report = export_model(loaded, args.format, args.out)
     if args.attach:
-        from pipelines.training.export import attach_export
+        from pipelines.inference.export import attach_export
 
         report["artifact"] = attach_export(layout.tracking_uri, loaded, report)
     print(json.dumps(report, indent=1))

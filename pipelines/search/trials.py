@@ -10,7 +10,7 @@ to the target as the rounding of channels, blocks and pixels allows (`fit_to_gma
 the same recipe, its chosen checkpoint (best minival) is evaluated on val.
 
 A trial is one process (no DDP) with one Ray Train worker's resources, running the worker's own loop
-(`pipelines.training.worker`: model, EMA, optimizer, epochs, minival); Tune runs as many trials at once as the
+(`pipelines.training.loop`: model, EMA, optimizer, epochs, minival); Tune runs as many trials at once as the
 cluster holds. The experiment's MLflow parent run has one nested run per trial. Each trial keeps its own folder
 under `<ray storage>/tune/<key>` (the key: everything that decides the experiment's outcome): its last and best
 epoch as checkpoint files and its state as JSON, so a rerun after a crash runs only the trials that had not
@@ -38,11 +38,11 @@ from models import CoefficientSet, VariantSpec, check_coefficients, round_resolu
 from models.summary import count_gmacs, count_params
 from models.variants import architecture_to_dict
 from pipelines.atomic import atomic_path, atomic_write_json
-from pipelines.training import tracking
+from pipelines.registry import tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import first_scored_epoch
-from pipelines.training.tracking import Tags
-from pipelines.training.worker import (
+from pipelines.registry.tracking import Tags
+from pipelines.training.loop import (
     SCORE,
     CheckpointClock,
     JobSpec,

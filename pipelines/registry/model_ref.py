@@ -19,7 +19,7 @@ import torch
 
 from models import VariantSpec
 from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint
-from pipelines.training.tracking import STATE_DICT_ARTIFACT, Tags
+from pipelines.registry.tracking import STATE_DICT_ARTIFACT, Tags
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 _RUN_URI = re.compile(r"^runs:/(?P<run>[0-9a-f]{32})/?$")
@@ -87,7 +87,7 @@ def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
         return load_file(ref)
     if tracking_uri is None:
         raise ModelError(f"{ref}: no MLflow tracking URI to look it up in")
-    from pipelines.training import tracking
+    from pipelines.registry import tracking
 
     c = tracking.client(tracking_uri)
     if ref.startswith("models:/"):

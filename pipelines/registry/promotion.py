@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.training import tracking
-from pipelines.training.model_ref import load_registered_weights
-from pipelines.training.tracking import STATE_DICT_ARTIFACT, Tags
+from pipelines.registry import tracking
+from pipelines.registry.model_ref import load_registered_weights
+from pipelines.registry.tracking import STATE_DICT_ARTIFACT, Tags
 
 Evaluate = Callable[[torch.nn.Module, Any], float]  # (model in eval mode, its VariantSpec) -> minival top-1
 

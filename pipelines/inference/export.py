@@ -1,4 +1,4 @@
-"""`effnet export`: a trained model (`pipelines.training.model_ref`) as an ONNX, TorchScript or PT2
+"""`effnet export`: a trained model (`pipelines.registry.model_ref`) as an ONNX, TorchScript or PT2
 (`torch.export`) file, checked by running the written file and comparing its logits with the PyTorch model's.
 
 The check runs the file as its users would: ONNX through onnxruntime, TorchScript through `torch.jit.load`,
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.atomic import atomic_path
-from pipelines.training.model_ref import LoadedModel, ModelError
+from pipelines.registry.model_ref import LoadedModel, ModelError
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
@@ -125,8 +125,8 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, tolerance: floa
 def attach_export(tracking_uri: str, loaded: LoadedModel, report: dict[str, Any]) -> str:
     """The exported file logged to the model's training run (`export/<file>`), its registered version (when the
     model was named by one) tagged `export.<format>` with the artifact's path; the artifact path."""
-    from pipelines.training import tracking
-    from pipelines.training.model_ref import parse_model_uri
+    from pipelines.registry import tracking
+    from pipelines.registry.model_ref import parse_model_uri
 
     if loaded.run_id is None:
         raise ModelError(f"{loaded.source}: a checkpoint file has no MLflow run to attach the export to")

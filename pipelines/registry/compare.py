@@ -156,7 +156,7 @@ def write_comparison(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) 
     return [png, page, table_csv]
 
 
-# A scaling search's trials (rows: `pipelines.training.scaling` outcomes as the search flow writes them).
+# A scaling search's trials (rows: `pipelines.search.trials` outcomes as the search flow writes them).
 SEARCH_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("trial", "trial", "{}"),
     ("alpha", "alpha", "{:g}"),

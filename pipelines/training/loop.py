@@ -42,7 +42,8 @@ from pipelines.loading import make_loader
 from pipelines.loading.sampling import batches_per_epoch
 from pipelines.loading.transforms import normalize
 from pipelines.seeds import Stream, mix_seed
-from pipelines.training import augment, tracking
+from pipelines.training import augment
+from pipelines.registry import tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import (
     EpochSettings,
@@ -51,7 +52,7 @@ from pipelines.training.schedules import (
     first_scored_epoch,
     learning_rate,
 )
-from pipelines.training.tracking import Tags
+from pipelines.registry.tracking import Tags
 from pipelines.training.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)

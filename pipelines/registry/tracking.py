@@ -25,7 +25,7 @@ EXPERIMENT = "efficientnet-family"  # every job's run, and the family compared s
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by MLflow's UI (not by its Python API)
 CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the latest version, the best one
 # Where a registered version's run keeps its plain weights: a state_dict and the arguments that rebuild the model
-# through `models`, read back without unpickling (`pipelines.training.model_ref`).
+# through `models`, read back without unpickling (`pipelines.registry.model_ref`).
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
 
 
@@ -147,7 +147,7 @@ def open_family_run(c: MlflowClient, exp_id: str, flow_run_id: str, run_name: st
 
 def close_family_run(c: MlflowClient, run_id: str, rows: list[dict[str, Any]], title: str, status: str) -> None:
     """Log the family's comparison (PNG, HTML, CSV under `comparison/`) to its parent run and end the run."""
-    from pipelines.training.compare import write_comparison
+    from pipelines.registry.compare import write_comparison
 
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_comparison(rows, Path(tmp), title):
@@ -177,7 +177,7 @@ def log_served_model(weights_file: Path, input_example: Any, preprocessing: Mapp
     import torch
 
     from pipelines.settings import PROJECT_ROOT
-    from pipelines.training import served_model
+    from pipelines.registry import served_model
 
     return mlflow.pyfunc.log_model(
         name="model", python_model=served_model.__file__, artifacts={served_model.WEIGHTS: str(weights_file)},
@@ -196,7 +196,7 @@ def register_best_checkpoint(
     """Log the chosen model to the run, register it as `name` (default `efficientnet-<variant>`), set aliases.
 
     The version gets alias `candidate`, and `champion` when `promote` (decided by the caller on minival, see
-    `pipelines.training.promotion`). Returns (model name, version, became_champion).
+    `pipelines.registry.promotion`). Returns (model name, version, became_champion).
 
     Works against a tracking server as well as a SQLite store: MLflow 3 registers a logged model by its model
     id. A failure removes what this call made (logged model, version, a registered model it created), so a

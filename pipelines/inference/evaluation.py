@@ -1,4 +1,4 @@
-"""`effnet eval`: a trained model (`pipelines.training.model_ref`) evaluated on a split of a staged dataset
+"""`effnet eval`: a trained model (`pipelines.registry.model_ref`) evaluated on a split of a staged dataset
 version, with the model's own eval preprocessing (its variant's resolution and crop ratio), through the loader
 backend the user picks; top-1, top-5, loss and, on request, each class's top-1.
 """
@@ -12,8 +12,8 @@ import torch
 
 from pipelines.dataset import read_manifest
 from pipelines.loading import make_loader
-from pipelines.training.model_ref import LoadedModel, ModelError
-from pipelines.training.worker import evaluate
+from pipelines.registry.model_ref import LoadedModel, ModelError
+from pipelines.training.loop import evaluate
 
 SPLITS = ("val", "minival")
 
@@ -48,8 +48,8 @@ def evaluate_model(loaded: LoadedModel, dataset_dir: str | Path, split: str = "v
 def log_evaluation(tracking_uri: str, artifact_root: str | None, result: dict[str, Any], run_id: str | None) -> str:
     """The evaluation as an MLflow run of its own (run_kind "eval", tags naming the model and the dataset), its
     figures as `<split>_top1` ..., the whole result as `eval/result.json`; the run's id."""
-    from pipelines.training import tracking
-    from pipelines.training.tracking import Tags
+    from pipelines.registry import tracking
+    from pipelines.registry.tracking import Tags
 
     c = tracking.client(tracking_uri)
     exp = tracking.experiment_id(c, artifact_root)
