@@ -11,12 +11,14 @@ FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
 UI_DEBS := chromium
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
+CHECKED := models pipelines flows cli
 
-.PHONY: setup demo test test-unit test-integration test-gpu bench bench-gpu up down status constraints clean-data help
+.PHONY: setup check demo test test-unit test-integration test-gpu bench bench-gpu up down status constraints clean-data help
 
 help:
 	@echo "make demo   - the main job end to end on the built-in demo ImageNet (sets up first)"
-	@echo "make test   - the test suite (sets up first)"
+	@echo "make test   - the checks (ruff, mypy) and the test suite (sets up first)"
+	@echo "make check  - ruff (lint, format) and mypy on models/ pipelines/ flows/ cli/, seconds"
 	@echo "make test-unit        - tests/unit only: pure code, minutes at most"
 	@echo "make test-integration - tests/integration and tests/e2e: real Ray, Prefect, MLflow, FFCV, DALI"
 	@echo "make test-gpu         - the tests marked gpu (skipped, saying why, where CUDA is not available)"
@@ -29,7 +31,7 @@ help:
 # A second run only compares a checksum of the inputs with the stamp and returns in seconds.
 setup:
 	@want=$$(cat $(STAMP_INPUTS) | sha256sum | cut -c1-16); \
-	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && $(PY) -c "import models, pipelines, flows" 2>/dev/null; then \
+	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && $(PY) -c "import models, pipelines, flows, cli" 2>/dev/null; then \
 		echo "setup: $(VENV) is up to date"; exit 0; fi; \
 	set -e; \
 	missing=$$(for p in $(FFCV_DEBS) $(UI_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -51,7 +53,13 @@ setup:
 demo: setup
 	$(VENV)/bin/effnet demo
 
-test: setup
+# Seconds, before the suite: lint, format and types of the code (configured in pyproject.toml).
+check: setup
+	$(VENV)/bin/ruff check $(CHECKED)
+	$(VENV)/bin/ruff format --check $(CHECKED)
+	$(VENV)/bin/mypy $(CHECKED)
+
+test: setup check
 	$(PY) -m pytest
 
 # The folder decides the tier (tests/conftest.py): these two split the suite, each test in exactly one.

@@ -252,7 +252,7 @@ def part_job(args: argparse.Namespace, dataset: Path, data_dir: Path, b0_images_
 def _train_images(dataset: Path) -> int:
     from pipelines.dataset import read_manifest
 
-    return int(read_manifest(dataset)["splits"]["train"]["samples"])
+    return int(read_manifest(dataset).splits["train"].samples)
 
 
 def _epoch_images_per_s(data_dir: Path, run_id: str) -> list[float]:

@@ -233,8 +233,8 @@ def shares_section(dataset: Path, ranks: int, workers: int, cores: int, rounds: 
     """1 rank and `ranks` ranks, `rounds` times in alternating order; the best round of each is reported (the
     host is shared: the fastest round is the least disturbed; bytes read do not vary)."""
     manifest = read_manifest(dataset)
-    tier = select_tier(manifest["tiers"], SHARES_RESOLUTION, 0.875)
-    split = sum(s["bytes"] for s in manifest["shards"] if (s["split"], s["tier"]) == ("train", tier))
+    tier = select_tier(manifest.tiers, SHARES_RESOLUTION, 0.875)
+    split = sum(s["bytes"] for s in manifest.shards if (s["split"], s["tier"]) == ("train", tier))
     settings = sorted({1, ranks})
     tried: dict[int, list[dict[str, Any]]] = {r: [] for r in settings}
     for i in range(rounds):
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     tiered_raw, tiered_raw_s = stage(source, staged, TIERS, cores, ffcv_write_mode="raw")
     originals, originals_s = stage(source, staged, (ORIGINALS_TIER,), cores)
-    n_train = read_manifest(tiered)["splits"]["train"]["samples"]
+    n_train = read_manifest(tiered).splits["train"].samples
 
     configs: dict[tuple[str, str, int], Callable[[], Any]] = {}
     for res in RESOLUTIONS:
@@ -378,10 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # This run's staging calls: ~0 when the staged copies under --data were reused.
         "staging_s": {"tiers": round(tiered_s, 1), "tiers_ffcv_raw": round(tiered_raw_s, 1),
                       "originals": round(originals_s, 1)},
-        "disk_mb": {name: round(sum(e["bytes"] for e in read_manifest(d)["extra"]["ffcv"]
+        "disk_mb": {name: round(sum(e["bytes"] for e in read_manifest(d).extra["ffcv"]
                                     if e["split"] == "train") / 1e6, 1)
                     for name, d in (("ffcv_jpg_train", tiered), ("ffcv_raw_train", tiered_raw))}
-        | {"wds_train": round(sum(s["bytes"] for s in read_manifest(tiered)["shards"]
+        | {"wds_train": round(sum(s["bytes"] for s in read_manifest(tiered).shards
                                   if s["split"] == "train") / 1e6, 1)},
         "results": rows,
         "goals": goals,

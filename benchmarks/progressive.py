@@ -95,7 +95,9 @@ def at_variant_eval(row: dict, result, dataset, layout, own) -> dict:
 
 def split_images(dataset, split: str) -> int:
     """Images a staged split holds, from the version's manifest."""
-    return json.loads((dataset / "manifest.json").read_text())["splits"][split]["samples"]
+    from pipelines.dataset import read_manifest
+
+    return read_manifest(dataset).splits[split].samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from models import resolve_variant
     from pipelines.settings import DataLayout
     from pipelines.source.demo import write_demo_imagenet
     from pipelines.staging.params import StageParams
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         progressive={"image_size": list(args.sizes), "choose_from": args.choose_from})
     last = progressive.progressive
     recipes = arm_recipes(progressive)
-    own_spec = resolve_variant(progressive.model.variant, **progressive.model.overrides())
+    own_spec = progressive.model.spec()
     rows = []
     for seed in args.seeds:
         for name in args.arms:

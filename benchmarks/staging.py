@@ -110,10 +110,10 @@ def run_staging(
     os.sync()  # the finish line is the same for both sides: every byte written is on disk
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     manifest = read_manifest(dest)
-    images = sum(manifest["splits"][s]["samples"] for s in SPLITS)
+    images = sum(manifest.splits[s].samples for s in SPLITS)
     spools = sum(p.stat().st_size for p in (out / WORK).rglob("*.tar"))
-    return {**_figures(images, seconds, cpu, sum(s["bytes"] for s in manifest["shards"])), "spool_bytes": spools,
-            "phases_s": {k: round(v, 2) for k, v in phases.items()}, "bad_files": len(manifest["bad_files"])}
+    return {**_figures(images, seconds, cpu, sum(s["bytes"] for s in manifest.shards)), "spool_bytes": spools,
+            "phases_s": {k: round(v, 2) for k, v in phases.items()}, "bad_files": len(manifest.bad_files)}
 
 
 # --------------------------------------------------------------------------------------------- FFCV

@@ -1,22 +1,26 @@
-"""`effnet`: the command line. Each subcommand is a thin wrapper over a flow or a pipeline function."""
+"""`effnet`: the command line. Each subcommand is a thin wrapper over a flow or a pipeline function; the choices
+it offers (recipes, splits, loader backends, export formats) are the lists the pipelines define."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-from pipelines.dataset import EXTRA_FORMATS, DataError
-from pipelines.settings import DATA_DIR_ENV, StackError, data_layout
-from pipelines.source.demo import write_demo_imagenet
+from pipelines.dataset import BACKENDS, EVAL_SPLITS, EXTRA_FORMATS
+from pipelines.inference import EXPORT_FORMATS
+from pipelines.registry.tracking import EXPERIMENT
+from pipelines.settings import DATA_DIR_ENV, PREFECT_API_ENV, data_layout
+from pipelines.source.demo import DEMO_SIZE, write_demo_imagenet
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, whole_number
+from pipelines.training.driver import BAD_INPUT, key_value, train_and_report
+from pipelines.training.recipes import list_recipes
 
 TIMEZONE_HELP = ("the nightly schedule's timezone, an IANA name such as Europe/Berlin (default: "
                  "$EFFNET_NIGHTLY_TIMEZONE, else UTC)")
-RECIPE_HELP = "a recipe name (v1, v2-progressive, demo, demo-progressive) or the path to a recipe YAML file"
+RECIPE_HELP = f"a recipe name ({', '.join(list_recipes())}) or the path to a recipe YAML file"
 
 
 def _prefect_home(data_dir: str | None) -> None:
@@ -28,11 +32,6 @@ def _prefect_home(data_dir: str | None) -> None:
     os.environ.setdefault("PREFECT_HOME", str(layout.root / "prefect"))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, and none wanted
-
-
-def _keyword_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
-    """A function's parameter defaults by name: flags that stand for its parameters default to what it does."""
-    return {name: p.default for name, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -107,26 +106,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _train(recipe: Any, sections: dict, args: argparse.Namespace) -> int:
     """One job of `recipe` with `sections` and the command's --epochs/--workers over it, run and reported."""
-    from pipelines.training.baselines import resolve_named
-    from pipelines.training.job import run_training, validate_job
-
     # `is not None`: an explicit 0 is checked by the recipe schema (and refused), never silently ignored.
     if args.epochs is not None:
         sections["schedule"] = {"epochs": args.epochs}
     if args.workers is not None:
         sections["ray"] = {"num_workers": args.workers}
     recipe = recipe.with_overrides(**sections) if sections else recipe
-    recipe = resolve_named(recipe, data_layout(args.data_dir))
-    tags = dict(_key_value("--tag", t) for t in args.tag)
-    validate_job(recipe, args.data)  # a bad variant or dataset fails here, before Ray starts
-    result = run_training(recipe, args.data, data_layout(args.data_dir), ray_address=args.ray_address,
-                          progress=lambda line: print(line, file=sys.stderr, flush=True), tags=tags)
-    if args.result_file:
-        from pipelines.atomic import atomic_write_json
-
-        atomic_write_json(args.result_file, result.__dict__)
-    else:
-        print(json.dumps(result.__dict__, indent=1))
+    tags = dict(key_value("--tag", t) for t in args.tag)
+    train_and_report(recipe, args.data, data_layout(args.data_dir), args.ray_address, tags, args.result_file)
     return 0
 
 
@@ -186,13 +173,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_value(flag: str, text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"{flag} {text!r}: expected KEY=VALUE")
-    return key, value
-
-
 def cmd_family(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
     from flows.train_family import FamilyFailed, train_family
@@ -215,12 +195,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo(data_dir=str(layout.root), epochs=args.epochs)
     if layout.stack is not None:
         ui = (f"The runs and models are on the stack's MLflow server: {layout.stack.mlflow_tracking_uri} "
-              "(experiment 'efficientnet-family', Models tab for the registry).")
+              f"(experiment '{EXPERIMENT}', Models tab for the registry).")
     else:
         ui = (f"Open the MLflow UI with:\n"
               f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
               f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
-              f"then browse http://127.0.0.1:5000 (experiment 'efficientnet-family', Models tab for the registry).")
+              f"then browse http://127.0.0.1:5000 (experiment '{EXPERIMENT}', Models tab for the registry).")
     print(f"\nResults are in {layout.root}:\n"
           f"  demo archives   {layout.demo_archives}\n  staged shards   {layout.datasets}\n"
           f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n{ui}")
@@ -237,7 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     _prefect_home(args.data_dir)
-    if not os.environ.get("PREFECT_API_URL"):
+    if not os.environ.get(PREFECT_API_ENV):
         # Prefect would deploy to a temporary server of this command's own, which forgets them as it exits.
         raise ValueError("no Prefect server to deploy to: start the stack (make up) or set PREFECT_API_URL")
     from flows.deployments import deploy_all
@@ -272,13 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where archives, shards, MLflow and Ray state live (default ${DATA_DIR_ENV} or ./data)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = _keyword_defaults(write_demo_imagenet)
     s = sub.add_parser("demo-data", help="write a small ImageNet in the ILSVRC2012 archive format")
     s.add_argument("out")
-    s.add_argument("--classes", type=int, default=demo["num_classes"])
-    s.add_argument("--train-per-class", type=int, default=demo["train_per_class"])
-    s.add_argument("--val-per-class", type=int, default=demo["val_per_class"])
-    s.add_argument("--seed", type=int, default=demo["seed"])
+    s.add_argument("--classes", type=int, default=DEMO_SIZE.num_classes)
+    s.add_argument("--train-per-class", type=int, default=DEMO_SIZE.train_per_class)
+    s.add_argument("--val-per-class", type=int, default=DEMO_SIZE.val_per_class)
+    s.add_argument("--seed", type=int, default=DEMO_SIZE.seed)
     s.set_defaults(fn=cmd_demo_data)
 
     s = sub.add_parser("stage", help="stage ILSVRC2012 (archives, tree or Kaggle layout) into shards")
@@ -350,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="evaluate a trained model on a staged split with its own preprocessing")
     s.add_argument("model", help=MODEL_HELP)
     s.add_argument("--data", required=True, help="a staged dataset version: its directory or its name")
-    s.add_argument("--split", default="val", choices=["val", "minival"])
-    s.add_argument("--backend", default="wds", help="the loader: wds (default), ffcv or dali")
+    s.add_argument("--split", default="val", choices=EVAL_SPLITS)
+    s.add_argument("--backend", default=BACKENDS[0], choices=BACKENDS, help="the loader (default %(default)s)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--per-class", action="store_true", help="each class's top-1 too")
     s.add_argument("--mlflow", action="store_true", help="also log the evaluation as an MLflow run (run_kind eval)")
@@ -360,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="export a trained model to ONNX, TorchScript or PT2, checked by running it")
     s.add_argument("model", help=MODEL_HELP)
-    s.add_argument("--format", required=True, help="onnx, torchscript or pt2")
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("--out", required=True, help="the file to write")
     s.add_argument("--attach", action="store_true", help="also log the file to the model's MLflow run (export/) "
                    "and tag its registered version with it")
@@ -420,7 +399,7 @@ def main(argv: Sequence[str] | None = None, watch: bool | None = None) -> int:
         # command (its servers, its Ray head); without one, local stores and a local Ray on 127.0.0.1.
         data_layout(args.data_dir).use_stack(check=args.command not in ("models", "demo-data", "verify"))
         return args.fn(args)
-    except (ValueError, FileNotFoundError, DataError, StackError) as exc:
+    except BAD_INPUT as exc:
         # Bad input: one clear line naming the problem, non-zero exit, no traceback.
         print(f"effnet {args.command}: error: {exc}", file=sys.stderr)
         return 2

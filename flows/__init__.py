@@ -1,2 +1,3 @@
-"""Prefect flows that sequence `pipelines/` (`stage-imagenet`, `train-family`, `demo`), their deployments and
-the nightly schedule (`deployments.py`), and the `effnet` command line (`cli.py`) that drives them."""
+"""Prefect flows that sequence `pipelines/`: `stage-imagenet`, `train-family`, `nightly`, `search-scaling`,
+`scaling-study`, `search-baseline` and `demo`; their deployments and the nightly schedule (`deployments.py`); one
+line for a failed run (`failures.py`). The `effnet` command line that drives them is `cli/`."""

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.deployments import DEMO_FAMILY, DEMO_STAGING
+from flows.deployments import DEMO_STAGING
 from flows.stage_imagenet import stage_imagenet
 from flows.train_family import train_family
 from pipelines.settings import data_layout
-from pipelines.source.demo import write_demo_imagenet
+from pipelines.source.demo import DEMO_SIZE, write_demo_imagenet
+from pipelines.training.family import DEMO_FAMILY
 
 
 @flow(name="demo", log_prints=True)
 def demo(
     data_dir: str | None = None, family: list[str] = list(DEMO_FAMILY), epochs: int | None = None,
-    num_classes: int = 10, train_per_class: int = 40, val_per_class: int = 10, seed: int = 0,
+    num_classes: int = DEMO_SIZE.num_classes, train_per_class: int = DEMO_SIZE.train_per_class,
+    val_per_class: int = DEMO_SIZE.val_per_class, seed: int = DEMO_SIZE.seed,
 ) -> list[dict]:
     logger = get_run_logger()
     layout = data_layout(data_dir).ensure()

@@ -19,6 +19,7 @@ from uuid import UUID
 
 from models import variant_range
 from pipelines.settings import PROJECT_ROOT
+from pipelines.training.family import DEMO_FAMILY
 
 NIGHTLY_CRON = "0 2 * * *"
 TIMEZONE = "UTC"  # stored explicitly: a schedule without one is ambiguous on the server
@@ -27,7 +28,7 @@ TIMEZONE_ENV = "EFFNET_NIGHTLY_TIMEZONE"  # the deployer's choice (an IANA name,
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    flow: str  # "train-family", "stage-imagenet", "nightly", "search-scaling" or "scaling-study"
+    flow: str  # a flow's name (`deployable_flows`)
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
     nightly: bool = False  # on the cron schedule
@@ -40,9 +41,6 @@ class DeploymentSpec:
         return f"{self.flow}/{self.name}"
 
 
-# Two compound-scaled members far below B0 (phi < 0 shrinks depth, width and resolution together) so the
-# family trains on two CPU cores in minutes; resolutions come out near the demo tiers.
-DEMO_FAMILY = ("phi=-9", "phi=-7")
 V1_FAMILY = variant_range("efficientnet_b0", "efficientnet_b7")  # the published B0-B7 (B8 is not in the paper)
 V2_FAMILY = variant_range("efficientnet_v2_s", "efficientnet_v2_l")  # the paper's S/M/L (XL needs ImageNet-21k)
 
@@ -105,6 +103,17 @@ def nightly_timezone(timezone: str | None = None) -> str:
     return name
 
 
+def deployable_flows() -> dict[str, Any]:
+    """The flows deployments run, by name (the name `prefect deployment run` takes before the slash)."""
+    from flows.nightly import nightly
+    from flows.scaling import scaling_study, search_scaling
+    from flows.search_baseline import search_baseline
+    from flows.stage_imagenet import stage_imagenet
+    from flows.train_family import train_family
+
+    return {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study, search_baseline)}
+
+
 def build_deployments(names: list[str] | None = None, source: Path | None = None,
                       timezone: str | None = None) -> list[Any]:
     """Prefect RunnerDeployments for the specs (all, or those named 'flow/name'); the nightly's cron in
@@ -116,15 +125,8 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
 
-    from flows.nightly import nightly
-    from flows.scaling import scaling_study, search_scaling
-    from flows.search_baseline import search_baseline
-    from flows.stage_imagenet import stage_imagenet
-    from flows.train_family import train_family
-
     tz = nightly_timezone(timezone)
-    flows = {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study,
-                                 search_baseline)}
+    flows = deployable_flows()
     out = []
     for spec in select_specs(names):
         flow = flows[spec.flow]

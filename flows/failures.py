@@ -7,10 +7,17 @@ the whole traceback under the one line that said why. That record, and only that
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+from typing import Any, Callable, ParamSpec, TypeVar, cast
 
+from prefect import get_run_logger
 from prefect.states import Failed, State
+
+from pipelines.dataset import DataError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # The logger Prefect's engine reports a flow run's exceptions on (`prefect.logging.loggers.flow_run_logger`).
 FLOW_RUN_LOGGER = "prefect.flow_runs"
@@ -39,3 +46,29 @@ def failed_run(logger: Any, exc: BaseException, message: str | None = None) -> S
     engine_logger = logging.getLogger(FLOW_RUN_LOGGER)
     engine_logger.addFilter(_AlreadyReported(engine_logger, exc))
     return Failed(message=message, data=exc)
+
+
+# Bad input: an unknown variant or recipe, a bad parameter or override, a missing or damaged dataset or source,
+# a cluster that cannot fit the job.
+BAD_INPUT: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, DataError)
+
+
+class RunFailed(RuntimeError):
+    """The flow's work ended and the run fails for the reason in the message (some members or trials failed);
+    raised from the flow body after it recorded what it could, reported like bad input."""
+
+
+def one_line_failures(fn: Callable[P, R]) -> Callable[P, R]:
+    """The flow body's bad input (`BAD_INPUT`) and `RunFailed` end the run Failed with the exception's one line
+    (`failed_run`). Goes under `@flow`, which turns the Failed state the body returns into the exception raised
+    to a direct caller: so, to its callers, the flow still returns `R` or raises."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except BAD_INPUT + (RunFailed,) as exc:
+            # A State, which the flow engine takes for the run's final state (never seen by a caller as a value).
+            return cast(R, failed_run(get_run_logger(), exc))
+
+    return run

@@ -24,42 +24,30 @@ from __future__ import annotations
 import inspect
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
-from flows.failures import failed_run
+from flows.failures import one_line_failures
 from flows.stage_imagenet import stage_imagenet
-from flows.train_family import BAD_INPUT, FamilyFailed, member_recipes, train_family
+from flows.train_family import FamilyFailed, train_family
 from pipelines.dataset import read_manifest
-from pipelines.settings import DataLayout, data_layout, default_source
 from pipelines.registry import compare, tracking
-from pipelines.training.job import tuned_variant_slug
-from pipelines.training.recipe import Recipe, load_recipe
 from pipelines.registry.tracking import Tags
+from pipelines.settings import data_layout, default_source
+from pipelines.training.family import (
+    finetune_overrides,
+    member_recipes,
+    night_member_overrides,
+    untrained_members,
+)
+from pipelines.training.job import tuned_variant_slug
+from pipelines.training.recipe import load_recipe
 
 MODES = ("finetune", "retrain")
 ARTIFACT = "nightly-promotions"
-
-
-def finetune_overrides(recipe: Recipe, epochs: int, lr_scale: float) -> dict[str, dict[str, Any]]:
-    """The recipe sections a fine-tuning night changes: `epochs` epochs without warm-up (the weights are trained
-    already) at `lr_scale` times the recipe's learning rate; minival at least once."""
-    if epochs < 1 or not lr_scale > 0:
-        raise ValueError(f"finetune_epochs ({epochs}) must be >= 1 and finetune_lr_scale ({lr_scale}) > 0")
-    return {"schedule": {"epochs": epochs, "eval_every": min(recipe.schedule.eval_every, epochs)},
-            "optim": {"warmup_epochs": 0.0, "lr_per_256": recipe.optim.lr_per_256 * lr_scale}}
-
-
-def merge_sections(*overrides: dict | None) -> dict[str, Any]:
-    """Recipe overrides merged section by section, later ones winning field by field."""
-    out: dict[str, Any] = {}
-    for o in overrides:
-        for section, fields in (o or {}).items():
-            out[section] = {**out.get(section, {}), **fields} if isinstance(fields, dict) else fields
-    return out
 
 
 def check_staging(staging: dict | None) -> dict[str, Any]:
@@ -74,33 +62,10 @@ def check_staging(staging: dict | None) -> dict[str, Any]:
     return dict(staging or {})
 
 
-def untrained_members(c: Any, members: list[tuple[str, str]], dataset_version: str) -> list[str]:
-    """The members (variant as written, its variant slug) with no registered version on `dataset_version`."""
-    def trained(slug: str) -> bool:
-        name = tracking.registered_name(slug)
-        query = f"name = '{name}' and tags.{Tags.DATASET_VERSION} = '{dataset_version}'"
-        return bool(c.search_model_versions(query))
-
-    return [variant for variant, slug in members if not trained(slug)]
-
-
-def night_member_overrides(c: Any, members: list[tuple[str, str]], night: dict | None,
-                           member_overrides: dict | None) -> tuple[dict[str, dict], list[str]]:
-    """Each member's own overrides for the night, and the members that fine-tune: with `night` (fine-tuning),
-    a member whose variant has a champion gets the fine-tuning sections under its own overrides; one without
-    trains from scratch with the recipe's whole schedule (the first night)."""
-    names = {v for v, _ in members}
-    own = {v: o for v, o in (member_overrides or {}).items() if v in names}
-    finetuned = [v for v, slug in members
-                 if night and tracking.champion_version(c, tracking.registered_name(slug)) is not None]
-    for v in finetuned:
-        own[v] = merge_sections(night, own.get(v))
-    return own, finetuned
-
-
 def report(c: Any, rows: list[dict], title: str) -> None:
     """The nightly's promotion table: the flow run's artifact, and files on the family's parent MLflow run."""
     shown = compare.champion_rows(rows)
+    print("\n" + compare.to_text(shown, compare.CHAMPION_COLUMNS))
     markdown = f"## {title}\n\n{compare.to_markdown(shown, compare.CHAMPION_COLUMNS)}"
     create_markdown_artifact(key=ARTIFACT, markdown=markdown,
                              description="Each variant's champion before and after the night, decided on minival")
@@ -113,6 +78,7 @@ def report(c: Any, rows: list[dict], title: str) -> None:
 
 
 @flow(name="nightly", log_prints=True)
+@one_line_failures
 def nightly(
     variants: list[str], recipe: str = "v1", mode: str = "finetune",
     source: str | None = None, data_dir: str | None = None, staging: dict | None = None,
@@ -139,29 +105,25 @@ def nightly(
         member_overrides: Recipe fields to change for one member, over the rest, e.g. {"efficientnet_b7": {...}}.
         retries: How many more times a member whose job fails is tried, resuming from its checkpoints (>= 0).
     """
-    logger = get_run_logger()
-    layout: DataLayout = data_layout(data_dir).ensure()
-    try:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-        stage_args = check_staging(staging)
-        night = (finetune_overrides(load_recipe(recipe).with_overrides(**(overrides or {})), finetune_epochs,
-                                    finetune_lr_scale) if mode == "finetune" else None)
-        # Every member's recipe checked now, not after hours of staging.
-        members = [(v, tuned_variant_slug(r)) for v, r in member_recipes(variants, recipe, overrides, member_overrides,
-                                                                         layout)]
-        src = str(source or default_source(layout))
-        dataset = stage_imagenet(src, str(layout.datasets), base_version="auto", **stage_args)
-    except BAD_INPUT as exc:
-        return failed_run(logger, exc)  # type: ignore[return-value]
-    version = read_manifest(dataset)["version"]
+    logger, layout = get_run_logger(), data_layout(data_dir).ensure()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    stage_args = check_staging(staging)
+    night = (finetune_overrides(load_recipe(recipe).with_overrides(**(overrides or {})), finetune_epochs,
+                                finetune_lr_scale) if mode == "finetune" else None)
+    # Every member's recipe checked now, not after hours of staging.
+    members = [(v, tuned_variant_slug(r)) for v, r in member_recipes(variants, recipe, overrides, member_overrides,
+                                                                     layout)]
+    src = str(source or default_source(layout))
+    dataset = stage_imagenet(src, str(layout.datasets), base_version="auto", **stage_args)
+    version = read_manifest(dataset).version
     c = tracking.client(layout.tracking_uri)
     pending = untrained_members(c, members, version)
     if not pending:
         message = (f"no new images in {src}: every member already has a version trained on dataset {version}; "
                    "nothing to do")
         logger.info(message)
-        return Completed(message=message, data=[])  # type: ignore[return-value]
+        return cast(list[dict], Completed(message=message, data=[]))  # the run's state: Completed, saying so
     if len(pending) < len(members):
         logger.info("already trained on %s: %s", version, ", ".join(v for v, _ in members if v not in pending))
     own, finetuned = night_member_overrides(c, [(v, slug) for v, slug in members if v in pending], night,
@@ -172,13 +134,8 @@ def nightly(
         rows = train_family(pending, recipe=recipe, dataset_dir=dataset, data_dir=str(layout.root),
                             overrides=overrides, member_overrides=own,
                             start_from="champion" if night else "scratch", retries=retries)
-        failure = None
     except FamilyFailed as exc:
-        rows, failure = exc.rows, exc
-    except BAD_INPUT as exc:
-        return failed_run(logger, exc)  # type: ignore[return-value]
-    print("\n" + compare.to_text(compare.champion_rows(rows), compare.CHAMPION_COLUMNS))
+        report(c, exc.rows, f"nightly: {mode} on {version}")
+        raise
     report(c, rows, f"nightly: {mode} on {version}")
-    if failure is not None:
-        return failed_run(logger, failure)  # type: ignore[return-value]
     return rows

@@ -23,17 +23,12 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.failures import failed_run
-from pipelines.dataset import DataError
+from flows.failures import one_line_failures
 from pipelines.staging import runners
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
 from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
 from pipelines.staging.spools import UnitResult, unit_identifier
 from pipelines.staging.stager import stage
-
-# Bad input: a wrong path or parameter, a corrupt archive, too many undecodable images.
-BAD_INPUT = (ValueError, FileNotFoundError, DataError)
-
 
 def _run_step(step: Callable[..., Any], args: tuple) -> Any:
     try:
@@ -103,6 +98,7 @@ _SHARD_TASKS = 2 * available_cores()  # shard tasks wait on disk: a few more tha
 
 @flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(MAX_WORKERS, _SHARD_TASKS)),
       log_prints=True)
+@one_line_failures
 def stage_imagenet(
     source: str, out: str, tiers: list[int] = list(DEFAULTS.tiers), shard_size: int = DEFAULTS.shard_size,
     minival: float = DEFAULTS.minival, seed: int = DEFAULTS.seed, jpeg_quality: int = DEFAULTS.jpeg_quality,
@@ -134,21 +130,15 @@ def stage_imagenet(
     """
     logger = get_run_logger()
     t0 = time.time()
-    try:
-        workers = resolve_workers(workers)
-        dest = stage(
-            source, out,
-            stage_params(tiers=tiers, shard_size=shard_size, minival=minival, seed=seed, jpeg_quality=jpeg_quality,
-                         max_bad_fraction=max_bad_fraction, formats=formats),
-            map_units=_task_mapper(stage_unit, lambda a: unit_identifier(a[0], a[1]), workers),
-            map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}",
-                                    _SHARD_TASKS),
-            log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
-            base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
-        )
-    except BAD_INPUT as exc:
-        # Bad input: a failed run with a one-line reason (the exception is raised to a direct caller), not a
-        # traceback in the log.
-        return failed_run(logger, exc)  # type: ignore[return-value]
+    workers = resolve_workers(workers)
+    dest = stage(
+        source, out,
+        stage_params(tiers=tiers, shard_size=shard_size, minival=minival, seed=seed, jpeg_quality=jpeg_quality,
+                     max_bad_fraction=max_bad_fraction, formats=formats),
+        map_units=_task_mapper(stage_unit, lambda a: unit_identifier(a[0], a[1]), workers),
+        map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}", _SHARD_TASKS),
+        log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
+        base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
+    )
     logger.info("dataset ready in %.1f s: %s", time.time() - t0, dest)
     return str(dest)

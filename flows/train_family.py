@@ -22,24 +22,19 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.failures import failed_run
-from pipelines.dataset import DataError, latest_version
-from pipelines.settings import DataLayout, data_layout
-from pipelines.training import cluster, submit
+from flows.failures import RunFailed, one_line_failures
 from pipelines.registry import compare, tracking
-from pipelines.training.baselines import resolve_named
-from pipelines.training.job import TrainResult, job_key_for, tuned_variant_slug, validate_job
-from pipelines.training.recipe import Recipe, load_recipe, parse_family_member
 from pipelines.registry.tracking import Tags
+from pipelines.settings import data_layout
+from pipelines.training import cluster, submit
+from pipelines.training.family import TRAINED, Jobs, failed_members, from_champions, plan_family, variant_row
+from pipelines.training.job import TrainResult, job_key_for
+from pipelines.training.recipe import Recipe
 
-# Bad input: an unknown variant or recipe, a bad override, a missing or damaged dataset, a cluster that cannot
-# fit the job.
-BAD_INPUT = (ValueError, FileNotFoundError, DataError)
-# A variant's status in the flow's rows and summary.
-TRAINED, FAILED = compare.TRAINED, "failed"
+START_FROM = ("scratch", "champion")
 
 
-class FamilyFailed(RuntimeError):
+class FamilyFailed(RunFailed):
     """Some variants of the family failed; `rows` holds every variant's row (see `train_family`)."""
 
     def __init__(self, message: str, rows: list[dict]):
@@ -59,72 +54,8 @@ def train_variant(variant: str, recipe: Recipe, dataset_dir: str, data_dir: str 
     return asdict(result)
 
 
-def variant_row(variant: str, outcome: dict | BaseException) -> dict:
-    """A variant's row: its TrainResult's fields and status "trained", or its name, status "failed" and why."""
-    if isinstance(outcome, BaseException):
-        lines = str(outcome).strip().splitlines()
-        return {"variant": variant, "status": FAILED, "reason": lines[0] if lines else type(outcome).__name__}
-    return {**outcome, "status": TRAINED}
-
-
-def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
-                   member_overrides: dict[str, dict] | None = None,
-                   layout: DataLayout | None = None) -> list[tuple[str, Recipe]]:
-    """Each member's recipe: the recipe, `overrides`, the member's model, then the member's own overrides; a named
-    coefficient set resolved to its numbers (from `layout`'s sets).
-
-    Raises ValueError / FileNotFoundError naming the first problem.
-    """
-    if not variants:
-        raise ValueError("no variants given")
-    strangers = sorted(set(member_overrides or {}) - set(variants))
-    if strangers:
-        raise ValueError(f"member_overrides names {', '.join(strangers)}, not among the variants {variants}")
-    base = load_recipe(recipe)
-    if overrides:
-        base = base.with_overrides(**overrides)
-    jobs = []
-    for variant in variants:
-        tuned = base.with_overrides(model=parse_family_member(variant))
-        if (own := (member_overrides or {}).get(variant)):
-            tuned = tuned.with_overrides(**own)
-        jobs.append((variant, resolve_named(tuned, layout or data_layout())))
-    return jobs
-
-
-def plan_family(
-    variants: list[str], recipe: str, dataset_dir: str | None, data_dir: str | None, overrides: dict | None,
-    member_overrides: dict[str, dict] | None = None,
-) -> tuple[Path, list[tuple[str, Recipe]]]:
-    """Every member's recipe (`member_recipes`), checked with the dataset, before anything trains.
-
-    Raises ValueError / FileNotFoundError naming the first problem.
-    """
-    layout = data_layout(data_dir)
-    jobs = member_recipes(variants, recipe, overrides, member_overrides, layout)
-    dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
-    for _, tuned in jobs:
-        validate_job(tuned, dataset)
-    return dataset, jobs
-
-
-def from_champions(c: Any, jobs: list[tuple[str, Recipe]]) -> tuple[list[tuple[str, Recipe]], list[str]]:
-    """Each member set to fine-tune from its variant's registered champion, pinned to the champion's version
-    (a retry resumes the same job even if the alias moves meanwhile); the members whose variant has no champion
-    yet stay from scratch and are named in the second list."""
-    out, no_champion = [], []
-    for variant, tuned in jobs:
-        name = tracking.registered_name(tuned_variant_slug(tuned))
-        champ = tracking.champion_version(c, name)
-        if champ is None:
-            no_champion.append(variant)
-            out.append((variant, tuned))
-        else:
-            out.append((variant, tuned.with_overrides(init={"from": f"models:/{name}/{champ.version}"})))
-    return out, no_champion
-
-
 @flow(name="train-family", log_prints=True)
+@one_line_failures
 def train_family(
     variants: list[str], recipe: str = "v1", dataset_dir: str | None = None, data_dir: str | None = None,
     overrides: dict | None = None, retries: int = 1, retry_delay_seconds: float = 10,
@@ -139,7 +70,7 @@ def train_family(
         variants: Members of the family: registered variants (efficientnet_b0 ... efficientnet_b7, efficientnet_v2_s,
             ...) or "phi=N", B0 compound-scaled by phi N (e.g. "phi=-3", "phi=1.5"), by the paper's coefficients or
             a named set ("phi=2,coefficients=my-search") or explicit ones ("phi=2,alpha=1.3,beta=1.1,gamma=1.1").
-        recipe: A recipe name (v1, v2-progressive, demo, demo-progressive) or the path of a recipe YAML file.
+        recipe: A recipe name (`effnet recipes` lists them) or the path of a recipe YAML file.
         dataset_dir: A staged dataset version directory; empty for the latest one staged in the data directory.
         data_dir: The data directory (stores, checkpoints, datasets); empty for EFFNET_DATA_DIR or ./data.
         overrides: Recipe fields to change, by section, e.g. {"schedule": {"epochs": 3}}.
@@ -152,30 +83,38 @@ def train_family(
     """
     logger = get_run_logger()
     layout = data_layout(data_dir)
-    try:
-        if retries < 0 or retry_delay_seconds < 0:
-            raise ValueError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
-        dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides, member_overrides)
-        c = tracking.client(layout.tracking_uri)
-        if start_from == "champion":
-            jobs, no_champion = from_champions(c, jobs)
-            if no_champion:
-                logger.info("no champion yet for %s: from scratch", ", ".join(no_champion))
-        elif start_from != "scratch":
-            raise ValueError(f"start_from must be 'scratch' or 'champion', not {start_from!r}")
-        cluster.connect(layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
-        for _, tuned in jobs:
-            cluster.check_fits(tuned)
-    except BAD_INPUT as exc:
-        # Bad input: one line in the run's log and a Failed run with that message, no traceback (a direct
-        # caller, such as `effnet family`, gets the exception raised).
-        return failed_run(logger, exc)  # type: ignore[return-value]
+    if retries < 0 or retry_delay_seconds < 0:
+        raise ValueError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
+    if start_from not in START_FROM:
+        raise ValueError(f"start_from must be 'scratch' or 'champion', not {start_from!r}")
+    dataset, jobs = plan_family(variants, recipe, dataset_dir, data_dir, overrides, member_overrides)
+    c = tracking.client(layout.tracking_uri)
+    if start_from == "champion":
+        jobs, no_champion = from_champions(c, jobs)
+        if no_champion:
+            logger.info("no champion yet for %s: from scratch", ", ".join(no_champion))
+    cluster.connect_layout(layout)
+    for _, tuned in jobs:
+        cluster.check_fits(tuned)
     logger.info("training %d variant(s) on %s: %s", len(jobs), dataset.name, ", ".join(v for v, _ in jobs))
     from prefect.runtime import flow_run
 
     title = f"train-family {flow_run.name}: {recipe} on {dataset.name}"
     parent = tracking.open_family_run(c, tracking.experiment_id(c, layout.artifact_root), str(flow_run.id),
                                       title, {"variants": variants, "recipe": recipe, "dataset": dataset.name})
+    rows = train_members(jobs, dataset, data_dir, parent, retries, retry_delay_seconds)
+    report_family(c, parent, rows, title)
+    problem = failed_members(rows)
+    if problem:
+        raise FamilyFailed(problem, rows)
+    return rows
+
+
+def train_members(jobs: Jobs, dataset: Path, data_dir: str | None, parent: str, retries: int,
+                  retry_delay_seconds: float) -> list[dict]:
+    """Every member's job submitted at once, each waited on by a task run; their rows, in the members' order."""
+    layout = data_layout(data_dir)
+    logger = get_run_logger()
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = [train.submit(variant, tuned, str(dataset), data_dir, {Tags.PARENT_RUN: parent})
                for variant, tuned in jobs]
@@ -187,7 +126,7 @@ def train_family(
         # leaves them running; a rerun reattaches.)
         stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned in jobs])
         logger.warning("stopped Ray job(s): %s", ", ".join(stopped) or "none running")
-        c.set_terminated(parent, "KILLED")
+        tracking.client(layout.tracking_uri).set_terminated(parent, "KILLED")
         raise
     rows = [variant_row(variant, outcome) for (variant, _), outcome in zip(jobs, outcomes)]
     for (variant, _), row in zip(jobs, rows):
@@ -196,14 +135,12 @@ def train_family(
                         row["registered_model"], row["version"])
         else:
             logger.error("%s: failed: %s", variant, row["reason"])
+    return rows
+
+
+def report_family(c: Any, parent: str, rows: list[dict], title: str) -> None:
+    """The comparison on the parent MLflow run (ended), the table as the flow run's artifact in the Prefect UI."""
     print("\n" + compare.to_text(rows))
-    failed = [(variant, row) for (variant, _), row in zip(jobs, rows) if row["status"] == FAILED]
-    # The comparison on the parent MLflow run, the table as the flow run's artifact in the Prefect UI.
-    tracking.close_family_run(c, parent, rows, title, "FAILED" if failed else "FINISHED")
+    tracking.close_family_run(c, parent, rows, title, "FAILED" if failed_members(rows) else "FINISHED")
     create_markdown_artifact(key="family-summary", markdown=f"## {title}\n\n{compare.to_markdown(rows)}",
                              description="The family side by side (MLflow: the parent run's comparison/)")
-    if failed:
-        message = (f"{len(failed)} of {len(rows)} variant(s) failed: "
-                   + "; ".join(f"{variant} ({row['reason']})" for variant, row in failed))
-        return failed_run(logger, FamilyFailed(message, rows))  # type: ignore[return-value]
-    return rows

@@ -1,24 +1,28 @@
 """Checkpoint files of this project read back without unpickling, and the model they describe rebuilt.
 
 A checkpoint holds tensors and plain data only, read with `torch.load(weights_only=True)`: a file holding pickled
-objects is refused (unpickling runs whatever code the file names). Two layouts are known:
+objects is refused (unpickling runs whatever code the file names). Three layouts are known:
 - a registered version's weights (`checkpoint/state_dict.pt` on its run): {"state_dict", "model_args"};
 - a training checkpoint (a job's `checkpoint.pt`, a scaling trial's `best.pt`): {"model", "ema", "model_args",
-  ...}; its EMA weights when it kept an EMA (what training scored and chose).
+  ...}; its EMA weights when it kept an EMA (what training scored and chose, `scored_weights`);
+- a fine-tuning job's starting weights (`<job>.init.pt`, `pipelines.training.warm_start`): a bare state_dict.
 `model_args` is the variant's name, its overrides and its classes: enough to rebuild it through this package.
-Depends on torch only (it travels with the registered MLflow model, `pipelines/registry/served_model.py`).
+Every checkpoint file of the project is read here (`read_checkpoint`). Depends on torch only (it travels with the
+registered MLflow model, `pipelines/registry/served_model.py`).
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .efficientnet import build_model
-from .variants import VariantSpec, resolve_variant
+from .overrides import resolve_variant
+from .variants import VariantSpec
 
 
 class ModelError(ValueError):
@@ -31,11 +35,11 @@ def _reason(exc: BaseException) -> str:
     return (lines[1] if len(lines) > 1 else lines[0]) if lines else type(exc).__name__
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file's contents, tensors and plain data only; ModelError for a file that holds pickled
-    objects (not loaded: unpickling runs whatever code the file names) or is no checkpoint at all."""
+def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file's contents, tensors and plain data only, its tensors on `device`; ModelError for a file
+    that holds pickled objects (not loaded: unpickling runs whatever code the file names) or is no checkpoint."""
     try:
-        saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+        saved = torch.load(Path(path), map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's weights-only unpickler names the global (a class, a function) it refused to load; any other
         # unpickling error ("Unsupported operand") is a file that is not a checkpoint at all.
@@ -50,13 +54,20 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return saved
 
 
+def scored_weights(saved: Mapping[str, Any]) -> Any:
+    """The weights training scores on minival and chooses a checkpoint by: the EMA's when it kept an EMA, else the
+    model's. `saved` is a training checkpoint's contents, or a training worker's live {"model", "ema"}."""
+    ema = saved.get("ema")
+    return ema if ema is not None else saved["model"]
+
+
 def model_from_checkpoint(saved: dict[str, Any], where: str) -> tuple[torch.nn.Module, VariantSpec, int]:
     """The model a checkpoint's contents describe, its weights loaded (eval mode); ModelError saying what is
     missing or does not fit."""
     if "state_dict" in saved:
         weights = saved["state_dict"]
     elif "model" in saved:
-        weights = saved["ema"] if saved.get("ema") is not None else saved["model"]
+        weights = scored_weights(saved)
     else:
         raise ModelError(f"{where}: holds no weights ('state_dict', or a training checkpoint's 'model'); keys: "
                          f"{', '.join(sorted(map(str, saved))) or 'none'}")

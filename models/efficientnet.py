@@ -9,16 +9,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .checks import check_positive_int, check_rate
 from .layers import BLOCKS, ConvBNAct
-from .variants import (
-    VariantSpec,
-    architecture_of,
-    check_positive_int,
-    check_rate,
-    resolve_variant,
-    round_channels,
-    stage_repeats,
-)
+from .overrides import resolve_variant
+from .scaling import round_channels, stage_repeats
+from .variants import VariantSpec, architecture_of
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,27 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
-from .variants import BLOCK_KINDS, Architecture, StageSpec, architecture_name, register_architecture
+from .tables import BLOCK_KINDS, Architecture, StageSpec, architecture_name, register_architecture
 
-__all__ = ["architecture_name", "register_architecture"]  # re-exported: where a searched table is named
+__all__ = [
+    "EXPANSIONS",
+    "KERNELS",
+    "SE_RATIOS",
+    "V1_FLOPS_EXPONENT",
+    "V1_TARGET_FLOPS",
+    "V2_PARAMS_EXPONENT",
+    "V2_STEP_TIME_EXPONENT",
+    "SearchSpace",
+    "StageChoices",
+    "describe",
+    "normalised_step_times",
+    "space_around",
+    "v1_reward",
+    "v2_reward",
+    # From models.tables, offered here too: a point of the space is named and made buildable with them.
+    "architecture_name",
+    "register_architecture",
+]
 
 KERNELS = (3, 5)
 EXPANSIONS = (1, 4, 6)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .efficientnet import build_model
-from .variants import VariantSpec, get_variant, list_models, resolve_variant
+from .variants import VariantSpec, get_variant, list_models
 
 TABLE_COLUMNS: tuple[str, ...] = (
     "name",
@@ -50,7 +50,8 @@ def count_gmacs(model: nn.Module, resolution: int, batch: int = 1) -> float:
 
 
 def meta_model(spec: VariantSpec, num_classes: int = 1000) -> nn.Module:
-    """A weightless model with the real structure (for counting)."""
+    """A weightless model with the real structure, built on the meta device: what the project counts parameters,
+    MACs and activation memory on (this module, the scaling trials' figures, `pipelines.training.sizing`)."""
     with torch.device("meta"):
         return build_model(spec, num_classes)
 
@@ -79,13 +80,6 @@ def family_table(names: Iterable[str] | None = None, num_classes: int = 1000) ->
     return [variant_row(spec, num_classes) for spec in specs]
 
 
-def spec_gmacs(name: str, **overrides: Any) -> tuple[int, float]:
-    """(params, GMACs at the training resolution) of a possibly overridden variant."""
-    spec = resolve_variant(name, **overrides)
-    model = meta_model(spec)
-    return count_params(model), count_gmacs(model, spec.train_resolution)
-
-
 def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return str(value)
@@ -96,6 +90,22 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def aligned_text(cells: Sequence[Sequence[str]], right: Sequence[bool] = (), rule: bool = False) -> str:
+    """Rows of cells, the header first, in columns as wide as their widest cell: left-aligned, right-aligned where
+    `right` says so; with `rule`, a line of dashes under the header. The one text-table layout of the project
+    (this module's `format_table`, the family comparison's `to_text`)."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    right = list(right) + [False] * (len(widths) - len(right))
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
+
+    lines = [line(row) for row in cells]
+    if rule:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Aligned text table; text columns left-aligned, numbers right-aligned. Columns are those of the
     first row, in order."""
@@ -103,12 +113,5 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         return ""
     columns = list(rows[0])
     cells = [[_cell(row.get(column, "")) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     numeric = [all(isinstance(row.get(c), (int, float)) for row in rows) for c in columns]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(columns), rule, *(line(values) for values in cells)])
+    return aligned_text([columns, *cells], numeric, rule=True)

@@ -8,7 +8,7 @@ run staged or found) and staging's `work/` folder. A version holds:
   and `<key>.json` (its WNID and source file name);
 - `manifest.json`, written last (a folder without one is an unfinished run, never a version): the classes, each
   split's counts, the tiers, every shard with its size and sha256, the bad files, the source's fingerprint and
-  the staging parameters;
+  the staging parameters (`read_manifest` reads it as a `Manifest`, whose fields are its keys);
 - `keys.json.gz`: every image key by split, and the bad files' keys, which a version staged on top of this one
   reads to know what is new;
 - `<tier>/<split>-NNNNNN.idx` beside each shard: where each sample's members lie (offset and size), in the
@@ -27,9 +27,9 @@ import gzip
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pipelines.atomic import atomic_write_bytes, sha256_file
 
@@ -58,6 +58,8 @@ EXTENSIONS = (IMAGE_EXT, LABEL_EXT)  # the members the loaders read
 FFCV, DALI = "ffcv", "dali"
 
 EXTRA_FORMATS = (FFCV, DALI)
+# The loader backends: the WebDataset shards every version holds, or an extra format's files.
+BACKENDS = ("wds", *EXTRA_FORMATS)
 
 BETON_SUFFIX = ".beton"
 
@@ -125,23 +127,106 @@ def latest_version(out: str | os.PathLike[str]) -> Path:
     return Path(out) / marker.read_text().strip()
 
 
-def read_manifest(dataset_dir: str | os.PathLike[str]) -> dict[str, Any]:
+# One file a manifest lists: its `path` inside the version and, where recorded, `bytes` and `sha256`; a shard also
+# its `split`, `tier` and `samples`, a shard index its `shard`, an FFCV file its `split`, `tier` and `samples`.
+FileEntry = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    """One split of a version: the images it holds, in all and per class (WNID -> images)."""
+
+    samples: int
+    per_class: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A staged version's `manifest.json`, typed: one field per key of the file, named as the key.
+
+    `read_manifest` reads one; staging builds one (`staging.versions.build_manifest`) and writes `to_dict()`, the
+    JSON object the file has always held, so its bytes and `manifest_hash` are unchanged. The file's lists are
+    tuples here; the files it lists stay dicts (`FileEntry`). The keys that versions staged by older code lack
+    (`base_version`, `encoding`, `keys`, `indexes`, `extra`) read as None or empty.
+    """
+
+    format: int  # MANIFEST_FORMAT
+    version: str  # the version's name, `imagenet-<hash>`
+    classes: tuple[str, ...]  # the sorted WNIDs: a label is an index into them
+    num_classes: int
+    splits: dict[str, SplitCounts]  # by split name (SPLITS)
+    minival_keys: tuple[str, ...]  # the keys held out of the source's train images, sorted
+    tiers: tuple[int, ...]  # the resolution tiers staged (the images' shorter side at most, in px)
+    shards: tuple[FileEntry, ...]  # the WebDataset shards, a base version's included
+    bad_files: tuple[dict[str, str], ...]  # the source files that did not decode: `source`, `split`, `wnid`, `reason`
+    images_seen: int  # the source's images staging read, bad files and a base version's included
+    source: dict[str, Any]  # the source's `kind` and `fingerprint`
+    params: dict[str, Any]  # the StageParams, as JSON
+    code_version: str  # the code that staged it
+    base_version: str | None = None  # the version this one was staged on top of
+    encoding: int | None = None  # staging's ENCODING
+    keys: FileEntry | None = None  # the keys file (KEYS)
+    indexes: tuple[FileEntry, ...] = ()  # the index beside every shard (each names its `shard`)
+    extra: dict[str, tuple[FileEntry, ...]] = field(default_factory=dict)  # extra format -> its files
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> Manifest:
+        """The manifest of a parsed `manifest.json`; ValueError when a key is missing or has another shape."""
+        try:
+            return cls(
+                format=doc["format"], version=doc["version"], classes=tuple(doc["classes"]),
+                num_classes=doc["num_classes"],
+                splits={s: SplitCounts(c["samples"], c["per_class"]) for s, c in doc["splits"].items()},
+                minival_keys=tuple(doc["minival_keys"]), tiers=tuple(doc["tiers"]), shards=tuple(doc["shards"]),
+                bad_files=tuple(doc["bad_files"]), images_seen=doc["images_seen"], source=doc["source"],
+                params=doc["params"], code_version=doc["code_version"], base_version=doc.get("base_version"),
+                encoding=doc.get("encoding"), keys=doc.get("keys"), indexes=tuple(doc.get("indexes", ())),
+                extra={fmt: tuple(entries) for fmt, entries in doc.get("extra", {}).items()},
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a staged version's manifest ({type(exc).__name__}: {exc})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of `manifest.json` (every key; lists where the fields hold tuples)."""
+        return {
+            "format": self.format,
+            "version": self.version,
+            "base_version": self.base_version,
+            "classes": list(self.classes),
+            "num_classes": self.num_classes,
+            "splits": {s: {"samples": c.samples, "per_class": c.per_class} for s, c in self.splits.items()},
+            "minival_keys": list(self.minival_keys),
+            "tiers": list(self.tiers),
+            "shards": list(self.shards),
+            "bad_files": list(self.bad_files),
+            "images_seen": self.images_seen,
+            "source": self.source,
+            "params": self.params,
+            "encoding": self.encoding,
+            "code_version": self.code_version,
+            "keys": self.keys,
+            "indexes": list(self.indexes),
+            "extra": {fmt: list(entries) for fmt, entries in self.extra.items()},
+        }
+
+
+def read_manifest(dataset_dir: str | os.PathLike[str]) -> Manifest:
     """The manifest of a staged dataset version, with a clear error when there is none."""
     path = Path(dataset_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{path}: no staged dataset here (run `effnet stage` first)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return Manifest.from_dict(json.loads(path.read_text()))
+    except ValueError as exc:  # json.JSONDecodeError is one
         raise ValueError(f"{path}: corrupt manifest: {exc}") from None
 
 
-def version_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def version_files(manifest: Manifest) -> list[FileEntry]:
     """Every file a version's manifest lists (shards, keys, shard indexes, FFCV/DALI extras), each with its `path`
     and, where recorded, `bytes` and `sha256`. A version staged before shard indexes has no `indexes`."""
-    extras = [e for entries in manifest.get("extra", {}).values() for e in entries]
-    keys = [manifest["keys"]] if manifest.get("keys") else []
-    return [*manifest["shards"], *keys, *manifest.get("indexes", []), *extras]
+    extras = [e for entries in manifest.extra.values() for e in entries]
+    keys = [manifest.keys] if manifest.keys else []
+    return [*manifest.shards, *keys, *manifest.indexes, *extras]
 
 
 def damaged_files(dataset_dir: str | os.PathLike[str], checksums: bool = False) -> list[str]:
@@ -194,17 +279,17 @@ def select_tier(tiers: Sequence[int], resolution: int, crop_ratio: float | None 
     return fitting[0] if fitting else max(tiers)
 
 
-def split_tier(manifest: dict[str, Any], split: str, resolution: int, crop_ratio: float) -> tuple[bool, int]:
+def split_tier(manifest: Manifest, split: str, resolution: int, crop_ratio: float) -> tuple[bool, int]:
     """(whether `split` is trained on, the staged tier that serves it at `resolution`): training crops at any
     scale, evaluation needs the resize before the centre crop (resolution / crop_ratio)."""
     train = split in TRAIN_SPLITS
-    return train, select_tier(manifest["tiers"], resolution, None if train else crop_ratio)
+    return train, select_tier(manifest.tiers, resolution, None if train else crop_ratio)
 
 
-def split_shards(dataset_dir: Path, manifest: dict[str, Any], split: str, tier: int) -> list[ShardInfo]:
+def split_shards(dataset_dir: Path, manifest: Manifest, split: str, tier: int) -> list[ShardInfo]:
     shards = [
         ShardInfo(dataset_dir / s["path"], s["samples"])
-        for s in manifest["shards"]
+        for s in manifest.shards
         if s["split"] == split and s["tier"] == tier
     ]
     for s in shards:

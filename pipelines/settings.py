@@ -22,6 +22,8 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # MLflow's own variable: set by a user
 # Ray's switch for a single-machine cluster: its node address becomes 127.0.0.1 and every Ray server binds
 # loopback only (otherwise Ray swaps 127.0.0.1 for the host's address and listens on all interfaces).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_AUTH_ENV = "RAY_AUTH_MODE"  # Ray's client setting: "token" on a cluster with token auth
+PREFECT_API_ENV = "PREFECT_API_URL"  # Prefect's own: the server flows and deployments talk to
 
 
 class StackError(RuntimeError):
@@ -40,8 +42,8 @@ class StackSettings(BaseModel):
 
     def environment(self) -> dict[str, str]:
         """The variables the libraries' own clients read (Prefect, MLflow, Ray auth)."""
-        return {"PREFECT_API_URL": self.prefect_api_url, TRACKING_URI_ENV: self.mlflow_tracking_uri,
-                "RAY_AUTH_MODE": self.ray_auth_mode}
+        return {PREFECT_API_ENV: self.prefect_api_url, TRACKING_URI_ENV: self.mlflow_tracking_uri,
+                RAY_AUTH_ENV: self.ray_auth_mode}
 
     def unreachable(self, timeout: float = 3.0) -> list[str]:
         """The stack's HTTP services that do not answer their health check."""

@@ -42,7 +42,7 @@ def stage_directly(
 def shard_paths(dataset_dir: str | Path, split: str, tier: int) -> list[Path]:
     """The shard files of one split x tier, in manifest (= name) order."""
     manifest = read_manifest(dataset_dir)
-    return [Path(dataset_dir) / s["path"] for s in manifest["shards"] if s["split"] == split and s["tier"] == tier]
+    return [Path(dataset_dir) / s["path"] for s in manifest.shards if s["split"] == split and s["tier"] == tier]
 
 
 def read_samples(dataset_dir: str | Path, split: str, tier: int) -> dict[str, dict[str, bytes]]:
@@ -65,7 +65,7 @@ def read_samples(dataset_dir: str | Path, split: str, tier: int) -> dict[str, di
 
 def work_of(dataset_dir: str | Path, params: StageParams) -> Path:
     """The spool folder a staged version was made from (shared by versions of the same source + encoding)."""
-    fingerprint = read_manifest(dataset_dir)["source"]["fingerprint"]
+    fingerprint = read_manifest(dataset_dir).source["fingerprint"]
     return work_dir(Path(dataset_dir).parent, fingerprint, params)
 
 
@@ -219,8 +219,14 @@ def flow_run_logs(flow_run_id: Any) -> list[str]:
     APILogHandler().flush()
 
     async def read() -> list[Any]:
+        # Page by page: the server answers at most PREFECT_API_DEFAULT_LIMIT (200) logs at a time, and a family's
+        # Ray jobs forward more lines than that.
+        logs: list[Any] = []
         async with get_client() as client:
-            return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            while page := await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                                 offset=len(logs)):
+                logs += page
+        return logs
 
     return [log.message for log in asyncio.run(read())]
 
@@ -281,8 +287,11 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     one progress line per epoch (`epochs` by variant) in the flow run."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.training import submit
+    from matplotlib.image import imread
+
+    from pipelines.registry import compare
     from pipelines.registry.tracking import Tags
+    from pipelines.training import submit
 
     jobs = ray_jobs(jobs_client(ray_cluster), submit.FLOW_RUN_FIELD, flow_run_id)
     assert len(jobs) == len(rows) and all(j.status == "SUCCEEDED" for j in jobs), jobs
@@ -296,9 +305,11 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     for row in rows:
         mv = c.get_model_version(row["registered_model"], row["version"])
         assert mv.run_id == row["run_id"]
-        # First of its name: champion, decided on minival (no champion to compare with), val not involved.
+        # First of its name: champion, decided on minival (no champion to compare with), val not involved. The
+        # decision measured the registered weights on minival: what the run scored there with them.
         assert mv.tags[Tags.PROMOTION].startswith("promoted") and mv.tags[Tags.CHAMPION_TOP1] == "none"
-        assert float(mv.tags[Tags.PROMOTION_TOP1]) >= 0 and row["champion"]
+        assert mv.tags[Tags.PROMOTION_TOP1] == mv.tags[Tags.MINIVAL_TOP1] == f"{row['minival_top1']:.3f}" and row[
+            "champion"]
         run = c.get_run(row["run_id"])
         assert run.data.tags[Tags.FLOW_RUN] == flow_run_id
         assert run.data.tags[Tags.PARENT_RUN] == parent.info.run_id  # nested under the family's run
@@ -312,12 +323,16 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     files = {a.path for a in c.list_artifacts(parent.info.run_id, "comparison")}
     assert files == {"comparison/comparison.png", "comparison/comparison.html", "comparison/comparison.csv"}
     local = Path(c.download_artifacts(parent.info.run_id, "comparison", str(layout.root / "downloaded")))
-    table = (local / "comparison.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in table[1:]] == [r["variant"] for r in rows]
-    assert (local / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (local / "comparison.csv").read_text()
+    assert [line.split(",")[0] for line in table.splitlines()[1:]] == [r["variant"] for r in rows]
+    # Every cell as these rows give it (the cells' formats: tests/unit/test_compare.py); the page under the run's
+    # title, showing the plot, drawn at the family figure's size (its points: test_compare.py too).
+    assert table == compare.to_csv(rows)
+    assert (local / "comparison.html").read_text() == compare.to_html(rows, parent.info.run_name)
+    assert imread(local / "comparison.png").shape[:2] == (480, 1600)
     # The same table as the flow run's artifact in the Prefect UI.
     summary = flow_run_artifacts(flow_run_id)["family-summary"]
-    assert summary.type == "markdown" and all(f"| {r['variant']} |" in summary.data for r in rows), summary.data
+    assert summary.type == "markdown" and summary.data.endswith("\n\n" + compare.to_markdown(rows)), summary.data
     # The drivers' progress lines reach the flow run's log, one per epoch per variant.
     logs = flow_run_logs(flow_run_id)
     for row in rows:

@@ -10,23 +10,22 @@ from typing import Any
 
 import torch
 
-from pipelines.dataset import read_manifest
+from pipelines.dataset import EVAL_SPLITS, read_manifest
 from pipelines.loading import make_loader
 from pipelines.registry.model_ref import LoadedModel, ModelError
-from pipelines.training.loop import evaluate
+from pipelines.training.evaluate import evaluate
 
-SPLITS = ("val", "minival")
 
 
 def evaluate_model(loaded: LoadedModel, dataset_dir: str | Path, split: str = "val", backend: str = "wds",
                    batch_size: int = 64, per_class: bool = False, loader_workers: int = 0) -> dict[str, Any]:
     """The model's figures on one whole split, as plain data (what `effnet eval` writes as JSON)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
     manifest = read_manifest(dataset_dir)
-    classes = manifest["classes"]
+    classes = manifest.classes
     if len(classes) != loaded.num_classes:
-        raise ModelError(f"{loaded.source} has {loaded.num_classes} classes, the dataset {manifest['version']} "
+        raise ModelError(f"{loaded.source} has {loaded.num_classes} classes, the dataset {manifest.version} "
                          f"{len(classes)}: evaluate it on a version with its classes (or fine-tune it with a new head)")
     spec = loaded.spec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,7 +34,7 @@ def evaluate_model(loaded: LoadedModel, dataset_dir: str | Path, split: str = "v
     counts = torch.zeros(2, len(classes), dtype=torch.float64, device=device) if per_class else None
     m = evaluate(loaded.model.to(device), batches, device, channels_last=False, amp=False, per_class=counts)
     out: dict[str, Any] = {
-        "model": loaded.source, "variant": spec.name, "dataset": manifest["version"], "split": split,
+        "model": loaded.source, "variant": spec.name, "dataset": manifest.version, "split": split,
         "backend": backend, "resolution": spec.eval_resolution, "crop_ratio": spec.crop_ratio,
         "samples": int(m["samples"]), "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
     }

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 
 from pipelines.atomic import atomic_path
+from pipelines.inference import EXPORT_FORMATS
 from pipelines.registry.model_ref import LoadedModel, ModelError
 
-FORMATS = ("onnx", "torchscript", "pt2")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 # Largest |logit difference| accepted between the file and the PyTorch model, relative to the logits' scale:
 # TOLERANCE x (1 + the largest |logit|). In float32 on the CPU kernels differ in summation order (ONNX Runtime
 # fuses conv + BN): measured up to 1.2e-4 on a trained demo model whose logits reach ~10.
@@ -97,8 +96,8 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, tolerance: floa
     """Write `loaded` to `out` in `fmt`, run the file, compare; a report (format, file, the largest logit
     difference, the difference allowed: `tolerance` x (1 + the largest |logit|)). ModelError when the file's
     outputs differ by more (no file left behind)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent}: no such directory to write {out.name} in")

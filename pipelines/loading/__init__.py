@@ -32,15 +32,18 @@ from typing import Iterable
 
 import torch
 
-from pipelines.dataset import EVAL_SPLITS, TRAIN_SPLITS
+from pipelines.dataset import BACKENDS, EVAL_SPLITS, TRAIN_SPLITS
 from pipelines.loading.transforms import TrainCrop
 
-BACKENDS = ("wds", "ffcv", "dali")
+# The eval centre crop when a caller names none: B0's, 224 / (224 + 32), the V1 rule of `models` (this package may
+# not import models; tests/unit/test_models.py holds the two equal). Every evaluation of a model passes its
+# variant's own ratio; train splits take random crops and never use it.
+DEFAULT_CROP_RATIO = 0.875
 
 
 def make_loader(
     dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    epoch: int = 0, backend: str = "wds", seed: int = 0, crop_ratio: float = 0.875, num_workers: int = 0,
+    epoch: int = 0, backend: str = "wds", seed: int = 0, crop_ratio: float = DEFAULT_CROP_RATIO, num_workers: int = 0,
     start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """A DataLoader of (uint8 NCHW images, int64 labels) for one rank of one epoch of a staged split; a train

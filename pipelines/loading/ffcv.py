@@ -263,9 +263,9 @@ def make_ffcv_loader(
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     train, tier = split_tier(manifest, split, resolution, crop_ratio)
-    n = manifest["splits"][split]["samples"]
+    n = manifest.splits[split].samples
     path = dataset_dir / beton_relpath(tier, split)
-    listed = {e["path"] for e in manifest.get("extra", {}).get(FFCV, [])}
+    listed = {e["path"] for e in manifest.extra.get(FFCV, ())}
     if n and (beton_relpath(tier, split) not in listed or not path.exists()):
         raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including '{FFCV}'")
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)[start_batch * batch_size:]

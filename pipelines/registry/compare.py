@@ -12,9 +12,14 @@ import csv
 import html
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-TRAINED = "trained"
+from models.summary import aligned_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+TRAINED, FAILED = "trained", "failed"  # a row's status (a failed row has a "reason")
 # (header, row key, format) of every table; the numbers the plots use are among them.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("variant", "variant", "{}"),
@@ -69,9 +74,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> list[li
 
 def to_text(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
     """The table in aligned columns, for a console or a log."""
-    cells = table(rows, columns)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+    return aligned_text(table(rows, columns))
 
 
 def to_csv(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
@@ -113,16 +116,19 @@ def write_champions(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -
     return write_table(champion_rows(rows), out_dir, title, CHAMPION_COLUMNS, CHAMPION_FILES)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+def _figure(width: float, height: float) -> Figure:
+    """An empty figure of its own: not pyplot's (no display, no global list of open figures to close)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def family_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """Three panels: val top-1 against parameters and against GMACs (log-scaled x, each point labelled with its
     variant), and wall-clock hours per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-
     trained = [r for r in rows if r["status"] == TRAINED]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig = _figure(16, 4.8)
+    axes = fig.subplots(1, 3)
     for ax, key, label in ((axes[0], "params", "parameters (M)"), (axes[1], "gmacs", "GMACs")):
         shown = sorted((r for r in trained if r.get(key, 0) > 0), key=lambda r: r[key])  # a log axis: > 0 only
         xs, ys = [_shown(r, key) for r in shown], [r["val_top1"] for r in shown]
@@ -142,18 +148,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     axes[0].set_title("top-1 against parameters")
     axes[1].set_title("top-1 against GMACs")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_comparison(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
     """The PNG, HTML and CSV files of the comparison in `out_dir`; their paths."""
-    png, page, table_csv = (out_dir / name for name in FILES)
-    plot(rows, png, title)
-    page.write_text(to_html(rows, title, png.name))
-    table_csv.write_text(to_csv(rows))
-    return [png, page, table_csv]
+    return write_figure_and_table(family_figure(rows, title), rows, out_dir, title, COLUMNS, FILES)
 
 
 # A scaling search's trials (rows: `pipelines.search.trials` outcomes as the search flow writes them).
@@ -199,17 +199,23 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, colum
     return [page, sheet]
 
 
-def plot_study(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+def write_figure_and_table(figure: Figure, rows: Sequence[dict[str, Any]], out_dir: Path, title: str,
+                           columns: Columns, names: Sequence[str]) -> list[Path]:
+    """`figure` as a PNG, then the page that shows it and the CSV (`write_table`), in `out_dir`, named `names`
+    (image, page, sheet); their paths."""
+    png = out_dir / names[0]
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    return [png, *write_table(rows, out_dir, title, columns, names[1:], image=png.name)]
+
+
+def study_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """The paper's Figure 8 setting: val top-1 against GMACs, one line per scaling method, each starting at the
     baseline; each point labelled with its FLOPs target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     trained = [r for r in rows if r["status"] == TRAINED]
     baseline = [r for r in trained if r["method"] == "baseline"]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig = _figure(7.5, 5)
+    ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in trained if r["method"] != "baseline"):
         shown = baseline + sorted((r for r in trained if r["method"] == method), key=lambda r: r["gmacs"])
         line, = ax.plot([r["gmacs"] for r in shown], [r["val_top1"] for r in shown], "o-", label=method,
@@ -222,15 +228,11 @@ def plot_study(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(title="scaled by")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_study(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    png, page, sheet = (out_dir / name for name in STUDY_FILES)
-    plot_study(rows, png, title)
-    return [png, *write_table(rows, out_dir, title, STUDY_COLUMNS, (page.name, sheet.name), image=png.name)]
+    return write_figure_and_table(study_figure(rows, title), rows, out_dir, title, STUDY_COLUMNS, STUDY_FILES)
 
 
 # A baseline search's trials: one row per sampled table.
@@ -249,15 +251,11 @@ BASELINE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 BASELINE_FILES = ("baselines.png", "baselines.html", "baselines.csv")
 
 
-def plot_baseline_search(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+def baseline_search_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """Reward against GMACs and against the measured training time per image, one point per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scored = [r for r in rows if r["status"] == TRAINED and r.get("reward") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig = _figure(12, 4.8)
+    axes = fig.subplots(1, 2)
     for ax, key, label in ((axes[0], "gmacs", "GMACs"), (axes[1], "seconds_per_image", "training s / image")):
         ax.scatter([r[key] for r in scored], [r["reward"] for r in scored], color="tab:red")
         for r in scored:
@@ -269,12 +267,9 @@ def plot_baseline_search(rows: Sequence[dict[str, Any]], path: Path, title: str)
     axes[0].set_title("reward against GMACs")
     axes[1].set_title("reward against training-step time")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def write_baseline_search(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    png, page, sheet = (out_dir / name for name in BASELINE_FILES)
-    plot_baseline_search(rows, png, title)
-    return [png, *write_table(rows, out_dir, title, BASELINE_COLUMNS, (page.name, sheet.name), image=png.name)]
+    return write_figure_and_table(baseline_search_figure(rows, title), rows, out_dir, title, BASELINE_COLUMNS,
+                                  BASELINE_FILES)

@@ -131,18 +131,31 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def find_or_start_run(
+    c: MlflowClient, exp_id: str, identity: Mapping[str, str], run_name: str, params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None, new_tags: Mapping[str, str] | None = None,
+) -> str:
+    """The run whose tags hold all of `identity`, found again (a retry or a rerun goes on in it: set RUNNING, `tags`
+    set on it again), else a new run with `params`, tagged `identity`, `tags` and `new_tags`. The one way a family,
+    a search or a trial finds its run again; a training job finds its own by its marker file (`job._open_job`)."""
+    where = " and ".join(f"tags.{k} = '{v}'" for k, v in identity.items())
+    found = c.search_runs([exp_id], filter_string=where, max_results=1)
+    if not found:
+        return start_run(c, exp_id, run_name, params, {**(new_tags or {}), **(tags or {}), **identity})
+    run_id = found[0].info.run_id
+    c.update_run(run_id, status="RUNNING")
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
+    return run_id
+
+
 FAMILY_KIND = "family"
 
 
 def open_family_run(c: MlflowClient, exp_id: str, flow_run_id: str, run_name: str, params: Mapping[str, Any]) -> str:
     """The parent run of one family flow run: its members' runs are nested under it (the tag `PARENT_RUN`), and
     it holds the family's comparison. A retry of the same flow run finds it again rather than make a second."""
-    found = c.search_runs([exp_id], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
-                                                  f"tags.{Tags.RUN_KIND} = '{FAMILY_KIND}'", max_results=1)
-    if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    return start_run(c, exp_id, run_name, params, {Tags.FLOW_RUN: flow_run_id, Tags.RUN_KIND: FAMILY_KIND})
+    return find_or_start_run(c, exp_id, {Tags.FLOW_RUN: flow_run_id, Tags.RUN_KIND: FAMILY_KIND}, run_name, params)
 
 
 def close_family_run(c: MlflowClient, run_id: str, rows: list[dict[str, Any]], title: str, status: str) -> None:

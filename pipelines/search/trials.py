@@ -19,7 +19,6 @@ ended, each from its last epoch (Tune's own restore is not used: it unpickles it
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -35,11 +34,13 @@ from pydantic import BaseModel, ConfigDict
 
 import models
 from models import CoefficientSet, VariantSpec, check_coefficients, round_resolution
-from models.summary import count_gmacs, count_params
+from models.checkpoint import read_checkpoint, scored_weights
+from models.summary import count_gmacs, count_params, meta_model
 from models.variants import architecture_to_dict
 from pipelines.atomic import atomic_path, atomic_write_json
+from pipelines.hashing import content_hash
 from pipelines.registry import tracking
-from pipelines.training.recipe import Recipe
+from pipelines.training.recipe import ModelConfig, Recipe
 from pipelines.training.schedules import first_scored_epoch
 from pipelines.registry.tracking import Tags
 from pipelines.training.loop import (
@@ -47,14 +48,14 @@ from pipelines.training.loop import (
     CheckpointClock,
     JobSpec,
     LoopState,
-    _last_logged_epoch,
-    _log_pending,
-    _quiet_ray_train_reports,
     build_worker,
-    evaluate_and_early_stop,
+    last_logged_epoch,
+    log_pending,
+    quiet_ray_train_reports,
     ray_metrics,
     restore_checkpoint,
-    train_one_epoch,
+    run_epoch,
+    score_order,
     write_checkpoint,
 )
 
@@ -89,10 +90,11 @@ def scaled_model(base: VariantSpec, depth: float, width: float, resolution: floa
     and its coefficients no longer apply), its resolution rounded as compound scaling rounds it."""
     variant = base.base or base.name
     own_table = models.get_variant(variant).architecture == base.architecture
-    return {"variant": variant, "phi": None, "coefficients": None, "alpha": None, "beta": None,
-            "gamma": None, "width_mult": _multiplier(base.width_mult * width),
+    # phi, its named set and its bases reset; of the sizes phi decides, the eval resolution follows the new one.
+    resets = dict.fromkeys(("phi", "coefficients", *models.COEFFICIENT_KEYS, *models.PHI_SIZE_KEYS))
+    return {"variant": variant, **resets, "width_mult": _multiplier(base.width_mult * width),
             "depth_mult": _multiplier(base.depth_mult * depth),
-            "resolution": round_resolution(base.train_resolution * resolution), "eval_resolution": None,
+            "resolution": round_resolution(base.train_resolution * resolution),
             # A searched baseline's rows travel with every member scaled from it.
             "table": None if own_table else architecture_to_dict(models.ARCHITECTURES[base.architecture])}
 
@@ -147,9 +149,8 @@ def method_factors(method: str, s: float, cs: CoefficientSet) -> tuple[float, fl
 
 
 def member_spec(overrides: Mapping[str, Any]) -> VariantSpec:
-    """The spec of a model section's overrides (`scaled_model`'s)."""
-    return models.resolve_variant(overrides["variant"],
-                                  **{k: v for k, v in overrides.items() if k != "variant" and v is not None})
+    """The spec of a model section's overrides (`scaled_model`'s), resolved as a recipe's model section is."""
+    return ModelConfig.model_validate(dict(overrides)).spec()
 
 
 # Counted GMACs by (block plan, eval resolution, classes): the strengths a fit tries mostly round to models it
@@ -162,9 +163,7 @@ def member_gmacs(overrides: Mapping[str, Any], num_classes: int) -> float:
     spec = member_spec(overrides)
     key = (models.plan_blocks(spec), spec.eval_resolution, num_classes)
     if key not in _GMACS:
-        with torch.device("meta"):
-            model = models.build_model(spec, num_classes)
-        _GMACS[key] = count_gmacs(model, spec.eval_resolution)
+        _GMACS[key] = count_gmacs(meta_model(spec, num_classes), spec.eval_resolution)
     return _GMACS[key]
 
 
@@ -213,8 +212,7 @@ def study_trials(base: VariantSpec, methods: Sequence[str], targets: Sequence[fl
 
 def experiment_key(kind: str, parts: Mapping[str, Any]) -> str:
     """Names one experiment by everything that decides its outcome (any change is another experiment)."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{kind}-{digest}"
+    return f"{kind}-{content_hash(parts, 12)}"
 
 
 def trial_recipe(recipe: Recipe, epochs: int) -> Recipe:
@@ -272,7 +270,7 @@ def scaling_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     the trial's MLflow run), so a trial the scheduler stops, or a crash, loses nothing that was reported."""
     from ray import tune
 
-    _quiet_ray_train_reports()  # Ray logs every report at INFO
+    quiet_ray_train_reports()  # Ray logs every report at INFO
     shared = TrialSetup.model_validate(setup)
     trial = config["trial"]
     home = Path(trial["home"])
@@ -283,21 +281,18 @@ def scaling_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     worker = build_worker(job, rank=0, world=1, device=_trial_device())
     last = home / LAST_CHECKPOINT
     state = restore_checkpoint(worker, last) if last.exists() else LoopState(history=[])
-    logged_upto = _last_logged_epoch(worker.client, job.run_id)
+    logged_upto = last_logged_epoch(worker.client, job.run_id)
     never = CheckpointClock(None, None)  # no mid-epoch checkpoints: a trial's epochs are short
     epochs = job.recipe.schedule.epochs
     for epoch in range(state.epoch, epochs):
-        row = train_one_epoch(worker, state, epoch, never)
-        row.update(evaluate_and_early_stop(worker, state, epoch))
-        row.update({"best_minival_top1": state.best_top1, "best_epoch": state.best_epoch})
-        state.epoch = epoch + 1
-        state.history.append(row)
+        # The training loop's own epoch; `trial_recipe` evaluates every epoch and never stops early.
+        row = run_epoch(worker, state, epoch, never)
         for path in (last, *((home / BEST_CHECKPOINT,) if state.best_epoch == epoch else ())):
             with atomic_path(path) as tmp:
                 write_checkpoint(worker, state, tmp)
         atomic_write_json(home / TRIAL_STATE, {"status": FINISHED if state.epoch == epochs else RUNNING,
                                                "history": state.history})
-        logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
+        logged_upto = log_pending(worker.client, job.run_id, state.history, logged_upto)
         tune.report({**ray_metrics(row), EPOCHS_DONE: state.epoch})
     if read_trial_state(home)["status"] != FINISHED:  # resumed from a last epoch whose state was not yet written
         atomic_write_json(home / TRIAL_STATE, {"status": FINISHED, "history": state.history})
@@ -327,27 +322,15 @@ class TrialOutcome:
 def open_parent_run(c: Any, exp_id: str, kind: str, key: str, run_name: str, params: Mapping[str, Any],
                     tags: Mapping[str, str]) -> str:
     """The experiment's parent run: found again by its key (a rerun after a crash goes on in it), else new."""
-    found = c.search_runs([exp_id], filter_string=f"tags.{Tags.RUN_KIND} = '{kind}' and "
-                                                  f"tags.{Tags.SEARCH_KEY} = '{key}'", max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        c.update_run(run_id, status="RUNNING")
-        for k, v in tags.items():
-            c.set_tag(run_id, k, v)
-        return run_id
-    return tracking.start_run(c, exp_id, run_name, params, {**tags, Tags.RUN_KIND: kind, Tags.SEARCH_KEY: key})
+    return tracking.find_or_start_run(c, exp_id, {Tags.RUN_KIND: kind, Tags.SEARCH_KEY: key}, run_name, params, tags)
 
 
 def _open_trial_run(c: Any, exp_id: str, parent: str, key: str, plan: TrialPlan, recipe: Recipe) -> str:
-    found = c.search_runs([exp_id], filter_string=f"tags.{Tags.SEARCH_KEY} = '{key}' and "
-                                                  f"tags.{Tags.TRIAL} = '{plan.label}'", max_results=1)
-    if found:
-        c.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    return tracking.start_run(
-        c, exp_id, plan.label, {**plan.params, **recipe.with_overrides(model=plan.model).model_dump()},
-        {Tags.PARENT_RUN: parent, Tags.SEARCH_KEY: key, Tags.TRIAL: plan.label,
-         Tags.VARIANT: member_spec(plan.model).name})
+    """A trial's run, nested under the experiment's: found again by the experiment's key and its label, else new."""
+    return tracking.find_or_start_run(
+        c, exp_id, {Tags.SEARCH_KEY: key, Tags.TRIAL: plan.label}, plan.label,
+        {**plan.params, **recipe.with_overrides(model=plan.model).model_dump()},
+        new_tags={Tags.PARENT_RUN: parent, Tags.VARIANT: member_spec(plan.model).name})
 
 
 def run_trials(
@@ -410,7 +393,7 @@ def _outcome(plan: TrialPlan, run_id: str, home: Path, error: str | None, first_
     state = read_trial_state(home)
     history = state["history"]
     scored = [r for r in history if math.isfinite(r.get(SCORE, math.nan)) and r["epoch"] >= first_scored]
-    best = max(scored, key=lambda r: (r[SCORE], -r["epoch"]), default=None)
+    best = max(scored, key=lambda r: score_order(r[SCORE], r["epoch"]), default=None)
     best_file = home / BEST_CHECKPOINT
     return TrialOutcome(
         label=plan.label, params=plan.params, run_id=run_id, model=plan.model, epochs_run=len(history),
@@ -430,26 +413,26 @@ def asha(epochs: int, grace_period: int, reduction_factor: float) -> Any:
 
 
 def pick_winner(outcomes: Sequence[TrialOutcome]) -> TrialOutcome:
-    """The best minival top-1; among equals the lower minival loss at that epoch, then the earlier grid point."""
+    """The best minival top-1; among equals the lower minival loss at that epoch, then the earlier grid point
+    (`score_order`)."""
     done = [(i, o) for i, o in enumerate(outcomes) if o.error is None and math.isfinite(o.best_minival_top1)]
     if not done:
         raise RuntimeError("no trial finished with a minival score")
-    return max(done, key=lambda io: (io[1].best_minival_top1, -io[1].best_minival_loss, -io[0]))[1]
+    return max(done, key=lambda io: score_order((io[1].best_minival_top1, -io[1].best_minival_loss), io[0]))[1]
 
 
 def load_trial_weights(outcome: TrialOutcome, num_classes: int) -> torch.nn.Module:
     """The trial's best checkpoint as a model in eval mode (its EMA weights when it kept an EMA)."""
-    saved = torch.load(outcome.best_checkpoint, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(outcome.best_checkpoint)
     model = models.build_model(member_spec(outcome.model), num_classes)
-    model.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
+    model.load_state_dict(scored_weights(saved))
     return model.eval()
 
 
 def member_figures(outcome: TrialOutcome, num_classes: int) -> dict[str, Any]:
     """A trial's model's size, cost and resolutions (what the study's table and plot show)."""
     spec = member_spec(outcome.model)
-    with torch.device("meta"):
-        model = models.build_model(spec, num_classes)
-    return {"variant": spec.name, "params": count_params(model), "gmacs": member_gmacs(outcome.model, num_classes),
+    return {"variant": spec.name, "params": count_params(meta_model(spec, num_classes)),
+            "gmacs": member_gmacs(outcome.model, num_classes),
             "train_resolution": spec.train_resolution, "eval_resolution": spec.eval_resolution,
             "depth_mult": spec.depth_mult, "width_mult": spec.width_mult}

@@ -24,7 +24,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -319,13 +319,26 @@ def _meta_mat_bytes(synsets: tuple[_Synset, ...]) -> bytes:
 # --------------------------------------------------------------------------------------------- entry point
 
 
+@dataclass(frozen=True)
+class DemoSize:
+    """How large the demo ImageNet is by default (`effnet demo-data` and the demo flow take these)."""
+
+    num_classes: int = 10
+    train_per_class: int = 40
+    val_per_class: int = 10
+    seed: int = 0
+
+
+DEMO_SIZE = DemoSize()
+
+
 def write_demo_imagenet(
     out_dir: str | os.PathLike[str],
     *,
-    num_classes: int = 10,
-    train_per_class: int = 40,
-    val_per_class: int = 10,
-    seed: int = 0,
+    num_classes: int = DEMO_SIZE.num_classes,
+    train_per_class: int = DEMO_SIZE.train_per_class,
+    val_per_class: int = DEMO_SIZE.val_per_class,
+    seed: int = DEMO_SIZE.seed,
     image_size: tuple[int, int] = (160, 120),
     plant_oddities: bool = True,
 ) -> DemoSummary:
@@ -512,7 +525,3 @@ def _write_kaggle_labels(out: Path, kit: imagenet.Devkit, val_labels: dict[str, 
         for image_id, wnid in rows:
             writer.writerow([image_id, f"{wnid} 0 0 1 1 "])
 
-
-def summary_dict(summary: DemoSummary) -> dict[str, Any]:
-    """The summary as JSON-ready data (paths as strings)."""
-    return json.loads(json.dumps(asdict(summary), default=str))

@@ -42,7 +42,7 @@ def _decode(data: bytes, tiers: Sequence[int]) -> tuple[np.ndarray, bool, tuple[
     """
     if not data:
         raise BadImage("empty file")
-    cv2 = _cv2()
+    cv2 = opencv()
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
         fmt, mode, stored = img.format, img.mode, img.size
@@ -127,7 +127,7 @@ def _pil_pixels(img: Image.Image) -> np.ndarray:
     """BGR pixels of an image PIL decodes. CMYK, grayscale, palette, RGBA... become RGB by PIL's convert (FFCV and
     the loaders need 3 channels); 16-bit grey (modes I;16*, and I, which is how PIL gives 16-bit PGMs) is scaled
     by `_to_8_bits`; 32-bit samples outside 0..65535 and floating-point ones have no defined 8-bit scale."""
-    cv2 = _cv2()
+    cv2 = opencv()
     try:
         img.load()
         if img.mode == "F":
@@ -192,7 +192,7 @@ def encode_tiers(data: bytes, tiers: Sequence[int], quality: int) -> dict[int, t
     already at hand that are at least twice its size (an octave below a tier costs a 2x2 mean), and encoded by
     OpenCV's libjpeg-turbo (a quarter faster than PIL's encoder on these sizes), without metadata.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     tiers = sorted(tiers, reverse=True)
     decoded, keep, full = _decode(data, tiers)
     out: dict[int, tuple[bytes, int, int]] = {}
@@ -217,7 +217,8 @@ def encode_tiers(data: bytes, tiers: Sequence[int], quality: int) -> dict[int, t
 _OCTAVE = 1.95
 
 
-def _cv2() -> Any:
+def opencv() -> Any:
+    """The cv2 module, imported on first use (also by `runners`, which sets its thread count)."""
     import cv2  # only where images are decoded and resized: the CLI's other commands need not pay for it
 
     return cv2
@@ -231,7 +232,7 @@ def resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     average of the exact area average (INTER_AREA), at less than half its cost and a third of PIL's BILINEAR;
     torch's antialiased kernel is as fast but costs each worker process two seconds of import.
     """
-    cv2 = _cv2()
+    cv2 = opencv()
     w, h = size
     src_h, src_w = pixels.shape[:2]
     m = max(2, math.ceil(max(src_w / w, src_h / h)))

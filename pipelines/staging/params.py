@@ -56,6 +56,12 @@ AUTO = "auto"  # base_version: the latest compatible version under the datasets 
 MIN_TRAIN_PER_CLASS = 5
 
 
+# The smallest tier staging writes: a stored short side, not a model resolution (models.MIN_RESOLUTION, 32, is
+# the network's floor; a loader reads the smallest tier at least the size it needs). Staging's own fact: it runs
+# in worker processes that never import models or torch.
+MIN_TIER = 16
+
+
 class StagingError(DataError):
     """Staging cannot finish: too many bad files, inconsistent units, ..."""
 
@@ -87,8 +93,8 @@ class StageParams:
         # fraction where a count belongs or a value out of range, instead of a failure deep in a run.
         tiers = self.tiers if isinstance(self.tiers, (tuple, list)) else ()
         if not tiers:
-            raise ValueError(f"tiers must be a non-empty list of sizes >= 16 px, got {self.tiers!r}")
-        object.__setattr__(self, "tiers", tuple(sorted({whole_number("tiers", t, 16) for t in tiers})))
+            raise ValueError(f"tiers must be a non-empty list of sizes >= {MIN_TIER} px, got {self.tiers!r}")
+        object.__setattr__(self, "tiers", tuple(sorted({whole_number("tiers", t, MIN_TIER) for t in tiers})))
         object.__setattr__(self, "shard_size", whole_number("shard_size", self.shard_size, 1))
         object.__setattr__(self, "minival", _checked_minival(self.minival))
         object.__setattr__(self, "seed", whole_number("seed", self.seed, 0))

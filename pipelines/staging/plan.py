@@ -5,7 +5,7 @@ whatever order the units finished in, and refused by `check_minival` when it lea
 images), shuffles every split across classes from the seed, and cuts it into `shard_size` shards per tier. The
 plan depends on the records, the base and StageParams only, never on timing (`SHARD_LAYOUT` versions how it is
 cut). With a `BaseVersion`, a finished version the new one grows from, only the new images are planned: the
-base's keep their split and shards. `_unit_args` lists the units a run decodes: all of them, or with a base
+base's keep their split and shards. `unit_args` lists the units a run decodes: all of them, or with a base
 only what the base lacks.
 """
 
@@ -18,14 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from pipelines.dataset import shard_relpath
+from pipelines.dataset import Manifest, shard_relpath
 from pipelines.seeds import Stream, mix_seed
 from pipelines.source import imagenet
 from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
 from pipelines.staging.spools import UnitResult
 
 
-def _unit_args(
+def unit_args(
     src: imagenet.ImageNetSource, work: Path, params: StageParams, base: BaseVersion | None
 ) -> list[tuple[Any, ...]]:
     """Argument tuples for process_unit: every unit, or with a base only what the base lacks."""
@@ -50,7 +50,7 @@ def _unit_args(
     return args
 
 
-def _unit_images(unit: imagenet.TrainUnit | imagenet.ValUnit) -> float:
+def unit_images(unit: imagenet.TrainUnit | imagenet.ValUnit) -> float:
     """About how many images a unit holds (a class tar's size over ImageNet's ~110 KB per image)."""
     if isinstance(unit, imagenet.ValUnit):
         return len(unit.entries)
@@ -137,12 +137,12 @@ def plan_dataset(
                 raise StagingError(f"image key {rec['key']} appears twice in the source")
             records[rec["key"]] = {**rec, "unit": unit.unit_id}
             by_split[unit.split].append(rec["key"])
-    base_seen = base.manifest["images_seen"] if base is not None else 0
-    base_bad = len(base.manifest["bad_files"]) if base is not None else 0
+    base_seen = base.manifest.images_seen if base is not None else 0
+    base_bad = len(base.manifest.bad_files) if base is not None else 0
     total_seen = len(records) + len(bad) + base_seen
     total_bad = len(bad) + base_bad
     if total_seen and total_bad / total_seen > params.max_bad_fraction:
-        first = (bad or base.manifest["bad_files"])[0]  # type: ignore[union-attr]
+        first = (bad or base.manifest.bad_files)[0]  # type: ignore[union-attr]
         raise StagingError(
             f"{total_bad} of {total_seen} images do not decode ({total_bad / total_seen:.2%} > "
             f"max_bad_fraction {params.max_bad_fraction:.2%}); first: {first['source']}: {first['reason']}"
@@ -150,8 +150,8 @@ def plan_dataset(
     per_class: dict[str, list[str]] = defaultdict(list)
     for key in by_split["train"]:
         per_class[records[key]["wnid"]].append(key)
-    old_train = base.manifest["splits"]["train"]["per_class"] if base is not None else {}
-    old_minival = base.manifest["splits"]["minival"]["per_class"] if base is not None else {}
+    old_train = base.manifest.splits["train"].per_class if base is not None else {}
+    old_minival = base.manifest.splits["minival"].per_class if base is not None else {}
     totals = {c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
               for c in set(per_class) | set(old_train) | set(old_minival)}
     quota = minival_quota(totals, params.minival, params.seed)
@@ -185,7 +185,7 @@ class BaseVersion:
     """A finished version that a new one grows from: its images keep their split and shards."""
 
     name: str
-    manifest: dict[str, Any] = field(repr=False)
+    manifest: Manifest = field(repr=False)
     splits: dict[str, dict[str, str]] = field(repr=False)  # split -> key -> wnid
     bad: dict[str, list[str]] = field(repr=False)  # key of a file that did not decode -> [source split, wnid]
 
@@ -206,6 +206,6 @@ class BaseVersion:
     @property
     def num_shards(self) -> dict[tuple[str, int], int]:
         counts: dict[tuple[str, int], int] = defaultdict(int)
-        for s in self.manifest["shards"]:
+        for s in self.manifest.shards:
             counts[(s["split"], s["tier"])] += 1
         return counts

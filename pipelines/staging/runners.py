@@ -3,7 +3,7 @@
 A `Mapper` runs a step over argument tuples and returns the results in order (`thread_map` here; the Prefect flow
 passes one that submits tasks). `unit_runner` runs `spools.process_unit` at most `workers` at a time, on the
 callers' threads or in spawned worker processes, and stops starting units once one failed on bad input
-(`INPUT_ERRORS`). `_Tracker` logs each phase's progress with an ETA and reports it to a `Progress` callback
+(`INPUT_ERRORS`). `Tracker` logs each phase's progress with an ETA and reports it to a `Progress` callback
 (`progress_bar` draws one); `resolve_workers` checks `workers`.
 """
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pipelines.source import imagenet
-from pipelines.staging.images import _cv2
+from pipelines.staging.images import opencv
 from pipelines.staging.params import StagingError, whole_number
 from pipelines.staging.spools import UnitResult, process_unit
 
@@ -58,7 +58,7 @@ def available_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-class _Tracker:
+class Tracker:
     """Counts the finished steps of one phase; logs every 5% with an ETA and reports to `progress`."""
 
     def __init__(self, phase: str, total: int, log: Callable[..., None], progress: Progress | None) -> None:
@@ -78,10 +78,10 @@ class _Tracker:
                 self.progress(self.phase, self.done, self.total)
 
 
-class _Counted:
+class Counted:
     """`fn` that ticks a tracker when it returns (in the thread that called it)."""
 
-    def __init__(self, fn: Callable[..., Any], tracker: _Tracker) -> None:
+    def __init__(self, fn: Callable[..., Any], tracker: Tracker) -> None:
         self.fn, self.tracker = fn, tracker
 
     def __call__(self, *args: Any) -> Any:
@@ -111,7 +111,7 @@ def _worker_init(parent: int) -> None:
 
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _cv2().setNumThreads(1)
+    opencv().setNumThreads(1)
     _keep_freed_memory()
 
 
@@ -148,7 +148,7 @@ def unit_runner(workers: int, processes: bool = False) -> Iterator[Callable[...,
         yield _Limited(process_unit, 1)  # one unit at a time, OpenCV's own threads inside it
         return
     if not processes:
-        cv2 = _cv2()
+        cv2 = opencv()
         before = cv2.getNumThreads()
         cv2.setNumThreads(1)  # the units are the parallelism; OpenCV's own threads would only contend
         _keep_freed_memory()
@@ -212,7 +212,7 @@ def progress_bar(file: Any = None) -> Progress:
     return update
 
 
-def _largest_first(
+def largest_first(
     mapper: Mapper, fn: Callable[..., Any], args: list[tuple[Any, ...]], size: Callable[[tuple[Any, ...]], float]
 ) -> list[Any]:
     """`mapper(fn, args)` with the largest arguments submitted first, so that no big one is left running alone

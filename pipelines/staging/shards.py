@@ -31,7 +31,7 @@ from pipelines.dataset import (
 )
 from pipelines.staging.params import StagingError
 from pipelines.staging.plan import DatasetPlan, ShardPlan
-from pipelines.staging.spools import _TarWriter, unit_paths
+from pipelines.staging.spools import TarWriter, unit_paths
 
 
 class SampleReader:
@@ -81,7 +81,8 @@ class SampleReader:
         self.close()
 
 
-def _shard_bytes(plan: DatasetPlan, shard: ShardPlan) -> int:
+def shard_bytes(plan: DatasetPlan, shard: ShardPlan) -> int:
+    """The JPEG bytes a planned shard holds: its size, for running the largest shards first."""
     return sum(plan.records[key]["tiers"][str(shard.tier)][1] for key in shard.keys)
 
 
@@ -97,7 +98,7 @@ def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> d
     # every shard once, before the manifest commits the version.
     lines = []  # the shard's index, from the offsets the writer knows: the tar is never read back for it
     with atomic_open(path, durable=False) as f, SampleReader(work) as reader:
-        tar = _TarWriter(f)
+        tar = TarWriter(f)
         for key in shard.keys:
             rec = plan.records[key]
             jpeg = reader.read(rec, shard.tier)

@@ -8,7 +8,7 @@ copy. A unit whose index matches the parameters and whose spool matches the inde
 killed run resumes with the units it had finished; it needs nothing but its picklable arguments, so it runs on
 a thread or in a worker process alike (`runners.unit_runner`).
 
-The spools' tar writer (`_TarWriter`) is also the shards' (`shards.write_shard`): fixed metadata and a running
+The spools' tar writer (`TarWriter`) is also the shards' (`shards.write_shard`): fixed metadata and a running
 sha256, so the same samples always give the same bytes.
 """
 
@@ -45,7 +45,7 @@ _HEADER_TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 
 _HEADER_TAIL_SUM = sum(_HEADER_TAIL)
 
 
-class _TarWriter:
+class TarWriter:
     """Writes regular files as a tar with the bytes `tarfile` would write (see `_deterministic_tarinfo`),
     hashing as it goes."""
 
@@ -113,19 +113,19 @@ def process_unit(
     # rather than in one burst when the kernel's dirty-page limits are reached. An error or interrupt mid-unit
     # leaves no partial spool.
     with atomic_open(spool, durable=False) as f:
-        tar = _TarWriter(f)
+        tar = TarWriter(f)
         records, bad, skipped = _write_spool(tar, unit, split, params, skip)
         tar.close()
     atomic_write_json(
         index,
-        {"unit": unit_id, "split": split, "params": _unit_params(params), "spool_sha256": tar.sha256.hexdigest(),
+        {"unit": unit_id, "split": split, "params": unit_params(params), "spool_sha256": tar.sha256.hexdigest(),
          "records": records, "bad": bad, "skipped": skipped},
     )
     return UnitResult(unit_id, split, tuple(records), tuple(bad), skipped)
 
 
 def _write_spool(
-    tar: _TarWriter, unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, params: StageParams,
+    tar: TarWriter, unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, params: StageParams,
     skip: frozenset[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
     if isinstance(unit, imagenet.TrainUnit):
@@ -160,8 +160,9 @@ def _write_spool(
     return records, bad, skipped
 
 
-def _unit_params(params: StageParams) -> dict[str, Any]:
-    # Only what changes a spool's bytes: a new shard size or minival reuses every spool.
+def unit_params(params: StageParams) -> dict[str, Any]:
+    """What a spool's bytes depend on (a unit index records it; a work folder's name hashes it): a new shard size
+    or minival reuses every spool."""
     return {"tiers": list(params.tiers), "jpeg_quality": params.jpeg_quality, "encoding": ENCODING}
 
 
@@ -174,7 +175,7 @@ def load_unit(work: Path, unit_id: str, params: StageParams) -> UnitResult | Non
         meta = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if meta.get("params") != _unit_params(params) or meta.get("spool_sha256") != sha256_file(spool):
+    if meta.get("params") != unit_params(params) or meta.get("spool_sha256") != sha256_file(spool):
         return None
     return UnitResult(unit_id, meta["split"], tuple(meta["records"]), tuple(meta["bad"]), meta.get("skipped", 0))
 

@@ -22,13 +22,12 @@ base does not hold.
 
 A work folder is named by what its spools depend on (`work_dir`); a run holds its lock (`_exclusive`) and notes
 in it (`work.json`) the source path, those inputs and the versions it backs, so that a run can remove what a
-failed run left and no run will reuse (`remove_orphans`). The flow in `flows/stage_imagenet.py` only sequences:
+failed run left and no run will reuse (`remove_orphans`). The staging flow only sequences:
 it passes mappers that run the units and shards as Prefect tasks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from pipelines.atomic import (
     remove_stale_temporaries,
 )
 from pipelines.dataset import DALI, EXTRA_FORMATS, FFCV, MANIFEST, mark_latest
+from pipelines.hashing import content_hash
 from pipelines.source import imagenet
 from pipelines.staging.params import (
     AUTO,
@@ -56,23 +56,23 @@ from pipelines.staging.params import (
     StagingError,
     whole_number,
 )
-from pipelines.staging.plan import _unit_args, _unit_images, check_minival, minival_quota, plan_dataset
+from pipelines.staging.plan import check_minival, minival_quota, plan_dataset, unit_args, unit_images
 from pipelines.staging.runners import (
+    Counted,
     Mapper,
     NotStarted,
     Progress,
-    _Counted,
-    _largest_first,
-    _Tracker,
+    Tracker,
+    largest_first,
     resolve_workers,
     thread_map,
     unit_runner,
 )
-from pipelines.staging.shards import _shard_bytes, link_base_shards, write_shard, write_shard_indexes
-from pipelines.staging.spools import _unit_params
+from pipelines.staging.shards import link_base_shards, shard_bytes, write_shard, write_shard_indexes
+from pipelines.staging.spools import unit_params
 from pipelines.staging.versions import (
-    _check_base_seen,
     build_manifest,
+    check_base_seen,
     code_version,
     dataset_version,
     find_staged,
@@ -90,13 +90,12 @@ def work_dir(
     A rerun with another shard size, minival or bad-file limit is a new version but decodes nothing again. An
     incremental version's spools (its new images only) are kept apart, by base.
     """
-    blob = json.dumps(_work_inputs(fingerprint, params, base_version), sort_keys=True, default=str)
-    return root / WORK / hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return root / WORK / content_hash(_work_inputs(fingerprint, params, base_version), 12)
 
 
 def _work_inputs(fingerprint: dict[str, Any], params: StageParams, base_version: str | None) -> dict[str, Any]:
     """What a work folder's spools depend on (its name hashes it)."""
-    inputs: dict[str, Any] = {"source": fingerprint, "unit": _unit_params(params)}
+    inputs: dict[str, Any] = {"source": fingerprint, "unit": unit_params(params)}
     if base_version is not None:
         inputs["base_version"] = base_version
     return inputs
@@ -122,7 +121,7 @@ def _fingerprint_cache(src: imagenet.ImageNetSource, root: Path) -> Path:
     for name in imagenet.ARCHIVES:
         st = (src.root / name).stat()
         stats.append([str(src.root / name), st.st_size, st.st_mtime_ns, st.st_ino])
-    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    key = content_hash(stats, 16)
     return root / WORK / FINGERPRINTS / f"{key}.json"
 
 
@@ -242,27 +241,27 @@ def stage(
             orphans = remove_orphans(root, work, src.root, version)
             if orphans:
                 log(f"removed what failed runs left and no run will reuse: {', '.join(orphans)}")
-            units = _unit_args(src, work, params, base)
+            units = unit_args(src, work, params, base)
             log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
                 f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
                 f"{workers} worker(s)")
             with unit_runner(workers, processes) as run_unit:
-                tracker = _Tracker("units", len(units), log, progress)
+                tracker = Tracker("units", len(units), log, progress)
                 try:
-                    results = _largest_first(map_units or thread_map(workers), _Counted(run_unit, tracker), units,
-                                             lambda a: _unit_images(a[0]))
+                    results = largest_first(map_units or thread_map(workers), Counted(run_unit, tracker), units,
+                                            lambda a: unit_images(a[0]))
                 except NotStarted:
                     raise run_unit.failure from None  # the unit that failed, not one stopped behind it
             if base is not None and src.kind == "archives":
-                _check_base_seen(results, base)
+                check_base_seen(results, base)
             plan = plan_dataset(results, src.classes, params, base, min_train_per_class)
             log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
                 f"{len(plan.shards)} shards to write")
-            inherited = link_base_shards(root / base.name, dest, base.manifest["shards"]) if base else []
-            tracker = _Tracker("shards", len(plan.shards), log, progress)
-            entries = _largest_first(map_shards or thread_map(workers), _Counted(write_shard, tracker),
-                                     [(plan, shard, work, dest) for shard in plan.shards],
-                                     lambda a: _shard_bytes(plan, a[1]))
+            inherited = link_base_shards(root / base.name, dest, base.manifest.shards) if base else []
+            tracker = Tracker("shards", len(plan.shards), log, progress)
+            entries = largest_first(map_shards or thread_map(workers), Counted(write_shard, tracker),
+                                    [(plan, shard, work, dest) for shard in plan.shards],
+                                    lambda a: shard_bytes(plan, a[1]))
             indexes = write_shard_indexes(dest, [*inherited, *entries])
             extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
             # The commit point: every file the manifest will list is on disk before the manifest is (shards and
@@ -270,8 +269,8 @@ def stage(
             fsync_files(dest / e["path"]
                         for e in [*inherited, *entries, *indexes, *chain.from_iterable(extras.values())])
             keys = write_keys(dest, plan)
-            manifest = build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version, code_version())
-            write_manifest(dest, {**manifest, "keys": keys, "indexes": indexes, "extra": extras})
+            write_manifest(dest, build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version,
+                                                code_version(), keys=keys, indexes=indexes, extra=extras))
             _finish(root, version, src, fingerprint)
             return dest
     except BaseException:

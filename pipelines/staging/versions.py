@@ -15,13 +15,25 @@ import json
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from pipelines.atomic import (
     atomic_write_bytes,
     atomic_write_json,
 )
-from pipelines.dataset import KEYS, MANIFEST, MANIFEST_FORMAT, SPLITS, keys_document, read_keys, read_manifest
+from pipelines.dataset import (
+    KEYS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    SPLITS,
+    FileEntry,
+    Manifest,
+    SplitCounts,
+    keys_document,
+    read_keys,
+    read_manifest,
+)
+from pipelines.hashing import content_hash
 from pipelines.settings import PROJECT_ROOT
 from pipelines.source import imagenet
 from pipelines.staging.params import AUTO, ENCODING, SHARD_LAYOUT, WORK, StageParams, StagingError
@@ -29,10 +41,10 @@ from pipelines.staging.plan import BaseVersion, DatasetPlan
 from pipelines.staging.spools import UnitResult
 
 
-def finished_versions(root: Path) -> list[tuple[str, dict[str, Any]]]:
+def finished_versions(root: Path) -> list[tuple[str, Manifest]]:
     """(name, manifest) of every finished version under a datasets root, oldest first.
 
-    A folder without a manifest is an unfinished run, never a version.
+    A folder without a manifest is an unfinished run, never a version; one whose manifest does not read is skipped.
     """
     found = []
     if not root.is_dir():
@@ -42,14 +54,19 @@ def finished_versions(root: Path) -> list[tuple[str, dict[str, Any]]]:
         if d.name == WORK or not path.is_file():
             continue
         try:
-            found.append((path.stat().st_mtime_ns, d.name, json.loads(path.read_text())))
+            found.append((path.stat().st_mtime_ns, d.name, read_manifest(d)))
         except (OSError, ValueError):
             continue
     return [(name, m) for _, name, m in sorted(found, key=lambda f: (f[0], f[1]))]
 
 
-def _same_params(manifest: dict[str, Any], params: StageParams) -> bool:
-    return manifest.get("params") == json.loads(json.dumps(asdict(params))) and manifest.get("encoding") == ENCODING
+def _params_record(params: StageParams) -> dict[str, Any]:
+    """StageParams as a manifest records them (JSON: lists for tuples)."""
+    return json.loads(json.dumps(asdict(params)))
+
+
+def _same_params(manifest: Manifest, params: StageParams) -> bool:
+    return manifest.params == _params_record(params) and manifest.encoding == ENCODING
 
 
 def find_staged(
@@ -63,7 +80,7 @@ def find_staged(
     if base_version != AUTO:
         return None
     for name, manifest in reversed(finished_versions(root)):
-        if manifest.get("source", {}).get("fingerprint") == fingerprint and _same_params(manifest, params):
+        if manifest.source.get("fingerprint") == fingerprint and _same_params(manifest, params):
             return root / name
     return None
 
@@ -80,7 +97,7 @@ def _source_keys(src: imagenet.ImageNetSource) -> dict[str, dict[str, str] | Non
 
 def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: StageParams) -> str | None:
     """Why `base` cannot be grown into this source, or None."""
-    if base.manifest.get("classes") != list(src.classes):
+    if base.manifest.classes != tuple(src.classes):
         return "its classes differ from the source's"
     if not _same_params(base.manifest, params):
         return "it was staged with other parameters"
@@ -113,7 +130,7 @@ def resolve_base(
         return base
     reasons = []
     for name, manifest in reversed(finished_versions(root)):
-        if manifest.get("classes") != list(src.classes) or not _same_params(manifest, params):
+        if manifest.classes != tuple(src.classes) or not _same_params(manifest, params):
             continue  # another dataset, or other parameters: not a candidate
         if not (root / name / KEYS).is_file():
             continue
@@ -132,7 +149,7 @@ def _load_base(dataset_dir: Path) -> BaseVersion:
     return BaseVersion(dataset_dir.name, read_manifest(dataset_dir), splits, bad)
 
 
-def _check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
+def check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
     """Each class tar, read whole, must have held every image its class has in the base (the source only grew)."""
     known = base.known_by_class("train")
     for unit in units:
@@ -153,49 +170,53 @@ def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_versi
                               "shard_layout": SHARD_LAYOUT}
     if base_version is not None:
         inputs["base_version"] = base_version
-    blob = json.dumps(inputs, sort_keys=True, default=str)
-    return "imagenet-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return "imagenet-" + content_hash(inputs, 12)
 
 
 def build_manifest(
-    plan: DatasetPlan, shards: list[dict[str, Any]], params: StageParams, fingerprint: dict[str, Any],
-    source_kind: str, version: str, code_version: str,
-) -> dict[str, Any]:
-    """The manifest of a version: its own shards and, for an incremental version, the base's too."""
+    plan: DatasetPlan, shards: Sequence[FileEntry], params: StageParams, fingerprint: dict[str, Any],
+    source_kind: str, version: str, code_version: str, *, keys: FileEntry, indexes: Sequence[FileEntry],
+    extra: Mapping[str, Sequence[FileEntry]],
+) -> Manifest:
+    """The manifest of a version: its own shards and, for an incremental version, the base's too, with the keys
+    file, the shard indexes and the extra formats' files."""
     base = plan.base
     counts: dict[str, dict[str, int]] = {}
     samples: dict[str, int] = {}
-    for split, keys in plan.splits.items():
+    for split, split_keys in plan.splits.items():
         per_class: dict[str, int] = defaultdict(int)
         if base is not None:
-            for wnid, n in base.manifest["splits"][split]["per_class"].items():
+            for wnid, n in base.manifest.splits[split].per_class.items():
                 per_class[wnid] += n
-        for key in keys:
+        for key in split_keys:
             per_class[plan.records[key]["wnid"]] += 1
         counts[split] = dict(sorted(per_class.items()))
-        samples[split] = len(keys) + (base.manifest["splits"][split]["samples"] if base is not None else 0)
-    minival = set(plan.splits["minival"]) | (set(base.manifest["minival_keys"]) if base is not None else set())
-    bad = plan.bad + (base.manifest["bad_files"] if base is not None else [])
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": version,
-        "base_version": base.name if base is not None else None,
-        "classes": list(plan.classes),
-        "num_classes": len(plan.classes),
-        "splits": {s: {"samples": samples[s], "per_class": counts[s]} for s in plan.splits},
-        "minival_keys": sorted(minival),
-        "tiers": list(params.tiers),
-        "shards": sorted(shards, key=lambda s: (s["tier"], s["split"], s["path"])),
-        "bad_files": sorted(bad, key=lambda b: (b["source"], b["split"])),
-        "images_seen": plan.total_seen,
-        "source": {"kind": source_kind, "fingerprint": fingerprint},
-        "params": asdict(params),
-        "encoding": ENCODING,
-        "code_version": code_version,
-    }
+        samples[split] = len(split_keys) + (base.manifest.splits[split].samples if base is not None else 0)
+    minival = set(plan.splits["minival"]) | (set(base.manifest.minival_keys) if base is not None else set())
+    bad = [*plan.bad, *(base.manifest.bad_files if base is not None else ())]
+    return Manifest(
+        format=MANIFEST_FORMAT,
+        version=version,
+        base_version=base.name if base is not None else None,
+        classes=tuple(plan.classes),
+        num_classes=len(plan.classes),
+        splits={s: SplitCounts(samples[s], counts[s]) for s in plan.splits},
+        minival_keys=tuple(sorted(minival)),
+        tiers=tuple(params.tiers),
+        shards=tuple(sorted(shards, key=lambda s: (s["tier"], s["split"], s["path"]))),
+        bad_files=tuple(sorted(bad, key=lambda b: (b["source"], b["split"]))),
+        images_seen=plan.total_seen,
+        source={"kind": source_kind, "fingerprint": fingerprint},
+        params=_params_record(params),
+        encoding=ENCODING,
+        code_version=code_version,
+        keys=keys,
+        indexes=tuple(indexes),
+        extra={fmt: tuple(entries) for fmt, entries in extra.items()},
+    )
 
 
-def write_keys(dest: Path, plan: DatasetPlan) -> dict[str, Any]:
+def write_keys(dest: Path, plan: DatasetPlan) -> FileEntry:
     """Write the version's keys file (the base's images and the new ones); return its manifest entry."""
     base = plan.base
     splits = {s: dict(base.splits[s]) if base else {} for s in SPLITS}
@@ -208,9 +229,10 @@ def write_keys(dest: Path, plan: DatasetPlan) -> dict[str, Any]:
     return {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(out: Path, manifest: Manifest) -> Path:
+    """Write a version's manifest (last: it is what makes the folder a version)."""
     path = out / MANIFEST
-    atomic_write_json(path, manifest)
+    atomic_write_json(path, manifest.to_dict())
     return path
 
 

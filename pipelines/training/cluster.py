@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
-from pipelines.settings import RAY_LOOPBACK_ENV
+from pipelines.settings import RAY_LOOPBACK_ENV, TRACKING_URI_ENV, DataLayout
 from pipelines.training.recipe import Recipe
 
 Resources = Mapping[str, float]
@@ -93,6 +93,12 @@ def connect(address: str | None, env: Mapping[str, str] | None = None) -> Any:
         if local:
             return init_local(log_to_driver=True, runtime_env=runtime_env)
         return ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+
+
+def connect_layout(layout: DataLayout) -> Any:
+    """Join the data directory's Ray cluster (`connect`), its jobs and workers told the data directory's MLflow
+    server."""
+    return connect(layout.ray_address, env={TRACKING_URI_ENV: layout.tracking_uri})
 
 
 def init_local(**init_args: Any) -> Any:

@@ -4,15 +4,14 @@ on val and registered in MLflow.
 
 Read `run_training` top to bottom: check the job (variant, dataset, cluster), start or resume its MLflow run
 (`_open_job`: a job is its variant, its whole recipe and the dataset version), fit, evaluate the chosen
-checkpoint on val (`_chosen_checkpoint`, `evaluate_on_cluster`), decide on minival whether it takes `champion`
-(`_promotion`), register it (`_register`). Cancelling the caller (SIGTERM, Ctrl-C, a cancelled flow run) stops
-the workers and records the run KILLED (`_StopOnSigterm`, `_abort`); `EpochProgress` prints one line per epoch
-from MLflow while the job runs.
+checkpoint on val (`_chosen_checkpoint`, `evaluate_on_cluster` of `pipelines.training.evaluate`), decide on
+minival whether it takes `champion` (`_promotion`), register it (`_register`). Cancelling the caller (SIGTERM,
+Ctrl-C, a cancelled flow run) stops the workers and records the run KILLED (`_StopOnSigterm`, `_abort`);
+`EpochProgress` prints one line per epoch from MLflow while the job runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,13 +27,15 @@ import numpy as np
 import torch
 
 import models
-from models.summary import count_gmacs, count_params
+from models.checkpoint import read_checkpoint, scored_weights
+from models.summary import count_gmacs, count_params, meta_model
 from pipelines.atomic import atomic_write_json
 from pipelines.dataset import FFCV, SPLITS, DataError, check_version, manifest_hash, read_manifest
-from pipelines.loading import make_loader
+from pipelines.hashing import content_hash
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.settings import DataLayout, data_layout
+from pipelines.settings import TRACKING_URI_ENV, DataLayout, data_layout
 from pipelines.training import cluster
+from pipelines.training.evaluate import evaluate_on_cluster
 from pipelines.registry import tracking
 from pipelines.registry.promotion import Promotion, decide_promotion
 from pipelines.training.recipe import Recipe
@@ -47,8 +48,8 @@ from pipelines.training.loop import (
     CHECKPOINT_RANK,
     UNSCORED,
     JobSpec,
-    _last_logged_epoch,
-    evaluate,
+    last_logged_epoch,
+    score_order,
     train_steps_per_epoch,
     train_worker,
 )
@@ -87,19 +88,19 @@ class TrainResult:
 def _job_key(variant_slug: str, recipe: Recipe, dataset_version: str) -> str:
     """Names one job: the variant, the recipe after every override, the dataset version. Any change to one of
     them is another job (a rerun with `--epochs 1` must not resume an unfinished 10-epoch job)."""
-    recipe_hash = hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+    recipe_hash = content_hash(recipe.model_dump(), 10)
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{variant_slug}__{recipe.name}-{recipe_hash}__{dataset_version}")
 
 
 def tuned_variant_slug(recipe: Recipe) -> str:
     """The slug of the variant a recipe trains, every model override in it (what names its registered model)."""
-    return models.resolve_variant(recipe.model.variant, **recipe.model.overrides()).name
+    return recipe.model.spec().name
 
 
 def job_key_for(recipe: Recipe, dataset_dir: str | Path) -> str:
     """The key `run_training` gives this recipe's job on this dataset version, for a caller that hands the job
     to another process (a Ray job) and must find it again."""
-    return _job_key(tuned_variant_slug(recipe), recipe, read_manifest(dataset_dir)["version"])
+    return _job_key(tuned_variant_slug(recipe), recipe, read_manifest(dataset_dir).version)
 
 
 def _job_marker(layout: DataLayout, key: str) -> Path:
@@ -114,22 +115,21 @@ RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str, Any], BatchPlan]:
     """Everything that can be checked before Ray starts: the variant, the dataset and its files, and that the
     variant fits the recipe's device memory (the micro-batch and accumulation that make its batch)."""
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    spec = recipe.model.spec()
     check_progressive_eval_size(recipe, spec)
     if recipe.init is not None:
-        with torch.device("meta"):
-            models.frozen_part(models.build_model(spec, 1), recipe.init.freeze)  # ValueError: not so many stages
+        models.frozen_part(meta_model(spec, 1), recipe.init.freeze)  # ValueError: not so many stages
     manifest = read_manifest(dataset_dir)
     for split in SPLITS:
-        if manifest["splits"].get(split, {}).get("samples", 0) == 0:
+        if split not in manifest.splits or manifest.splits[split].samples == 0:
             raise ValueError(f"{dataset_dir}: the staged dataset has no {split} images")
     # A stat per file: a deleted or truncated shard is found here, not inside the Ray workers after retries.
     check_version(dataset_dir)
-    if recipe.data.backend == FFCV and FFCV not in manifest.get("extra", {}):
+    if recipe.data.backend == FFCV and FFCV not in manifest.extra:
         raise DataError(f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
                         f"files; stage it with formats including '{FFCV}' (or choose the wds backend)")
-    batches = size_job(recipe, spec, manifest["num_classes"])
-    train_steps_per_epoch(manifest["splits"]["train"]["samples"], recipe.data, batches.micro_batch,
+    batches = size_job(recipe, spec, manifest.num_classes)
+    train_steps_per_epoch(manifest.splits["train"].samples, recipe.data, batches.micro_batch,
                           batches.accumulation, recipe.ray.num_workers)
     return spec, manifest, batches
 
@@ -155,7 +155,7 @@ def _open_job(
 ) -> _Job:
     """The unfinished job with this key (reopened), or a new one with a new MLflow run whose params are the recipe
     and the resolved batch sizes; `tags` go on the run either way (e.g. the Prefect flow run that drives it now)."""
-    key = _job_key(spec.name, recipe, manifest["version"])
+    key = _job_key(spec.name, recipe, manifest.version)
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None
     if previous is not None and previous.get("status") != "finished":
@@ -169,12 +169,11 @@ def _open_job(
         name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(
             c, exp_id, run_name=f"{spec.name} {recipe.name}", params={**recipe.model_dump(), **batches.as_params()},
-            tags={Tags.VARIANT: spec.name, Tags.RECIPE: recipe.name, Tags.DATASET_VERSION: manifest["version"],
+            tags={Tags.VARIANT: spec.name, Tags.RECIPE: recipe.name, Tags.DATASET_VERSION: manifest.version,
                   Tags.JOB_NAME: name, Tags.JOB_KEY: key, **tags},
         )
         tracking.log_dict(c, run_id, recipe.model_dump(), "config/recipe.json")
-        tracking.log_dict(c, run_id, {"variant": spec.__dict__ if hasattr(spec, "__dict__") else str(spec)},
-                          "config/variant.json")
+        tracking.log_dict(c, run_id, {"variant": spec.to_dict()}, "config/variant.json")
         job = _Job(key, name, run_id, False, marker)
     job.mark("running")
     return job
@@ -273,7 +272,7 @@ class EpochProgress:
                  interval: float = 2.0):
         self.c, self.run_id, self.label, self.epochs = c, run_id, label, epochs
         self.emit, self.interval = emit, interval
-        self.shown = _last_logged_epoch(c, run_id)  # a resumed job shows only its new epochs
+        self.shown = last_logged_epoch(c, run_id)  # a resumed job shows only its new epochs
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
 
@@ -339,7 +338,7 @@ def run_training(
     layout = (layout or data_layout()).ensure()
     dataset_dir = Path(dataset_dir).resolve()
     spec, manifest, batches = validate_job(recipe, dataset_dir)
-    cluster.connect(ray_address or layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
+    cluster.connect(ray_address or layout.ray_address, env={TRACKING_URI_ENV: layout.tracking_uri})
     cluster.check_fits(recipe)
 
     c = tracking.client(layout.tracking_uri)
@@ -393,8 +392,8 @@ def _warm_start(c: Any, layout: DataLayout, recipe: Recipe, spec: Any,
     lineage tag; (None, {}) from scratch."""
     if recipe.init is None:
         return None, {}
-    dest = _job_marker(layout, _job_key(spec.name, recipe, manifest["version"])).with_suffix(".init.pt")
-    lineage = write_init_weights(c, recipe.init, spec, manifest["num_classes"], recipe.seed, dest)
+    dest = _job_marker(layout, _job_key(spec.name, recipe, manifest.version)).with_suffix(".init.pt")
+    lineage = write_init_weights(c, recipe.init, spec, manifest.num_classes, recipe.seed, dest)
     return str(dest), {Tags.INIT_FROM: lineage}
 
 
@@ -406,7 +405,7 @@ def _trainer(
     checkpoint by minival kept."""
     import ray.train
 
-    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest["num_classes"],
+    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest.num_classes,
                                tracking_uri=layout.tracking_uri, run_id=job.run_id, micro_batch=batches.micro_batch,
                                accumulation=batches.accumulation, init_weights=init_weights)
     return _abortable_trainer(
@@ -438,11 +437,11 @@ class _Chosen:
 
 
 def best_scored_checkpoint(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
-    """The kept checkpoint with the best minival score, the earliest of equals (as `record_minival` keeps the
-    earlier epoch on a tie); mid-epoch and unevaluated checkpoints (UNSCORED) are never chosen."""
-    scored = [(float(m[CHECKPOINT_RANK]), -int(m["epoch"]), c) for c, m in kept
-              if m.get(CHECKPOINT_RANK, UNSCORED) != UNSCORED]
-    return max(scored, key=lambda s: s[:2])[2] if scored else None
+    """The kept checkpoint with the best minival score, the earliest of equals (`score_order`, as early stopping
+    chooses); mid-epoch and unevaluated checkpoints (UNSCORED) are never chosen."""
+    scored = [(c, m) for c, m in kept if m.get(CHECKPOINT_RANK, UNSCORED) != UNSCORED]
+    best = max(scored, key=lambda cm: score_order(float(cm[1][CHECKPOINT_RANK]), int(cm[1]["epoch"])), default=None)
+    return best[0] if best is not None else None
 
 
 def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[str, Any]) -> _Chosen:
@@ -450,12 +449,12 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
     if best is None:
         raise RuntimeError(f"training job {job.name} reported no checkpoint scored on minival")
     with best.as_directory() as d:
-        saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        saved = read_checkpoint(Path(d) / CHECKPOINT_FILE)
     loop = saved["loop"]
     # The latest checkpoint knows how far the job went; the best one only how far it had gone then.
     ret = result.return_value or {}
-    model = models.create_model(recipe.model.variant, num_classes=manifest["num_classes"], **recipe.model.overrides())
-    model.load_state_dict(saved["ema"] if saved["ema"] is not None else saved["model"])
+    model = models.build_model(recipe.model.spec(), manifest.num_classes)
+    model.load_state_dict(scored_weights(saved))
     return _Chosen(
         # The epoch these weights are of (saved after it, so `epoch` is already the next one): the same as
         # early stopping's best epoch, given the rank's tie-break (EPOCH_RANK_STEP).
@@ -463,17 +462,6 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
         minival_top1=float(loop["best_top1"]), epochs_run=int(ret.get("epochs_run", loop["epoch"])),
         stopped_early=bool(ret.get("stopped_early", False)),
     )
-
-
-def evaluate_on_cluster(model: torch.nn.Module, dataset_dir: Path, split: str, spec: Any,
-                        recipe: Recipe) -> dict[str, float]:
-    """One split, whole, at the model's own eval resolution and crop, in a Ray task with one worker's resources
-    (a GPU on a GPU cluster, where the driver may have none)."""
-    import ray
-
-    task = ray.remote(evaluate_split).options(num_cpus=recipe.ray.cpus_per_worker,
-                                              num_gpus=1 if recipe.ray.use_gpu else 0)
-    return ray.get(task.remote(model, str(dataset_dir), split, spec.eval_resolution, spec.crop_ratio, recipe))
 
 
 def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe,
@@ -484,7 +472,7 @@ def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, rec
         return evaluate_on_cluster(m, dataset_dir, "minival", m_spec, recipe)["top1"]
 
     return decide_promotion(c, registered_model_name(recipe, spec.name), minival_top1(model, spec),
-                            manifest["num_classes"], minival_top1)
+                            manifest.num_classes, minival_top1)
 
 
 def _register(
@@ -505,12 +493,12 @@ def _register(
         "input": "float32 NCHW RGB, normalised with mean/std below",
         "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resolution": resolution,
         "resize": spec.eval_resize, "crop": resolution, "crop_ratio": spec.crop_ratio,
-        "classes": manifest["classes"],
+        "classes": list(manifest.classes),
     }
     tags = {
         Tags.VARIANT: spec.name, Tags.PARAMS: params, Tags.GMACS: f"{gmacs:.4f}",
         Tags.TRAIN_RESOLUTION: spec.train_resolution, Tags.EVAL_RESOLUTION: resolution, Tags.RECIPE: recipe.name,
-        Tags.DATASET_VERSION: manifest["version"], Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
+        Tags.DATASET_VERSION: manifest.version, Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
         Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
         Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
         Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
@@ -547,20 +535,3 @@ def scaling_tags(recipe: Recipe) -> dict[str, str]:
     cs = m.coefficient_set()
     return {Tags.PHI: f"{m.phi:g}", Tags.COEFFICIENTS: cs.name,
             Tags.SCALING: f"alpha={cs.alpha:g} beta={cs.beta:g} gamma={cs.gamma:g}"}
-
-
-def evaluate_split(
-    model: torch.nn.Module, dataset_dir: str, split: str, resolution: int, crop_ratio: float, recipe: Recipe
-) -> dict[str, float]:
-    """Evaluate a model on a whole split in one process (on a GPU when there is one), through the loader backend
-    the recipe names (`data.backend`), as training and minival do."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    if recipe.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    batches = make_loader(
-        dataset_dir, split, resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
-        backend=recipe.data.backend, seed=recipe.seed, crop_ratio=crop_ratio, num_workers=recipe.data.loader_workers,
-    )
-    amp = recipe.runtime.amp and device.type == "cuda"
-    return evaluate(model, batches, device, recipe.runtime.channels_last, amp=amp)

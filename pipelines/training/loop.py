@@ -1,8 +1,8 @@
 """The loop every Ray Train worker runs for one job; read `train_worker` top to bottom.
 
 `train_worker`: build this rank's model, EMA and optimizer (`start_worker`), resume from Ray's latest checkpoint
-(`resume`), then per epoch `train_one_epoch`, `evaluate_and_early_stop` on minival when due, and
-`save_checkpoint`. The job driver that starts these workers is `pipelines.training.job`.
+(`resume`), then per epoch `run_epoch` (`train_one_epoch`, `evaluate_and_early_stop` on minival when due) and
+`save_checkpoint`. The job driver is `pipelines.training.job`; a scaling trial runs `run_epoch` too.
 
 Resume: every epoch, and within an epoch every `schedule.checkpoint_every_steps` steps or
 `checkpoint_every_minutes` minutes, rank 0 reports a checkpoint holding the model, EMA, optimizer, the data
@@ -37,12 +37,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 import models
+from models.checkpoint import read_checkpoint, scored_weights
 from pipelines.dataset import read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.sampling import batches_per_epoch
 from pipelines.loading.transforms import normalize
 from pipelines.seeds import Stream, mix_seed
 from pipelines.training import augment
+from pipelines.training.evaluate import evaluate
 from pipelines.registry import tracking
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import (
@@ -57,25 +59,30 @@ from pipelines.training.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)
 
-
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
 SCORE = "minival_top1"
 
-
-# What Ray Train keeps checkpoints by: the minival score, or UNSCORED for a checkpoint without one (mid-epoch, or
-# an epoch that skipped minival). Not NaN: Ray's run snapshot stores it as null, and a relaunched driver's Ray
+# What Ray Train keeps checkpoints by (`checkpoint_rank`), or UNSCORED for a checkpoint without a score (mid-epoch,
+# or an epoch that skipped minival). Not NaN: Ray's run snapshot stores it as null, and a relaunched driver's Ray
 # Train then fails to rank the next checkpoint.
 CHECKPOINT_RANK = "checkpoint_rank"
-
-
 UNSCORED = -1.0
-# Ray keeps the later of two checkpoints of equal rank; early stopping's best is the earlier (`record_minival`).
 # Each epoch lowers its rank by this much, less than one image of any minival (0.004 points at 25,000 images)
-# over a thousand epochs, so the earlier of equal scores ranks higher and is the one Ray keeps.
+# over a thousand epochs: the rank keeps the order of the scores and breaks their ties as `score_order` does.
 EPOCH_RANK_STEP = 1e-6
 
+
+def score_order(score: Any, order: int) -> tuple[Any, int]:
+    """The one rule that chooses among scored epochs (early stopping, the checkpoint a job registers, a trial's
+    best epoch) and trials (a search's winner): the best score, the earliest of equals; `max` by this key chooses.
+    `score` may be a tuple (the score, then its own tie-breaks)."""
+    return score, -order
+
+
+def checkpoint_rank(score: float, epoch: int) -> float:
+    """`score_order` as the one number Ray Train keeps checkpoints by: Ray keeps the later of two checkpoints of
+    equal rank, so the epoch's tie-break is folded into the number (EPOCH_RANK_STEP)."""
+    return score - EPOCH_RANK_STEP * epoch
 
 
 class JobSpec(BaseModel):
@@ -133,37 +140,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     ema_buffers, buffers = list(ema.buffers()), list(model.buffers())
     if ema_buffers:
         torch._foreach_copy_(ema_buffers, buffers)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    channels_last: bool, amp: bool, per_class: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Sums (loss, top-1, top-5, count) over this rank's batches, then across ranks; returns means. `per_class`
-    (2 x classes, on `device`), when given, gathers each class's top-1 hits (row 0) and images (row 1)."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, labels in batches:
-        x = normalize(images.to(device, non_blocking=True), channels_last)
-        y = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x).float()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits1 = top5[:, 0] == y
-        if per_class is not None:
-            per_class[0].index_add_(0, y, hits1.to(per_class.dtype))
-            per_class[1].index_add_(0, y, torch.ones_like(y, dtype=per_class.dtype))
-        # Summed on the device: no host sync per batch (the GPU's queue stays full); read back once at the end.
-        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits1.sum().double(),
-                             (top5 == y[:, None]).any(dim=1).sum().double(),
-                             torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    if n == 0:
-        raise RuntimeError("evaluation saw no samples: is the split empty?")
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "samples": n}
 
 
 def prepare_batch(
@@ -249,14 +225,15 @@ class LoopState:
 def record_minival(state: LoopState, top1: float, epoch: int, patience: int | None) -> None:
     """Early stopping: keep the best minival top-1 and its epoch; after `patience` evaluations in a row without a
     gain (None: never), mark the loop stopped. A tie is no gain: the earlier checkpoint stays the chosen one."""
-    if top1 > state.best_top1:
+    if score_order(top1, epoch) > score_order(state.best_top1, state.best_epoch):
         state.best_top1, state.best_epoch, state.epochs_without_improvement = top1, epoch, 0
     else:
         state.epochs_without_improvement += 1
     state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
 
 
-def _log_pending(c: Any, run_id: str, history: list[dict[str, float]], logged_upto: int) -> int:
+def log_pending(c: Any, run_id: str, history: list[dict[str, float]], logged_upto: int) -> int:
+    """Log to MLflow the rows of `history` after epoch `logged_upto`; the last epoch logged now."""
     for row in history:
         if row["epoch"] > logged_upto:
             tracking.log_metrics(c, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
@@ -264,12 +241,14 @@ def _log_pending(c: Any, run_id: str, history: list[dict[str, float]], logged_up
     return logged_upto
 
 
-def _last_logged_epoch(c: Any, run_id: str) -> int:
+def last_logged_epoch(c: Any, run_id: str) -> int:
+    """The last epoch whose row the run has (-1: none), where a resumed job's logging and progress go on."""
     history = c.get_metric_history(run_id, SCORE)
     return max((m.step for m in history), default=-1)
 
 
-def _quiet_ray_train_reports() -> None:
+def quiet_ray_train_reports() -> None:
+    """Ray Train's per-report INFO lines off (the driver prints one line per epoch instead)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     try:
         # NOTE: Ray 2.60 logs "Reporting training result ..." on a logger named by its file path, outside the
@@ -286,7 +265,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     job = JobSpec.model_validate(config)
     # Ray Train logs every report (the whole metrics dict) and every checkpoint at INFO from each worker: ~20
     # lines an epoch on the driver's console. The driver prints one line per epoch instead (EpochProgress).
-    _quiet_ray_train_reports()
+    quiet_ray_train_reports()
     worker = start_worker(job)
     state = resume(worker)
     monitor = _system_metrics(job, resumed=state.step > 0)
@@ -318,28 +297,37 @@ def _system_metrics(job: JobSpec, resumed: bool) -> Any:
 def _train_loop(worker: Worker, state: LoopState) -> dict[str, Any]:
     """Per epoch from the resumed one: train, evaluate and early-stop when due, checkpoint, log."""
     job = worker.job
-    logged_upto = _log_pending(worker.client, job.run_id, state.history, _last_logged_epoch(worker.client, job.run_id)
-                               ) if worker.client else 0
+    logged_upto = log_pending(worker.client, job.run_id, state.history, last_logged_epoch(worker.client, job.run_id)
+                              ) if worker.client else 0
     schedule = job.recipe.schedule
     clock = CheckpointClock(schedule.checkpoint_every_steps, schedule.checkpoint_every_minutes)
     for epoch in range(state.epoch, schedule.epochs):
         if state.stopped_early:  # resumed from the checkpoint of the epoch that stopped the job
             break
-        row = train_one_epoch(worker, state, epoch, clock)
-        if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
-            row.update(evaluate_and_early_stop(worker, state, epoch))
-        row.update({"best_minival_top1": state.best_top1, "best_epoch": state.best_epoch})
-        row.setdefault(SCORE, float("nan"))
-        state.epoch = epoch + 1
-        state.history.append(row)
+        row = run_epoch(worker, state, epoch, clock)
         save_checkpoint(worker, state, row, scored=epoch >= first_scored_epoch(job.recipe))
         clock.restart()
         if worker.client is not None:  # only what a persisted checkpoint holds, so a restart logs no duplicates
-            logged_upto = _log_pending(worker.client, job.run_id, state.history, logged_upto)
+            logged_upto = log_pending(worker.client, job.run_id, state.history, logged_upto)
         if state.stopped_early:
             break
     return {"epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_minival_top1": state.best_top1,
             "stopped_early": state.stopped_early}
+
+
+def run_epoch(worker: Worker, state: LoopState, epoch: int, clock: CheckpointClock) -> dict[str, float]:
+    """One epoch of the loop: train, evaluate and early-stop when due; the epoch's row (SCORE NaN when it was
+    not evaluated), appended to the state's history, the state moved on to the next epoch. What keeps it (a Ray
+    Train checkpoint, a scaling trial's files) is the caller's."""
+    schedule = worker.recipe.schedule
+    row = train_one_epoch(worker, state, epoch, clock)
+    if (epoch + 1) % schedule.eval_every == 0 or epoch + 1 == schedule.epochs:
+        row.update(evaluate_and_early_stop(worker, state, epoch))
+    row.update({"best_minival_top1": state.best_top1, "best_epoch": state.best_epoch})
+    row.setdefault(SCORE, float("nan"))
+    state.epoch = epoch + 1
+    state.history.append(row)
+    return row
 
 
 @dataclass
@@ -366,7 +354,7 @@ class Worker:
     @property
     def scored(self) -> torch.nn.Module:
         """The weights minival scores and a checkpoint is chosen by: the EMA when there is one."""
-        return self.ema if self.ema is not None else self.model
+        return scored_weights({"model": self.model, "ema": self.ema})
 
 
 def start_worker(job: JobSpec) -> Worker:
@@ -388,7 +376,7 @@ def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
     recipe = job.recipe
     torch.set_num_threads(recipe.runtime.torch_threads or max(1, int(recipe.ray.cpus_per_worker)))
     seed_everything(recipe.seed, 0, 0)  # rank 0's stream on every rank: the same initial weights
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    spec = recipe.model.spec()
     model = models.build_model(spec, job.num_classes)
     if job.init_weights:
         load_init_weights(model, job.init_weights)  # before the EMA copy: both start from them
@@ -410,7 +398,7 @@ def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
 
 
 def _steps_per_epoch(job: JobSpec, world: int) -> int:
-    n_train = read_manifest(job.dataset_dir)["splits"]["train"]["samples"]
+    n_train = read_manifest(job.dataset_dir).splits["train"].samples
     return train_steps_per_epoch(n_train, job.recipe.data, job.loader_batch, job.accumulation, world)
 
 
@@ -446,7 +434,7 @@ def resume(worker: Worker) -> LoopState:
 def restore_checkpoint(worker: Worker, path: Path) -> LoopState:
     """Weights, EMA and optimizer from a checkpoint file `write_checkpoint` wrote (tensors and plain data only,
     read without unpickling); its loop state."""
-    saved = torch.load(path, map_location=worker.device, weights_only=True)
+    saved = read_checkpoint(path, worker.device)
     worker.model.load_state_dict(saved["model"])
     if worker.ema is not None:
         worker.ema.load_state_dict(saved["ema"])
@@ -461,9 +449,7 @@ def write_checkpoint(worker: Worker, state: LoopState, path: Path) -> None:
     torch.save(
         {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
          "optimizer": worker.optimizer.state_dict(), "loop": dict(state.__dict__), "variant": worker.spec.name,
-         "model_args": {"name": recipe.model.variant, **recipe.model.overrides(),
-                        "num_classes": worker.job.num_classes},
-         "recipe": recipe.model_dump()},
+         "model_args": recipe.model.model_args(worker.job.num_classes), "recipe": recipe.model_dump()},
         path,
     )
 
@@ -608,5 +594,5 @@ def ray_metrics(row: dict[str, float], scored: bool = True) -> dict[str, float]:
     """What a report tells Ray Train: the row's finite figures, and the rank its checkpoint is kept by (UNSCORED
     for a row without a score, or one of an epoch early stopping does not score)."""
     score = row.get(SCORE, math.nan) if scored else math.nan
-    rank = score - EPOCH_RANK_STEP * row.get("epoch", 0) if math.isfinite(score) else UNSCORED
+    rank = checkpoint_rank(score, row.get("epoch", 0)) if math.isfinite(score) else UNSCORED
     return {**{k: v for k, v in row.items() if math.isfinite(v)}, CHECKPOINT_RANK: rank}

@@ -11,19 +11,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from models.variants import (
+from models import (
+    COEFFICIENT_KEYS,
     DEFAULT_COEFFICIENT_TOLERANCE,
+    OVERRIDE_KEYS,
     PAPER_COEFFICIENTS,
+    PHI_SIZE_KEYS,
     V1_BASE_NAME,
     CoefficientSet,
+    StageSpec,
+    VariantSpec,
+    architecture_from_dict,
     check_coefficients,
+    check_override,
+    resolve_variant,
 )
+from pipelines.training.recipes import RECIPES_DIR, list_recipes
 from pipelines.loading import BACKENDS
 from pipelines.loading.transforms import TrainCrop
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 class RecipeError(ValueError):
@@ -34,28 +42,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a coefficient set's name: a file name, a tag value
-
-
-class StageRow(_Strict):
-    """One row of a stage table (models.StageSpec): a searched baseline's stage."""
-
-    block: Literal["mbconv", "fused_mbconv"]
-    expand: int = Field(ge=1)
-    kernel: int = Field(ge=1)
-    stride: int = Field(ge=1)
-    channels: int = Field(ge=1)
-    repeats: int = Field(ge=1)
-    se_ratio: float = Field(0.0, ge=0, le=1)
+# A stored thing's name (a coefficient set, a baseline, a registered model): a file name, a tag value.
+SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class TableConfig(_Strict):
-    """A stage table built in place of the variant's (a searched baseline; see models.search_space)."""
+    """A stage table built in place of the variant's (a searched baseline; see models.search_space): the fields of
+    `models.Architecture`, each row a `models.StageSpec` (its fields, block kinds and rules, such as odd kernels),
+    the whole checked by models as the table it builds."""
 
-    stem: int = Field(ge=1)
-    stages: list[StageRow] = Field(min_length=1)
-    head: int = Field(ge=1)
+    stem: int
+    stages: list[StageSpec]
+    head: int
     ten_percent_rule: bool = True
+
+    @model_validator(mode="after")
+    def _builds(self) -> "TableConfig":
+        architecture_from_dict(self.model_dump())  # ValueError naming what is wrong
+        return self
 
 
 class ModelConfig(_Strict):
@@ -65,22 +69,22 @@ class ModelConfig(_Strict):
     # The bases phi scales by: a named set (`paper`, or one a scaling search stored; resolved to its numbers
     # when the job is planned, `pipelines.training.coefficients`) or explicit values; unset ones are the paper's.
     coefficients: str | None = Field(None, pattern=SET_NAME, description="a named coefficient set")
-    alpha: float | None = Field(None, gt=0, description="depth base of compound scaling")
-    beta: float | None = Field(None, gt=0, description="width base of compound scaling")
-    gamma: float | None = Field(None, gt=0, description="resolution base of compound scaling")
+    alpha: float | None = Field(None, description="depth base of compound scaling")
+    beta: float | None = Field(None, description="width base of compound scaling")
+    gamma: float | None = Field(None, description="resolution base of compound scaling")
     coefficient_tolerance: float = Field(DEFAULT_COEFFICIENT_TOLERANCE, gt=0, lt=1,
                                          description="alpha * beta^2 * gamma^2 within this fraction of 2")
     width_mult: float | None = None
     depth_mult: float | None = None
-    resolution: int | None = Field(None, ge=16, description="train resolution; default: the variant's")
-    eval_resolution: int | None = Field(None, ge=16, description="eval resolution; default: the variant's")
-    crop_ratio: float | None = Field(None, gt=0, le=1, description="eval centre crop's share of the resized image; "
+    resolution: int | None = Field(None, description="train resolution; default: the variant's")
+    eval_resolution: int | None = Field(None, description="eval resolution; default: the variant's")
+    crop_ratio: float | None = Field(None, description="eval centre crop's share of the resized image; "
                                      "default: the variant's (V1: res / (res + 32), V2: 1)")
     allow_large_resolution: bool = Field(False, description="a V2 resolution above the paper's cap of 480")
-    late_depth_stages: int | None = Field(None, ge=0, description="non-uniform depth: the blocks depth scaling "
+    late_depth_stages: int | None = Field(None, description="non-uniform depth: the blocks depth scaling "
                                           "adds go to the last N stages (V2's rule); 0 or unset: every stage")
-    dropout: float | None = Field(None, ge=0, lt=1)
-    stochastic_depth: float | None = Field(None, ge=0, lt=1)
+    dropout: float | None = None
+    stochastic_depth: float | None = None
     # PyTorch convention (weight of the new batch). None keeps the paper's 0.01 (TF decay 0.99), which needs
     # thousands of steps to settle; short runs need a faster average or their eval-mode BN is still at init.
     bn_momentum: float | None = Field(None, gt=0, le=1)
@@ -88,14 +92,28 @@ class ModelConfig(_Strict):
     # A stored baseline by name (`pipelines.training.baselines`), resolved to its `table` when the job is planned.
     baseline: str | None = Field(None, pattern=SET_NAME, description="a named baseline table")
 
+    @field_validator(*OVERRIDE_KEYS)
+    @classmethod
+    def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        """Each override's range is the one `models` applies to it (`models.check_override`): a recipe is refused
+        when it is written, for the reason the variant would be (a resolution below the network's stride, ...)."""
+        return value if value is None else check_override(info.field_name, value)
+
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
-        keys = ("phi", "alpha", "beta", "gamma", "width_mult", "depth_mult", "resolution", "eval_resolution",
-                "crop_ratio", "dropout", "stochastic_depth", "late_depth_stages")
-        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in OVERRIDE_KEYS if getattr(self, k) is not None}
         if self.table is not None:
             out["table"] = self.table.model_dump()
         return {**out, "allow_large_resolution": True} if self.allow_large_resolution else out
+
+    def spec(self) -> VariantSpec:
+        """The variant this section trains, every override applied: the one recipe-to-variant resolution."""
+        return resolve_variant(self.variant, **self.overrides())
+
+    def model_args(self, num_classes: int) -> dict[str, Any]:
+        """What a checkpoint stores to rebuild the model (`models.checkpoint`): the variant, its overrides, its
+        classes; `of_model_args` reads it back."""
+        return {"name": self.variant, **self.overrides(), "num_classes": num_classes}
 
     @classmethod
     def of_model_args(cls, model_args: dict[str, Any], like: "ModelConfig") -> "ModelConfig":
@@ -129,7 +147,7 @@ class OptimConfig(_Strict):
     lr_per_256: float = Field(0.016, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     rmsprop_decay: float = Field(0.9, gt=0, lt=1)
-    # TF's RMSProp adds eps inside the square root; 1e-3 there ~ 1e-3 outside at these magnitudes (see train.py).
+    # TF's RMSProp adds eps inside the square root; 1e-3 there ~ 1e-3 outside at these magnitudes (see `loop.build_optimizer`).
     eps: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     schedule: Literal["exponential", "cosine"] = "exponential"
@@ -273,7 +291,7 @@ class Recipe(_Strict):
     init: InitConfig | None = None  # None: from scratch
     # The registered model the job's version goes to (and whose champion it is measured against); default
     # efficientnet-<variant>. A model fine-tuned onto other classes is another task: `effnet finetune` names it.
-    register_as: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    register_as: str | None = Field(None, pattern=SET_NAME)
 
     @model_validator(mode="after")
     def _eval_every_fits(self) -> "Recipe":
@@ -284,21 +302,13 @@ class Recipe(_Strict):
     def with_overrides(self, **sections: dict[str, Any]) -> "Recipe":
         """A copy with some fields of some sections replaced, validated like a file."""
         data = self.model_dump(by_alias=True)  # as a file spells the fields (init's `from`)
-        for section, values in sections.items():
-            if section not in data:
-                raise ValueError(f"unknown recipe section {section!r}")
-            if isinstance(data[section], dict):
-                data[section] = {**data[section], **values}
-            else:
-                data[section] = values
+        unknown = [s for s in sections if s not in data]
+        if unknown:
+            raise ValueError(f"unknown recipe section {unknown[0]!r}")
         try:
-            return Recipe.model_validate(data)
+            return Recipe.model_validate(merge_sections(data, sections))
         except ValidationError as exc:
             raise RecipeError(f"invalid recipe {self.name!r} after overrides: {describe_errors(exc)}") from None
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
@@ -341,10 +351,19 @@ def _recipe_sections(name_or_path: str | Path, seen: tuple[Path, ...]) -> tuple[
     _, base = _recipe_sections(base_name, (*seen, path.resolve()))
     for own in ("name", "description"):
         base.pop(own, None)
-    for section, values in data.items():
-        merge = isinstance(values, dict) and isinstance(base.get(section), dict)
-        base[section] = {**base[section], **values} if merge else values
-    return path, base
+    return path, merge_sections(base, data)
+
+
+def merge_sections(base: dict[str, Any], *overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Recipe sections merged, later ones winning: a section's fields replace the earlier ones field by field
+    (a whole value where either side is not a mapping). The one merge rule of recipe files (`extends`),
+    `Recipe.with_overrides` and a family's layered overrides."""
+    out = dict(base)
+    for o in overrides:
+        for section, values in (o or {}).items():
+            both = isinstance(values, dict) and isinstance(out.get(section), dict)
+            out[section] = {**out[section], **values} if both else values
+    return out
 
 
 def describe_errors(exc: ValidationError) -> str:
@@ -359,7 +378,7 @@ def describe_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-MEMBER_SCALING_KEYS = ("coefficients", "alpha", "beta", "gamma", "baseline")
+MEMBER_SCALING_KEYS = ("coefficients", *COEFFICIENT_KEYS, "baseline")
 
 
 def parse_family_member(member: str) -> dict[str, Any]:
@@ -380,8 +399,8 @@ def parse_family_member(member: str) -> dict[str, Any]:
         raise ValueError(f"family member {member!r}: phi must be a number, e.g. phi=-3") from None
     if not math.isfinite(phi):
         raise ValueError(f"family member {member!r}: phi must be a finite number, e.g. phi=-3")
-    out: dict[str, Any] = {"variant": V1_BASE_NAME, "phi": phi, "width_mult": None, "depth_mult": None,
-                           "resolution": None, "eval_resolution": None}
+    # phi decides the sizes: explicit ones the recipe has would win over it (models.PHI_SIZE_KEYS).
+    out: dict[str, Any] = {"variant": V1_BASE_NAME, "phi": phi, **dict.fromkeys(PHI_SIZE_KEYS)}
     for part in rest:
         key, eq, value = part.partition("=")
         key = key.strip()
@@ -395,10 +414,10 @@ def parse_family_member(member: str) -> dict[str, Any]:
                 out[key] = float(value)
             except ValueError:
                 raise ValueError(f"family member {member!r}: {key} must be a number") from None
-    if "coefficients" in out and {"alpha", "beta", "gamma"} & set(out):
+    if "coefficients" in out and set(COEFFICIENT_KEYS) & set(out):
         raise ValueError(f"family member {member!r}: a named coefficient set or alpha/beta/gamma, not both")
     if "coefficients" in out:  # the set's own numbers replace whatever the recipe had (resolved later)
-        out.update(alpha=None, beta=None, gamma=None)
-    elif {"alpha", "beta", "gamma"} & set(out):
+        out.update(dict.fromkeys(COEFFICIENT_KEYS))
+    elif set(COEFFICIENT_KEYS) & set(out):
         out["coefficients"] = None
     return out

@@ -20,6 +20,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 import models
+from models.summary import count_params, meta_model
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import epoch_settings
 
@@ -87,9 +88,8 @@ def memory_model(spec: models.VariantSpec, num_classes: int, resolution: int, am
     """The variant's training memory at `resolution`. Under bf16 autocast the saved activations are bf16, so the
     count runs in bf16; weights, gradients, optimizer state and EMA stay fp32."""
     dtype = torch.bfloat16 if amp else torch.float32
-    with torch.device("meta"):
-        model = models.build_model(spec, num_classes)
-    params = sum(p.numel() for p in model.parameters())
+    model = meta_model(spec, num_classes)
+    params = count_params(model)
     model = model.to(dtype=dtype, memory_format=torch.channels_last)
     one, two = (saved_activation_bytes(model, b, resolution, dtype) for b in (1, 2))
     per_image = two - one

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from pipelines.atomic import atomic_write_bytes
-from pipelines.settings import DATA_DIR_ENV, RAY_LOOPBACK_ENV, DataLayout
+from pipelines.settings import DATA_DIR_ENV, RAY_AUTH_ENV, RAY_LOOPBACK_ENV, TRACKING_URI_ENV, DataLayout
 from pipelines.training import cluster
 from pipelines.registry import tracking
 from pipelines.training.job import TrainResult, job_key_for
@@ -34,7 +34,6 @@ from pipelines.registry.tracking import Tags
 
 # The Ray job's metadata keys: the same names as the MLflow run's tags.
 KEY_FIELD, FLOW_RUN_FIELD = Tags.JOB_KEY, Tags.FLOW_RUN
-RAY_AUTH_ENV = "RAY_AUTH_MODE"  # Ray's client setting, token on a cluster with token auth
 # What a cancelled job's driver gets between SIGTERM and SIGKILL (Ray's default: 3 s): time for `run_training` to
 # record its run killed and withdraw its workers (it waits up to 25 s for Ray Train's controller).
 STOP_GRACE_S = 60
@@ -86,7 +85,7 @@ def write_recipe(layout: DataLayout, key: str, recipe: Recipe) -> Path:
 def job_environment(layout: DataLayout) -> dict[str, str]:
     """The variables the driver needs (the runtime_env's env_vars, which its Ray workers get too)."""
     env = {
-        "MLFLOW_TRACKING_URI": layout.tracking_uri, DATA_DIR_ENV: str(layout.root),
+        TRACKING_URI_ENV: layout.tracking_uri, DATA_DIR_ENV: str(layout.root),
         # The driver's ray.init names MLFLOW_TRACKING_URI again (cluster.connect); Ray refuses a variable set by
         # both the job and its driver unless told that the driver's wins (here they are the same).
         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
@@ -104,7 +103,7 @@ def entrypoint(layout: DataLayout, recipe_file: Path, dataset_dir: Path, result_
     # head's machine (/tmp/ray/ray_current_cluster), which is another one where two clusters share a machine.
     all_tags = {Tags.FLOW_RUN: flow_run_id, **(tags or {})}
     return shlex.join([
-        sys.executable, "-m", "cli.effnet", "--data-dir", str(layout.root), "train", "--recipe", str(recipe_file),
+        sys.executable, "-m", "pipelines.training.driver", "--data-dir", str(layout.root), "--recipe", str(recipe_file),
         "--data", str(dataset_dir), "--ray-address", gcs_address,
         *(arg for k, v in all_tags.items() for arg in ("--tag", f"{k}={v}")), "--result-file", str(result_file),
     ])
@@ -117,7 +116,7 @@ def jobs_api(layout: DataLayout) -> tuple[Any, str]:
     import ray
     from ray.job_submission import JobSubmissionClient
 
-    cluster.connect(layout.ray_address, env={"MLFLOW_TRACKING_URI": layout.tracking_uri})
+    cluster.connect_layout(layout)
     url = ray._private.worker.global_worker.node.address_info.get("webui_url")
     if not url:
         raise cluster.ClusterError("the Ray cluster runs no dashboard, whose Jobs API runs the training jobs; "

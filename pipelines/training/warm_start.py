@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 import models
+from models.checkpoint import read_checkpoint
 from pipelines.atomic import atomic_path
 from pipelines.registry.model_ref import ModelError, load_registered_weights, registered_version
 from pipelines.training.recipe import InitConfig
@@ -76,4 +77,4 @@ def write_init_weights(c: Any, init: InitConfig, spec: Any, num_classes: int, se
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
     """A worker's model set to the job's starting weights (tensors only: read without unpickling)."""
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(read_checkpoint(path))

@@ -58,12 +58,12 @@ def _epoch(loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_manifest_lists_every_extra_file_with_its_checksum(formats_dataset: Path) -> None:
     manifest = read_manifest(formats_dataset)
-    ffcv = manifest["extra"]["ffcv"]
+    ffcv = manifest.extra["ffcv"]
     assert {(e["tier"], e["split"]) for e in ffcv} == {(t, s) for t in (32, 64) for s in SPLITS}
     for e in ffcv:
-        assert e["samples"] == manifest["splits"][e["split"]]["samples"]
-    dali = manifest["extra"]["dali"]
-    assert sorted(e["shard"] for e in dali) == sorted(s["path"] for s in manifest["shards"])
+        assert e["samples"] == manifest.splits[e["split"]].samples
+    dali = manifest.extra["dali"]
+    assert sorted(e["shard"] for e in dali) == sorted(s["path"] for s in manifest.shards)
     for e in ffcv + dali:
         path = formats_dataset / e["path"]
         assert path.stat().st_size == e["bytes"]
@@ -74,7 +74,7 @@ def test_dali_indexes_match_the_wds2idx_tool(formats_dataset: Path) -> None:
     tool = Path(sys.executable).parent / "wds2idx"  # installed with DALI
     if not tool.exists() or shutil.which("tar") is None:
         pytest.skip("DALI's wds2idx (or GNU tar, which it runs) is not installed")
-    shard = formats_dataset / read_manifest(formats_dataset)["extra"]["dali"][0]["shard"]
+    shard = formats_dataset / read_manifest(formats_dataset).extra["dali"][0]["shard"]
     ours = index_path(shard).read_bytes()
     subprocess.run([str(tool), str(shard), str(shard.parent / "reference.idx")], check=True, capture_output=True)
     try:
@@ -96,11 +96,11 @@ def test_writers_reuse_verified_files_and_replace_damaged_ones(
     shutil.copytree(formats_dataset.parent, root)  # the whole datasets root: the spools live beside versions
     dataset = root / formats_dataset.name
     manifest = read_manifest(dataset)
-    extras = [dataset / e["path"] for fmt in ("ffcv", "dali") for e in manifest["extra"][fmt]]
+    extras = [dataset / e["path"] for fmt in ("ffcv", "dali") for e in manifest.extra[fmt]]
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in extras}
 
     _restage(dataset, demo_archives)
-    assert read_manifest(dataset)["extra"] == manifest["extra"]
+    assert read_manifest(dataset).extra == manifest.extra
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in extras} == before  # nothing rewritten
 
     beton = dataset / "32" / "val.beton"
@@ -110,7 +110,7 @@ def test_writers_reuse_verified_files_and_replace_damaged_ones(
     _restage(dataset, demo_archives)
     again = read_manifest(dataset)
     for fmt in ("ffcv", "dali"):
-        for e in again["extra"][fmt]:
+        for e in again.extra[fmt]:
             assert sha256_file(dataset / e["path"]) == e["sha256"]
     assert index.read_bytes() == index_text(index_lines(index.with_suffix(".tar"))).encode()
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in extras if p not in (beton, index)} == {
@@ -149,7 +149,7 @@ def test_eval_is_exactly_once_over_two_ranks_with_the_manifest_labels(
         per_rank.append(_epoch(loader)[1].tolist())
     # Each rank reads every other sample of the planned order, in that order: together, each sample once.
     assert per_rank == [planned[0::2], planned[1::2]]
-    expected = {manifest["classes"].index(w): n for w, n in manifest["splits"][split]["per_class"].items()}
+    expected = {manifest.classes.index(w): n for w, n in manifest.splits[split].per_class.items()}
     assert Counter(per_rank[0] + per_rank[1]) == expected
 
 

@@ -2,9 +2,9 @@
 takes it only when its minival top-1 beats the current champion's, the champion evaluated on the same minival
 from its registered weights (whatever dataset version it was trained on); val never decides.
 
-The rule itself (`promotion_decision`) is a table; `decide_promotion` is checked with a champion registered as
-training registers it and evaluated for real; one sequence through `register_best_checkpoint` checks that the
-decision moves the aliases a user looks at.
+The rule itself (`promotion_decision`) is a table, in tests/unit/test_promotion_rule.py; `decide_promotion` is
+checked here with a champion registered as training registers it and evaluated for real; one sequence through
+`register_best_checkpoint` checks that the decision moves the aliases a user looks at.
 """
 
 from __future__ import annotations
@@ -20,31 +20,14 @@ from mlflow.tracking import MlflowClient
 import models
 from pipelines.settings import DataLayout
 from pipelines.registry import tracking
-from pipelines.training.job import evaluate_split
+from pipelines.training.evaluate import evaluate_split
 from pipelines.registry.model_ref import load_registered_weights
-from pipelines.registry.promotion import decide_promotion, promotion_decision
+from pipelines.registry.promotion import decide_promotion
 from pipelines.training.recipe import load_recipe
 from pipelines.registry.tracking import CANDIDATE, CHAMPION, STATE_DICT_ARTIFACT, Tags
 
 NUM_CLASSES = 4  # the tiny demo ImageNet's
 _variants = (f"efficientnet_b0_phi-{9 + i}" for i in itertools.count())  # one registered model per test
-
-
-@pytest.mark.parametrize(
-    "candidate, champion, promoted",
-    [
-        (60.0, None, True),  # no champion: the first version takes it
-        (0.0, None, True),
-        (60.0, 50.0, True),  # better on the same minival
-        (50.001, 50.0, True),
-        (50.0, 50.0, False),  # a tie: the incumbent stays
-        (40.0, 50.0, False),
-    ],
-)
-def test_the_rule(candidate: float, champion: float | None, promoted: bool) -> None:
-    promote, reason = promotion_decision(candidate, champion)
-    assert promote is promoted
-    assert reason.startswith("promoted" if promoted else "kept the champion") and "\n" not in reason
 
 
 def _register(layout: DataLayout, variant: str, model: torch.nn.Module, promote: bool,

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 
-import models
 from flows.deployments import (
     DEPLOYMENTS,
     NIGHTLY_CRON,
@@ -16,10 +15,8 @@ from flows.deployments import (
     build_deployments,
     deploy_all,
     nightly_timezone,
-    select_specs,
 )
 from pipelines.settings import PROJECT_ROOT
-from pipelines.training.recipe import load_recipe
 
 POOL = "effnet-test"
 
@@ -75,16 +72,6 @@ def test_the_nightly_timezone_is_the_deployers(monkeypatch, prefect_server):
     assert deployment.schedules[0].schedule.timezone == "Europe/Berlin"
     with pytest.raises(ValueError, match="unknown timezone 'Mars/Olympus'"):
         nightly_timezone("Mars/Olympus")
-
-
-def test_v2_family_names_real_variants_and_recipe():
-    (spec,) = select_specs(["train-family/v2-s-m-l"])
-    assert spec.parameters["variants"] == ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
-    assert set(spec.parameters["variants"]) <= set(models.list_models())
-    assert load_recipe(spec.parameters["recipe"]).progressive.enabled
-    assert not spec.nightly  # the schedule is the nightly's alone
-    with pytest.raises(ValueError, match="unknown deployment train-family/b9"):
-        select_specs(["train-family/b9"])
 
 
 def test_deploy_puts_every_deployment_on_the_work_pool(prefect_server):

@@ -1,5 +1,5 @@
 """Evaluation reads through the loader backend the recipe names, as training does: minival in the training loop
-(`worker.evaluate_and_early_stop`), val in the job driver (`job.evaluate_split`, in a Ray task).
+(`loop.evaluate_and_early_stop`), val in the job driver (`evaluate.evaluate_split`, in a Ray task).
 
 The tiny demo is staged with FFCV files and DALI indexes and one fixed model scores minival and val through each
 backend. The backends' eval pixels agree to a few levels (tests/integration/test_backends.py), so the scores
@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
 from pipelines.dataset import DataError, read_manifest
 from pipelines.loading.transforms import center_crop_box
-from pipelines.training.job import evaluate_on_cluster, evaluate_split
+from pipelines.training.evaluate import evaluate_on_cluster, evaluate_split
 from pipelines.training.recipe import Recipe, load_recipe
 from pipelines.training.loop import JobSpec, LoopState, Worker, evaluate_and_early_stop
 
@@ -52,8 +51,8 @@ def _model(num_classes: int) -> torch.nn.Module:
 
 def _minival(model: torch.nn.Module, dataset: Path, recipe: Recipe) -> dict[str, float]:
     """The training loop's minival evaluation, on one rank outside Ray (a Worker holds nothing Ray-specific)."""
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
-    job = JobSpec(recipe=recipe, dataset_dir=str(dataset), num_classes=read_manifest(dataset)["num_classes"],
+    spec = recipe.model.spec()
+    job = JobSpec(recipe=recipe, dataset_dir=str(dataset), num_classes=read_manifest(dataset).num_classes,
                   tracking_uri="unused", run_id="unused")
     worker = Worker(job=job, rank=0, world=1, device=torch.device("cpu"), amp=False, spec=spec, model=model,
                     ema=None, net=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), client=None,
@@ -65,14 +64,14 @@ def _minival(model: torch.nn.Module, dataset: Path, recipe: Recipe) -> dict[str,
 
 
 def _val(model: torch.nn.Module, dataset: Path, recipe: Recipe) -> dict[str, float]:
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    spec = recipe.model.spec()
     return evaluate_split(model, str(dataset), "val", spec.eval_resolution, spec.crop_ratio, recipe)
 
 
 @pytest.fixture(scope="module")
 def scores(formats_dataset: Path) -> dict[str, dict[str, dict[str, float]]]:
     """backend -> split -> {loss, top1, ...} of the fixed model."""
-    model = _model(read_manifest(formats_dataset)["num_classes"])
+    model = _model(read_manifest(formats_dataset).num_classes)
     out = {}
     for backend in BACKENDS:
         recipe = _recipe(backend)
@@ -87,8 +86,8 @@ def test_backends_score_minival_and_val_alike(
     scores: dict[str, dict[str, dict[str, float]]], formats_dataset: Path, backend: str, split: str
 ) -> None:
     reference, got = scores["wds"][split], scores[backend][split]
-    samples = read_manifest(formats_dataset)["splits"][split]["samples"]
-    assert abs(reference["loss"] - math.log(read_manifest(formats_dataset)["num_classes"])) > 0.5  # not degenerate
+    samples = read_manifest(formats_dataset).splits[split].samples
+    assert abs(reference["loss"] - math.log(read_manifest(formats_dataset).num_classes)) > 0.5  # not degenerate
     # Measured: ffcv within ~0.7% of wds's loss (its JPEGs are encoded again; 3.6% with FFCV's own centre crop,
     # a pixel smaller), dali within ~0.3%.
     assert got["loss"] == pytest.approx(reference["loss"], rel=0.02)
@@ -113,16 +112,16 @@ def test_job_val_task_reads_the_recipe_backend(
 ) -> None:
     """The job's own val path: `evaluate_split` in a Ray task, here through FFCV in a Ray worker process."""
     recipe = _recipe("ffcv")
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
-    model = _model(read_manifest(formats_dataset)["num_classes"])
+    spec = recipe.model.spec()
+    model = _model(read_manifest(formats_dataset).num_classes)
     val = evaluate_on_cluster(model, formats_dataset, "val", spec, recipe)
     assert val["loss"] == pytest.approx(scores["ffcv"]["val"]["loss"], rel=1e-5)
     assert val["top1"] == scores["ffcv"]["val"]["top1"]
 
 
 def test_ffcv_on_a_version_staged_without_ffcv_files_is_a_clear_error(staged_dataset: Path) -> None:
-    assert "ffcv" not in read_manifest(staged_dataset).get("extra", {})
-    model = _model(read_manifest(staged_dataset)["num_classes"])
+    assert "ffcv" not in read_manifest(staged_dataset).extra
+    model = _model(read_manifest(staged_dataset).num_classes)
     for evaluate, split in ((_minival, "minival"), (_val, "val")):
         with pytest.raises(DataError, match=f"no FFCV file for {split} .*stage with formats including 'ffcv'"):
             evaluate(model, staged_dataset, _recipe("ffcv"))

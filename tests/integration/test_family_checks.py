@@ -72,7 +72,7 @@ def test_run_training_refuses_an_unfit_recipe_before_starting(staged_dataset, da
 def test_a_damaged_dataset_fails_the_family_before_ray(copy_staged, data_layout_tmp, prefect_server):
     from pipelines.dataset import read_manifest
 
-    shard = next(copy_staged / s["path"] for s in read_manifest(copy_staged)["shards"] if s["split"] == "train")
+    shard = next(copy_staged / s["path"] for s in read_manifest(copy_staged).shards if s["split"] == "train")
     shard.unlink()
     state = train_family(["phi=-9"], recipe="demo", dataset_dir=str(copy_staged), data_dir=str(data_layout_tmp.root),
                          return_state=True)

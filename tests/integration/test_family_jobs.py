@@ -1,8 +1,8 @@
 """`train-family` runs each variant as a Ray job of its own (the Jobs API) on the session's cluster (the variants
 side by side, their MLflow parent run and comparison: `helpers.check_family_run`, on the nightly's first night);
-a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a second caller for a
-job that still runs waits on it rather than start another driver; a variant that fails for good leaves the others
-be and fails the run, naming it."""
+a job stopped mid-training is resubmitted by the task's retry and resumes its checkpoints; a variant whose Ray job
+fails for good leaves the others be and fails the run, naming it (both in one family run); a second caller for a
+job that still runs waits on it rather than start another driver."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from flows.train_family import FamilyFailed, plan_family, train_family
+from flows.train_family import FamilyFailed, train_family
+from pipelines.training.family import plan_family
 from pipelines.training import submit
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.registry.tracking import Tags
@@ -22,6 +23,11 @@ from helpers import flow_run_logs, jobs_client, ray_jobs
 EPOCHS = 3
 OVERRIDES = {"ray": {"num_workers": 1}, "schedule": {"epochs": EPOCHS, "patience": None}}
 PAIR = ["phi=-9", "phi=-8"]
+# A member whose Ray job fails on every try: its starting weights name a version the registry does not have. The
+# flow's checks let it through (`init.from` is read when the job starts, by the Ray job's driver), so the failure is
+# a real one: a driver's error, a FAILED Ray job, a retry, the same again.
+DOOMED = "phi=-7"
+DOOMED_OVERRIDES = {DOOMED: {"init": {"from": "models:/no-such-model/1"}}}
 
 
 def _family(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES, **kwargs):
@@ -29,8 +35,8 @@ def _family(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES, **kwargs
                         overrides=overrides, return_state=True, **kwargs)
 
 
-def _keys(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES) -> dict[str, str]:
-    _, jobs = plan_family(variants, "demo", str(staged_dataset), str(layout.root), overrides)
+def _keys(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES, member_overrides=None) -> dict[str, str]:
+    _, jobs = plan_family(variants, "demo", str(staged_dataset), str(layout.root), overrides, member_overrides)
     return {variant: job_key_for(recipe, staged_dataset) for variant, recipe in jobs}
 
 
@@ -57,35 +63,62 @@ def _stop_once_resumable(layout, client, key: str, done: threading.Event, stoppe
         time.sleep(0.2)
 
 
-def test_a_stopped_job_is_resubmitted_and_resumes(staged_dataset, data_layout_tmp, prefect_server, ray_cluster):
+def test_a_stopped_job_resumes_and_a_failed_one_fails_the_run(staged_dataset, data_layout_tmp, prefect_server,
+                                                              ray_cluster):
+    """One family run of three: phi=-8's Ray job is stopped once it has a checkpoint, and the task's retry
+    resubmits it to resume; DOOMED's fails in its driver on both tries; phi=-9 trains. The run ends Failed, naming
+    DOOMED alone, with the other two trained and registered."""
     epochs = 6  # room to stop it after its first epoch and before its last
     overrides = {**OVERRIDES, "schedule": {"epochs": epochs, "patience": None}}
     key = _keys(staged_dataset, data_layout_tmp, overrides=overrides)["phi=-8"]
+    doomed_key = _keys(staged_dataset, data_layout_tmp, [DOOMED], overrides, DOOMED_OVERRIDES)[DOOMED]
     client = jobs_client(ray_cluster)
     done, stopped = threading.Event(), []
     stopper = threading.Thread(target=_stop_once_resumable,
                                args=(data_layout_tmp, client, key, done, stopped), daemon=True)
     stopper.start()
     try:
-        state = _family(staged_dataset, data_layout_tmp, overrides=overrides, retries=1, retry_delay_seconds=1)
+        state = _family(staged_dataset, data_layout_tmp, [*PAIR, DOOMED], overrides=overrides, retries=1,
+                        retry_delay_seconds=1, member_overrides=DOOMED_OVERRIDES)
     finally:
         done.set()
         stopper.join(timeout=10)
     assert stopped, "the job was not stopped: it finished before its first epoch was seen?"
-    assert state.is_completed(), state.message
-    rows = {r["variant"]: r for r in state.result()}
-    assert rows["efficientnet_b0_phi-9"]["status"] == "trained" and not rows["efficientnet_b0_phi-9"]["resumed"]
-    resumed = rows["efficientnet_b0_phi-8"]
-    assert resumed["status"] == "trained" and resumed["resumed"] and resumed["epochs_run"] == epochs
+    flow_run_id = str(state.state_details.flow_run_id)
 
-    jobs = [j for j in ray_jobs(client, submit.KEY_FIELD, key)
-            if j.metadata[submit.FLOW_RUN_FIELD] == str(state.state_details.flow_run_id)]
+    # The failed member: a FAILED Ray job, then the retry's, also FAILED; the run Failed, naming it and why.
+    assert state.is_failed(), state.message
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, FamilyFailed)
+    rows = {r["variant"]: r for r in error.rows}
+    assert [(r["variant"], r["status"]) for r in error.rows] == [
+        ("efficientnet_b0_phi-9", "trained"), ("efficientnet_b0_phi-8", "trained"), (DOOMED, "failed")]
+    doomed_jobs = [(j.submission_id, j.status) for j in ray_jobs(client, submit.KEY_FIELD, doomed_key)]
+    assert sorted(doomed_jobs) == [(submit.submission_id(doomed_key, flow_run_id, n), "FAILED") for n in (1, 2)]
+    reason = rows[DOOMED]["reason"]  # the second try's Ray job, and its driver's error line
+    assert reason.startswith(f"Ray job {submit.submission_id(doomed_key, flow_run_id, 2)} failed: "), reason
+    assert "init.from models:/no-such-model/1" in reason and "\n" not in reason, reason
+    assert state.message == f"1 of 3 variant(s) failed: {DOOMED} ({reason})"
+    logs = flow_run_logs(state.state_details.flow_run_id)
+    table = next(line for line in logs if "val top-1" in line and "status" in line).strip().splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["efficientnet_b0_phi-9", "efficientnet_b0_phi-8", DOOMED]
+    assert table[1].endswith("trained") and table[2].endswith("trained")
+    assert table[3].split()[1] == "-" and table[3].endswith("failed: " + reason)
+
+    # The others trained to the end and were registered, the stopped one resumed in its own MLflow run.
+    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
+    for row in rows.values():
+        if row["status"] == "trained":
+            assert c.get_model_version(row["registered_model"], row["version"]).run_id == row["run_id"]
+    assert not rows["efficientnet_b0_phi-9"]["resumed"]
+    resumed = rows["efficientnet_b0_phi-8"]
+    assert resumed["resumed"] and resumed["epochs_run"] == epochs
+    jobs = [j for j in ray_jobs(client, submit.KEY_FIELD, key) if j.metadata[submit.FLOW_RUN_FIELD] == flow_run_id]
     assert sorted((j.submission_id, j.status) for j in jobs) == [
         (stopped[0], "STOPPED"), (stopped[0].removesuffix("__1") + "__2", "SUCCEEDED")], jobs
     runs = _runs_of(data_layout_tmp, key)
     assert [r.info.run_id for r in runs] == [resumed["run_id"]]  # the same MLflow run, appended to
     assert 0 < int(runs[0].data.tags[Tags.RESUMED_AT_EPOCH]) < epochs
-    c = MlflowClient(tracking_uri=data_layout_tmp.tracking_uri)
     for metric in ("train_loss", "minival_top1"):
         steps = sorted(m.step for m in c.get_metric_history(resumed["run_id"], metric))
         assert steps == list(range(epochs)), f"{metric}: not one point per epoch: {steps}"
@@ -124,33 +157,6 @@ def test_a_second_caller_reattaches_to_the_running_job(staged_dataset, data_layo
     for name in ("retry", "rerun"):
         assert any(line.startswith("reattaching to Ray job") for line in said[name]), said[name]
     assert len(_runs_of(data_layout_tmp, key)) == 1
-
-
-def test_a_failed_variant_leaves_the_others_and_fails_the_run(staged_dataset, data_layout_tmp, prefect_server,
-                                                              ray_cluster, monkeypatch):
-    calls: list[float] = []
-
-    def train_on_cluster(recipe, dataset_dir, layout, flow_run_id, emit, tags):
-        if recipe.model.phi == -8:
-            calls.append(recipe.model.phi)
-            raise submit.JobFailed("Ray job x__2 failed: RuntimeError: out of luck")
-        return TrainResult(variant="efficientnet_b0_phi-9", run_id="r1", job_name="j", registered_model="m",
-                           version="1", champion=True, best_epoch=1, epochs_run=2, stopped_early=False,
-                           minival_top1=50.0, val_top1=40.0, val_top5=90.0, params=1234, resumed=False)
-
-    monkeypatch.setattr(submit, "train_on_cluster", train_on_cluster)
-    state = _family(staged_dataset, data_layout_tmp, retries=1, retry_delay_seconds=0)
-    assert state.is_failed()
-    assert state.message == "1 of 2 variant(s) failed: phi=-8 (Ray job x__2 failed: RuntimeError: out of luck)"
-    assert len(calls) == 2  # tried, then retried once
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, FamilyFailed)
-    assert [(r["variant"], r["status"]) for r in error.rows] == [("efficientnet_b0_phi-9", "trained"),
-                                                                 ("phi=-8", "failed")]
-    logs = flow_run_logs(state.state_details.flow_run_id)
-    table = next(line for line in logs if "val top-1" in line and "status" in line).strip().splitlines()
-    assert table[1].split()[0] == "efficientnet_b0_phi-9" and table[1].endswith("trained")
-    assert table[2].split()[:2] == ["phi=-8", "-"] and table[2].endswith("failed: " + error.rows[1]["reason"])
 
 
 def test_negative_retries_are_bad_input(staged_dataset, data_layout_tmp, prefect_server):

@@ -64,7 +64,7 @@ def test_augmentations_run_on_the_device_seeded_by_a_device_generator() -> None:
 def test_a_tiny_model_learns_a_batch_under_bf16_autocast_in_channels_last(staged_dataset: Path) -> None:
     """A few steps on one real batch, each as `train_one_epoch` takes it: the loss stays finite and falls."""
     recipe = load_recipe("demo").with_overrides(runtime={"amp": True, "channels_last": True})
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())  # b0 at phi=-9: 64 px
+    spec = recipe.model.spec()  # b0 at phi=-9: 64 px
     images, labels = next(iter(make_loader(staged_dataset, "train", spec.train_resolution, recipe.data.batch_size)))
     images, labels = images.to(CUDA), labels.to(CUDA)
     torch.manual_seed(0)

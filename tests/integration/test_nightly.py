@@ -8,17 +8,15 @@ run while one holds the slot is cancelled by the server."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.nightly import ARTIFACT, finetune_overrides, merge_sections, nightly
-from pipelines.dataset import latest_version
+from flows.nightly import ARTIFACT, nightly
+from pipelines.dataset import latest_version, read_manifest
 from pipelines.settings import DataLayout
 from pipelines.source.demo import extract_to_tree
-from pipelines.training.recipe import load_recipe
 from pipelines.registry.tracking import CHAMPION, Tags
 
 from helpers import add_images, check_family_run, flow_run_artifacts
@@ -41,10 +39,6 @@ def _night(tree: Path, layout: DataLayout, member_overrides: dict | None):
                    member_overrides=member_overrides, return_state=True)
 
 
-def _manifest(version: Path) -> dict:
-    return json.loads((version / "manifest.json").read_text())
-
-
 def test_three_nights(demo_archives, demo_summary, tmp_path, prefect_server, ray_cluster):
     tree = extract_to_tree(demo_archives, tmp_path / "tree", "tree")
     layout = DataLayout(tmp_path / "data").ensure()
@@ -65,11 +59,11 @@ def test_three_nights(demo_archives, demo_summary, tmp_path, prefect_server, ray
     assert second.is_completed(), second.message
     v2 = latest_version(layout.datasets)
     # Only the new images were staged, as a version on top of the first one (its shards reused, same minival).
-    old, grown = _manifest(v1), _manifest(v2)
-    assert grown["base_version"] == v1.name != v2.name
-    assert set(old["minival_keys"]) <= set(grown["minival_keys"])
-    assert (sum(grown["splits"][s]["samples"] for s in ("train", "minival"))
-            == sum(old["splits"][s]["samples"] for s in ("train", "minival")) + len(new))
+    old, grown = read_manifest(v1), read_manifest(v2)
+    assert grown.base_version == v1.name != v2.name
+    assert set(old.minival_keys) <= set(grown.minival_keys)
+    assert (sum(grown.splits[s].samples for s in ("train", "minival"))
+            == sum(old.splits[s].samples for s in ("train", "minival")) + len(new))
 
     rows2 = {r["variant"]: r for r in second.result()}
     assert set(rows2) == set(rows1)
@@ -119,16 +113,6 @@ def test_bad_nightly_input_fails_in_one_line(kwargs, named, demo_archives, tmp_p
     state = nightly(**args, return_state=True)
     assert state.is_failed() and named in state.message and "\n" not in state.message, state.message
     assert not (tmp_path / "datasets" / "LATEST").exists()  # failed before (or while) staging: nothing staged
-
-
-def test_finetune_overrides_shorten_the_recipe():
-    demo = load_recipe("demo")
-    night = finetune_overrides(demo, epochs=2, lr_scale=0.1)
-    tuned = demo.with_overrides(**merge_sections({"optim": {"weight_decay": 0.0}}, night))
-    assert (tuned.schedule.epochs, tuned.optim.warmup_epochs) == (2, 0.0)
-    assert tuned.optim.lr_per_256 == demo.optim.lr_per_256 * 0.1 and tuned.optim.weight_decay == 0.0
-    assert merge_sections({"optim": {"lr_per_256": 1}}, {"optim": {"eps": 2}}) == {"optim": {"lr_per_256": 1,
-                                                                                               "eps": 2}}
 
 
 def test_a_second_night_while_one_runs_is_cancelled(prefect_server):

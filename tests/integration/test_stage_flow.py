@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 
 from flows.stage_imagenet import stage_imagenet, stage_params
-from pipelines.dataset import latest_version
+from pipelines.dataset import latest_version, read_manifest
 from pipelines.source.demo import extract_to_tree
 from pipelines.staging.params import StageParams
 
@@ -35,11 +34,11 @@ def test_stage_flow_writes_a_version_and_reuses_it(demo_archives, tmp_path, pref
     out = tmp_path / "datasets"
     dest = Path(stage_imagenet(str(demo_archives), str(out), tiers=[32, 64], shard_size=8, minival=0.25,
                                 max_bad_fraction=0.05))
-    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest = read_manifest(dest)
     assert latest_version(out) == dest
-    assert manifest["splits"]["minival"]["samples"] > 0
-    assert len(manifest["bad_files"]) == 1 and manifest["bad_files"][0]["source"].endswith(".JPEG")
-    for shard in manifest["shards"]:
+    assert manifest.splits["minival"].samples > 0
+    assert len(manifest.bad_files) == 1 and manifest.bad_files[0]["source"].endswith(".JPEG")
+    for shard in manifest.shards:
         assert (dest / shard["path"]).stat().st_size == shard["bytes"]
 
     mtimes = {p: p.stat().st_mtime_ns for p in dest.rglob("*.tar")}
@@ -81,10 +80,10 @@ def test_cli_runs_the_flow_with_a_progress_bar(demo_archives, tmp_path, prefect_
     assert run.returncode == 0, run.stderr[-3000:]
     dest = Path(run.stdout.strip().splitlines()[-1])
     assert latest_version(out) == dest and (dest / "manifest.json").exists()
-    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest = read_manifest(dest)
     bars = run.stderr.replace("\r", "\n")
     assert "staging units: 100%" in bars
-    assert f"staging shards: 100%|██████████| {len(manifest['shards'])}/{len(manifest['shards'])}" in bars
+    assert f"staging shards: 100%|██████████| {len(manifest.shards)}/{len(manifest.shards)}" in bars
     assert "Task run" not in run.stderr  # the bar replaces per-task lines on the terminal
 
 
@@ -113,9 +112,9 @@ def test_stage_flow_stages_a_grown_source_on_top_of_the_last_version(demo_archiv
     first = Path(stage_imagenet(str(tree), str(out), **kwargs))
     new = add_images(tree, demo_summary.wnids, {demo_summary.wnids[1]: 4})
     second = Path(stage_imagenet(str(tree), str(out), **kwargs))
-    manifest = json.loads((second / "manifest.json").read_text())
-    assert manifest["base_version"] == first.name and latest_version(out) == second
-    old = json.loads((first / "manifest.json").read_text())
-    assert set(old["minival_keys"]) <= set(manifest["minival_keys"])
-    staged = sum(manifest["splits"][s]["samples"] for s in ("train", "minival"))
-    assert staged == sum(old["splits"][s]["samples"] for s in ("train", "minival")) + len(new)
+    manifest = read_manifest(second)
+    assert manifest.base_version == first.name and latest_version(out) == second
+    old = read_manifest(first)
+    assert set(old.minival_keys) <= set(manifest.minival_keys)
+    staged = sum(manifest.splits[s].samples for s in ("train", "minival"))
+    assert staged == sum(old.splits[s].samples for s in ("train", "minival")) + len(new)

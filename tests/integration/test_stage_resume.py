@@ -118,7 +118,7 @@ def test_killed_twice_then_rerun_gives_the_bytes_of_an_uninterrupted_run(
     assert [name for name in killed if killed[name] != uninterrupted[name]] == []
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     shards = [p for p in (out / dest.name).rglob("*.tar")]
-    assert len(shards) == len(read_manifest(dest)["shards"])
+    assert len(shards) == len(read_manifest(dest).shards)
     for shard in shards:
         sidecar = sidecar_path(shard)
         assert sidecar.exists(), f"{shard} has no checksum sidecar"

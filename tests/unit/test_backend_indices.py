@@ -94,9 +94,9 @@ def test_a_dataset_without_ffcv_files_is_refused_clearly(staged_dataset: Path) -
 def test_every_version_has_shard_indexes_listed_in_its_manifest(staged_dataset: Path) -> None:
     """The indexes the wds and dali backends read are part of every version, checked by `effnet verify`."""
     manifest = read_manifest(staged_dataset)
-    indexed = {e["shard"] for e in manifest["indexes"]}
-    assert indexed == {s["path"] for s in manifest["shards"]}
-    for entry in manifest["indexes"]:
+    indexed = {e["shard"] for e in manifest.indexes}
+    assert indexed == {s["path"] for s in manifest.shards}
+    for entry in manifest.indexes:
         shard = staged_dataset / entry["shard"]
         assert (staged_dataset / entry["path"]).read_bytes() == index_text(index_lines(shard)).encode()
     assert not damaged_files(staged_dataset, checksums=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint
+from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint, scored_weights
 from pipelines.inference.export import export_model
 from pipelines.registry.model_ref import LoadedModel, load_file, parse_model_uri
 
@@ -29,6 +29,16 @@ def test_a_registered_state_dict_and_a_training_checkpoint_rebuild_their_model(t
     assert registered.spec.name == "efficientnet_b0_phi-9" and registered.num_classes == 3
     assert torch.equal(registered.model(x), weights(x))
     assert torch.equal(load_file(tmp_path / "checkpoint.pt").model(x), ema(x))  # the EMA: what training scored
+
+
+def test_the_scored_weights_are_the_emas_when_there_is_one(tmp_path) -> None:
+    model, ema = _model(0), _model(1)
+    assert scored_weights({"model": model, "ema": ema}) is ema  # a training worker's live pair
+    assert scored_weights({"model": model, "ema": None}) is model
+    torch.save({"model": model.state_dict(), "ema": None, "loop": {"epoch": 1}}, tmp_path / "checkpoint.pt")
+    saved = read_checkpoint(tmp_path / "checkpoint.pt", device="meta")  # tensors where the caller asks
+    assert scored_weights(saved).keys() == model.state_dict().keys()
+    assert all(t.device.type == "meta" for t in scored_weights(saved).values())
 
 
 def test_a_file_that_holds_a_pickled_object_is_refused_not_loaded(tmp_path) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.settings import DataLayout, StackError, is_loopback_address
 from pipelines.training import cluster
-from pipelines.training.job import _job_key, format_epoch_line
+from pipelines.training.job import _job_key, format_epoch_line, tuned_variant_slug
 from pipelines.training.recipe import RecipeError, load_recipe
 
 
@@ -49,6 +49,17 @@ def test_job_key_changes_with_every_override():
         _job_key("efficientnet_b0_phi-9", recipe, "imagenet-def"),
     }
     assert key not in others and len(others) == 4
+
+
+def test_job_key_is_the_first_ten_hex_of_the_recipes_canonical_json():
+    """The key's hash is what it was first computed with: a finished job's key must not change under a rerun."""
+    import hashlib
+
+    recipe = load_recipe("demo").with_overrides(model={"width_mult": 1.1})
+    digest = hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
+    assert tuned_variant_slug(recipe) == recipe.model.spec().name == "efficientnet_b0_phi-9_w1.1"
+    assert _job_key(tuned_variant_slug(recipe), recipe, "imagenet-abc") == (
+        f"efficientnet_b0_phi-9_w1.1__demo-{digest}__imagenet-abc")
 
 
 def test_epoch_line_is_one_line_with_what_a_user_follows():

@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 
 import models
-from models import PAPER_COEFFICIENTS, CoefficientSet, check_coefficients
-from models.variants import round_resolution
+from models import PAPER_COEFFICIENTS, CoefficientSet, check_coefficients, round_resolution
 from pipelines.settings import DataLayout
 from pipelines.training.coefficients import load_coefficient_set, resolve_coefficients, save_coefficient_set
 from pipelines.training.job import scaling_tags
@@ -75,7 +74,7 @@ def test_a_stored_set_resolves_into_the_member_it_scales(tmp_path):
         load_recipe("demo").with_overrides(model=parse_family_member("phi=2,coefficients=my-search")), layout)
     m = recipe.model
     assert (m.alpha, m.beta, m.gamma, m.coefficients) == (1.3, 1.1, 1.1, "my-search")
-    spec = models.resolve_variant(m.variant, **m.overrides())
+    spec = m.spec()
     assert spec.depth_mult == pytest.approx(1.3**2) and spec.width_mult == pytest.approx(1.1**2)
     assert spec.train_resolution == round_resolution(224 * 1.1**2)
     paper = models.resolve_variant("efficientnet_b0", phi=2)
@@ -114,6 +113,6 @@ def test_v2_resolutions_above_the_papers_cap_are_refused_unless_asked_for():
     # The recipe's switch reaches the models' check.
     recipe = load_recipe("v2-progressive").with_overrides(model={"variant": "efficientnet_v2_m", "resolution": 400})
     with pytest.raises(ValueError, match="set model.allow_large_resolution: true"):
-        models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+        recipe.model.spec()
     allowed = recipe.with_overrides(model={"allow_large_resolution": True})
-    assert models.resolve_variant(allowed.model.variant, **allowed.model.overrides()).eval_resolution == 500
+    assert allowed.model.spec().eval_resolution == 500

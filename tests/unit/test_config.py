@@ -27,9 +27,23 @@ def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
 # --------------------------------------------------------------------------------------------- shipped recipes
 
 
-def test_the_shipped_recipes_are_listed() -> None:
-    assert {"demo", "v1"} <= set(list_recipes())
-    assert list_recipes() == sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+# The recipes the README, the deployments and the CLI's defaults name: each must be listed and load by its name.
+KNOWN_RECIPES = ("demo", "demo-progressive", "finetune", "v1", "v2-progressive")
+
+
+@pytest.mark.parametrize("name", KNOWN_RECIPES)
+def test_the_known_recipes_are_listed_and_load_by_name(name: str) -> None:
+    assert name in list_recipes()
+    assert load_recipe(name).name == name
+
+
+def test_an_unknown_recipe_is_refused_in_one_line_naming_the_known_ones() -> None:
+    assert list_recipes() == sorted(list_recipes())  # as `effnet recipes` prints them
+    with pytest.raises(RecipeError) as refused:
+        load_recipe("v3")
+    message = str(refused.value)
+    assert message.startswith("recipe 'v3' not found; known recipes: ") and "\n" not in message
+    assert set(KNOWN_RECIPES) <= set(message.rsplit(": ", 1)[1].split(", "))
 
 
 @pytest.mark.parametrize("name", list_recipes())

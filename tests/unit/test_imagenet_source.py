@@ -92,7 +92,7 @@ def test_labels_follow_sorted_wnids_not_ilsvrc_ids(layouts: dict[str, Path], dem
     val = list(src.iter_val())
     assert [r.key for r in val] == [f"ILSVRC2012_val_{i:08d}" for i in range(1, demo.num_val + 1)]
     assert tuple(r.wnid for r in val) == demo.val_wnids
-    assert all(r.label == src.label_of(r.wnid) == demo.wnids.index(r.wnid) for r in val)
+    assert all(r.label == src.classes.index(r.wnid) == demo.wnids.index(r.wnid) for r in val)
 
 
 def test_oddities_pass_through_as_bytes(layouts: dict[str, Path], demo: DemoSummary) -> None:
@@ -126,7 +126,7 @@ def test_units_are_sorted_and_chunked(layouts: dict[str, Path], demo: DemoSummar
     assert [u.label for u in src.train_units()] == list(range(len(demo.wnids)))
     chunks = src.val_units(chunk=5)
     assert [len(u.entries) for u in chunks] == [5, 5, 2] and [u.index for u in chunks] == [0, 1, 2]
-    assert [r for u in chunks for r in src.iter_val_unit(u)] == list(src.iter_val())
+    assert [r for u in chunks for r in imagenet.read_val_unit(u)] == list(src.iter_val())
     with pytest.raises(ValueError, match="chunk"):
         src.val_units(chunk=0)
 
@@ -249,8 +249,8 @@ def test_class_tar_damaged_inside_is_named_when_read_not_read_shorter(
     unit = src.train_units()[1]
     assert f"{unit.wnid}.tar" == victim.name
     with pytest.raises(ImageNetSourceError, match=rf"{victim.name} in .*: corrupt.*bad member header"):
-        list(src.iter_train_unit(unit))
-    assert len(list(src.iter_train_unit(src.train_units()[0]))) == SMALL["train_per_class"]  # others read whole
+        list(imagenet.read_train_unit(unit))
+    assert len(list(imagenet.read_train_unit(src.train_units()[0]))) == SMALL["train_per_class"]  # others read whole
 
 
 def test_outer_tar_damaged_inside_is_named_not_read_shorter(layouts: dict[str, Path], tmp_path: Path) -> None:

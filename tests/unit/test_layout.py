@@ -1,5 +1,6 @@
-"""The layout's promises, checked on the code itself: imports run one way and never in a circle, and the loading
-package stays free of staging and OpenCV (a training worker imports it; staging is the heavy half).
+"""The layout's promises, checked on the code itself: imports run one way and never in a circle, the loading
+package stays free of staging and OpenCV (a training worker imports it; staging is the heavy half), `pipelines` and
+`models` never name `flows` (not even in a string), and the README's map lists every folder.
 
 Every import statement counts, also those inside functions: a lazy import still runs, only later.
 """
@@ -7,6 +8,7 @@ Every import statement counts, also those inside functions: a lazy import still 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +17,27 @@ import pytest
 
 from pipelines.settings import PROJECT_ROOT
 
-PACKAGES = ("models", "pipelines", "flows")
+PACKAGES = ("models", "pipelines", "flows", "cli")
 # Leaves every part may use; they import nothing else of the project.
-LEAVES = {"pipelines.atomic", "pipelines.seeds", "pipelines.settings", "pipelines.watchdog"}
-# What each part may import besides itself and the leaves: flows -> training, staging, source -> loading -> dataset.
+LEAVES = {"pipelines.atomic", "pipelines.seeds", "pipelines.settings", "pipelines.watchdog", "pipelines.hashing"}
+# What each part may import besides itself and the leaves, the README's map from the bottom up:
+#   models <- dataset <- loading;  source <- staging -> dataset;
+#   registry -> models;  training -> registry, loading, dataset, models;  inference -> training, registry, ...;
+#   search -> training, registry, ...;  flows -> pipelines, models;  cli -> flows, pipelines, models.
 ALLOWED = {
+    "models": set(),
     "pipelines.dataset": set(),
     "pipelines.loading": {"pipelines.dataset"},
     "pipelines.source": set(),
     "pipelines.staging": {"pipelines.dataset", "pipelines.source"},
-    "pipelines.training": {"pipelines.dataset", "pipelines.loading", "models"},
+    "pipelines.registry": {"models"},
+    "pipelines.training": {"pipelines.dataset", "pipelines.loading", "pipelines.registry", "models"},
+    "pipelines.inference": {"pipelines.dataset", "pipelines.loading", "pipelines.registry", "pipelines.training",
+                            "models"},
+    "pipelines.search": {"pipelines.dataset", "pipelines.loading", "pipelines.registry", "pipelines.training",
+                         "models"},
     "flows": {"pipelines", "models"},
-    "models": set(),
+    "cli": {"flows", "pipelines", "models"},
 }
 
 
@@ -139,3 +150,20 @@ def test_no_import_hidden_behind_a_string():
     hidden = [name for name, path in project_modules().items()
               if "importlib.import_module" in path.read_text() or "__import__(" in path.read_text()]
     assert not hidden
+
+
+@pytest.mark.parametrize("package", ["models", "pipelines"])
+def test_the_lower_layers_never_name_flows(package):
+    """Not in an import, not in a command string, not in a docstring: what runs below `flows/` stands alone."""
+    naming = [str(p.relative_to(PROJECT_ROOT)) for p in sorted((PROJECT_ROOT / package).rglob("*.py"))
+              if re.search(r"\bflows[./]|[\'\"]flows[\'\"]", p.read_text())]
+    assert not naming
+
+
+def test_every_part_is_on_the_readme_map_and_in_the_rules():
+    """The README's map names each folder of `pipelines/` (and the top-level packages) that the rules above know."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    parts = {p.name for p in (PROJECT_ROOT / "pipelines").iterdir() if (p / "__init__.py").exists()}
+    assert {f"pipelines.{name}" for name in parts} <= set(ALLOWED), "a package of pipelines/ the rules do not know"
+    missing = [name for name in sorted(parts) + list(PACKAGES) if f"{name}/" not in readme]
+    assert not missing, f"not on the README's map: {missing}"

@@ -64,7 +64,7 @@ def _labels_by_key(dataset: Path, split: str) -> dict[str, int]:
 
 
 def _samples(dataset: Path, split: str) -> int:
-    return read_manifest(dataset)["splits"][split]["samples"]
+    return read_manifest(dataset).splits[split].samples
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -85,10 +85,10 @@ def test_eval_labels_match_the_manifest(staged_dataset: Path, split: str) -> Non
     manifest = read_manifest(staged_dataset)
     loader = make_loader(staged_dataset, split, 32, batch_size=5)
     labels = torch.cat([lab for _, lab in loader]).tolist()
-    expected = {manifest["classes"].index(w): n for w, n in manifest["splits"][split]["per_class"].items()}
+    expected = {manifest.classes.index(w): n for w, n in manifest.splits[split].per_class.items()}
     assert Counter(labels) == expected
     sizes = [len(lab) for _, lab in make_loader(staged_dataset, split, 32, batch_size=5)]
-    n = manifest["splits"][split]["samples"]
+    n = manifest.splits[split].samples
     assert sizes == [5] * (n // 5) + ([n % 5] if n % 5 else [])  # the partial last batch is kept
 
 

@@ -26,8 +26,8 @@ from models import (
     round_resolution,
     set_regularization,
 )
-from models.layers import BN_EPS, BN_MOMENTUM, DropPath, FusedMBConv, MBConv, SqueezeExcite
-from models.summary import count_gmacs, count_params, family_table, format_table, meta_model, spec_gmacs
+from models.layers import BLOCKS, BN_EPS, BN_MOMENTUM, DropPath, FusedMBConv, MBConv, SqueezeExcite
+from models.summary import count_gmacs, count_params, family_table, format_table, meta_model, variant_row
 
 # Raised by torch's own inductor import (torch.utils.mkldnn), not by this package.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -186,7 +186,8 @@ def test_phi_sweep_is_monotone() -> None:
     rows = []
     for phi in phis:
         spec = resolve_variant("efficientnet_b0", phi=phi)
-        params, gmacs = spec_gmacs("efficientnet_b0", phi=phi)
+        row = variant_row(spec)
+        params, gmacs = row["params"], row["gmacs_train"]
         rows.append((spec.train_resolution, params, gmacs))
     for (res_a, params_a, gmacs_a), (res_b, params_b, gmacs_b) in zip(rows, rows[1:]):
         assert res_a <= res_b
@@ -232,6 +233,19 @@ def test_variant_metadata() -> None:
         if spec.family == "v2":
             assert spec.progressive_automl.image_size_max == spec.train_resolution
             assert spec.progressive_automl.dropout_max == spec.dropout
+
+
+def test_b0_is_the_default_of_what_names_no_variant() -> None:
+    """B0's resolution is what phi scales from; its crop is the loaders' default (loading may not import models)."""
+    from pipelines.loading import DEFAULT_CROP_RATIO
+
+    b0 = get_variant("efficientnet_b0")
+    assert compound_scale(0).resolution == b0.train_resolution == b0.eval_resolution
+    assert DEFAULT_CROP_RATIO == b0.crop_ratio
+
+
+def test_every_block_kind_has_a_block() -> None:
+    assert tuple(BLOCKS) == models.BLOCK_KINDS
 
 
 def test_variant_spec_roundtrips_through_json() -> None:
@@ -306,6 +320,9 @@ def test_resolve_variant_explicit_overrides() -> None:
         (lambda: dataclasses.replace(get_variant("efficientnet_b0"), family="v3"), "family must be"),
         (lambda: dataclasses.replace(get_variant("efficientnet_b0"), crop_ratio=1.5), "crop_ratio must be"),
         (lambda: models.StageSpec("mbconv", 1, 4, 1, 16, 1), "kernel must be odd"),
+        (lambda: models.Architecture(0, (models.StageSpec("mbconv", 1, 3, 1, 16, 1),), 1280, True), "stem must be"),
+        (lambda: models.Architecture(32, (), 1280, True), "at least one stage"),
+        (lambda: resolve_variant("efficientnet_v2_s", late_depth_stages=7), r"in 0..6 \(the stages of"),
     ],
 )
 def test_bad_input_raises_value_error(call, message) -> None:

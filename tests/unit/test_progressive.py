@@ -72,7 +72,7 @@ def test_progressive_without_a_table_needs_explicit_ranges():
 
 
 def _spec(recipe):
-    return models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    return recipe.model.spec()
 
 
 @pytest.mark.parametrize("recipe_name,variant", [("demo-progressive", None), ("v2-progressive", None),
@@ -82,7 +82,10 @@ def _spec(recipe):
 def test_the_shipped_progressive_recipes_evaluate_at_or_above_their_last_size(recipe_name, variant, rule):
     recipe = load_recipe(recipe_name).with_overrides(progressive={"rule": rule},
                                                      **({"model": {"variant": variant}} if variant else {}))
-    check_progressive_eval_size(recipe, _spec(recipe))  # no error
+    spec = _spec(recipe)
+    sizes = [epoch_settings(e, recipe, spec).image_size for e in range(recipe.schedule.epochs)]
+    assert recipe.progressive.enabled and sizes[0] < sizes[-1] <= spec.eval_resolution, (sizes, spec.eval_resolution)
+    check_progressive_eval_size(recipe, spec)  # so the check lets it through
 
 
 def test_progressive_sizes_moved_above_the_eval_size_are_refused_until_the_resolution_follows():

@@ -42,7 +42,7 @@ def test_bad_crop_ranges_are_refused(data, message) -> None:
 def test_a_recipe_sets_the_eval_crop_ratio_and_label_smoothing() -> None:
     recipe = load_recipe("demo").with_overrides(model={"crop_ratio": 1.0}, regularization={"label_smoothing": 0.0},
                                                 data={"rrc_scale": [0.35, 1.0]})
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    spec = recipe.model.spec()
     assert spec.crop_ratio == 1.0 and spec.name.endswith("_crop1") and spec.eval_resize == spec.eval_resolution
     assert recipe.data.train_crop.scale == (0.35, 1.0) and recipe.regularization.label_smoothing == 0.0
     # The ratio is the variant's metadata: what evaluation and the registered preprocessing read.

@@ -8,7 +8,7 @@ import math
 import pytest
 
 import models
-from flows.scaling import study_verdict
+from pipelines.search.experiment import study_verdict
 from models import PAPER_COEFFICIENTS, CoefficientSet, plan_blocks, resolve_variant, round_resolution, stage_repeats
 from pipelines.registry import compare
 from pipelines.search import trials
@@ -110,6 +110,57 @@ def test_the_winner_is_the_best_minival_top1_then_the_lower_loss_then_the_earlie
     assert trials.pick_winner([_outcome("a", 90, 0.1, error="boom"), _outcome("b", 10, 3.0)]).label == "b"
     with pytest.raises(RuntimeError, match="no trial finished"):
         trials.pick_winner([_outcome("a", 90, 0.1, error="boom")])
+
+
+class _Runs:
+    """An MLflow client's run calls in memory, enough to find a run again by its tags."""
+
+    def __init__(self) -> None:
+        self.tags: dict[str, dict[str, str]] = {}
+        self.status: dict[str, str] = {}
+
+    def search_runs(self, exp_ids: list[str], filter_string: str, max_results: int) -> list:
+        from types import SimpleNamespace
+
+        want = dict(c.removeprefix("tags.").split(" = ") for c in filter_string.split(" and "))
+        want = {k: v.strip("'") for k, v in want.items()}
+        found = [r for r, tags in self.tags.items() if want.items() <= tags.items()]
+        return [SimpleNamespace(info=SimpleNamespace(run_id=r)) for r in found[:max_results]]
+
+    def create_run(self, exp_id: str, run_name: str, tags: dict[str, str]):
+        from types import SimpleNamespace
+
+        run_id = f"run-{len(self.tags)}"
+        self.tags[run_id], self.status[run_id] = dict(tags), "RUNNING"
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+
+    def log_batch(self, run_id: str, params=()) -> None:
+        pass
+
+    def update_run(self, run_id: str, status: str) -> None:
+        self.status[run_id] = status
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.tags[run_id][key] = value
+
+
+def test_a_search_and_its_trials_find_their_runs_again_by_their_tags() -> None:
+    from pipelines.registry import tracking
+    from pipelines.registry.tracking import Tags
+
+    c = _Runs()
+    parent = trials.open_parent_run(c, "0", trials.SEARCH_KIND, "key-1", "search", {}, {Tags.FLOW_RUN: "flow-a"})
+    c.status[parent] = "FAILED"
+    again = trials.open_parent_run(c, "0", trials.SEARCH_KIND, "key-1", "search", {}, {Tags.FLOW_RUN: "flow-b"})
+    assert again == parent and c.status[parent] == "RUNNING" and c.tags[parent][Tags.FLOW_RUN] == "flow-b"
+    assert trials.open_parent_run(c, "0", trials.STUDY_KIND, "key-1", "study", {}, {}) != parent  # another kind
+    identity = {Tags.SEARCH_KEY: "key-1", Tags.TRIAL: "a"}
+    trial = tracking.find_or_start_run(c, "0", identity, "a", {}, new_tags={Tags.PARENT_RUN: parent})
+    c.tags[trial][Tags.PARENT_RUN] = "kept"
+    assert tracking.find_or_start_run(c, "0", identity, "a", {}, new_tags={Tags.PARENT_RUN: "other"}) == trial
+    assert c.tags[trial][Tags.PARENT_RUN] == "kept"  # a found run's tags are not replaced by a new run's
+    family = tracking.open_family_run(c, "0", "flow-a", "family", {})
+    assert tracking.open_family_run(c, "0", "flow-a", "family", {}) == family != parent
 
 
 # --- V2's non-uniform depth ---

@@ -91,7 +91,7 @@ def test_rewards_refuse_figures_that_are_not_positive_and_step_times_are_relativ
 
 
 def test_a_stored_baseline_is_what_a_family_member_and_the_scaling_search_build(tmp_path) -> None:
-    from flows.train_family import member_recipes
+    from pipelines.training.family import member_recipes
     from pipelines.settings import DataLayout
     from pipelines.search import trials
     from pipelines.training.baselines import load_baseline, save_baseline
@@ -102,7 +102,7 @@ def test_a_stored_baseline_is_what_a_family_member_and_the_scaling_search_build(
     assert load_baseline(layout, "my-nas") == arch
     ((_, recipe),) = member_recipes(["phi=-9,baseline=my-nas"], "demo", None, layout=layout)
     assert recipe.model.baseline is None and recipe.model.table is not None  # the rows themselves travel
-    spec = models.resolve_variant(recipe.model.variant, **recipe.model.overrides())
+    spec = recipe.model.spec()
     assert ARCHITECTURES[spec.architecture] == arch and spec.phi == -9
     (plan,) = trials.search_trials(spec, [models.PAPER_COEFFICIENTS])
     assert ARCHITECTURES[trials.member_spec(plan.model).architecture] == arch  # scaled, same rows

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+from models.summary import count_params, meta_model
 from pipelines.loading.transforms import normalize
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import epoch_settings
@@ -27,6 +28,13 @@ def test_the_memory_model_grows_with_the_variant_and_its_resolution() -> None:
     assert 5 * 4 * 5.2e6 < b0.fixed_bytes < 5 * 4 * 5.4e6 + b0.per_image_bytes
     # bf16 activations of B0 at 224 px: tens of MB per image (a batch of 256 fits an 80 GB GPU, as NVIDIA trains).
     assert 20e6 < b0.per_image_bytes < 80e6 and b0.bytes_at(256) < 0.8 * 80 * GIB
+
+
+def test_the_ema_adds_one_fp32_copy_of_the_parameters_the_family_table_counts() -> None:
+    spec = models.resolve_variant("efficientnet_b0", phi=-9)
+    with_ema, without = (memory_model(spec, 10, 64, amp=True, optimizer="sgd", ema=e) for e in (True, False))
+    assert with_ema.per_image_bytes == without.per_image_bytes
+    assert with_ema.fixed_bytes - without.fixed_bytes == 4 * count_params(meta_model(spec, 10))
 
 
 def test_a_larger_variant_gets_a_smaller_micro_batch_and_more_accumulation() -> None:

@@ -22,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines.atomic import sidecar_path
-from pipelines.dataset import KEYS, LATEST, MANIFEST, SPLITS, latest_version, read_keys, read_manifest
+from pipelines.dataset import KEYS, LATEST, MANIFEST, SPLITS, Manifest, latest_version, read_keys, read_manifest
 from pipelines.source.demo import DemoSummary, extract_to_tree
 from pipelines.staging import runners, spools, stager, versions
 from pipelines.staging.images import BadImage, encode_tiers, tier_size
@@ -31,7 +31,7 @@ from pipelines.staging.plan import minival_quota, plan_dataset
 from pipelines.staging.runners import thread_map
 from pipelines.staging.spools import UnitResult, load_unit, process_unit, unit_paths
 from pipelines.staging.stager import _exclusive, stage
-from pipelines.staging.versions import BaseVersion, _check_base_seen, dataset_version
+from pipelines.staging.versions import BaseVersion, check_base_seen, dataset_version
 
 from helpers import (
     BAD_INPUTS,
@@ -85,7 +85,7 @@ def _good_train(demo: DemoSummary) -> dict[str, str]:
     return {k: wnid for k, (wnid, _) in _archive_train(demo).items() if k not in truncated}
 
 
-def _manifest(dataset: Path) -> dict:
+def _manifest(dataset: Path) -> Manifest:
     return read_manifest(dataset)
 
 
@@ -107,7 +107,7 @@ def _flip_byte(path: Path, at: int) -> None:
 @pytest.fixture
 def same_code(staged_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Restaging records the code version of the first staging: a commit made meanwhile must not differ."""
-    recorded = _manifest(staged_dataset)["code_version"]
+    recorded = _manifest(staged_dataset).code_version
     monkeypatch.setattr(stager, "code_version", lambda: recorded)
 
 
@@ -140,17 +140,17 @@ def test_every_good_train_image_is_staged_once_with_its_label(
 
 def test_manifest_counts_and_classes_match_the_generator(staged_dataset: Path, demo_summary: DemoSummary) -> None:
     manifest = _manifest(staged_dataset)
-    assert manifest["classes"] == list(demo_summary.wnids) == sorted(demo_summary.wnids)
-    assert manifest["num_classes"] == len(demo_summary.wnids)
+    assert manifest.classes == tuple(demo_summary.wnids) == tuple(sorted(demo_summary.wnids))
+    assert manifest.num_classes == len(demo_summary.wnids)
     good = Counter(_good_train(demo_summary).values())
     assert sum(good.values()) == demo_summary.num_train - 1
-    splits = manifest["splits"]
-    per_class = Counter(splits["train"]["per_class"]) + Counter(splits["minival"]["per_class"])
+    splits = manifest.splits
+    per_class = Counter(splits["train"].per_class) + Counter(splits["minival"].per_class)
     assert per_class == good
-    assert splits["train"]["samples"] + splits["minival"]["samples"] == sum(good.values())
-    assert splits["val"]["per_class"] == dict(Counter(demo_summary.val_wnids))
-    assert manifest["images_seen"] == demo_summary.num_train + demo_summary.num_val
-    assert manifest["tiers"] == list(TIERS)
+    assert splits["train"].samples + splits["minival"].samples == sum(good.values())
+    assert splits["val"].per_class == dict(Counter(demo_summary.val_wnids))
+    assert manifest.images_seen == demo_summary.num_train + demo_summary.num_val
+    assert manifest.tiers == tuple(TIERS)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -171,7 +171,7 @@ def test_val_labels_follow_the_ground_truth_not_the_ilsvrc_ids(
 
 def test_truncated_file_is_reported_and_in_no_shard(staged_dataset: Path, demo_summary: DemoSummary) -> None:
     (name,) = [o.file_name for o in demo_summary.oddities if o.kind == "truncated_jpeg"]
-    bad = _manifest(staged_dataset)["bad_files"]
+    bad = _manifest(staged_dataset).bad_files
     assert [(b["source"], b["split"]) for b in bad] == [(name, "train")]
     assert "does not decode" in bad[0]["reason"] and "truncated" in bad[0]["reason"]
     key = name.removesuffix(".JPEG")
@@ -216,11 +216,11 @@ def test_minival_is_stratified_seeded_and_disjoint_from_train(
     manifest = _manifest(staged_dataset)
     good = Counter(_good_train(demo_summary).values())
     quota = minival_quota(dict(good), STAGE_PARAMS.minival, STAGE_PARAMS.seed)
-    assert manifest["splits"]["minival"]["per_class"] == {c: q for c, q in quota.items() if q}
+    assert manifest.splits["minival"].per_class == {c: q for c, q in quota.items() if q}
     assert all(q >= 1 for q in quota.values())  # 0.25 of 11 or 12 images
     minival = read_samples(staged_dataset, "minival", TIERS[0])
     train = read_samples(staged_dataset, "train", TIERS[0])
-    assert manifest["minival_keys"] == sorted(minival)
+    assert list(manifest.minival_keys) == sorted(minival)
     assert not set(minival) & set(train)
     assert Counter(json.loads(p["json"])["wnid"] for p in minival.values()) == Counter(quota)
     # Both tiers hold the same images in each split.
@@ -267,8 +267,8 @@ def test_minival_quota_remainder_goes_to_seeded_classes(minival: int) -> None:
 
 def test_manifest_checksums_and_sizes_match_the_shard_files(staged_dataset: Path) -> None:
     manifest = _manifest(staged_dataset)
-    splits = manifest["splits"]
-    for entry in manifest["shards"]:
+    splits = manifest.splits
+    for entry in manifest.shards:
         path = staged_dataset / entry["path"]
         data = path.read_bytes()
         assert entry["bytes"] == len(data)
@@ -278,9 +278,9 @@ def test_manifest_checksums_and_sizes_match_the_shard_files(staged_dataset: Path
             assert len({m.name.partition(".")[0] for m in tar}) == entry["samples"]
     for split in SPLITS:
         for tier in TIERS:
-            entries = [e for e in manifest["shards"] if (e["split"], e["tier"]) == (split, tier)]
-            assert len(entries) == math.ceil(splits[split]["samples"] / STAGE_PARAMS.shard_size)
-            assert sum(e["samples"] for e in entries) == splits[split]["samples"]
+            entries = [e for e in manifest.shards if (e["split"], e["tier"]) == (split, tier)]
+            assert len(entries) == math.ceil(splits[split].samples / STAGE_PARAMS.shard_size)
+            assert sum(e["samples"] for e in entries) == splits[split].samples
             assert all(e["samples"] == STAGE_PARAMS.shard_size for e in entries[:-1])
 
 
@@ -326,16 +326,16 @@ def test_extracted_layouts_stage_to_the_same_shards(
     source = extract_to_tree(demo_archives, tmp_path / layout, layout)  # type: ignore[arg-type]
     other = stage_directly(source, tmp_path / "datasets", STAGE_PARAMS)
     assert other.name != staged_dataset.name  # another source fingerprint, another version
-    assert _manifest(other)["source"]["kind"] == layout
+    assert _manifest(other).source["kind"] == layout
     for key in ("classes", "splits", "minival_keys", "shards", "bad_files", "images_seen"):
-        assert _manifest(other)[key] == _manifest(staged_dataset)[key], key
+        assert getattr(_manifest(other), key) == getattr(_manifest(staged_dataset), key), key
 
 
 def test_val_chunking_does_not_change_the_shards(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
     chunked = dataclasses.replace(STAGE_PARAMS, val_chunk=5)
     other = stage_directly(demo_archives, tmp_path, chunked)
     assert len(list((work_of(other, chunked) / "units").glob("val-*.tar"))) == 4  # 16 val images in chunks of 5
-    shards = lambda d: [(e["path"], e["sha256"]) for e in _manifest(d)["shards"]]  # noqa: E731
+    shards = lambda d: [(e["path"], e["sha256"]) for e in _manifest(d).shards]  # noqa: E731
     assert shards(other) == shards(staged_dataset)
 
 
@@ -636,20 +636,20 @@ def _all_keys(dataset: Path, tier: int) -> dict[str, list[str]]:
 def test_incremental_version_names_its_base_and_links_its_shards(grown: Grown) -> None:
     old, new = _manifest(grown.old), _manifest(grown.new)
     assert grown.new.name != grown.old.name
-    assert new["base_version"] == grown.old.name and old["base_version"] is None
+    assert new.base_version == grown.old.name and old.base_version is None
     assert latest_version(grown.root) == grown.new
-    new_entries = {e["path"]: e for e in new["shards"]}
-    for entry in old["shards"]:
+    new_entries = {e["path"]: e for e in new.shards}
+    for entry in old.shards:
         assert new_entries[entry["path"]] == entry  # same name, checksum, size: the same shard
         for name in (Path(entry["path"]), sidecar_path(entry["path"])):
             # A hard link: the very file, not rewritten, no disk used.
             assert os.path.samefile(grown.old / name, grown.new / name), name
-    added = [e for e in new["shards"] if e["path"] not in {o["path"] for o in old["shards"]}]
+    added = [e for e in new.shards if e["path"] not in {o["path"] for o in old.shards}]
     assert added and all(e["samples"] for e in added)
     # New shards are numbered after the base's, per split and tier.
     for split in ("train", "val"):
         for tier in TIERS:
-            names = [Path(e["path"]).name for e in new["shards"] if (e["split"], e["tier"]) == (split, tier)]
+            names = [Path(e["path"]).name for e in new.shards if (e["split"], e["tier"]) == (split, tier)]
             assert names == [f"{split}-{i:06d}.tar" for i in range(len(names))]
 
 
@@ -667,26 +667,26 @@ def test_incremental_version_keeps_every_split_and_holds_every_image_once(grown:
         assert sorted(new["train"] + new["minival"]) == sorted(old["train"] + old["minival"] + grown.new_train)
         assert new["val"] == sorted(old["val"] + grown.new_val)
     old_m, new_m = _manifest(grown.old), _manifest(grown.new)
-    assert set(old_m["minival_keys"]) <= set(new_m["minival_keys"])
-    assert new_m["minival_keys"] == _all_keys(grown.new, TIERS[0])["minival"]
-    assert new_m["images_seen"] == old_m["images_seen"] + len(grown.new_train) + len(grown.new_val)
-    assert new_m["bad_files"] == old_m["bad_files"]  # the base's bad file is not read again
+    assert set(old_m.minival_keys) <= set(new_m.minival_keys)
+    assert list(new_m.minival_keys) == _all_keys(grown.new, TIERS[0])["minival"]
+    assert new_m.images_seen == old_m.images_seen + len(grown.new_train) + len(grown.new_val)
+    assert new_m.bad_files == old_m.bad_files  # the base's bad file is not read again
     for split in SPLITS:
-        assert new_m["splits"][split]["samples"] == len(_all_keys(grown.new, TIERS[0])[split])
+        assert new_m.splits[split].samples == len(_all_keys(grown.new, TIERS[0])[split])
 
 
 def test_incremental_minival_keeps_the_per_class_rate(grown: Grown) -> None:
-    splits = _manifest(grown.new)["splits"]
-    totals = Counter(splits["train"]["per_class"]) + Counter(splits["minival"]["per_class"])
+    splits = _manifest(grown.new).splits
+    totals = Counter(splits["train"].per_class) + Counter(splits["minival"].per_class)
     # What a fresh stage of the grown source would hold out per class (minival 0.25 of each class).
-    assert splits["minival"]["per_class"] == minival_quota(dict(totals), STAGE_PARAMS.minival, STAGE_PARAMS.seed)
+    assert splits["minival"].per_class == minival_quota(dict(totals), STAGE_PARAMS.minival, STAGE_PARAMS.seed)
 
 
 def test_incremental_version_reads_back_through_the_loader(grown: Grown) -> None:
     from pipelines.loading import make_loader
 
     n = sum(len(labels) for _, labels in make_loader(grown.new, "val", 32, batch_size=4))
-    assert n == _manifest(grown.new)["splits"]["val"]["samples"]
+    assert n == _manifest(grown.new).splits["val"].samples
 
 
 def test_keys_file_lists_every_image_of_a_version(grown: Grown) -> None:
@@ -694,11 +694,10 @@ def test_keys_file_lists_every_image_of_a_version(grown: Grown) -> None:
         manifest = _manifest(dataset)
         splits, bad = read_keys(dataset)
         assert {s: sorted(k) for s, k in splits.items()} == _all_keys(dataset, TIERS[0])
-        assert sorted(splits["minival"]) == manifest["minival_keys"]
-        assert sorted(bad) == sorted(Path(b["source"]).stem for b in manifest["bad_files"])
+        assert sorted(splits["minival"]) == list(manifest.minival_keys)
+        assert sorted(bad) == sorted(Path(b["source"]).stem for b in manifest.bad_files)
         data = (dataset / KEYS).read_bytes()
-        assert manifest["keys"] == {"path": KEYS, "bytes": len(data),
-                                    "sha256": hashlib.sha256(data).hexdigest()}
+        assert manifest.keys == {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_restaging_the_grown_source_reuses_the_incremental_version(grown: Grown) -> None:
@@ -715,10 +714,10 @@ def test_full_stage_of_the_grown_source_has_no_base(grown: Grown, tmp_path: Path
     shutil.copytree(grown.root, root)
     full = _stage(grown.tree, root, base_version=None)
     assert full.name not in (grown.old.name, grown.new.name)
-    assert _manifest(full)["base_version"] is None
+    assert _manifest(full).base_version is None
     for split in SPLITS:  # the same images, staged afresh
-        assert sum(_manifest(full)["splits"][split]["per_class"].values()) == \
-               _manifest(full)["splits"][split]["samples"]
+        assert sum(_manifest(full).splits[split].per_class.values()) == \
+               _manifest(full).splits[split].samples
     assert sorted(k for s in SPLITS for k in _all_keys(full, TIERS[0])[s]) == \
            sorted(k for s in SPLITS for k in _all_keys(grown.new, TIERS[0])[s])
 
@@ -732,20 +731,21 @@ def test_a_source_that_lost_images_is_staged_in_full(grown: Grown, tmp_path: Pat
     gone.unlink()
     logs: list[str] = []
     other = _stage(tree, root, log=logs.append)
-    assert _manifest(other)["base_version"] is None
+    assert _manifest(other).base_version is None
     assert any("staging in full" in line and gone.stem in line for line in logs)
     with pytest.raises(ValueError, match=rf"cannot stage incrementally from {base.name}: .*{gone.stem}"):
         _stage(tree, root, base_version=base.name)
 
 
 def test_a_class_tar_that_lost_images_is_an_error() -> None:
-    manifest = {"classes": ["n00000001"], "shards": [], "splits": {}}
+    manifest = Manifest(format=1, version="v1", classes=("n00000001",), num_classes=1, splits={}, minival_keys=(),
+                        tiers=(64,), shards=(), bad_files=(), images_seen=2, source={}, params={}, code_version="")
     base = BaseVersion("v1", manifest, {"train": {"n00000001_1": "n00000001", "n00000001_2": "n00000001"},
                                                 "minival": {}, "val": {}}, {})
     whole = UnitResult("train-n00000001", "train", (), (), skipped=2)
-    _check_base_seen([whole], base)
+    check_base_seen([whole], base)
     with pytest.raises(StagingError, match="n00000001: the source holds 1 of the 2 images.*v1"):
-        _check_base_seen([dataclasses.replace(whole, skipped=1)], base)
+        check_base_seen([dataclasses.replace(whole, skipped=1)], base)
 
 
 def test_an_unknown_base_version_is_an_error(staged_dataset: Path, demo_archives: Path, tmp_path: Path) -> None:
@@ -761,7 +761,7 @@ def test_progress_reports_every_unit_and_shard(demo_archives: Path, tmp_path: Pa
     logs: list[str] = []
     dest = _stage(demo_archives, tmp_path, progress=lambda *e: events.append(e), log=logs.append)
     units = len(list((work_of(dest, STAGE_PARAMS) / "units").glob("*.tar")))
-    shards = len(_manifest(dest)["shards"])
+    shards = len(_manifest(dest).shards)
     for phase, total in (("units", units), ("shards", shards)):
         seen = [(d, t) for p, d, t in events if p == phase]
         assert seen == [(i, total) for i in range(total + 1)], phase

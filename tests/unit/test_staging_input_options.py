@@ -151,10 +151,10 @@ def test_the_floor_is_a_parameter_and_zero_allows_small_train(demo_archives: Pat
     with pytest.raises(StagingError, match="fewer than 9 train images"):
         stage(demo_archives, tmp_path / "a", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=9)
     floor = stage(demo_archives, tmp_path / "b", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=8)
-    assert min(read_manifest(floor)["splits"]["train"]["per_class"].values()) == 8  # met exactly: staged
+    assert min(read_manifest(floor).splits["train"].per_class.values()) == 8  # met exactly: staged
     dest = stage(demo_archives, tmp_path / "c", dataclasses.replace(STAGE_PARAMS, minival=44),
                          log=lambda *_: None, min_train_per_class=0)
-    assert set(read_manifest(dest)["splits"]["train"]["per_class"].values()) == {1}
+    assert set(read_manifest(dest).splits["train"].per_class.values()) == {1}
     with pytest.raises(ValueError, match="min_train_per_class"):
         stage(demo_archives, tmp_path / "d", STAGE_PARAMS, log=lambda *_: None, min_train_per_class=-1)
 

@@ -100,5 +100,5 @@ def test_out_beside_the_source_folders_is_fine(tree: Path, tmp_path: Path) -> No
     source = Path(shutil.copytree(tree, tmp_path / "tree"))
     dest = stage_directly(source, source / "datasets", STAGE_PARAMS)
     assert (dest / MANIFEST).is_file()
-    assert read_manifest(dest)["source"]["kind"] == "tree"
+    assert read_manifest(dest).source["kind"] == "tree"
     assert stage_directly(source, source / "datasets", STAGE_PARAMS) == dest  # the source is unchanged

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import models
+from pipelines.training.evaluate import evaluate
 from pipelines.training.job import best_scored_checkpoint
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import ema_decay_at
@@ -23,9 +24,10 @@ from pipelines.training.loop import (
     CheckpointClock,
     LoopState,
     build_optimizer,
-    evaluate,
+    checkpoint_rank,
     ray_metrics,
     record_minival,
+    score_order,
     seed_step,
     update_ema,
 )
@@ -245,6 +247,19 @@ def test_the_chosen_checkpoint_is_the_best_scored_the_earliest_of_equals() -> No
     assert best_scored_checkpoint(kept((7, 70.0), (5, 70.0))) == "epoch-5"  # a tie keeps the earlier epoch
     assert best_scored_checkpoint(kept((0, 0.0))) == "epoch-0"  # 0% is a score
     assert best_scored_checkpoint(kept((1, UNSCORED))) is None
+
+
+def test_early_stopping_ray_and_the_chosen_checkpoint_order_epochs_by_one_rule() -> None:
+    """The best score, the earliest of equals (`score_order`): early stopping's best epoch, the rank Ray keeps
+    checkpoints by, and the checkpoint the job registers are the same epoch."""
+    scores = [60.0, 70.0, 70.0, 65.0, 70.0, 0.0]
+    by_rule = sorted(range(len(scores)), key=lambda e: score_order(scores[e], e), reverse=True)
+    assert by_rule[:3] == [1, 2, 4]
+    assert sorted(range(len(scores)), key=lambda e: checkpoint_rank(scores[e], e), reverse=True) == by_rule
+    state, _ = _run(scores, patience=None)
+    assert state.best_epoch == by_rule[0]
+    kept = [(e, {"epoch": e, CHECKPOINT_RANK: checkpoint_rank(s, e)}) for e, s in enumerate(scores)]
+    assert best_scored_checkpoint(kept[::-1]) == by_rule[0]  # whatever order Ray lists them in
 
 
 def test_a_step_draws_the_same_whatever_ran_before_it() -> None:

@@ -12,7 +12,7 @@ from pipelines.training.recipe import load_recipe
 
 
 def _shard(version, split="train"):
-    return next(version / s["path"] for s in read_manifest(version)["shards"] if s["split"] == split)
+    return next(version / s["path"] for s in read_manifest(version).shards if s["split"] == split)
 
 
 def test_a_whole_version_passes_every_check(staged_dataset, capsys):

@@ -23,7 +23,7 @@ def read_chars() -> int:
 
 
 def split_bytes(dataset: Path, split: str, tier: int) -> int:
-    return sum(s["bytes"] for s in read_manifest(dataset)["shards"] if (s["split"], s["tier"]) == (split, tier))
+    return sum(s["bytes"] for s in read_manifest(dataset).shards if (s["split"], s["tier"]) == (split, tier))
 
 
 def rank_dataset(dataset: Path, rank: int, world: int, epoch: int = 0) -> WdsDataset:
@@ -54,7 +54,7 @@ def test_the_ranks_shares_are_the_split_once_each(staged_dataset: Path, world: i
         positions = ds.positions()  # padding repeats a position: it is read once and yielded twice
         got = dict((pos, key) for pos, key, _ in ds._stream(set(positions)))
         keys.update(got[p] for p in positions)
-    n = read_manifest(staged_dataset)["splits"]["train"]["samples"]
+    n = read_manifest(staged_dataset).splits["train"].samples
     per_rank = -(-n // world)
     assert len(keys) == n and sum(keys.values()) == per_rank * world  # every sample; only the padding twice
 
@@ -71,7 +71,7 @@ def _as_staged_before_indexes(dataset: Path) -> None:
     """What a version staged before every shard had an index looks like: no .idx files, no `indexes` entry."""
     for idx in dataset.rglob("*.idx"):
         idx.unlink()
-    manifest = read_manifest(dataset)
+    manifest = read_manifest(dataset).to_dict()
     manifest.pop("indexes")
     (dataset / MANIFEST).write_text(json.dumps(manifest))
 
