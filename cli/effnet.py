@@ -7,19 +7,21 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from pipelines.dataset import BACKENDS, EVAL_SPLITS, EXTRA_FORMATS
+from pipelines.dataset import BACKENDS, BAD_INPUT, EVAL_SPLITS, EXTRA_FORMATS
 from pipelines.inference import EXPORT_FORMATS
 from pipelines.registry.tracking import EXPERIMENT
 from pipelines.settings import DATA_DIR_ENV, PREFECT_API_ENV, data_layout
 from pipelines.source.demo import DEMO_SIZE, write_demo_imagenet
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, whole_number
-from pipelines.training.driver import BAD_INPUT, key_value, train_and_report
+from pipelines.training.driver import add_job_arguments, key_value, train_and_report
 from pipelines.training.recipes import list_recipes
 
-TIMEZONE_HELP = ("the nightly schedule's timezone, an IANA name such as Europe/Berlin (default: "
-                 "$EFFNET_NIGHTLY_TIMEZONE, else UTC)")
+TIMEZONE_HELP = (
+    "the nightly schedule's timezone, an IANA name such as Europe/Berlin (default: $EFFNET_NIGHTLY_TIMEZONE, else UTC)"
+)
 RECIPE_HELP = f"a recipe name ({', '.join(list_recipes())}) or the path to a recipe YAML file"
 
 
@@ -35,8 +37,13 @@ def _prefect_home(data_dir: str | None) -> None:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    s = write_demo_imagenet(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
-                            val_per_class=args.val_per_class, seed=args.seed)
+    s = write_demo_imagenet(
+        args.out,
+        num_classes=args.classes,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+    )
     print(f"{'reused' if s.reused else 'wrote'} demo ImageNet in {args.out}")
     return 0
 
@@ -58,12 +65,17 @@ def cmd_stage(args: argparse.Namespace) -> int:
         # than argparse's usage message; whole ones go on as ints, for the flow's typed parameters.
         return int(x) if isinstance(x, float) and x.is_integer() else x
 
-    knobs = dict(tiers=[whole(t) for t in args.tiers], shard_size=whole(args.shard_size), minival=args.minival,
-                 seed=whole(args.seed), jpeg_quality=whole(args.jpeg_quality), max_bad_fraction=args.max_bad_fraction,
-                 formats=args.formats)
+    knobs = dict(
+        tiers=[whole(t) for t in args.tiers],
+        shard_size=whole(args.shard_size),
+        minival=args.minival,
+        seed=whole(args.seed),
+        jpeg_quality=whole(args.jpeg_quality),
+        max_bad_fraction=args.max_bad_fraction,
+        formats=args.formats,
+    )
     workers = resolve_workers(whole(args.workers))
-    floor = 0 if args.allow_small_train else whole_number("--min-train-per-class",
-                                                                  whole(args.min_train_per_class), 0)
+    floor = 0 if args.allow_small_train else whole_number("--min-train-per-class", whole(args.min_train_per_class), 0)
     # Checks the parameters, the source and the output folder (each fails here, in one line) and returns a
     # finished version at once, without starting Prefect.
     base_version = None if args.full else args.base_version
@@ -73,8 +85,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
         mark_latest(done.parent, done.name)
         print(done)
         return 0
-    dest = stage_imagenet(args.source, args.out, **knobs, base_version=base_version, workers=workers,
-                          progress_bar=progress, processes=args.processes, min_train_per_class=floor)
+    dest = stage_imagenet(
+        args.source,
+        args.out,
+        **knobs,
+        base_version=base_version,
+        workers=workers,
+        progress_bar=progress,
+        processes=args.processes,
+        min_train_per_class=floor,
+    )
     print(dest)
     return 0
 
@@ -94,8 +114,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     source = load_model(args.model, data_layout(args.data_dir).tracking_uri)
     if not args.model.startswith("models:/"):
-        raise ValueError(f"{args.model}: fine-tuning starts from a registered version (models:/NAME/VERSION or "
-                         "models:/NAME@ALIAS)")
+        raise ValueError(
+            f"{args.model}: fine-tuning starts from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS)"
+        )
     # The source's architecture, whatever the recipe's model section says; its training knobs stay.
     model = ModelConfig.of_model_args(source.model_args, recipe.model).model_dump()
     freeze = int(args.freeze) if args.freeze and args.freeze.isdigit() else (args.freeze or 0)
@@ -117,8 +138,10 @@ def _train(recipe: Any, sections: dict, args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_HELP = ("models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file (a registered "
-              "version's state_dict.pt, a job's checkpoint.pt)")
+MODEL_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint file (a registered "
+    "version's state_dict.pt, a job's checkpoint.pt)"
+)
 
 
 def _dataset_dir(data: str, data_dir: str | None) -> str:
@@ -147,14 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     layout = data_layout(args.data_dir)
     dataset = _dataset_dir(args.data, args.data_dir)
     loaded = load_model(args.model, layout.tracking_uri)
-    result = evaluate_model(loaded, dataset, args.split, backend=args.backend, batch_size=args.batch_size,
-                            per_class=args.per_class)
+    result = evaluate_model(
+        loaded, dataset, args.split, backend=args.backend, batch_size=args.batch_size, per_class=args.per_class
+    )
     if args.mlflow:
         result["mlflow_run"] = log_evaluation(layout.tracking_uri, layout.artifact_root, result, loaded.run_id)
     _write_result(result, args.out)
-    print(f"{loaded.source} on {result['dataset']} {args.split}: top-1 {result['top1']:.2f}, top-5 "
-          f"{result['top5']:.2f}, loss {result['loss']:.4f} ({result['samples']} images at {result['resolution']} px)",
-          file=sys.stderr)
+    print(
+        f"{loaded.source} on {result['dataset']} {args.split}: top-1 {result['top1']:.2f}, top-5 "
+        f"{result['top5']:.2f}, loss {result['loss']:.4f} ({result['samples']} images at {result['resolution']} px)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -179,8 +205,9 @@ def cmd_family(args: argparse.Namespace) -> int:
 
     overrides = {"schedule": {"epochs": args.epochs}} if args.epochs is not None else None
     try:
-        train_family(args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir,
-                     overrides=overrides)
+        train_family(
+            args.variants, recipe=args.recipe, dataset_dir=args.data, data_dir=args.data_dir, overrides=overrides
+        )
     except FamilyFailed as exc:  # the others trained; the summary above says which variant failed and why
         print(f"effnet family: {exc}", file=sys.stderr)
         return 1
@@ -194,16 +221,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     layout = data_layout(args.data_dir)
     demo(data_dir=str(layout.root), epochs=args.epochs)
     if layout.stack is not None:
-        ui = (f"The runs and models are on the stack's MLflow server: {layout.stack.mlflow_tracking_uri} "
-              f"(experiment '{EXPERIMENT}', Models tab for the registry).")
+        ui = (
+            f"The runs and models are on the stack's MLflow server: {layout.stack.mlflow_tracking_uri} "
+            f"(experiment '{EXPERIMENT}', Models tab for the registry)."
+        )
     else:
-        ui = (f"Open the MLflow UI with:\n"
-              f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
-              f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
-              f"then browse http://127.0.0.1:5000 (experiment '{EXPERIMENT}', Models tab for the registry).")
-    print(f"\nResults are in {layout.root}:\n"
-          f"  demo archives   {layout.demo_archives}\n  staged shards   {layout.datasets}\n"
-          f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n{ui}")
+        ui = (
+            f"Open the MLflow UI with:\n"
+            f"  .venv/bin/mlflow ui --backend-store-uri {layout.tracking_uri} "
+            f"--default-artifact-root {layout.mlflow_artifacts} --port 5000\n"
+            f"then browse http://127.0.0.1:5000 (experiment '{EXPERIMENT}', Models tab for the registry)."
+        )
+    print(
+        f"\nResults are in {layout.root}:\n"
+        f"  demo archives   {layout.demo_archives}\n  staged shards   {layout.datasets}\n"
+        f"  MLflow store    {layout.mlflow_db}\n  Ray storage     {layout.ray_storage}\n{ui}"
+    )
     return 0
 
 
@@ -233,8 +266,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     check_version(args.version, checksums=not args.sizes_only)
     files = version_files(read_manifest(args.version))
     what = "sizes" if args.sizes_only else "sizes and sha256"
-    print(f"{args.version}: {len(files)} files, {sum(f.get('bytes', 0) for f in files):,} bytes, {what} as in "
-          "the manifest")
+    print(
+        f"{args.version}: {len(files)} files, {sum(f.get('bytes', 0) for f in files):,} bytes, {what} as in "
+        "the manifest"
+    )
     return 0
 
 
@@ -246,10 +281,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule_arguments(s: argparse.ArgumentParser) -> None:
+    """The recipe fields a job's command changes directly (over the recipe's own)."""
+    s.add_argument("--epochs", type=int, help="schedule.epochs")
+    s.add_argument("--workers", type=int, help="ray.num_workers")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effnet", description="Train the EfficientNet family on ImageNet.")
-    p.add_argument("--data-dir", default=None,
-                   help=f"where archives, shards, MLflow and Ray state live (default ${DATA_DIR_ENV} or ./data)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"where archives, shards, MLflow and Ray state live (default ${DATA_DIR_ENV} or ./data)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("demo-data", help="write a small ImageNet in the ILSVRC2012 archive format")
@@ -264,66 +308,101 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True)
     s.add_argument("--out", required=True, help="datasets root; the version goes in a sub-folder")
     # Numbers as floats: staging checks them (whole numbers, ranges, inf and nan) and says what is wrong in a line.
-    s.add_argument("--tiers", type=float, nargs="+", default=list(DEFAULTS.tiers),
-                   help=f"shorter sides in px (default {' '.join(map(str, DEFAULTS.tiers))})")
+    s.add_argument(
+        "--tiers",
+        type=float,
+        nargs="+",
+        default=list(DEFAULTS.tiers),
+        help=f"shorter sides in px (default {' '.join(map(str, DEFAULTS.tiers))})",
+    )
     s.add_argument("--shard-size", type=float, default=DEFAULTS.shard_size)
-    s.add_argument("--minival", type=float, default=DEFAULTS.minival,
-                   help="images held out of train (a whole number), or a fraction < 1 of each class")
+    s.add_argument(
+        "--minival",
+        type=float,
+        default=DEFAULTS.minival,
+        help="images held out of train (a whole number), or a fraction < 1 of each class",
+    )
     small = s.add_mutually_exclusive_group()
-    small.add_argument("--min-train-per-class", type=float, default=MIN_TRAIN_PER_CLASS,
-                       help="refuse a minival that leaves a class fewer train images (default %(default)s)")
-    small.add_argument("--allow-small-train", action="store_true",
-                       help="stage even if the minival leaves a class fewer than --min-train-per-class images")
+    small.add_argument(
+        "--min-train-per-class",
+        type=float,
+        default=MIN_TRAIN_PER_CLASS,
+        help="refuse a minival that leaves a class fewer train images (default %(default)s)",
+    )
+    small.add_argument(
+        "--allow-small-train",
+        action="store_true",
+        help="stage even if the minival leaves a class fewer than --min-train-per-class images",
+    )
     s.add_argument("--seed", type=float, default=DEFAULTS.seed)
     s.add_argument("--jpeg-quality", type=float, default=DEFAULTS.jpeg_quality)
     s.add_argument("--max-bad-fraction", type=float, default=DEFAULTS.max_bad_fraction)
-    s.add_argument("--formats", nargs="*", default=list(DEFAULTS.formats), choices=EXTRA_FORMATS,
-                   help="extra files beside the WebDataset shards: FFCV .beton per tier, DALI shard indexes "
-                        "(either makes the stage a full one, not incremental)")
+    s.add_argument(
+        "--formats",
+        nargs="*",
+        default=list(DEFAULTS.formats),
+        choices=EXTRA_FORMATS,
+        help="extra files beside the WebDataset shards: FFCV .beton per tier, DALI shard indexes "
+        "(either makes the stage a full one, not incremental)",
+    )
     growth = s.add_mutually_exclusive_group()
-    growth.add_argument("--base-version", default=AUTO,
-                        help=f"version to add new images to: '{AUTO}' (the latest one the source grew from) or a name")
+    growth.add_argument(
+        "--base-version",
+        default=AUTO,
+        help=f"version to add new images to: '{AUTO}' (the latest one the source grew from) or a name",
+    )
     growth.add_argument("--full", action="store_true", help="stage every image afresh, not on top of a version")
-    s.add_argument("--workers", type=float, default=None, help="units (classes, val chunks) decoded at once "
-                   "(default: all cores)")
-    s.add_argument("--processes", action="store_true",
-                   help="decode in worker processes rather than threads (scales further on many cores)")
-    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar with ETA on stderr (default: when stderr is a terminal)")
+    s.add_argument(
+        "--workers", type=float, default=None, help="units (classes, val chunks) decoded at once (default: all cores)"
+    )
+    s.add_argument(
+        "--processes",
+        action="store_true",
+        help="decode in worker processes rather than threads (scales further on many cores)",
+    )
+    s.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar with ETA on stderr (default: when stderr is a terminal)",
+    )
     s.set_defaults(fn=cmd_stage)
 
     s = sub.add_parser("train", help="train one variant on Ray, early-stop on minival, register in MLflow")
     s.add_argument("--variant", help="e.g. efficientnet_b0, or phi=-3 for B0 compound-scaled")
     s.add_argument("--recipe", default="v1", help=RECIPE_HELP)
     s.add_argument("--data", required=True, help="a staged dataset version directory")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--ray-address", help="the Ray cluster to join (default: $RAY_ADDRESS, the stack's head, or a "
-                   "local instance of this command's own)")
-    s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for the MLflow run "
-                   "(repeatable), e.g. the Prefect flow run that submitted the job")
-    s.add_argument("--result-file", help="write the result (JSON) to this file, whole or not at all, instead of "
-                   "to stdout")
+    _schedule_arguments(s)
+    add_job_arguments(s)
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("finetune", help="train from a registered model's weights (recipe section `init`), e.g. "
-                       "on other classes with a new head")
+    s = sub.add_parser(
+        "finetune",
+        help="train from a registered model's weights (recipe section `init`), e.g. on other classes with a new head",
+    )
     s.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     s.add_argument("--data", required=True, help="a staged dataset version directory")
-    s.add_argument("--recipe", default="finetune", help=RECIPE_HELP + " (default: finetune, the V2 paper's "
-                   "transfer settings)")
-    s.add_argument("--head", default="reset", help="reset (a new classifier for the dataset's classes, the "
-                   "default) or keep (the same classes)")
-    s.add_argument("--freeze", help="for the first --freeze-epochs: the stem and this many stages, or 'backbone' "
-                   "(everything but the classifier)")
+    s.add_argument(
+        "--recipe", default="finetune", help=RECIPE_HELP + " (default: finetune, the V2 paper's transfer settings)"
+    )
+    s.add_argument(
+        "--head",
+        default="reset",
+        help="reset (a new classifier for the dataset's classes, the default) or keep (the same classes)",
+    )
+    s.add_argument(
+        "--freeze",
+        help="for the first --freeze-epochs: the stem and this many stages, or 'backbone' "
+        "(everything but the classifier)",
+    )
     s.add_argument("--freeze-epochs", type=int, default=0)
-    s.add_argument("--register-as", help="the registered model of the new versions, a task of its own (default: "
-                   "the source's name + '-finetuned'); its champion is decided among them")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--workers", type=int)
-    s.add_argument("--ray-address", help="the Ray cluster to join (default: as `train`)")
-    s.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for the MLflow run")
-    s.add_argument("--result-file", help="write the result (JSON) to this file instead of to stdout")
+    s.add_argument(
+        "--register-as",
+        help="the registered model of the new versions, a task of its own (default: "
+        "the source's name + '-finetuned'); its champion is decided among them",
+    )
+    _schedule_arguments(s)
+    add_job_arguments(s)
     s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("eval", help="evaluate a trained model on a staged split with its own preprocessing")
@@ -341,8 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help=MODEL_HELP)
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("--out", required=True, help="the file to write")
-    s.add_argument("--attach", action="store_true", help="also log the file to the model's MLflow run (export/) "
-                   "and tag its registered version with it")
+    s.add_argument(
+        "--attach",
+        action="store_true",
+        help="also log the file to the model's MLflow run (export/) and tag its registered version with it",
+    )
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("family", help="train several variants (the train-family flow)")
@@ -356,14 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int)
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("serve", help="register the Prefect deployments (train-family/b0-b7, ...) and run them "
-                       "in this process, without a work pool or worker")
+    s = sub.add_parser(
+        "serve",
+        help="register the Prefect deployments (train-family/b0-b7, ...) and run them "
+        "in this process, without a work pool or worker",
+    )
     s.add_argument("deployments", nargs="*", help="flow/name of those to serve (default: all)")
     s.add_argument("--timezone", help=TIMEZONE_HELP)
     s.set_defaults(fn=cmd_serve)
 
-    s = sub.add_parser("deploy", help="register the deployments on a Prefect work pool, whose worker runs them "
-                       "(what the stack does; `serve` is the one-process alternative)")
+    s = sub.add_parser(
+        "deploy",
+        help="register the deployments on a Prefect work pool, whose worker runs them "
+        "(what the stack does; `serve` is the one-process alternative)",
+    )
     s.add_argument("deployments", nargs="*", help="flow/name of those to deploy (default: all)")
     s.add_argument("--pool", required=True, help="a `process` work pool on the Prefect server (the stack's: effnet)")
     s.add_argument("--timezone", help=TIMEZONE_HELP)
@@ -371,8 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("verify", help="check a staged version's files against its manifest (sizes and checksums)")
     s.add_argument("version", help="a staged dataset version directory")
-    s.add_argument("--sizes-only", action="store_true", help="only check that every file exists with its size "
-                   "(what every training job checks before it starts)")
+    s.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="only check that every file exists with its size (what every training job checks before it starts)",
+    )
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("models", help="print the family table")

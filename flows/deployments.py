@@ -14,7 +14,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from models import variant_range
@@ -45,7 +45,7 @@ V1_FAMILY = variant_range("efficientnet_b0", "efficientnet_b7")  # the published
 V2_FAMILY = variant_range("efficientnet_v2_s", "efficientnet_v2_l")  # the paper's S/M/L (XL needs ImageNet-21k)
 
 # The demo's staging, as `make demo` stages it (its archives plant one undecodable file among a few hundred).
-DEMO_STAGING = {"tiers": [64, 96, 128], "shard_size": 64, "minival": 0.2, "max_bad_fraction": 0.05}
+DEMO_STAGING: dict[str, Any] = {"tiers": [64, 96, 128], "shard_size": 64, "minival": 0.2, "max_bad_fraction": 0.05}
 
 DEPLOYMENTS = (
     DeploymentSpec("train-family", "b0-b7", {"variants": V1_FAMILY, "recipe": "v1"},
@@ -84,10 +84,14 @@ def select_specs(names: list[str] | None = None) -> list[DeploymentSpec]:
     return [spec for spec in DEPLOYMENTS if not names or spec.full_name in names]
 
 
+def flow_file(flow: Any) -> Path:
+    """The file that defines a flow's function (under its decorators, `failures.one_line_failures` among them)."""
+    return Path(inspect.getfile(inspect.unwrap(flow.fn))).resolve()
+
+
 def entrypoint(flow: Any) -> str:
     """`file.py:function` of a flow, relative to the checkout: what a worker imports after changing to it."""
-    path = Path(inspect.getfile(flow.fn)).resolve().relative_to(PROJECT_ROOT)
-    return f"{path.as_posix()}:{flow.fn.__name__}"
+    return f"{flow_file(flow).relative_to(PROJECT_ROOT).as_posix()}:{flow.fn.__name__}"
 
 
 def nightly_timezone(timezone: str | None = None) -> str:
@@ -124,6 +128,7 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
     """
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.schedules import Cron
+    from prefect.utilities.hashing import file_hash
 
     tz = nightly_timezone(timezone)
     flows = deployable_flows()
@@ -132,7 +137,9 @@ def build_deployments(names: list[str] | None = None, source: Path | None = None
         flow = flows[spec.flow]
         if source is not None:
             flow = flow.from_source(source=str(source), entrypoint=entrypoint(flow))
-        kwargs: dict[str, Any] = {"name": spec.name, "parameters": spec.parameters, "description": spec.description}
+        # The version Prefect would give: a hash of the flow's file (its own guess would hash the decorator's file).
+        kwargs: dict[str, Any] = {"name": spec.name, "parameters": spec.parameters, "description": spec.description,
+                                  "version": file_hash(str(flow_file(flow)))}
         if spec.nightly:
             kwargs["schedule"] = Cron(NIGHTLY_CRON, timezone=tz)
         if spec.one_at_a_time:
@@ -153,8 +160,9 @@ def deploy_all(work_pool_name: str, names: list[str] | None = None, timezone: st
 
     deployments = build_deployments(names, source=PROJECT_ROOT, timezone=timezone)
     # build/push False: the code is already where the worker runs it; there is no image.
-    ids = deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
-                 print_next_steps_message=False, ignore_warnings=True)
+    # `deploy` is sync here (no running event loop): its result is the list, never the coroutine.
+    ids = cast(list[UUID], deploy(*deployments, work_pool_name=work_pool_name, build=False, push=False,
+                                  print_next_steps_message=False, ignore_warnings=True))
     if len(ids) != len(deployments):
         raise ValueError(f"{len(deployments) - len(ids)} of {len(deployments)} deployments were refused by the "
                          "Prefect server (see the table above)")

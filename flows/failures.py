@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, ParamSpec, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar, cast
 
 from prefect import get_run_logger
 from prefect.states import Failed, State
 
-from pipelines.dataset import DataError
+from pipelines.dataset import BAD_INPUT
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,11 +47,6 @@ def failed_run(logger: Any, exc: BaseException, message: str | None = None) -> S
     engine_logger = logging.getLogger(FLOW_RUN_LOGGER)
     engine_logger.addFilter(_AlreadyReported(engine_logger, exc))
     return Failed(message=message, data=exc)
-
-
-# Bad input: an unknown variant or recipe, a bad parameter or override, a missing or damaged dataset or source,
-# a cluster that cannot fit the job.
-BAD_INPUT: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, DataError)
 
 
 class RunFailed(RuntimeError):

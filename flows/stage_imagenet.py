@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -29,6 +30,7 @@ from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageP
 from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
 from pipelines.staging.spools import UnitResult, unit_identifier
 from pipelines.staging.stager import stage
+
 
 def _run_step(step: Callable[..., Any], args: tuple) -> Any:
     try:
@@ -88,7 +90,8 @@ def stage_params(**fields: Any) -> StageParams:
     is an error, not the default tiers."""
     if "minival" in fields:
         fields["minival"] = minival_value(fields["minival"])
-    return StageParams(**{name: tuple(v) if isinstance(v, list) else v for name, v in fields.items()})
+    given: dict[str, Any] = {name: tuple(v) if isinstance(v, list) else v for name, v in fields.items()}
+    return StageParams(**given)
 
 
 # The mappers bound what runs at once (units: `workers`, shards: `_SHARD_TASKS`); the runner only needs enough
@@ -96,8 +99,11 @@ def stage_params(**fields: Any) -> StageParams:
 _SHARD_TASKS = 2 * available_cores()  # shard tasks wait on disk: a few more than the cores keep it busy
 
 
-@flow(name="stage-imagenet", task_runner=ThreadPoolTaskRunner(max_workers=max(MAX_WORKERS, _SHARD_TASKS)),
-      log_prints=True)
+# Prefect's own annotations do not accept its ThreadPoolTaskRunner where `flow` takes a TaskRunner: the ignore.
+_RUNNER: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(max_workers=max(MAX_WORKERS, _SHARD_TASKS))
+
+
+@flow(name="stage-imagenet", log_prints=True, task_runner=_RUNNER)  # type: ignore[arg-type]
 @one_line_failures
 def stage_imagenet(
     source: str, out: str, tiers: list[int] = list(DEFAULTS.tiers), shard_size: int = DEFAULTS.shard_size,

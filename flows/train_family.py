@@ -24,10 +24,11 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.failures import RunFailed, one_line_failures
 from pipelines.registry import compare, tracking
+from pipelines.registry.compare import TRAINED
 from pipelines.registry.tracking import Tags
 from pipelines.settings import data_layout
 from pipelines.training import cluster, submit
-from pipelines.training.family import TRAINED, Jobs, failed_members, from_champions, plan_family, variant_row
+from pipelines.training.family import Jobs, failed_members, from_champions, plan_family, variant_row
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.training.recipe import Recipe
 

@@ -44,8 +44,10 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         # torch's weights-only unpickler names the global (a class, a function) it refused to load; any other
         # unpickling error ("Unsupported operand") is a file that is not a checkpoint at all.
         if "unsupported global" in str(exc).lower():
-            raise ModelError(f"{path}: not a plain checkpoint: it holds pickled objects, which are never loaded "
-                             "(only tensors and plain data are)") from None
+            raise ModelError(
+                f"{path}: not a plain checkpoint: it holds pickled objects, which are never loaded "
+                "(only tensors and plain data are)"
+            ) from None
         raise ModelError(f"{path}: not a checkpoint file ({_reason(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise ModelError(f"{path}: not a checkpoint file ({type(exc).__name__}: {_reason(exc)})") from None
@@ -69,8 +71,10 @@ def model_from_checkpoint(saved: dict[str, Any], where: str) -> tuple[torch.nn.M
     elif "model" in saved:
         weights = scored_weights(saved)
     else:
-        raise ModelError(f"{where}: holds no weights ('state_dict', or a training checkpoint's 'model'); keys: "
-                         f"{', '.join(sorted(map(str, saved))) or 'none'}")
+        raise ModelError(
+            f"{where}: holds no weights ('state_dict', or a training checkpoint's 'model'); keys: "
+            f"{', '.join(sorted(map(str, saved))) or 'none'}"
+        )
     args = dict(saved.get("model_args") or {})
     if "name" not in args or "num_classes" not in args:
         raise ModelError(f"{where}: holds no model_args (the variant and its classes) to rebuild the model from")
@@ -85,6 +89,7 @@ def model_from_checkpoint(saved: dict[str, Any], where: str) -> tuple[torch.nn.M
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise ModelError(f"{where}: its weights do not fit {spec.name} with {num_classes} classes: "
-                         f"{_reason(exc)}") from None
+        raise ModelError(
+            f"{where}: its weights do not fit {spec.name} with {num_classes} classes: {_reason(exc)}"
+        ) from None
     return model.eval(), spec, num_classes

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
 from .checks import check_positive_int, check_rate
-from .layers import BLOCKS, ConvBNAct
+from .layers import BLOCKS, ConvBNAct, _ResidualBlock
 from .overrides import resolve_variant
 from .scaling import round_channels, stage_repeats
 from .variants import VariantSpec, architecture_of
@@ -137,9 +137,10 @@ class EfficientNet(nn.Module):
                 nn.init.uniform_(module.weight, -bound, bound)
                 nn.init.zeros_(module.bias)
 
-    def blocks(self) -> list[nn.Module]:
+    def blocks(self) -> list[_ResidualBlock]:
         """All blocks in network order (what stochastic-depth indices count)."""
-        return [block for stage in self.stages for block in stage]
+        # nn.Sequential types its items as plain Modules; __init__ fills each stage with BLOCKS entries only.
+        return [cast(_ResidualBlock, block) for stage in self.stages for block in cast(nn.Sequential, stage)]
 
     @property
     def regularization(self) -> Regularization:
@@ -170,9 +171,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> Effici
     return build_model(resolve_variant(name, **overrides), num_classes)
 
 
-def set_regularization(
-    model: nn.Module, dropout: float | None = None, stochastic_depth: float | None = None
-) -> None:
+def set_regularization(model: nn.Module, dropout: float | None = None, stochastic_depth: float | None = None) -> None:
     """Change the classifier dropout and/or the stochastic-depth rate of a built model in place.
 
     `stochastic_depth` is the network rate; per-block rates are re-derived by `drop_path_rates`.
@@ -197,7 +196,7 @@ def frozen_part(model: nn.Module, stages: int | str) -> list[nn.Module]:
         return [net.stem, *net.stages, net.head]
     if isinstance(stages, bool) or not isinstance(stages, int) or not 0 <= stages <= len(net.stages):
         raise ValueError(f"freeze: {stages!r} is not 'backbone' or a number of stages in 0..{len(net.stages)}")
-    return [net.stem, *net.stages[:stages]] if stages else []
+    return [net.stem, *list(net.stages)[:stages]] if stages else []
 
 
 def unwrap_model(model: nn.Module) -> EfficientNet:
@@ -212,4 +211,3 @@ def unwrap_model(model: nn.Module) -> EfficientNet:
             raise ValueError(f"expected an EfficientNet (or a wrapper of one), got {type(model).__name__}")
         inner = wrapped
     return inner
-

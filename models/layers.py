@@ -26,9 +26,7 @@ class ConvBNAct(nn.Sequential):
     ) -> None:
         # Symmetric padding (k-1)/2: same output size as TF "SAME" for the odd kernels used here.
         super().__init__(
-            nn.Conv2d(
-                in_channels, out_channels, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False
-            ),
+            nn.Conv2d(in_channels, out_channels, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM),
             nn.SiLU(inplace=True) if activation else nn.Identity(),
         )
@@ -152,4 +150,5 @@ class FusedMBConv(_ResidualBlock):
         self.body = nn.Sequential(*layers)
 
 
-BLOCKS: dict[str, type[_ResidualBlock]] = {"mbconv": MBConv, "fused_mbconv": FusedMBConv}
+# The concrete classes, not `type[_ResidualBlock]`: the builder calls them with the blocks' own signature.
+BLOCKS: dict[str, type[MBConv] | type[FusedMBConv]] = {"mbconv": MBConv, "fused_mbconv": FusedMBConv}

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .checks import MIN_RESOLUTION, check_crop_ratio, check_late_depth_stages, check_rate, check_real, check_resolution
 from .scaling import PAPER_COEFFICIENTS, compound_scale
@@ -93,14 +94,20 @@ def _phi(spec: VariantSpec, given: dict[str, Any], changes: Changes) -> tuple[Ch
     if "phi" not in given:
         return {}, []
     if spec.family != "v1":
-        raise ValueError(f"phi scales the V1 B0 table; {spec.name} is a V2 model "
-                         "(use width_mult/depth_mult/resolution)")
+        raise ValueError(
+            f"phi scales the V1 B0 table; {spec.name} is a V2 model (use width_mult/depth_mult/resolution)"
+        )
     bases = {key: check_override(key, given[key]) for key in COEFFICIENT_KEYS if key in given}
     scaled = compound_scale(given["phi"], base_resolution=get_variant(V1_BASE_NAME).train_resolution, **bases)
     tags = [_tag("phi", given["phi"])]
     tags += [_tag(key, value) for key, value in bases.items() if value != getattr(PAPER_COEFFICIENTS, key)]
-    return {"phi": float(given["phi"]), "width_mult": scaled.width_mult, "depth_mult": scaled.depth_mult,
-            "train_resolution": scaled.resolution, "eval_resolution": scaled.resolution}, tags
+    return {
+        "phi": float(given["phi"]),
+        "width_mult": scaled.width_mult,
+        "depth_mult": scaled.depth_mult,
+        "train_resolution": scaled.resolution,
+        "eval_resolution": scaled.resolution,
+    }, tags
 
 
 def _multipliers(spec: VariantSpec, given: dict[str, Any], changes: Changes) -> tuple[Changes, list[str]]:
@@ -123,8 +130,10 @@ def _resolution(spec: VariantSpec, given: dict[str, Any], changes: Changes) -> t
     if value == spec.train_resolution and "phi" not in given:
         return {}, []
     ratio = spec.eval_resolution / spec.train_resolution
-    return ({"train_resolution": value, "eval_resolution": max(MIN_RESOLUTION, round(value * ratio))},
-            [_tag("resolution", value)])
+    return (
+        {"train_resolution": value, "eval_resolution": max(MIN_RESOLUTION, round(value * ratio))},
+        [_tag("resolution", value)],
+    )
 
 
 def _eval_resolution(spec: VariantSpec, given: dict[str, Any], changes: Changes) -> tuple[Changes, list[str]]:
@@ -186,12 +195,16 @@ _STEPS = (_phi, _multipliers, _resolution, _eval_resolution, _rates, _late_depth
 
 
 def _check_v2_cap(spec: VariantSpec, changes: Changes, allow_large: bool) -> None:
-    sizes = (changes.get("train_resolution", spec.train_resolution),
-             changes.get("eval_resolution", spec.eval_resolution))
+    sizes = (
+        changes.get("train_resolution", spec.train_resolution),
+        changes.get("eval_resolution", spec.eval_resolution),
+    )
     if spec.family == "v2" and max(sizes) > V2_MAX_RESOLUTION and not allow_large:
-        raise ValueError(f"{spec.name}: train/eval resolution {sizes[0]}/{sizes[1]} goes above V2's cap of "
-                         f"{V2_MAX_RESOLUTION} (paper Sec. 4.2); set model.allow_large_resolution: true to train it "
-                         "anyway")
+        raise ValueError(
+            f"{spec.name}: train/eval resolution {sizes[0]}/{sizes[1]} goes above V2's cap of "
+            f"{V2_MAX_RESOLUTION} (paper Sec. 4.2); set model.allow_large_resolution: true to train it "
+            "anyway"
+        )
 
 
 def resolve_variant(name: str, **overrides: Any) -> VariantSpec:

@@ -8,8 +8,9 @@ Source: EfficientNet (arXiv 1905.11946) Section 3.3 and Eq. 3; EfficientNetV2 (a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from .checks import MIN_RESOLUTION, check_positive_int, check_real
 
@@ -64,8 +65,9 @@ def stage_repeats(base_repeats: Sequence[int], depth_mult: float, late_stages: i
     if late_stages == 0 or depth_mult <= 1:
         return uniform
     if not 0 < late_stages <= len(base_repeats):
-        raise ValueError(f"late_depth_stages must be in 1..{len(base_repeats)} (the stages there are), "
-                         f"got {late_stages}")
+        raise ValueError(
+            f"late_depth_stages must be in 1..{len(base_repeats)} (the stages there are), got {late_stages}"
+        )
     added = sum(uniform) - sum(base_repeats)
     late = range(len(base_repeats) - late_stages, len(base_repeats))
     weight = sum(base_repeats[i] for i in late)
@@ -102,21 +104,26 @@ class CoefficientSet:
         return self.alpha * self.beta**2 * self.gamma**2
 
 
-def check_coefficients(name: str, alpha: Any, beta: Any, gamma: Any,
-                       tolerance: float = DEFAULT_COEFFICIENT_TOLERANCE) -> CoefficientSet:
+def check_coefficients(
+    name: str, alpha: Any, beta: Any, gamma: Any, tolerance: float = DEFAULT_COEFFICIENT_TOLERANCE
+) -> CoefficientSet:
     """A coefficient set, checked: each a real >= 1, and alpha * beta^2 * gamma^2 within `tolerance` (relative)
     of 2; ValueError naming the set and what is wrong."""
-    values = {k: check_real(f"{name}: {k}", v, positive=True) for k, v in
-              (("alpha", alpha), ("beta", beta), ("gamma", gamma))}
+    values = {
+        k: check_real(f"{name}: {k}", v, positive=True) for k, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma))
+    }
     below = [f"{k} {v:g}" for k, v in values.items() if v < 1]
     if below:
-        raise ValueError(f"{name}: alpha, beta and gamma must be >= 1 (scaling up makes nothing smaller), got "
-                         + ", ".join(below))
+        raise ValueError(
+            f"{name}: alpha, beta and gamma must be >= 1 (scaling up makes nothing smaller), got " + ", ".join(below)
+        )
     tolerance = check_real(f"{name}: tolerance", tolerance, positive=True)
     cs = CoefficientSet(name, **values)
     if abs(cs.flops_factor - FLOPS_PER_PHI) > tolerance * FLOPS_PER_PHI:
-        raise ValueError(f"{name}: alpha * beta^2 * gamma^2 = {cs.flops_factor:.3f} (alpha {cs.alpha:g}, beta "
-                         f"{cs.beta:g}, gamma {cs.gamma:g}), not within {tolerance:.0%} of {FLOPS_PER_PHI:g}")
+        raise ValueError(
+            f"{name}: alpha * beta^2 * gamma^2 = {cs.flops_factor:.3f} (alpha {cs.alpha:g}, beta "
+            f"{cs.beta:g}, gamma {cs.gamma:g}), not within {tolerance:.0%} of {FLOPS_PER_PHI:g}"
+        )
     return cs
 
 

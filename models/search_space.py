@@ -15,10 +15,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-from .tables import BLOCK_KINDS, Architecture, StageSpec, architecture_name, register_architecture
+from .tables import BLOCK_KINDS, Architecture, BlockKind, StageSpec, architecture_name, register_architecture
 
 __all__ = [
     "EXPANSIONS",
@@ -57,7 +57,7 @@ class StageChoices:
 
     channels: int
     stride: int
-    blocks: tuple[str, ...] = BLOCK_KINDS
+    blocks: tuple[BlockKind, ...] = BLOCK_KINDS
     kernels: tuple[int, ...] = KERNELS
     expansions: tuple[int, ...] = EXPANSIONS
     repeats: tuple[int, ...] = (1,)
@@ -65,13 +65,23 @@ class StageChoices:
 
     def options(self) -> list[StageSpec]:
         """Every row this stage may take."""
-        return [StageSpec(b, e, k, self.stride, self.channels, r, se_ratio=s) for b, k, e, r, s in
-                itertools.product(self.blocks, self.kernels, self.expansions, self.repeats, self.se_ratios)]
+        return [
+            StageSpec(b, e, k, self.stride, self.channels, r, se_ratio=s)
+            for b, k, e, r, s in itertools.product(
+                self.blocks, self.kernels, self.expansions, self.repeats, self.se_ratios
+            )
+        ]
 
     def allows(self, row: StageSpec) -> bool:
-        return (row.channels == self.channels and row.stride == self.stride and row.block in self.blocks
-                and row.kernel in self.kernels and row.expand in self.expansions and row.repeats in self.repeats
-                and row.se_ratio in self.se_ratios)
+        return (
+            row.channels == self.channels
+            and row.stride == self.stride
+            and row.block in self.blocks
+            and row.kernel in self.kernels
+            and row.expand in self.expansions
+            and row.repeats in self.repeats
+            and row.se_ratio in self.se_ratios
+        )
 
 
 @dataclass(frozen=True)
@@ -87,13 +97,21 @@ class SearchSpace:
         return math.prod(len(s.options()) for s in self.stages)
 
     def contains(self, arch: Architecture) -> bool:
-        return (arch.stem == self.stem and arch.head == self.head and len(arch.stages) == len(self.stages)
-                and all(c.allows(row) for c, row in zip(self.stages, arch.stages)))
+        return (
+            arch.stem == self.stem
+            and arch.head == self.head
+            and len(arch.stages) == len(self.stages)
+            and all(c.allows(row) for c, row in zip(self.stages, arch.stages))
+        )
 
     def sample(self, rng: random.Random) -> Architecture:
         """A point drawn uniformly, stage by stage (random search)."""
-        return Architecture(stem=self.stem, stages=tuple(rng.choice(c.options()) for c in self.stages),
-                            head=self.head, ten_percent_rule=self.ten_percent_rule)
+        return Architecture(
+            stem=self.stem,
+            stages=tuple(rng.choice(c.options()) for c in self.stages),
+            head=self.head,
+            ten_percent_rule=self.ten_percent_rule,
+        )
 
     def mutate(self, arch: Architecture, rng: random.Random) -> Architecture:
         """The point with one stage's row redrawn among its other options (regularised evolution's step)."""
@@ -101,8 +119,9 @@ class SearchSpace:
         others = [row for row in self.stages[i].options() if row != arch.stages[i]] or [arch.stages[i]]
         stages = list(arch.stages)
         stages[i] = rng.choice(others)
-        return Architecture(stem=arch.stem, stages=tuple(stages), head=arch.head,
-                            ten_percent_rule=arch.ten_percent_rule)
+        return Architecture(
+            stem=arch.stem, stages=tuple(stages), head=arch.head, ten_percent_rule=arch.ten_percent_rule
+        )
 
 
 def space_around(base: Architecture, repeat_range: int = 1) -> SearchSpace:
@@ -110,30 +129,40 @@ def space_around(base: Architecture, repeat_range: int = 1) -> SearchSpace:
     `repeat_range` of the base's (at least 1), and every block kind, kernel, expansion and SE ratio."""
     if repeat_range < 0:
         raise ValueError(f"repeat_range must be >= 0, got {repeat_range}")
+
     def repeats(base_repeats: int) -> tuple[int, ...]:
         return tuple(range(max(1, base_repeats - repeat_range), base_repeats + repeat_range + 1))
 
-    stages = tuple(StageChoices(channels=row.channels, stride=row.stride, repeats=repeats(row.repeats))
-                   for row in base.stages)
+    stages = tuple(
+        StageChoices(channels=row.channels, stride=row.stride, repeats=repeats(row.repeats)) for row in base.stages
+    )
     return SearchSpace(stem=base.stem, head=base.head, stages=stages, ten_percent_rule=base.ten_percent_rule)
 
 
 def describe(arch: Architecture) -> list[str]:
     """The table row by row, as the papers print it: "MBConv6 k5x5 s2 c40 x2 se0.25"."""
     kinds = {"mbconv": "MBConv", "fused_mbconv": "Fused-MBConv"}
-    return [f"{kinds[r.block]}{r.expand} k{r.kernel}x{r.kernel} s{r.stride} c{r.channels} x{r.repeats} "
-            f"se{r.se_ratio:g}" for r in arch.stages]
+    return [
+        f"{kinds[r.block]}{r.expand} k{r.kernel}x{r.kernel} s{r.stride} c{r.channels} x{r.repeats} se{r.se_ratio:g}"
+        for r in arch.stages
+    ]
 
 
-def v1_reward(accuracy: float, flops: float, target: float = V1_TARGET_FLOPS,
-              exponent: float = V1_FLOPS_EXPONENT) -> float:
+def v1_reward(
+    accuracy: float, flops: float, target: float = V1_TARGET_FLOPS, exponent: float = V1_FLOPS_EXPONENT
+) -> float:
     """MnasNet's multi-objective reward as EfficientNet used it: ACC(m) x (FLOPS(m) / T)^w."""
     _positive(flops=flops, target=target)
     return accuracy * (flops / target) ** exponent
 
 
-def v2_reward(accuracy: float, step_time: float, params: float, step_exponent: float = V2_STEP_TIME_EXPONENT,
-              params_exponent: float = V2_PARAMS_EXPONENT) -> float:
+def v2_reward(
+    accuracy: float,
+    step_time: float,
+    params: float,
+    step_exponent: float = V2_STEP_TIME_EXPONENT,
+    params_exponent: float = V2_PARAMS_EXPONENT,
+) -> float:
     """EfficientNetV2's training-aware reward: A x S^w x P^v (S the normalised training-step time, P the
     parameter count)."""
     _positive(step_time=step_time, params=params)
@@ -143,8 +172,11 @@ def v2_reward(accuracy: float, step_time: float, params: float, step_exponent: f
 def normalised_step_times(step_times: Sequence[float]) -> list[float]:
     """Step times relative to their median (S in the V2 reward: only ratios between trials matter)."""
     ordered = sorted(step_times)
-    median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1]
-                                                                  + ordered[len(ordered) // 2]) / 2
+    median = (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    )
     return [t / median for t in step_times]
 
 

@@ -17,7 +17,7 @@ from .checks import check_positive_int
 
 BlockKind = Literal["mbconv", "fused_mbconv"]
 
-BLOCK_KINDS: tuple[str, ...] = ("mbconv", "fused_mbconv")
+BLOCK_KINDS: tuple[BlockKind, ...] = ("mbconv", "fused_mbconv")
 
 
 @dataclass(frozen=True)
@@ -166,11 +166,16 @@ def architecture_from_dict(data: dict[str, Any]) -> Architecture:
     is wrong."""
     try:
         stages = tuple(StageSpec(**row) for row in data["stages"])
-        arch = Architecture(stem=int(data["stem"]), stages=stages, head=int(data["head"]),
-                            ten_percent_rule=bool(data["ten_percent_rule"]))
+        arch = Architecture(
+            stem=int(data["stem"]),
+            stages=stages,
+            head=int(data["head"]),
+            ten_percent_rule=bool(data["ten_percent_rule"]),
+        )
     except (KeyError, TypeError) as exc:
-        raise ValueError(f"not a stage table ({type(exc).__name__}: {exc}); expected stem, stages, head, "
-                         "ten_percent_rule") from None
+        raise ValueError(
+            f"not a stage table ({type(exc).__name__}: {exc}); expected stem, stages, head, ten_percent_rule"
+        ) from None
     return arch
 
 

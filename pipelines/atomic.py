@@ -18,9 +18,10 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO
 
 _CHUNK = 1 << 20
 

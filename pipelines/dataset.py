@@ -27,11 +27,13 @@ import gzip
 import json
 import os
 import tarfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 from pipelines.atomic import atomic_write_bytes, sha256_file
+from pipelines.settings import StackError
 
 TRAIN_SPLITS = ("train",)  # trained on: random crops at any scale, a fresh order every epoch
 
@@ -58,8 +60,10 @@ EXTENSIONS = (IMAGE_EXT, LABEL_EXT)  # the members the loaders read
 FFCV, DALI = "ffcv", "dali"
 
 EXTRA_FORMATS = (FFCV, DALI)
-# The loader backends: the WebDataset shards every version holds, or an extra format's files.
-BACKENDS = ("wds", *EXTRA_FORMATS)
+# The loader backends: the WebDataset shards every version holds, or an extra format's files. Written as a type
+# (a recipe's `data.backend`: mypy reads a Literal only off the values written in it), the tuple taken from it.
+Backend = Literal["wds", "ffcv", "dali"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 BETON_SUFFIX = ".beton"
 
@@ -174,13 +178,23 @@ class Manifest:
         """The manifest of a parsed `manifest.json`; ValueError when a key is missing or has another shape."""
         try:
             return cls(
-                format=doc["format"], version=doc["version"], classes=tuple(doc["classes"]),
+                format=doc["format"],
+                version=doc["version"],
+                classes=tuple(doc["classes"]),
                 num_classes=doc["num_classes"],
                 splits={s: SplitCounts(c["samples"], c["per_class"]) for s, c in doc["splits"].items()},
-                minival_keys=tuple(doc["minival_keys"]), tiers=tuple(doc["tiers"]), shards=tuple(doc["shards"]),
-                bad_files=tuple(doc["bad_files"]), images_seen=doc["images_seen"], source=doc["source"],
-                params=doc["params"], code_version=doc["code_version"], base_version=doc.get("base_version"),
-                encoding=doc.get("encoding"), keys=doc.get("keys"), indexes=tuple(doc.get("indexes", ())),
+                minival_keys=tuple(doc["minival_keys"]),
+                tiers=tuple(doc["tiers"]),
+                shards=tuple(doc["shards"]),
+                bad_files=tuple(doc["bad_files"]),
+                images_seen=doc["images_seen"],
+                source=doc["source"],
+                params=doc["params"],
+                code_version=doc["code_version"],
+                base_version=doc.get("base_version"),
+                encoding=doc.get("encoding"),
+                keys=doc.get("keys"),
+                indexes=tuple(doc.get("indexes", ())),
                 extra={fmt: tuple(entries) for fmt, entries in doc.get("extra", {}).items()},
             )
         except (KeyError, TypeError, AttributeError) as exc:
@@ -255,7 +269,8 @@ def check_version(dataset_dir: str | os.PathLike[str], checksums: bool = False) 
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise DataError(
             f"{dataset_dir}: the staged version is damaged ({shown}); remove {dataset_dir} and run `effnet stage` "
-            "again with the same source and options (finished spools in work/ are reused)")
+            "again with the same source and options (finished spools in work/ are reused)"
+        )
 
 
 def manifest_hash(dataset_dir: str | os.PathLike[str]) -> str:
@@ -264,6 +279,12 @@ def manifest_hash(dataset_dir: str | os.PathLike[str]) -> str:
 
 class DataError(RuntimeError):
     """A staged version is missing, damaged or unreadable (staging's own failures are a kind of it)."""
+
+
+# What every entry point (the command line, a flow, a Ray job's driver) reports in one line, without a traceback:
+# the input it was given is wrong (a parameter, a recipe, a path, a damaged dataset, a stack that does not answer,
+# a cluster that cannot hold the job: the errors of these kinds subclass one of them).
+BAD_INPUT: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, DataError, StackError)
 
 
 @dataclass(frozen=True)
@@ -329,8 +350,9 @@ def _split_name(name: str) -> tuple[str, str]:
 def read_index(path: Path) -> list[str]:
     """The sample lines of an index file, checked against its header."""
     if not path.exists():
-        raise DataError(f"{path}: shard index missing (a version staged before indexes were written: "
-                        "`ensure_index` adds it)")
+        raise DataError(
+            f"{path}: shard index missing (a version staged before indexes were written: `ensure_index` adds it)"
+        )
     head, *lines = path.read_text().splitlines()
     version, _, count = head.partition(" ")
     if version != INDEX_VERSION or not count.isdigit() or int(count) != len(lines):
@@ -368,8 +390,10 @@ def ensure_index(shard: Path) -> Path:
     try:
         atomic_write_bytes(path, index_text(index_lines(shard)).encode(), durable=False)
     except OSError as exc:
-        raise DataError(f"{shard}: no shard index and none can be written beside it ({exc}); make the folder "
-                        "writable once, or stage the version again") from exc
+        raise DataError(
+            f"{shard}: no shard index and none can be written beside it ({exc}); make the folder "
+            "writable once, or stage the version again"
+        ) from exc
     return path
 
 

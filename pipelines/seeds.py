@@ -7,7 +7,7 @@ tuple, so (1, 0) and (0, 1), or (seed, epoch) and (seed + 1, epoch - 1), give un
 
 The streams of the data path put their `Stream` right after the run's seed, so that two of them drawn from the
 same numbers (an epoch's shard order and its rank order, say) never coincide; the training loop's global
-generators (`pipelines.training.loop.seed_everything`) mix (seed, epoch, rank) untagged, its batch
+generators (`pipelines.training.steps.seed_everything`) mix (seed, epoch, rank) untagged, its batch
 augmentations draw from the `AUGMENT` stream.
 """
 

@@ -42,8 +42,11 @@ class StackSettings(BaseModel):
 
     def environment(self) -> dict[str, str]:
         """The variables the libraries' own clients read (Prefect, MLflow, Ray auth)."""
-        return {PREFECT_API_ENV: self.prefect_api_url, TRACKING_URI_ENV: self.mlflow_tracking_uri,
-                RAY_AUTH_ENV: self.ray_auth_mode}
+        return {
+            PREFECT_API_ENV: self.prefect_api_url,
+            TRACKING_URI_ENV: self.mlflow_tracking_uri,
+            RAY_AUTH_ENV: self.ray_auth_mode,
+        }
 
     def unreachable(self, timeout: float = 3.0) -> list[str]:
         """The stack's HTTP services that do not answer their health check."""
@@ -130,8 +133,10 @@ class DataLayout:
         try:
             return StackSettings.model_validate(json.loads(text))
         except (ValueError, ValidationError) as exc:
-            raise StackError(f"{self.stack_file}: not a stack settings file ({exc.__class__.__name__}); "
-                             "restart the stack or remove the file") from None
+            raise StackError(
+                f"{self.stack_file}: not a stack settings file ({exc.__class__.__name__}); "
+                "restart the stack or remove the file"
+            ) from None
 
     @property
     def tracking_uri(self) -> str:
@@ -164,14 +169,15 @@ class DataLayout:
             if check and (down := stack.unreachable()):
                 raise StackError(
                     f"the local stack recorded in {self.stack_file} does not answer: {', '.join(down)}; "
-                    "start it (infra/local-stack.sh start) or clear it (infra/local-stack.sh stop)")
+                    "start it (infra/local-stack.sh start) or clear it (infra/local-stack.sh stop)"
+                )
             for key, value in stack.environment().items():
                 os.environ.setdefault(key, value)
         if is_loopback_address(self.ray_address):
             os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
         return stack
 
-    def ensure(self) -> "DataLayout":
+    def ensure(self) -> DataLayout:
         for p in (self.root, self.datasets, self.mlflow_db.parent, self.mlflow_artifacts, self.ray_storage, self.logs):
             p.mkdir(parents=True, exist_ok=True)
         return self

@@ -27,7 +27,10 @@ def start(pid: int | None = None) -> subprocess.Popen:
     """Watch `pid` (default: this process) from a detached watchdog process."""
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.watchdog", str(pid or os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         close_fds=True,
     )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipelines.dataset import read_manifest
+from pipelines.registry.tracking import EXPERIMENT
 from pipelines.staging.params import StageParams
 from pipelines.staging.stager import stage, work_dir
 
@@ -285,9 +286,8 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     finished parent MLflow run with the members' runs nested under it, each registered as champion (on minival)
     with the metrics MLflow's compare view plots; the comparison files on the parent; the summary artifact and
     one progress line per epoch (`epochs` by variant) in the flow run."""
-    from mlflow.tracking import MlflowClient
-
     from matplotlib.image import imread
+    from mlflow.tracking import MlflowClient
 
     from pipelines.registry import compare
     from pipelines.registry.tracking import Tags
@@ -298,7 +298,7 @@ def check_family_run(layout: Any, ray_cluster: Any, flow_run_id: str, rows: list
     assert max(j.start_time for j in jobs) < min(j.end_time for j in jobs), "the Ray jobs did not overlap"
 
     c = MlflowClient(tracking_uri=layout.tracking_uri, registry_uri=layout.tracking_uri)
-    exp = c.get_experiment_by_name("efficientnet-family").experiment_id
+    exp = c.get_experiment_by_name(EXPERIMENT).experiment_id
     [parent] = c.search_runs([exp], filter_string=f"tags.{Tags.FLOW_RUN} = '{flow_run_id}' and "
                                                   f"tags.{Tags.RUN_KIND} = 'family'")
     assert parent.info.status == "FINISHED"

@@ -16,27 +16,50 @@ from pipelines.registry.model_ref import LoadedModel, ModelError
 from pipelines.training.evaluate import evaluate
 
 
-
-def evaluate_model(loaded: LoadedModel, dataset_dir: str | Path, split: str = "val", backend: str = "wds",
-                   batch_size: int = 64, per_class: bool = False, loader_workers: int = 0) -> dict[str, Any]:
+def evaluate_model(
+    loaded: LoadedModel,
+    dataset_dir: str | Path,
+    split: str = "val",
+    backend: str = "wds",
+    batch_size: int = 64,
+    per_class: bool = False,
+    loader_workers: int = 0,
+) -> dict[str, Any]:
     """The model's figures on one whole split, as plain data (what `effnet eval` writes as JSON)."""
     if split not in EVAL_SPLITS:
         raise ValueError(f"split must be one of {', '.join(EVAL_SPLITS)}, not {split!r}")
     manifest = read_manifest(dataset_dir)
     classes = manifest.classes
     if len(classes) != loaded.num_classes:
-        raise ModelError(f"{loaded.source} has {loaded.num_classes} classes, the dataset {manifest.version} "
-                         f"{len(classes)}: evaluate it on a version with its classes (or fine-tune it with a new head)")
+        raise ModelError(
+            f"{loaded.source} has {loaded.num_classes} classes, the dataset {manifest.version} "
+            f"{len(classes)}: evaluate it on a version with its classes (or fine-tune it with a new head)"
+        )
     spec = loaded.spec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batches = make_loader(dataset_dir, split, spec.eval_resolution, batch_size, backend=backend,
-                          crop_ratio=spec.crop_ratio, num_workers=loader_workers)
+    batches = make_loader(
+        dataset_dir,
+        split,
+        spec.eval_resolution,
+        batch_size,
+        backend=backend,
+        crop_ratio=spec.crop_ratio,
+        num_workers=loader_workers,
+    )
     counts = torch.zeros(2, len(classes), dtype=torch.float64, device=device) if per_class else None
     m = evaluate(loaded.model.to(device), batches, device, channels_last=False, amp=False, per_class=counts)
     out: dict[str, Any] = {
-        "model": loaded.source, "variant": spec.name, "dataset": manifest.version, "split": split,
-        "backend": backend, "resolution": spec.eval_resolution, "crop_ratio": spec.crop_ratio,
-        "samples": int(m["samples"]), "top1": m["top1"], "top5": m["top5"], "loss": m["loss"],
+        "model": loaded.source,
+        "variant": spec.name,
+        "dataset": manifest.version,
+        "split": split,
+        "backend": backend,
+        "resolution": spec.eval_resolution,
+        "crop_ratio": spec.crop_ratio,
+        "samples": int(m["samples"]),
+        "top1": m["top1"],
+        "top5": m["top5"],
+        "loss": m["loss"],
     }
     if counts is not None:
         hits, seen = counts.cpu().tolist()
@@ -53,11 +76,20 @@ def log_evaluation(tracking_uri: str, artifact_root: str | None, result: dict[st
     c = tracking.client(tracking_uri)
     exp = tracking.experiment_id(c, artifact_root)
     split = result["split"]
-    tags = {Tags.RUN_KIND: "eval", "eval.model": result["model"], Tags.DATASET_VERSION: result["dataset"],
-            Tags.VARIANT: result["variant"], **({"eval.source_run": run_id} if run_id else {})}
-    eval_run = tracking.start_run(c, exp, f"eval {result['variant']} on {result['dataset']} {split}",
-                                  {k: result[k] for k in ("model", "split", "backend", "resolution", "crop_ratio")},
-                                  tags)
+    tags = {
+        Tags.RUN_KIND: "eval",
+        "eval.model": result["model"],
+        Tags.DATASET_VERSION: result["dataset"],
+        Tags.VARIANT: result["variant"],
+        **({"eval.source_run": run_id} if run_id else {}),
+    }
+    eval_run = tracking.start_run(
+        c,
+        exp,
+        f"eval {result['variant']} on {result['dataset']} {split}",
+        {k: result[k] for k in ("model", "split", "backend", "resolution", "crop_ratio")},
+        tags,
+    )
     tracking.log_metrics(c, eval_run, {f"{split}_{k}": result[k] for k in ("top1", "top5", "loss")}, step=0)
     tracking.log_dict(c, eval_run, result, "eval/result.json")
     c.set_terminated(eval_run, "FINISHED")

@@ -13,8 +13,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,8 +41,16 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
     # The exporter prints its progress and warns that torchvision's detection ops are not there to register.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+        )
 
 
 @contextlib.contextmanager
@@ -112,13 +121,22 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, tolerance: floa
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         allowed = tolerance * (1 + float(np.abs(expected).max()))
         if not diff <= allowed:
-            raise ModelError(f"{loaded.source} as {fmt}: the file's logits differ from the model's by {diff:.3g} "
-                             f"(allowed {allowed:.3g}; shapes {tuple(got.shape)} vs {tuple(expected.shape)}); "
-                             "nothing written")
-    return {"model": loaded.source, "variant": loaded.spec.name, "format": fmt, "file": str(out),
-            "bytes": out.stat().st_size, "max_abs_diff": diff, "allowed": allowed,
-            "checked_batch": CHECK_BATCH, "input": [CHECK_BATCH, 3, loaded.spec.eval_resolution,
-                                                     loaded.spec.eval_resolution]}
+            raise ModelError(
+                f"{loaded.source} as {fmt}: the file's logits differ from the model's by {diff:.3g} "
+                f"(allowed {allowed:.3g}; shapes {tuple(got.shape)} vs {tuple(expected.shape)}); "
+                "nothing written"
+            )
+    return {
+        "model": loaded.source,
+        "variant": loaded.spec.name,
+        "format": fmt,
+        "file": str(out),
+        "bytes": out.stat().st_size,
+        "max_abs_diff": diff,
+        "allowed": allowed,
+        "checked_batch": CHECK_BATCH,
+        "input": [CHECK_BATCH, 3, loaded.spec.eval_resolution, loaded.spec.eval_resolution],
+    }
 
 
 def attach_export(tracking_uri: str, loaded: LoadedModel, report: dict[str, Any]) -> str:

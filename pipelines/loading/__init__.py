@@ -27,8 +27,8 @@ Modules, in the order a batch is made:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -42,9 +42,19 @@ DEFAULT_CROP_RATIO = 0.875
 
 
 def make_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int = 0, world_size: int = 1,
-    epoch: int = 0, backend: str = "wds", seed: int = 0, crop_ratio: float = DEFAULT_CROP_RATIO, num_workers: int = 0,
-    start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
+    dataset_dir: str | Path,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    backend: str = "wds",
+    seed: int = 0,
+    crop_ratio: float = DEFAULT_CROP_RATIO,
+    num_workers: int = 0,
+    start_batch: int = 0,
+    train_crop: TrainCrop = TrainCrop(),
 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """A DataLoader of (uint8 NCHW images, int64 labels) for one rank of one epoch of a staged split; a train
     loader started at `start_batch` yields the batches an uninterrupted one yields from that batch on. Train
@@ -56,11 +66,24 @@ def make_loader(
     if start_batch < 0 or (start_batch and split not in TRAIN_SPLITS):
         raise ValueError(f"start_batch {start_batch}: only a train loader starts part-way, at a batch >= 0")
     # Each backend is imported when asked for: FFCV pulls in numba and OpenCV, DALI its own runtime.
+    make_backend_loader: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor]]]
     if backend == "ffcv":
         from pipelines.loading.ffcv import make_ffcv_loader as make_backend_loader
     elif backend == "dali":
         from pipelines.loading.dali import make_dali_loader as make_backend_loader
     else:
         from pipelines.loading.wds import make_wds_loader as make_backend_loader
-    return make_backend_loader(dataset_dir, split, resolution, batch_size, rank, world_size, epoch, seed,
-                               crop_ratio, num_workers, start_batch, train_crop=train_crop)
+    return make_backend_loader(
+        dataset_dir,
+        split,
+        resolution,
+        batch_size,
+        rank,
+        world_size,
+        epoch,
+        seed,
+        crop_ratio,
+        num_workers,
+        start_batch,
+        train_crop=train_crop,
+    )

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from pipelines.loading.sampling import rank_epoch_indices
 from pipelines.loading.transforms import TrainCrop
 from pipelines.seeds import Stream, mix_seed
 
+if TYPE_CHECKING:
+    from nvidia.dali.data_node import DataNode
+
 
 def _device_id() -> int | None:
     """The CUDA device the caller trains on (the training loop sets it), or None for a CPU-only pipeline."""
@@ -59,8 +62,16 @@ def _device_id() -> int | None:
 
 
 def build_pipeline(
-    paths: list[str], index_paths: list[str], train: bool, resolution: int, crop_ratio: float, batch_size: int,
-    num_threads: int, seed: int, device_id: int | None, train_crop: TrainCrop = TrainCrop(),
+    paths: list[str],
+    index_paths: list[str],
+    train: bool,
+    resolution: int,
+    crop_ratio: float,
+    batch_size: int,
+    num_threads: int,
+    seed: int,
+    device_id: int | None,
+    train_crop: TrainCrop = TrainCrop(),
 ) -> Any:
     """The DALI pipeline of one epoch: read (in index order), decode, crop, flip, uint8 CHW."""
     from nvidia.dali import fn, types
@@ -68,37 +79,57 @@ def build_pipeline(
     from nvidia.dali.pipeline import Pipeline
 
     decode_on = "cpu" if device_id is None else "mixed"
-    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                    prefetch_queue_depth=2)
+    pipe = Pipeline(
+        batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2
+    )
+    # The `fn` stubs type every operator's result as "one node, several, or none" whatever it is called with; the
+    # calls below each make one node (two for the reader), hence the ignores. The image and data types are the
+    # enums' own members (`types.RGB` is `types.DALIImageType.RGB`, re-exported in a way the stubs do not show).
+    mirror: DataNode | int
     with pipe:
-        jpegs, cls = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=list(EXTENSIONS), missing_component_behavior="error",
-            random_shuffle=False, name="reader",
+        jpegs, cls = fn.readers.webdataset(  # type: ignore[misc]
+            paths=paths,
+            index_paths=index_paths,
+            ext=list(EXTENSIONS),
+            missing_component_behavior="error",
+            random_shuffle=False,
+            name="reader",
         )
         if train:
             # The area/aspect draw of transforms.random_resized_crop_box, with DALI's own generator.
             images = fn.decoders.image_random_crop(
-                jpegs, device=decode_on, output_type=types.RGB, random_area=list(train_crop.scale),
-                random_aspect_ratio=list(train_crop.ratio), num_attempts=10,
+                jpegs,
+                device=decode_on,
+                output_type=types.DALIImageType.RGB,
+                random_area=list(train_crop.scale),
+                random_aspect_ratio=list(train_crop.ratio),
+                num_attempts=10,
             )
-            images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+            images = fn.resize(images, resize_x=resolution, resize_y=resolution)  # type: ignore[assignment]
             mirror = fn.random.coin_flip(probability=0.5)
         else:
             # transforms.center_crop_box: the centred square of side round(shorter side x crop_ratio), resized to
             # the resolution (the same pixels as "resize shorter side to resolution / crop_ratio, centre crop",
             # without DALI rounding the intermediate size). Only that square is decoded.
             shape = fn.peek_image_shape(jpegs)  # H, W, C
-            height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+            height = fn.cast(shape[0], dtype=types.DALIDataType.FLOAT)
+            width = fn.cast(shape[1], dtype=types.DALIDataType.FLOAT)
             side = dmath.floor(dmath.min(height, width) * crop_ratio + 0.5)
             corner = fn.stack(dmath.floor((width - side) * 0.5), dmath.floor((height - side) * 0.5))  # x, y
             images = fn.decoders.image_slice(
-                jpegs, corner, fn.stack(side, side), device=decode_on, output_type=types.RGB,
-                normalized_anchor=False, normalized_shape=False, axis_names="WH",
+                jpegs,
+                corner,
+                fn.stack(side, side),
+                device=decode_on,
+                output_type=types.DALIImageType.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+                axis_names="WH",
             )
-            images = fn.resize(images, resize_x=resolution, resize_y=resolution)
+            images = fn.resize(images, resize_x=resolution, resize_y=resolution)  # type: ignore[assignment]
             mirror = 0
         # No mean/std: pixels stay uint8 and are normalised on the device (transforms.normalize).
-        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
+        images = fn.crop_mirror_normalize(images, dtype=types.DALIDataType.UINT8, output_layout="CHW", mirror=mirror)
         pipe.set_outputs(images, cls)
     pipe.build()
     return pipe
@@ -114,8 +145,17 @@ class DaliLoader:
     bad_samples = 0  # DALI stops with an error on a sample that does not decode
 
     def __init__(
-        self, shards: list[Path], lines: list[list[str]], indices: np.ndarray, train: bool, resolution: int,
-        batch_size: int, crop_ratio: float, num_workers: int, seed: int, start_batch: int = 0,
+        self,
+        shards: list[Path],
+        lines: list[list[str]],
+        indices: np.ndarray,
+        train: bool,
+        resolution: int,
+        batch_size: int,
+        crop_ratio: float,
+        num_workers: int,
+        seed: int,
+        start_batch: int = 0,
         train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         self.shards, self.lines, self.indices, self.train = shards, lines, indices, train
@@ -155,8 +195,18 @@ class DaliLoader:
         try:
             paths, index_paths = self._write_rank_indexes(folder)
             device_id = _device_id()
-            pipe = build_pipeline(paths, index_paths, self.train, self.resolution, self.crop_ratio,
-                                  self.batch_size, self.num_threads, self.seed, device_id, self.train_crop)
+            pipe = build_pipeline(
+                paths,
+                index_paths,
+                self.train,
+                self.resolution,
+                self.crop_ratio,
+                self.batch_size,
+                self.num_threads,
+                self.seed,
+                device_id,
+                self.train_crop,
+            )
             left = self.samples()
             try:
                 # DALI's generator runs through the pipeline's samples in order: a loader started at batch k
@@ -197,8 +247,18 @@ def dali_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def make_dali_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
+    dataset_dir: str | Path,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    crop_ratio: float,
+    num_workers: int,
+    start_batch: int = 0,
+    train_crop: TrainCrop = TrainCrop(),
 ) -> DaliLoader:
     """`make_loader(..., backend="dali")`: same arguments and semantics; num_workers = DALI threads."""
     dataset_dir = Path(dataset_dir)
@@ -213,5 +273,16 @@ def make_dali_loader(
         lines.append(shard_lines)
     n = sum(s.samples for s in shards)
     indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch)
-    return DaliLoader([s.path for s in shards], lines, indices, train, resolution, batch_size, crop_ratio,
-                      num_workers, dali_seed(seed, epoch, rank), start_batch, train_crop)
+    return DaliLoader(
+        [s.path for s in shards],
+        lines,
+        indices,
+        train,
+        resolution,
+        batch_size,
+        crop_ratio,
+        num_workers,
+        dali_seed(seed, epoch, rank),
+        start_batch,
+        train_crop,
+    )

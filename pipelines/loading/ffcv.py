@@ -59,7 +59,7 @@ def _fix_os_cache_state_type() -> None:
     state = nb.types.Tuple([data, offsets, offsets])
 
     def compile_reader(self: Any) -> Any:  # FFCV's own reader, typed with `state` instead of the mutated type
-        def read(address, mem_state):  # type: ignore[no-untyped-def]
+        def read(address, mem_state):  # compiled by numba
             size = mem_state[2][np.searchsorted(mem_state[1], address)]
             return mem_state[0][address : address + size]
 
@@ -102,7 +102,7 @@ def _seeded_crop_decoder_class() -> type:
             mix = np.uint64(0x9E3779B97F4A7C15)
             shift = np.uint64(32)
 
-            def decode(batch_indices, my_storage, metadata, storage_state):  # type: ignore[no-untyped-def]
+            def decode(batch_indices, my_storage, metadata, storage_state):  # compiled by numba
                 destination, temp_storage = my_storage
                 for dst_ix in my_range(len(batch_indices)):
                     source_ix = batch_indices[dst_ix]
@@ -130,7 +130,7 @@ def _seeded_crop_decoder_class() -> type:
                                     out[y, cols - 1 - x, c] = t
                 return destination[: len(batch_indices)]
 
-            decode.is_parallel = True
+            decode.is_parallel = True  # type: ignore[attr-defined]  # FFCV's compiler reads the flag off the function
             return decode
 
     return SeededRandomResizedCropFlipDecoder
@@ -146,7 +146,7 @@ def _center_crop_decoder_class() -> type:
     """
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
 
-    def center_crop(height, width, _, ratio):  # type: ignore[no-untyped-def]  (compiled by numba)
+    def center_crop(height, width, _, ratio):  # compiled by numba
         side = max(1, round(min(height, width) * ratio))  # Python's round, as center_crop_box
         return (height - side) // 2, (width - side) // 2, side, side
 
@@ -170,8 +170,16 @@ class FfcvLoader:
     bad_samples = 0  # FFCV fails loudly on a broken beton rather than skipping samples
 
     def __init__(
-        self, path: Path, indices: np.ndarray, train: bool, resolution: int, batch_size: int, crop_ratio: float,
-        num_workers: int, aug_seed: int, train_crop: TrainCrop = TrainCrop(),
+        self,
+        path: Path,
+        indices: np.ndarray,
+        train: bool,
+        resolution: int,
+        batch_size: int,
+        crop_ratio: float,
+        num_workers: int,
+        aug_seed: int,
+        train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         self.path, self.indices, self.train = path, indices, train
         self.resolution, self.batch_size, self.crop_ratio = resolution, batch_size, crop_ratio
@@ -196,8 +204,13 @@ class FfcvLoader:
         threads = torch.get_num_threads()
         try:
             return Loader(
-                str(self.path), batch_size=self.batch_size, num_workers=self.num_workers,
-                order=OrderOption.SEQUENTIAL, indices=self.indices, drop_last=self.train, batches_ahead=2,
+                str(self.path),
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                order=OrderOption.SEQUENTIAL,
+                indices=self.indices,
+                drop_last=self.train,
+                batches_ahead=2,
                 pipelines={
                     "image": [decoder, ToTensor(), ToTorchImage(channels_last=True)],
                     "label": [IntDecoder(), ToTensor(), Squeeze(1)],
@@ -217,8 +230,7 @@ class FfcvLoader:
             torch.set_num_threads(threads)
         for images, labels in _guarded(epoch, self.path):
             # A same-layout copy (~1 ms per 64 x 224 px batch); making it NCHW-contiguous would cost 8x that.
-            yield (images.clone(memory_format=torch.channels_last),
-                   labels.to(torch.int64, copy=True).reshape(-1))
+            yield (images.clone(memory_format=torch.channels_last), labels.to(torch.int64, copy=True).reshape(-1))
 
 
 def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
@@ -240,7 +252,8 @@ def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
                     item = epoch.output_queue.get_nowait()
                 except Empty:
                     raise DataError(
-                        f"{path}: FFCV's loading thread stopped mid-epoch (see its traceback above)") from None
+                        f"{path}: FFCV's loading thread stopped mid-epoch (see its traceback above)"
+                    ) from None
             if item is None:
                 return
             slot, result = item
@@ -253,8 +266,18 @@ def _guarded(epoch: Any, path: Path, poll_s: float = 1.0) -> Iterator[Any]:
 
 
 def make_ffcv_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
+    dataset_dir: str | Path,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    crop_ratio: float,
+    num_workers: int,
+    start_batch: int = 0,
+    train_crop: TrainCrop = TrainCrop(),
 ) -> FfcvLoader:
     """`make_loader(..., backend="ffcv")`: same arguments and semantics; num_workers = FFCV threads.
 
@@ -268,6 +291,15 @@ def make_ffcv_loader(
     listed = {e["path"] for e in manifest.extra.get(FFCV, ())}
     if n and (beton_relpath(tier, split) not in listed or not path.exists()):
         raise DataError(f"{path}: no FFCV file for {split} at tier {tier}; stage with formats including '{FFCV}'")
-    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)[start_batch * batch_size:]
-    return FfcvLoader(path, indices, train, resolution, batch_size, crop_ratio, num_workers,
-                      augmentation_seed(seed, epoch), train_crop)
+    indices = rank_epoch_indices(n, train, rank, world_size, seed, epoch).astype(np.uint64)[start_batch * batch_size :]
+    return FfcvLoader(
+        path,
+        indices,
+        train,
+        resolution,
+        batch_size,
+        crop_ratio,
+        num_workers,
+        augmentation_seed(seed, epoch),
+        train_crop,
+    )

@@ -36,7 +36,10 @@ class TrainCrop:
 
 
 def random_resized_crop_box(
-    width: int, height: int, rng: random.Random, scale: tuple[float, float] = TrainCrop.scale,
+    width: int,
+    height: int,
+    rng: random.Random,
+    scale: tuple[float, float] = TrainCrop.scale,
     ratio: tuple[float, float] = TrainCrop.ratio,
 ) -> tuple[int, int, int, int]:
     """(left, top, w, h) of an Inception-style crop: area fraction in `scale`, log-uniform aspect in `ratio`.
@@ -69,15 +72,13 @@ def center_crop_box(width: int, height: int, resolution: int, crop_ratio: float)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def decode_crop(
-    data: bytes, box_fn: Any, resolution: int, flip: bool = False
-) -> np.ndarray:
+def decode_crop(data: bytes, box_fn: Any, resolution: int, flip: bool = False) -> np.ndarray:
     """Decode a JPEG, crop the box that `box_fn(w, h)` picks, resize to a square; returns HWC uint8.
 
     When the crop is at least twice the output size, libjpeg decodes at 1/2, 1/4 or 1/8 scale (draft), which
     skips most of the IDCT work: the main reason to read small tiers and small crops.
     """
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     full_w, full_h = img.size
     left, top, w, h = box_fn(full_w, full_h)
     if img.format == "JPEG":

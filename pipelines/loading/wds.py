@@ -21,9 +21,10 @@ import random
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from itertools import accumulate, chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -55,9 +56,20 @@ class WdsDataset(IterableDataset):
     """
 
     def __init__(
-        self, shards: list[ShardInfo], train: bool, resolution: int, rank: int, world_size: int, epoch: int,
-        seed: int, crop_ratio: float, batch_size: int = 1, start_batch: int = 0, shuffle_window: int = 512,
-        context: Any = None, train_crop: TrainCrop = TrainCrop(),
+        self,
+        shards: list[ShardInfo],
+        train: bool,
+        resolution: int,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        crop_ratio: float,
+        batch_size: int = 1,
+        start_batch: int = 0,
+        shuffle_window: int = 512,
+        context: Any = None,
+        train_crop: TrainCrop = TrainCrop(),
     ) -> None:
         if start_batch and not train:
             raise ValueError("only a train loader starts part-way through its epoch")
@@ -107,7 +119,7 @@ class WdsDataset(IterableDataset):
             return mine
         slots = []
         for w, start in enumerate(range(0, len(mine), self.shuffle_window)):
-            window = mine[start:start + self.shuffle_window]
+            window = mine[start : start + self.shuffle_window]
             random.Random(mix_seed(self.seed, Stream.WDS_WINDOW, self.epoch, self.rank, worker, w)).shuffle(window)
             slots.extend(window)
         return slots
@@ -135,7 +147,10 @@ class WdsDataset(IterableDataset):
         return random.Random(mix_seed(self.seed, Stream.WDS_SAMPLE, self.epoch, self.rank, j))
 
     def _train_samples(
-        self, slots: list[tuple[int, int]], skip: int, reader: "_ShardReader",
+        self,
+        slots: list[tuple[int, int]],
+        skip: int,
+        reader: _ShardReader,
     ) -> Iterator[tuple[torch.Tensor, int]]:
         """The worker's samples from slot `skip` on. A sample that fails to decode is counted and stood in for by
         the next slot's that decodes (the previous one's at the end), so that every rank still yields its exact
@@ -191,7 +206,7 @@ class _ShardReader:
         self.starts = list(accumulate((s.samples for s in shards), initial=0))
         self.open: OrderedDict[int, tuple[int, list[str]]] = OrderedDict()  # shard -> (fd, index lines)
 
-    def __enter__(self) -> "_ShardReader":
+    def __enter__(self) -> _ShardReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -222,8 +237,10 @@ def _read_members(fd: int, path: Path, span: SampleSpan) -> dict[str, bytes]:
         offset, size = span.members[ext]
         parts[ext] = os.pread(fd, size, offset)
         if len(parts[ext]) != size:
-            raise DataError(f"{path}: sample {span.key} ends early ({len(parts[ext])} of {size} bytes of its .{ext}: "
-                            "truncated shard?)")
+            raise DataError(
+                f"{path}: sample {span.key} ends early ({len(parts[ext])} of {size} bytes of its .{ext}: "
+                "truncated shard?)"
+            )
     return parts
 
 
@@ -260,8 +277,18 @@ def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 
 
 def make_wds_loader(
-    dataset_dir: str | Path, split: str, resolution: int, batch_size: int, rank: int, world_size: int, epoch: int,
-    seed: int, crop_ratio: float, num_workers: int, start_batch: int = 0, train_crop: TrainCrop = TrainCrop(),
+    dataset_dir: str | Path,
+    split: str,
+    resolution: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int,
+    crop_ratio: float,
+    num_workers: int,
+    start_batch: int = 0,
+    train_crop: TrainCrop = TrainCrop(),
 ) -> DataLoader:
     """`make_loader(..., backend="wds")`: num_workers DataLoader worker processes (0: decode in this one)."""
     dataset_dir = Path(dataset_dir)
@@ -271,9 +298,26 @@ def make_wds_loader(
     # Workers start from a clean fork server, not by forking this process: a Ray worker (or any process holding
     # gRPC, Prefect or numba threads) forks children that die at start-up (measured: exit code 1).
     context = _worker_context() if num_workers > 0 else None
-    dataset = WdsDataset(shards, train, resolution, rank, world_size, epoch, seed, crop_ratio, batch_size=batch_size,
-                         start_batch=start_batch, context=context, train_crop=train_crop)
+    dataset = WdsDataset(
+        shards,
+        train,
+        resolution,
+        rank,
+        world_size,
+        epoch,
+        seed,
+        crop_ratio,
+        batch_size=batch_size,
+        start_batch=start_batch,
+        context=context,
+        train_crop=train_crop,
+    )
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=train,
-        persistent_workers=False, collate_fn=_collate, multiprocessing_context=context,
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=train,
+        persistent_workers=False,
+        collate_fn=_collate,
+        multiprocessing_context=context,
     )

@@ -11,15 +11,36 @@ from __future__ import annotations
 import csv
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
 from models.summary import aligned_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-TRAINED, FAILED = "trained", "failed"  # a row's status (a failed row has a "reason")
+Status = Literal["trained", "failed"]  # a row's status (a failed row has a "reason")
+TRAINED: Final = "trained"
+FAILED: Final = "failed"
+
+
+class RowStatus(TypedDict, total=False):
+    """The part every row shares (a family member's, a search trial's): how it ended and, if it failed, why."""
+
+    status: Status
+    reason: str
+
+
+def row_status(error: BaseException | str | None) -> RowStatus:
+    """Trained (no error), or failed with the error's first line as the reason (its type's name if it has none)."""
+    if error is None:
+        return {"status": TRAINED}
+    lines = str(error).strip().splitlines()
+    fallback = type(error).__name__ if isinstance(error, BaseException) else FAILED
+    return {"status": FAILED, "reason": lines[0] if lines else fallback}
+
+
 # (header, row key, format) of every table; the numbers the plots use are among them.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("variant", "variant", "{}"),
@@ -68,8 +89,9 @@ Columns = Sequence[tuple[str, str, str]]
 def table(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> list[list[str]]:
     """Header, then one row of cells per member; the last column is its status (and why it failed)."""
     status = [r["status"] if r["status"] == TRAINED else f"{r['status']}: {r.get('reason', '')}" for r in rows]
-    return ([[h for h, _, _ in columns] + ["status"]]
-            + [[_cell(r, k, f) for _, k, f in columns] + [s] for r, s in zip(rows, status)])
+    return [[h for h, _, _ in columns] + ["status"]] + [
+        [_cell(r, k, f) for _, k, f in columns] + [s] for r, s in zip(rows, status)
+    ]
 
 
 def to_text(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
@@ -89,22 +111,26 @@ def to_markdown(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> s
     return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]]) + "\n"
 
 
-def to_html(rows: Sequence[dict[str, Any]], title: str, image: str | None = FILES[0],
-            columns: Columns = COLUMNS) -> str:
+def to_html(
+    rows: Sequence[dict[str, Any]], title: str, image: str | None = FILES[0], columns: Columns = COLUMNS
+) -> str:
     cells = table(rows, columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
     figure = f"<img src='{html.escape(image)}' alt='top-1 against params and GMACs'>" if image else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2>{figure}"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}</style></head><body>"
+        f"<h2>{html.escape(title)}</h2>{figure}"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></body></html>\n"
+    )
 
 
 def champion_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Family rows with "champion_after": the new version when it took `champion`, else the champion before (a
     failed member keeps whatever champion it had, unknown here)."""
+
     def after(r: dict[str, Any]) -> Any:
         return r["version"] if r.get("champion") else r.get("champion_before")
 
@@ -190,8 +216,14 @@ STUDY_COLUMNS: tuple[tuple[str, str, str], ...] = (
 STUDY_FILES = ("scaling_study.png", "scaling_study.html", "scaling_study.csv")
 
 
-def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, columns: Columns,
-                names: Sequence[str], image: str | None = None) -> list[Path]:
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    out_dir: Path,
+    title: str,
+    columns: Columns,
+    names: Sequence[str],
+    image: str | None = None,
+) -> list[Path]:
     """An HTML page and a CSV of `rows` in `out_dir`, named `names` (page, sheet); their paths."""
     page, sheet = (out_dir / name for name in names)
     page.write_text(to_html(rows, title, image=image, columns=columns))
@@ -199,8 +231,9 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: Path, title: str, colum
     return [page, sheet]
 
 
-def write_figure_and_table(figure: Figure, rows: Sequence[dict[str, Any]], out_dir: Path, title: str,
-                           columns: Columns, names: Sequence[str]) -> list[Path]:
+def write_figure_and_table(
+    figure: Figure, rows: Sequence[dict[str, Any]], out_dir: Path, title: str, columns: Columns, names: Sequence[str]
+) -> list[Path]:
     """`figure` as a PNG, then the page that shows it and the CSV (`write_table`), in `out_dir`, named `names`
     (image, page, sheet); their paths."""
     png = out_dir / names[0]
@@ -218,11 +251,22 @@ def study_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     ax = fig.subplots()
     for method in dict.fromkeys(r["method"] for r in trained if r["method"] != "baseline"):
         shown = baseline + sorted((r for r in trained if r["method"] == method), key=lambda r: r["gmacs"])
-        line, = ax.plot([r["gmacs"] for r in shown], [r["val_top1"] for r in shown], "o-", label=method,
-                        linewidth=2.5 if method == "compound" else 1.5)
-        for r in shown[len(baseline):]:
-            ax.annotate(f"x{r['target']:g}", (r["gmacs"], r["val_top1"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8, color=line.get_color())
+        (line,) = ax.plot(
+            [r["gmacs"] for r in shown],
+            [r["val_top1"] for r in shown],
+            "o-",
+            label=method,
+            linewidth=2.5 if method == "compound" else 1.5,
+        )
+        for r in shown[len(baseline) :]:
+            ax.annotate(
+                f"x{r['target']:g}",
+                (r["gmacs"], r["val_top1"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+                color=line.get_color(),
+            )
     ax.set_xlabel("GMACs (at the eval resolution)")
     ax.set_ylabel("val top-1 (%)")
     ax.grid(True, alpha=0.3)
@@ -259,8 +303,13 @@ def baseline_search_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure
     for ax, key, label in ((axes[0], "gmacs", "GMACs"), (axes[1], "seconds_per_image", "training s / image")):
         ax.scatter([r[key] for r in scored], [r["reward"] for r in scored], color="tab:red")
         for r in scored:
-            ax.annotate(r["trial"].removeprefix("searched_")[:6], (r[key], r["reward"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                r["trial"].removeprefix("searched_")[:6],
+                (r[key], r["reward"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("reward")
         ax.grid(True, alpha=0.3)
@@ -271,5 +320,6 @@ def baseline_search_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure
 
 
 def write_baseline_search(rows: Sequence[dict[str, Any]], out_dir: Path, title: str) -> list[Path]:
-    return write_figure_and_table(baseline_search_figure(rows, title), rows, out_dir, title, BASELINE_COLUMNS,
-                                  BASELINE_FILES)
+    return write_figure_and_table(
+        baseline_search_figure(rows, title), rows, out_dir, title, BASELINE_COLUMNS, BASELINE_FILES
+    )

@@ -50,8 +50,9 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 def load_file(path: str | Path) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: no such checkpoint file (or give models:/NAME@ALIAS, models:/NAME/VERSION, "
-                         "runs:/RUN_ID)")
+        raise ModelError(
+            f"{path}: no such checkpoint file (or give models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID)"
+        )
     saved = read_checkpoint(path)
     model, spec, num_classes = model_from_checkpoint(saved, str(path))
     return LoadedModel(model, spec, num_classes, str(path), None, dict(saved["model_args"]))
@@ -63,8 +64,9 @@ def run_weights(c: Any, run_id: str, where: str) -> tuple[torch.nn.Module, Varia
         try:
             path = c.download_artifacts(run_id, STATE_DICT_ARTIFACT, tmp)
         except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact or run)
-            raise NoWeights(f"{where}: run {run_id} holds no {STATE_DICT_ARTIFACT} (is it a run that registered "
-                             "a model?)") from None
+            raise NoWeights(
+                f"{where}: run {run_id} holds no {STATE_DICT_ARTIFACT} (is it a run that registered a model?)"
+            ) from None
         saved = read_checkpoint(path)
         return (*model_from_checkpoint(saved, f"{where} ({STATE_DICT_ARTIFACT})"), dict(saved["model_args"]))
 

@@ -9,8 +9,9 @@ be evaluated there (no weights file, other classes) is not comparable and gives 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -49,8 +50,9 @@ def promotion_decision(candidate_top1: float, champion_top1: float | None) -> tu
     return False, f"kept the champion: minival top-1 {candidate_top1:.2f} <= champion's {champion_top1:.2f}"
 
 
-def decide_promotion(c: Any, registered_name: str, candidate_top1: float, num_classes: int,
-                     evaluate: Evaluate) -> Promotion:
+def decide_promotion(
+    c: Any, registered_name: str, candidate_top1: float, num_classes: int, evaluate: Evaluate
+) -> Promotion:
     """Compare the candidate's minival top-1 with the current champion's on the same minival (`evaluate` runs
     the champion there)."""
     champ = tracking.champion_version(c, registered_name)
@@ -64,5 +66,6 @@ def decide_promotion(c: Any, registered_name: str, candidate_top1: float, num_cl
         else:
             champion_top1 = evaluate(*loaded)
     promote, reason = promotion_decision(candidate_top1, champion_top1)
-    return Promotion(promote, candidate_top1, champion_top1, None if champ is None else str(champ.version),
-                     reason + why_not)
+    return Promotion(
+        promote, candidate_top1, champion_top1, None if champ is None else str(champ.version), reason + why_not
+    )

@@ -27,7 +27,7 @@ class EfficientNetClassifier(PythonModel):
         self.model, self.spec, self.num_classes = model_from_checkpoint(read_checkpoint(path), path)
 
     # No type hints: MLflow reads a predict's hints as its input schema (and warns at ones it cannot use).
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    def predict(self, context, model_input, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             return self.model(x).numpy()

@@ -10,8 +10,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pipelines.settings import TRACKING_URI_ENV
 
@@ -100,15 +101,17 @@ def experiment_id(c: MlflowClient, artifact_root: str | None = None, name: str =
     try:
         # The kind makes MLflow 3's UI open the experiment in its model-training view (runs, metrics, compare)
         # rather than the GenAI one (traces, evaluation runs) it guesses for an experiment without one.
-        return c.create_experiment(name, artifact_location=artifact_root,
-                                   tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        return c.create_experiment(
+            name, artifact_location=artifact_root, tags={EXPERIMENT_KIND_TAG: "custom_model_development"}
+        )
     except MlflowException:  # created concurrently by another process
-        return c.get_experiment_by_name(name).experiment_id
+        exp = c.get_experiment_by_name(name)
+        if exp is None:  # not created by another: this create failed for its own reason
+            raise
+        return exp.experiment_id
 
 
-def start_run(
-    c: MlflowClient, exp_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
-) -> str:
+def start_run(c: MlflowClient, exp_id: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
     """Create the run of a new training job and log its flattened, resolved config as params."""
     from mlflow.entities import Param
 
@@ -132,8 +135,13 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def find_or_start_run(
-    c: MlflowClient, exp_id: str, identity: Mapping[str, str], run_name: str, params: Mapping[str, Any],
-    tags: Mapping[str, str] | None = None, new_tags: Mapping[str, str] | None = None,
+    c: MlflowClient,
+    exp_id: str,
+    identity: Mapping[str, str],
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    new_tags: Mapping[str, str] | None = None,
 ) -> str:
     """The run whose tags hold all of `identity`, found again (a retry or a rerun goes on in it: set RUNNING, `tags`
     set on it again), else a new run with `params`, tagged `identity`, `tags` and `new_tags`. The one way a family,
@@ -179,32 +187,44 @@ def log_dict(c: MlflowClient, run_id: str, obj: Any, artifact_file: str) -> None
     c.log_text(run_id, json.dumps(obj, indent=1, sort_keys=True, default=str), artifact_file)
 
 
-
-
-def log_served_model(weights_file: Path, input_example: Any, preprocessing: Mapping[str, Any],
-                     variant_slug: str) -> Any:
+def log_served_model(
+    weights_file: Path, input_example: Any, preprocessing: Mapping[str, Any], variant_slug: str
+) -> Any:
     """The active run's MLflow model: a pyfunc whose code is `served_model.py` (logged as source, models-from-code),
     the weights file an artifact of it, the `models` package beside it; nothing in it is pickled. Its ModelInfo."""
     import mlflow
     import numpy
     import torch
 
-    from pipelines.settings import PROJECT_ROOT
     from pipelines.registry import served_model
+    from pipelines.settings import PROJECT_ROOT
 
     return mlflow.pyfunc.log_model(
-        name="model", python_model=served_model.__file__, artifacts={served_model.WEIGHTS: str(weights_file)},
-        code_paths=[str(PROJECT_ROOT / "models")], input_example=input_example,
+        name="model",
+        python_model=served_model.__file__,
+        artifacts={served_model.WEIGHTS: str(weights_file)},
+        code_paths=[str(PROJECT_ROOT / "models")],
+        input_example=input_example,
         metadata={"preprocessing": dict(preprocessing), "variant": variant_slug},
         # Given, not inferred: inferring loads the model in a subprocess to see what it imports.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}",
-                          f"mlflow=={mlflow.__version__}"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={numpy.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
     )
 
 
 def register_best_checkpoint(
-    tracking_uri: str, run_id: str, variant_slug: str, input_example: Any, preprocessing: Mapping[str, Any],
-    tags: Mapping[str, Any], promote: bool, weights: Mapping[str, Any], name: str | None = None,
+    tracking_uri: str,
+    run_id: str,
+    variant_slug: str,
+    input_example: Any,
+    preprocessing: Mapping[str, Any],
+    tags: Mapping[str, Any],
+    promote: bool,
+    weights: Mapping[str, Any],
+    name: str | None = None,
 ) -> tuple[str, str, bool]:
     """Log the chosen model to the run, register it as `name` (default `efficientnet-<variant>`), set aliases.
 
@@ -238,8 +258,9 @@ def register_best_checkpoint(
         if _registered_model(c, name) is None:
             c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
             made["registered_model"] = name
-        mv = c.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id,
-                                    tags={k: str(v) for k, v in tags.items()})
+        mv = c.create_model_version(
+            name, info.model_uri, run_id=run_id, model_id=info.model_id, tags={k: str(v) for k, v in tags.items()}
+        )
         made["version"] = mv.version
         _wait_ready(c, name, mv.version)
         c.set_registered_model_alias(name, CANDIDATE, mv.version)

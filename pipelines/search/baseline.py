@@ -24,7 +24,7 @@ from models import search_space
 from models.variants import architecture_to_dict, compound_scale
 from pipelines.dataset import Manifest, latest_version
 from pipelines.registry import tracking
-from pipelines.registry.compare import TRAINED
+from pipelines.registry.compare import TRAINED, row_status
 from pipelines.search import experiment as ex
 from pipelines.search import trials
 from pipelines.settings import DataLayout
@@ -38,22 +38,36 @@ SPACES = {"v1": ("v1_b0", "efficientnet_b0"), "v2": ("v2_s", "efficientnet_v2_s"
 ALGORITHMS = ("random", "evolution")
 
 
-def check_search(space: str, algorithm: str, reward: str, samples: int, rounds: int, epochs: int,
-                 grace_period: int, reduction_factor: float) -> None:
+def check_search(
+    space: str,
+    algorithm: str,
+    reward: str,
+    samples: int,
+    rounds: int,
+    epochs: int,
+    grace_period: int,
+    reduction_factor: float,
+) -> None:
     """The search's own parameters; ValueError naming them."""
     if space not in SPACES or algorithm not in ALGORITHMS or (reward or space) not in SPACES:
-        raise ValueError(f"space and reward must be among {', '.join(SPACES)}, algorithm among "
-                         f"{', '.join(ALGORITHMS)}; got space {space!r}, reward {reward!r}, algorithm "
-                         f"{algorithm!r}")
+        raise ValueError(
+            f"space and reward must be among {', '.join(SPACES)}, algorithm among "
+            f"{', '.join(ALGORITHMS)}; got space {space!r}, reward {reward!r}, algorithm "
+            f"{algorithm!r}"
+        )
     if samples < 1 or rounds < 1 or epochs < 1 or not 1 <= grace_period <= epochs or not reduction_factor > 1:
-        raise ValueError(f"need samples ({samples}), rounds ({rounds}) >= 1 and 1 <= grace_period "
-                         f"({grace_period}) <= epochs ({epochs}), reduction_factor ({reduction_factor}) > 1")
+        raise ValueError(
+            f"need samples ({samples}), rounds ({rounds}) >= 1 and 1 <= grace_period "
+            f"({grace_period}) <= epochs ({epochs}), reduction_factor ({reduction_factor}) > 1"
+        )
 
 
 def check_name(layout: DataLayout, name: str, replace: bool) -> None:
     if baseline_path(layout, name).exists() and not replace:
-        raise ValueError(f"a baseline named {name!r} exists ({baseline_path(layout, name)}); choose another "
-                         "name or pass replace=true")
+        raise ValueError(
+            f"a baseline named {name!r} exists ({baseline_path(layout, name)}); choose another "
+            "name or pass replace=true"
+        )
 
 
 def proxy_model(variant: str, table: models.Architecture, proxy_phi: float) -> dict[str, Any]:
@@ -61,9 +75,14 @@ def proxy_model(variant: str, table: models.Architecture, proxy_phi: float) -> d
     (the paper's coefficients), at its resolution scaled alike."""
     base = models.get_variant(variant)
     scaled = compound_scale(proxy_phi, base_resolution=base.train_resolution)
-    return {"variant": variant, "phi": None, "width_mult": round(scaled.width_mult, 6),
-            "depth_mult": round(scaled.depth_mult, 6), "resolution": scaled.resolution,
-            "table": architecture_to_dict(table)}
+    return {
+        "variant": variant,
+        "phi": None,
+        "width_mult": round(scaled.width_mult, 6),
+        "depth_mult": round(scaled.depth_mult, 6),
+        "resolution": scaled.resolution,
+        "table": architecture_to_dict(table),
+    }
 
 
 @dataclass
@@ -95,10 +114,25 @@ class Search:
         return self.manifest.num_classes
 
 
-def plan_search(layout: DataLayout, space: str, algorithm: str, reward: str, samples: int, rounds: int,
-                proxy_phi: float, repeat_range: int, recipe: str, overrides: dict | None, dataset_dir: str | None,
-                epochs: int, asha: tuple[int, float], max_concurrent: int, seed: int, name: str,
-                replace: bool) -> Search:
+def plan_search(
+    layout: DataLayout,
+    space: str,
+    algorithm: str,
+    reward: str,
+    samples: int,
+    rounds: int,
+    proxy_phi: float,
+    repeat_range: int,
+    recipe: str,
+    overrides: dict | None,
+    dataset_dir: str | None,
+    epochs: int,
+    asha: tuple[int, float],
+    max_concurrent: int,
+    seed: int,
+    name: str,
+    replace: bool,
+) -> Search:
     """Everything checked before anything trains (parameters, name, recipe, dataset, the base table's proxy
     model, the cluster); ValueError naming the first problem."""
     check_search(space, algorithm, reward, samples, rounds, epochs, *asha)
@@ -108,11 +142,28 @@ def plan_search(layout: DataLayout, space: str, algorithm: str, reward: str, sam
     the_space = search_space.space_around(base_table, repeat_range)
     trial_recipe = trials.trial_recipe(load_recipe(recipe).with_overrides(**(overrides or {})), epochs)
     dataset = Path(dataset_dir) if dataset_dir else latest_version(layout.datasets)
-    _, manifest, _ = validate_job(trial_recipe.with_overrides(model=proxy_model(variant, base_table, proxy_phi)),
-                                  dataset)
+    _, manifest, _ = validate_job(
+        trial_recipe.with_overrides(model=proxy_model(variant, base_table, proxy_phi)), dataset
+    )
     ex.connect_and_check(layout, trial_recipe)
-    return Search(space, algorithm, the_space, variant, base_table, trial_recipe, dataset, manifest,
-                  reward or space, proxy_phi, samples, rounds, epochs, asha, max_concurrent, seed)
+    return Search(
+        space,
+        algorithm,
+        the_space,
+        variant,
+        base_table,
+        trial_recipe,
+        dataset,
+        manifest,
+        reward or space,
+        proxy_phi,
+        samples,
+        rounds,
+        epochs,
+        asha,
+        max_concurrent,
+        seed,
+    )
 
 
 def sample_architectures(space: search_space.SearchSpace, n: int, seed: int) -> list[models.Architecture]:
@@ -162,10 +213,18 @@ def baseline_row(o: trials.TrialOutcome, num_classes: int) -> dict[str, Any]:
     figures = trials.member_figures(o, num_classes)
     # Training speed after the first epoch (which pays the start-up), or the first alone.
     speeds = [r["images_per_s"] for r in (o.history[1:] or o.history) if r.get("images_per_s")]
-    return {"trial": o.label, **o.params, **figures, "epochs_run": o.epochs_run, "best_epoch": o.best_epoch,
-            "stopped_early": "yes" if o.stopped_early else "no", "best_minival_top1": o.best_minival_top1,
-            "seconds_per_image": 1 / statistics.median(speeds) if speeds else math.nan, "run_id": o.run_id,
-            **ex.status(o.error)}
+    return {
+        "trial": o.label,
+        **o.params,
+        **figures,
+        "epochs_run": o.epochs_run,
+        "best_epoch": o.best_epoch,
+        "stopped_early": "yes" if o.stopped_early else "no",
+        "best_minival_top1": o.best_minival_top1,
+        "seconds_per_image": 1 / statistics.median(speeds) if speeds else math.nan,
+        "run_id": o.run_id,
+        **row_status(o.error),
+    }
 
 
 def run_rounds(s: Search, layout: DataLayout, c: Any, exp_id: str, open_parent: Any, target: float) -> str:
@@ -177,21 +236,49 @@ def run_rounds(s: Search, layout: DataLayout, c: Any, exp_id: str, open_parent: 
     parent = None
     for generation in range(s.rounds if s.algorithm == "evolution" else 1):
         batch = next_batch(s, generation, rng)
-        plans = [trials.TrialPlan(search_space.architecture_name(a), proxy_model(s.variant, a, s.proxy_phi),
-                                  {"rows": " | ".join(search_space.describe(a)), "generation": generation})
-                 for a in batch]
+        plans = [
+            trials.TrialPlan(
+                search_space.architecture_name(a),
+                proxy_model(s.variant, a, s.proxy_phi),
+                {"rows": " | ".join(search_space.describe(a)), "generation": generation},
+            )
+            for a in batch
+        ]
         if not plans:
             continue
         s.tables.update({p.label: a for p, a in zip(plans, batch)})
-        key = trials.experiment_key(KIND, {"space": s.space, "plans": [p.label for p in plans], "epochs": s.epochs,
-                                           "recipe": s.recipe.model_dump(), "dataset": s.manifest.version,
-                                           "asha": list(s.asha), "proxy": s.proxy_phi})
+        key = trials.experiment_key(
+            KIND,
+            {
+                "space": s.space,
+                "plans": [p.label for p in plans],
+                "epochs": s.epochs,
+                "recipe": s.recipe.model_dump(),
+                "dataset": s.manifest.version,
+                "asha": list(s.asha),
+                "proxy": s.proxy_phi,
+            },
+        )
         parent = parent or open_parent(key)
-        setup = trials.TrialSetup(recipe=s.recipe, dataset_dir=str(s.dataset), num_classes=s.num_classes,
-                                  tracking_uri=layout.tracking_uri)
-        outcomes = ex.killed_on_interrupt(c, parent, lambda: trials.run_trials(
-            key, plans, setup, ex.check_trials(plans, s.recipe, s.dataset), layout.ray_storage / "tune", c, exp_id,
-            parent, scheduler=trials.asha(s.epochs, *s.asha), max_concurrent=s.max_concurrent))
+        setup = trials.TrialSetup(
+            recipe=s.recipe, dataset_dir=str(s.dataset), num_classes=s.num_classes, tracking_uri=layout.tracking_uri
+        )
+        batches = ex.killed_on_interrupt(c, parent, ex.check_trials, plans, s.recipe, s.dataset)
+        outcomes = ex.killed_on_interrupt(
+            c,
+            parent,
+            trials.run_trials,
+            key,
+            plans,
+            setup,
+            batches,
+            layout.ray_storage / "tune",
+            c,
+            exp_id,
+            parent,
+            scheduler=trials.asha(s.epochs, *s.asha),
+            max_concurrent=s.max_concurrent,
+        )
         s.rows += [baseline_row(o, s.num_classes) for o in outcomes]
         for r, value in zip(s.rows, rewards(s.rows, s.reward, target_gmacs)):
             r["reward"] = value
@@ -203,10 +290,17 @@ def log_trial_figures(c: Any, rows: list[dict[str, Any]]) -> None:
     """Each scored trial's figures on its run: what MLflow's compare view plots."""
     for r in rows:
         if r.get("reward") is not None:
-            tracking.log_metrics(c, r["run_id"], {"reward": r["reward"], "gmacs": r["gmacs"],
-                                                  "model_params": r["params"],
-                                                  "seconds_per_image": r["seconds_per_image"]},
-                                 step=max(r["best_epoch"], 0))
+            tracking.log_metrics(
+                c,
+                r["run_id"],
+                {
+                    "reward": r["reward"],
+                    "gmacs": r["gmacs"],
+                    "model_params": r["params"],
+                    "seconds_per_image": r["seconds_per_image"],
+                },
+                step=max(r["best_epoch"], 0),
+            )
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,16 +308,32 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=lambda r: (r["reward"], -rows.index(r)))
 
 
-def store_best(c: Any, layout: DataLayout, s: Search, parent: str, name: str,
-               source: dict[str, Any]) -> tuple[dict[str, Any], Path, str]:
+def store_best(
+    c: Any, layout: DataLayout, s: Search, parent: str, name: str, source: dict[str, Any]
+) -> tuple[dict[str, Any], Path, str]:
     """The best trial's table stored as the named baseline and on the parent run, which ends; its row, the file
     and a one-line summary."""
     best = best_row(s.rows)
-    path = save_baseline(layout, name, s.tables[best["trial"]], source={
-        **source, "reward_value": best["reward"], "minival_top1": best["best_minival_top1"],
-        "dataset": s.manifest.version})
-    summary = (f"best {best['trial']} (reward {best['reward']:.4f}, minival top-1 {best['best_minival_top1']:.2f}, "
-               f"{best['gmacs']:.4f} GMACs): stored as baseline {name!r} ({path}); rows: {best['rows']}")
-    ex.finish_search(c, parent, path, "baselines", {"baseline.name": name, "baseline.trial": best["trial"],
-                                                    "baseline.reward": f"{best['reward']:.4f}"})
+    path = save_baseline(
+        layout,
+        name,
+        s.tables[best["trial"]],
+        source={
+            **source,
+            "reward_value": best["reward"],
+            "minival_top1": best["best_minival_top1"],
+            "dataset": s.manifest.version,
+        },
+    )
+    summary = (
+        f"best {best['trial']} (reward {best['reward']:.4f}, minival top-1 {best['best_minival_top1']:.2f}, "
+        f"{best['gmacs']:.4f} GMACs): stored as baseline {name!r} ({path}); rows: {best['rows']}"
+    )
+    ex.finish_search(
+        c,
+        parent,
+        path,
+        "baselines",
+        {"baseline.name": name, "baseline.trial": best["trial"], "baseline.reward": f"{best['reward']:.4f}"},
+    )
     return best, path, summary

@@ -25,9 +25,10 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -40,8 +41,6 @@ from models.variants import architecture_to_dict
 from pipelines.atomic import atomic_path, atomic_write_json
 from pipelines.hashing import content_hash
 from pipelines.registry import tracking
-from pipelines.training.recipe import ModelConfig, Recipe
-from pipelines.training.schedules import first_scored_epoch
 from pipelines.registry.tracking import Tags
 from pipelines.training.loop import (
     SCORE,
@@ -58,6 +57,8 @@ from pipelines.training.loop import (
     score_order,
     write_checkpoint,
 )
+from pipelines.training.recipe import ModelConfig, Recipe
+from pipelines.training.schedules import first_scored_epoch
 
 METHODS = ("width", "depth", "resolution", "compound")
 # ASHA ranks trials by minival loss: on a small minival, top-1 takes few values and ties often (a tie never stops
@@ -92,19 +93,24 @@ def scaled_model(base: VariantSpec, depth: float, width: float, resolution: floa
     own_table = models.get_variant(variant).architecture == base.architecture
     # phi, its named set and its bases reset; of the sizes phi decides, the eval resolution follows the new one.
     resets = dict.fromkeys(("phi", "coefficients", *models.COEFFICIENT_KEYS, *models.PHI_SIZE_KEYS))
-    return {"variant": variant, **resets, "width_mult": _multiplier(base.width_mult * width),
-            "depth_mult": _multiplier(base.depth_mult * depth),
-            "resolution": round_resolution(base.train_resolution * resolution),
-            # A searched baseline's rows travel with every member scaled from it.
-            "table": None if own_table else architecture_to_dict(models.ARCHITECTURES[base.architecture])}
+    return {
+        "variant": variant,
+        **resets,
+        "width_mult": _multiplier(base.width_mult * width),
+        "depth_mult": _multiplier(base.depth_mult * depth),
+        "resolution": round_resolution(base.train_resolution * resolution),
+        # A searched baseline's rows travel with every member scaled from it.
+        "table": None if own_table else architecture_to_dict(models.ARCHITECTURES[base.architecture]),
+    }
 
 
 def point_label(cs: CoefficientSet) -> str:
     return f"alpha={cs.alpha:g} beta={cs.beta:g} gamma={cs.gamma:g}"
 
 
-def search_points(alphas: Sequence[float], betas: Sequence[float], gammas: Sequence[float],
-                  tolerance: float) -> list[CoefficientSet]:
+def search_points(
+    alphas: Sequence[float], betas: Sequence[float], gammas: Sequence[float], tolerance: float
+) -> list[CoefficientSet]:
     """The grid's points that meet alpha * beta^2 * gamma^2 within `tolerance` of 2, in grid order; ValueError for
     a value below 1 or a grid with no such point."""
     for name, values in (("alphas", alphas), ("betas", betas), ("gammas", gammas)):
@@ -121,17 +127,24 @@ def search_points(alphas: Sequence[float], betas: Sequence[float], gammas: Seque
             continue  # off the constraint: not a point of the search
         points.append(CoefficientSet(point_label(cs), cs.alpha, cs.beta, cs.gamma))
     if not points:
-        raise ValueError(f"no point of the grid alphas {sorted(set(alphas))} x betas {sorted(set(betas))} x gammas "
-                         f"{sorted(set(gammas))} has alpha * beta^2 * gamma^2 within {tolerance:.0%} of 2: widen "
-                         "the grid or the tolerance")
+        raise ValueError(
+            f"no point of the grid alphas {sorted(set(alphas))} x betas {sorted(set(betas))} x gammas "
+            f"{sorted(set(gammas))} has alpha * beta^2 * gamma^2 within {tolerance:.0%} of 2: widen "
+            "the grid or the tolerance"
+        )
     return points
 
 
 def search_trials(base: VariantSpec, points: Sequence[CoefficientSet]) -> list[TrialPlan]:
     """One trial per point: the baseline scaled at phi = 1 (depth x alpha, width x beta, resolution x gamma)."""
-    return [TrialPlan(cs.name, scaled_model(base, cs.alpha, cs.beta, cs.gamma),
-                      {"alpha": cs.alpha, "beta": cs.beta, "gamma": cs.gamma, "flops_factor": cs.flops_factor})
-            for cs in points]
+    return [
+        TrialPlan(
+            cs.name,
+            scaled_model(base, cs.alpha, cs.beta, cs.gamma),
+            {"alpha": cs.alpha, "beta": cs.beta, "gamma": cs.gamma, "flops_factor": cs.flops_factor},
+        )
+        for cs in points
+    ]
 
 
 def method_factors(method: str, s: float, cs: CoefficientSet) -> tuple[float, float, float]:
@@ -167,8 +180,7 @@ def member_gmacs(overrides: Mapping[str, Any], num_classes: int) -> float:
     return _GMACS[key]
 
 
-def fit_to_gmacs(gmacs_at: Callable[[float], float], target: float, lo: float, hi: float,
-                 steps: int = 30) -> float:
+def fit_to_gmacs(gmacs_at: Callable[[float], float], target: float, lo: float, hi: float, steps: int = 30) -> float:
     """The strength s in [lo, hi] whose GMACs come closest to `target` (by ratio). `gmacs_at` is non-decreasing
     and a step function (channels, blocks and pixels are rounded): bisection brackets the step that crosses the
     target, then the nearer side of it wins."""
@@ -184,8 +196,9 @@ def fit_to_gmacs(gmacs_at: Callable[[float], float], target: float, lo: float, h
     return min((below, above), key=lambda s: abs(math.log(gmacs_at(s) / target)))
 
 
-def study_trials(base: VariantSpec, methods: Sequence[str], targets: Sequence[float], cs: CoefficientSet,
-                 num_classes: int) -> list[TrialPlan]:
+def study_trials(
+    base: VariantSpec, methods: Sequence[str], targets: Sequence[float], cs: CoefficientSet, num_classes: int
+) -> list[TrialPlan]:
     """The baseline, then one member per method and FLOPs target, its strength fitted to the target's GMACs."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -196,6 +209,7 @@ def study_trials(base: VariantSpec, methods: Sequence[str], targets: Sequence[fl
     base_gmacs = member_gmacs(base_model, num_classes)
     plans = [TrialPlan("baseline", base_model, {"method": "baseline", "target": 1.0, "strength": 0.0})]
     for method, target in itertools.product(methods, sorted(set(targets))):
+
         def gmacs_at(s: float, method: str = method) -> float:
             return member_gmacs(scaled_model(base, *method_factors(method, s, cs)), num_classes)
 
@@ -204,9 +218,20 @@ def study_trials(base: VariantSpec, methods: Sequence[str], targets: Sequence[fl
         hi = 4 * (math.log(target) / math.log(cs.flops_factor) if method == "compound" else target)
         s = fit_to_gmacs(gmacs_at, target * base_gmacs, 0.0 if method == "compound" else 1.0, hi)
         depth, width, resolution = method_factors(method, s, cs)
-        plans.append(TrialPlan(f"{method} x{target:g}", scaled_model(base, depth, width, resolution),
-                               {"method": method, "target": float(target), "strength": s, "depth_factor": depth,
-                                "width_factor": width, "resolution_factor": resolution}))
+        plans.append(
+            TrialPlan(
+                f"{method} x{target:g}",
+                scaled_model(base, depth, width, resolution),
+                {
+                    "method": method,
+                    "target": float(target),
+                    "strength": s,
+                    "depth_factor": depth,
+                    "width_factor": width,
+                    "resolution_factor": resolution,
+                },
+            )
+        )
     return plans
 
 
@@ -218,8 +243,7 @@ def experiment_key(kind: str, parts: Mapping[str, Any]) -> str:
 def trial_recipe(recipe: Recipe, epochs: int) -> Recipe:
     """The recipe a trial trains with: `epochs` epochs, minival every epoch (the scheduler's signal), no early
     stopping of its own, one process."""
-    return recipe.with_overrides(schedule={"epochs": epochs, "eval_every": 1, "patience": None},
-                                 ray={"num_workers": 1})
+    return recipe.with_overrides(schedule={"epochs": epochs, "eval_every": 1, "patience": None}, ray={"num_workers": 1})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,9 +299,15 @@ def scaling_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trial = config["trial"]
     home = Path(trial["home"])
     home.mkdir(parents=True, exist_ok=True)
-    job = JobSpec(recipe=shared.recipe.with_overrides(model=trial["model"]), dataset_dir=shared.dataset_dir,
-                  num_classes=shared.num_classes, tracking_uri=shared.tracking_uri, run_id=trial["run_id"],
-                  micro_batch=trial["micro_batch"], accumulation=trial["accumulation"])
+    job = JobSpec(
+        recipe=shared.recipe.with_overrides(model=trial["model"]),
+        dataset_dir=shared.dataset_dir,
+        num_classes=shared.num_classes,
+        tracking_uri=shared.tracking_uri,
+        run_id=trial["run_id"],
+        micro_batch=trial["micro_batch"],
+        accumulation=trial["accumulation"],
+    )
     worker = build_worker(job, rank=0, world=1, device=_trial_device())
     last = home / LAST_CHECKPOINT
     state = restore_checkpoint(worker, last) if last.exists() else LoopState(history=[])
@@ -290,8 +320,9 @@ def scaling_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
         for path in (last, *((home / BEST_CHECKPOINT,) if state.best_epoch == epoch else ())):
             with atomic_path(path) as tmp:
                 write_checkpoint(worker, state, tmp)
-        atomic_write_json(home / TRIAL_STATE, {"status": FINISHED if state.epoch == epochs else RUNNING,
-                                               "history": state.history})
+        atomic_write_json(
+            home / TRIAL_STATE, {"status": FINISHED if state.epoch == epochs else RUNNING, "history": state.history}
+        )
         logged_upto = log_pending(worker.client, job.run_id, state.history, logged_upto)
         tune.report({**ray_metrics(row), EPOCHS_DONE: state.epoch})
     if read_trial_state(home)["status"] != FINISHED:  # resumed from a last epoch whose state was not yet written
@@ -319,8 +350,9 @@ class TrialOutcome:
     history: tuple[dict[str, Any], ...] = ()  # the trial's per-epoch rows
 
 
-def open_parent_run(c: Any, exp_id: str, kind: str, key: str, run_name: str, params: Mapping[str, Any],
-                    tags: Mapping[str, str]) -> str:
+def open_parent_run(
+    c: Any, exp_id: str, kind: str, key: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> str:
     """The experiment's parent run: found again by its key (a rerun after a crash goes on in it), else new."""
     return tracking.find_or_start_run(c, exp_id, {Tags.RUN_KIND: kind, Tags.SEARCH_KEY: key}, run_name, params, tags)
 
@@ -328,14 +360,26 @@ def open_parent_run(c: Any, exp_id: str, kind: str, key: str, run_name: str, par
 def _open_trial_run(c: Any, exp_id: str, parent: str, key: str, plan: TrialPlan, recipe: Recipe) -> str:
     """A trial's run, nested under the experiment's: found again by the experiment's key and its label, else new."""
     return tracking.find_or_start_run(
-        c, exp_id, {Tags.SEARCH_KEY: key, Tags.TRIAL: plan.label}, plan.label,
+        c,
+        exp_id,
+        {Tags.SEARCH_KEY: key, Tags.TRIAL: plan.label},
+        plan.label,
         {**plan.params, **recipe.with_overrides(model=plan.model).model_dump()},
-        new_tags={Tags.PARENT_RUN: parent, Tags.VARIANT: member_spec(plan.model).name})
+        new_tags={Tags.PARENT_RUN: parent, Tags.VARIANT: member_spec(plan.model).name},
+    )
 
 
 def run_trials(
-    key: str, plans: Sequence[TrialPlan], setup: TrialSetup, batches: Mapping[str, Any], storage: Path, c: Any,
-    exp_id: str, parent: str, scheduler: Any = None, max_concurrent: int = 0,
+    key: str,
+    plans: Sequence[TrialPlan],
+    setup: TrialSetup,
+    batches: Mapping[str, Any],
+    storage: Path,
+    c: Any,
+    exp_id: str,
+    parent: str,
+    scheduler: Any = None,
+    max_concurrent: int = 0,
 ) -> list[TrialOutcome]:
     """Every trial not already finished or stopped (by an earlier run of the same experiment: `storage`/`key`
     holds each trial's folder) as a Tune trial with one worker's resources, `max_concurrent` at most at once (0:
@@ -352,23 +396,40 @@ def run_trials(
     if todo:
         resources = {"cpu": float(recipe.ray.cpus_per_worker), "gpu": 1.0 if recipe.ray.use_gpu else 0.0}
         trainable = tune.with_resources(tune.with_parameters(scaling_trial, setup=setup.model_dump()), resources)
-        configs = [{"label": p.label, "model": p.model, "run_id": runs[p.label], "home": str(homes[p.label]),
-                    "micro_batch": batches[p.label].micro_batch, "accumulation": batches[p.label].accumulation}
-                   for p in todo]
+        configs = [
+            {
+                "label": p.label,
+                "model": p.model,
+                "run_id": runs[p.label],
+                "home": str(homes[p.label]),
+                "micro_batch": batches[p.label].micro_batch,
+                "accumulation": batches[p.label].accumulation,
+            }
+            for p in todo
+        ]
         # Tune's own state goes to a folder of this attempt: it is never restored (its restore unpickles); the
         # trials' folders carry what a rerun needs. Its TensorBoard logger says at INFO, per trial, which config
         # values it leaves out (a searched table's rows): quiet.
         logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.WARNING)
         tuner = tune.Tuner(
-            trainable, param_space={"trial": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=max_concurrent or None,
-                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            trainable,
+            param_space={"trial": tune.grid_search(configs)},
+            tune_config=tune.TuneConfig(
+                scheduler=scheduler,
+                max_concurrent_trials=max_concurrent or None,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
             run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(experiment_dir), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=recipe.ray.max_failures)),
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(experiment_dir),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=recipe.ray.max_failures),
+            ),
         )
         grid = tuner.fit()
-        for result in grid:
+        # ResultGrid iterates through __getitem__ and __len__ (no __iter__), which mypy does not follow.
+        for result in grid:  # type: ignore[attr-defined]
             label = result.config["trial"]["label"]
             if result.error is not None:
                 errors[label] = str(result.error)
@@ -396,11 +457,18 @@ def _outcome(plan: TrialPlan, run_id: str, home: Path, error: str | None, first_
     best = max(scored, key=lambda r: score_order(r[SCORE], r["epoch"]), default=None)
     best_file = home / BEST_CHECKPOINT
     return TrialOutcome(
-        label=plan.label, params=plan.params, run_id=run_id, model=plan.model, epochs_run=len(history),
-        best_epoch=int(best["epoch"]) if best else -1, best_minival_top1=float(best[SCORE]) if best else math.nan,
+        label=plan.label,
+        params=plan.params,
+        run_id=run_id,
+        model=plan.model,
+        epochs_run=len(history),
+        best_epoch=int(best["epoch"]) if best else -1,
+        best_minival_top1=float(best[SCORE]) if best else math.nan,
         best_minival_loss=float(best["minival_loss"]) if best else math.nan,
-        stopped_early=state["status"] == STOPPED, error=error,
-        best_checkpoint=best_file if best is not None and best_file.exists() else None, history=tuple(history),
+        stopped_early=state["status"] == STOPPED,
+        error=error,
+        best_checkpoint=best_file if best is not None and best_file.exists() else None,
+        history=tuple(history),
     )
 
 
@@ -408,8 +476,14 @@ def asha(epochs: int, grace_period: int, reduction_factor: float) -> Any:
     """ASHA on minival loss, one rung per `reduction_factor` x epochs from `grace_period` up to `epochs`."""
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=EPOCHS_DONE, metric=ASHA_METRIC, mode=ASHA_MODE, max_t=epochs,
-                         grace_period=grace_period, reduction_factor=reduction_factor)
+    return ASHAScheduler(
+        time_attr=EPOCHS_DONE,
+        metric=ASHA_METRIC,
+        mode=ASHA_MODE,
+        max_t=epochs,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
 
 
 def pick_winner(outcomes: Sequence[TrialOutcome]) -> TrialOutcome:
@@ -423,6 +497,7 @@ def pick_winner(outcomes: Sequence[TrialOutcome]) -> TrialOutcome:
 
 def load_trial_weights(outcome: TrialOutcome, num_classes: int) -> torch.nn.Module:
     """The trial's best checkpoint as a model in eval mode (its EMA weights when it kept an EMA)."""
+    assert outcome.best_checkpoint is not None  # callers pass only trials that kept one
     saved = read_checkpoint(outcome.best_checkpoint)
     model = models.build_model(member_spec(outcome.model), num_classes)
     model.load_state_dict(scored_weights(saved))
@@ -432,7 +507,12 @@ def load_trial_weights(outcome: TrialOutcome, num_classes: int) -> torch.nn.Modu
 def member_figures(outcome: TrialOutcome, num_classes: int) -> dict[str, Any]:
     """A trial's model's size, cost and resolutions (what the study's table and plot show)."""
     spec = member_spec(outcome.model)
-    return {"variant": spec.name, "params": count_params(meta_model(spec, num_classes)),
-            "gmacs": member_gmacs(outcome.model, num_classes),
-            "train_resolution": spec.train_resolution, "eval_resolution": spec.eval_resolution,
-            "depth_mult": spec.depth_mult, "width_mult": spec.width_mult}
+    return {
+        "variant": spec.name,
+        "params": count_params(meta_model(spec, num_classes)),
+        "gmacs": member_gmacs(outcome.model, num_classes),
+        "train_resolution": spec.train_resolution,
+        "eval_resolution": spec.eval_resolution,
+        "depth_mult": spec.depth_mult,
+        "width_mult": spec.width_mult,
+    }

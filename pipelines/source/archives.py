@@ -54,8 +54,16 @@ def open_archives(root: Path) -> ImageNetSource:
     wnid_of = val_wnids_from_devkit(devkit, [name for name, _ in flat], str(val_tar))
     val = [ValEntry(m.name, wnid_of[name], labels[wnid_of[name]], m.offset_data, m.size) for name, m in flat]
     val.sort(key=lambda e: e.source_name)
-    return ImageNetSource(kind="archives", root=root, classes=classes, class_words=devkit.words,
-                          train_units=units, val_dir=val_tar, val_entries=val, label_files=[])
+    return ImageNetSource(
+        kind="archives",
+        root=root,
+        classes=classes,
+        class_words=devkit.words,
+        train_units=units,
+        val_dir=val_tar,
+        val_entries=val,
+        label_files=[],
+    )
 
 
 def _index_tar(
@@ -72,8 +80,9 @@ def _index_tar(
     except ARCHIVE_ERRORS as exc:
         raise ImageNetSourceError(f"{path}: not a readable tar archive: {exc}") from None
     if after.count(0) != len(after):  # tarfile stops quietly at a damaged header past the first
-        raise ImageNetSourceError(f"{path}: corrupt: bad member header at byte {end_of_members} (the members from "
-                                  f"there on cannot be read)")
+        raise ImageNetSourceError(
+            f"{path}: corrupt: bad member header at byte {end_of_members} (the members from there on cannot be read)"
+        )
     # tarfile reads a tar cut between members as a shorter, valid one, and may read one cut inside a member
     # as if the member were whole; the end-of-archive blocks and the member ends show both.
     file_size = path.stat().st_size
@@ -120,7 +129,7 @@ def _check_class_tar_headers(path: Path, members: Iterable[tarfile.TarInfo]) -> 
             f.seek(m.offset_data)
             try:
                 tarfile.TarInfo.frombuf(f.read(min(m.size, tarfile.BLOCKSIZE)), tarfile.ENCODING, "surrogateescape")
-            except tarfile.EOFHeaderError:
+            except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # real, undocumented: typeshed omits it
                 raise ImageNetSourceError(f"{where}: holds no images (an empty class tar)") from None
             except tarfile.HeaderError as exc:
                 raise ImageNetSourceError(f"{where}: corrupt or truncated class tar: {exc}") from None

@@ -101,8 +101,16 @@ class _Plan:
 
 
 _PATTERNS = (
-    "horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "disc", "square",
-    "rings", "dots", "anti-diagonal stripes", "cross",
+    "horizontal stripes",
+    "vertical stripes",
+    "diagonal stripes",
+    "checkerboard",
+    "disc",
+    "square",
+    "rings",
+    "dots",
+    "anti-diagonal stripes",
+    "cross",
 )
 
 
@@ -162,10 +170,26 @@ def _synsets(
     groups = []
     for g in range(num_groups):
         children = tuple(sorted(leaf_ids[k] for k in range(num_classes) if group_of[k] == g))
-        groups.append(_Synset(num_classes + 2 + g, inner_wnids[g], f"demo group {g}", "a group of demo classes",
-                              children, 1, per_class * len(children)))
-    root = _Synset(num_classes + 1, inner_wnids[-1], "demo entity", "the root of the demo hierarchy",
-                   tuple(s.ilsvrc_id for s in groups), 2, per_class * num_classes)
+        groups.append(
+            _Synset(
+                num_classes + 2 + g,
+                inner_wnids[g],
+                f"demo group {g}",
+                "a group of demo classes",
+                children,
+                1,
+                per_class * len(children),
+            )
+        )
+    root = _Synset(
+        num_classes + 1,
+        inner_wnids[-1],
+        "demo entity",
+        "the root of the demo hierarchy",
+        tuple(s.ilsvrc_id for s in groups),
+        2,
+        per_class * num_classes,
+    )
     return tuple(sorted([*leaves, root, *groups], key=lambda s: s.ilsvrc_id))
 
 
@@ -215,8 +239,10 @@ def _pattern_mask(pattern: int, width: int, height: int, rng: np.random.Generato
         6: lambda: stripes(np.sqrt(dx**2 + dy**2)),
         7: lambda: ((dx % period) - period / 2) ** 2 + ((dy % period) - period / 2) ** 2 < (period / 4) ** 2,
         8: lambda: stripes((xx - yy) / np.sqrt(2)),
-        9: lambda: ((np.abs(dx) < radius / 3) | (np.abs(dy) < radius / 3))
-        & (np.maximum(np.abs(dx), np.abs(dy)) < radius * 1.3),
+        9: lambda: (
+            ((np.abs(dx) < radius / 3) | (np.abs(dy) < radius / 3))
+            & (np.maximum(np.abs(dx), np.abs(dy)) < radius * 1.3)
+        ),
     }
     return masks[pattern]()
 
@@ -299,14 +325,27 @@ def _meta_mat_bytes(synsets: tuple[_Synset, ...]) -> bytes:
     """meta.mat as the real devkit has it: a (N, 1) struct array `synsets` with the eight ILSVRC fields."""
     from scipy.io import savemat
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     table = np.empty((len(synsets), 1), dtype=[(name, object) for name in fields])
     for i, s in enumerate(synsets):
         table[i, 0] = (
-            np.uint16(s.ilsvrc_id), s.wnid, s.words, s.gloss, np.uint16(len(s.children)),
+            np.uint16(s.ilsvrc_id),
+            s.wnid,
+            s.words,
+            s.gloss,
+            np.uint16(len(s.children)),
             np.array(s.children, dtype=np.uint16) if s.children else np.zeros((0, 0), dtype=np.uint8),
-            np.uint8(s.height), np.uint32(s.num_train_images),
+            np.uint8(s.height),
+            np.uint32(s.num_train_images),
         )
     buf = io.BytesIO()
     savemat(buf, {"synsets": table}, format="5", oned_as="row")
@@ -391,9 +430,15 @@ def _checked_params(
             f"train_per_class: {num_classes} classes x {train_per_class} images cannot hold the "
             f"{len(TRAIN_ODDITIES)} planted train oddities; raise it or pass plant_oddities=False"
         )
-    return {"format": _FORMAT, "num_classes": int(num_classes), "train_per_class": int(train_per_class),
-            "val_per_class": int(val_per_class), "seed": int(seed), "image_size": [int(s) for s in image_size],
-            "plant_oddities": bool(plant)}
+    return {
+        "format": _FORMAT,
+        "num_classes": int(num_classes),
+        "train_per_class": int(train_per_class),
+        "val_per_class": int(val_per_class),
+        "seed": int(seed),
+        "image_size": [int(s) for s in image_size],
+        "plant_oddities": bool(plant),
+    }
 
 
 def _reusable(out: Path, params: dict[str, Any]) -> bool:
@@ -524,4 +569,3 @@ def _write_kaggle_labels(out: Path, kit: imagenet.Devkit, val_labels: dict[str, 
         writer.writerow(["ImageId", "PredictionString"])
         for image_id, wnid in rows:
             writer.writerow([image_id, f"{wnid} 0 0 1 1 "])
-

@@ -51,10 +51,31 @@ from pipelines.source.records import (
 from pipelines.source.tree import open_tree
 
 __all__ = [
-    "ARCHIVES", "DEFAULT_VAL_CHUNK", "DEVKIT_ARCHIVE", "DEVKIT_DIR", "GROUND_TRUTH", "KAGGLE_DATA", "KAGGLE_SYNSETS",
-    "KAGGLE_VAL_SOLUTION", "META_MAT", "SOURCE_KINDS", "TRAIN_ARCHIVE", "VAL_ARCHIVE", "Devkit", "ImageNetSource",
-    "ImageNetSourceError", "RawImage", "SourceKind", "TrainUnit", "ValEntry", "ValUnit", "detect_source_kind",
-    "open_source", "read_devkit", "read_train_unit", "read_val_unit",
+    "ARCHIVES",
+    "DEFAULT_VAL_CHUNK",
+    "DEVKIT_ARCHIVE",
+    "DEVKIT_DIR",
+    "GROUND_TRUTH",
+    "KAGGLE_DATA",
+    "KAGGLE_SYNSETS",
+    "KAGGLE_VAL_SOLUTION",
+    "META_MAT",
+    "SOURCE_KINDS",
+    "TRAIN_ARCHIVE",
+    "VAL_ARCHIVE",
+    "Devkit",
+    "ImageNetSource",
+    "ImageNetSourceError",
+    "RawImage",
+    "SourceKind",
+    "TrainUnit",
+    "ValEntry",
+    "ValUnit",
+    "detect_source_kind",
+    "open_source",
+    "read_devkit",
+    "read_train_unit",
+    "read_val_unit",
 ]
 
 

@@ -53,9 +53,15 @@ def open_kaggle(root: Path) -> ImageNetSource:
         val = per_class_val(val_dir, dirs, labels)
     val.sort(key=lambda e: (e.source_name, e.name))
     return ImageNetSource(
-        kind="kaggle", root=root, classes=classes, class_words={w: words[w] for w in classes},
-        train_units=tree_train_units(train_dir, classes), val_dir=val_dir, val_entries=val,
-        label_files=label_files, folders=(train_dir, val_dir),
+        kind="kaggle",
+        root=root,
+        classes=classes,
+        class_words={w: words[w] for w in classes},
+        train_units=tree_train_units(train_dir, classes),
+        val_dir=val_dir,
+        val_entries=val,
+        label_files=label_files,
+        folders=(train_dir, val_dir),
     )
 
 

@@ -129,8 +129,10 @@ class ImageNetSource:
         self.folders = folders
 
     def __repr__(self) -> str:
-        return (f"ImageNetSource(kind={self.kind!r}, root={str(self.root)!r}, classes={len(self.classes)}, "
-                f"val_images={self.num_val})")
+        return (
+            f"ImageNetSource(kind={self.kind!r}, root={str(self.root)!r}, classes={len(self.classes)}, "
+            f"val_images={self.num_val})"
+        )
 
     @property
     def num_val(self) -> int:
@@ -144,7 +146,7 @@ class ImageNetSource:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         entries = self._val_entries
         return [
-            ValUnit(i, str(self._val_dir), tuple(entries[start:start + chunk]))
+            ValUnit(i, str(self._val_dir), tuple(entries[start : start + chunk]))
             for i, start in enumerate(range(0, len(entries), chunk))
         ]
 
@@ -254,8 +256,9 @@ def _read_inner_tar(unit: TrainUnit) -> Iterator[RawImage]:
                 assert reader is not None  # regular files always have a reader
                 data = reader.read()
                 name = PurePosixPath(m.name).name
-                yield RawImage(Path(name).stem, name, unit.wnid, unit.label, data,
-                               (unit.path, unit.offset + m.offset_data))
+                yield RawImage(
+                    Path(name).stem, name, unit.wnid, unit.label, data, (unit.path, unit.offset + m.offset_data)
+                )
     except ARCHIVE_ERRORS as exc:
         raise ImageNetSourceError(f"{where}: corrupt or truncated class tar: {exc}") from None
 
@@ -267,8 +270,10 @@ def _check_end_of_members(tar: tarfile.TarFile, where: str) -> None:
     tar.fileobj.seek(tar.offset)
     block = tar.fileobj.read(tarfile.BLOCKSIZE)
     if block.count(0) != len(block):
-        raise ImageNetSourceError(f"{where}: corrupt or truncated class tar: bad member header at byte {tar.offset} "
-                                  f"(the members from there on cannot be read)")
+        raise ImageNetSourceError(
+            f"{where}: corrupt or truncated class tar: bad member header at byte {tar.offset} "
+            f"(the members from there on cannot be read)"
+        )
 
 
 class _FileSpan(io.RawIOBase):

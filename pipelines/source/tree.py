@@ -52,9 +52,13 @@ def open_tree(root: Path) -> ImageNetSource:
         val = per_class_val(val_dir, dirs, labels)
     val.sort(key=lambda e: (e.source_name, e.name))
     return ImageNetSource(
-        kind="tree", root=root, classes=classes,
+        kind="tree",
+        root=root,
+        classes=classes,
         class_words=devkit.words if devkit is not None else {wnid: "" for wnid in classes},
-        train_units=tree_train_units(train_dir, classes), val_dir=val_dir, val_entries=val,
+        train_units=tree_train_units(train_dir, classes),
+        val_dir=val_dir,
+        val_entries=val,
         label_files=_devkit_label_files(devkit_path) if devkit_path is not None else [],
         folders=(train_dir, val_dir, *([devkit_path] if devkit_path is not None and devkit_path.is_dir() else [])),
     )

@@ -17,7 +17,10 @@ from pipelines.staging.shards import write_shard_indexes
 
 
 def write_dali_indexes(
-    plan: DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
+    plan: DatasetPlan,
+    shard_entries: list[dict[str, Any]],
+    work: Path,
+    dest: Path,
     params: StageParams,
 ) -> list[dict[str, Any]]:
     """`stager.extra_writer`'s `dali`: the shard indexes (every version has them, see `shards.write_shard_indexes`)

@@ -77,7 +77,12 @@ def _page_size(plan: DatasetPlan, split: str, tier: int) -> int:
 
 
 def write_beton(
-    plan: DatasetPlan, split: str, tier: int, work: Path, dest: Path, params: StageParams,
+    plan: DatasetPlan,
+    split: str,
+    tier: int,
+    work: Path,
+    dest: Path,
+    params: StageParams,
     num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Write (or reuse, if its checksum sidecar verifies) one split x tier beton; returns its manifest entry."""
@@ -95,7 +100,9 @@ def write_beton(
     workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
     fields = {
         "image": RGBImageField(
-            write_mode=params.ffcv_write_mode, max_resolution=None, jpeg_quality=params.ffcv_jpeg_quality,
+            write_mode=params.ffcv_write_mode,
+            max_resolution=None,
+            jpeg_quality=params.ffcv_jpeg_quality,
             compress_probability=params.ffcv_compress_probability,
         ),
         "label": IntField(),
@@ -110,7 +117,10 @@ def write_beton(
 
 
 def write_ffcv_files(
-    plan: DatasetPlan, shard_entries: list[dict[str, Any]], work: Path, dest: Path,
+    plan: DatasetPlan,
+    shard_entries: list[dict[str, Any]],
+    work: Path,
+    dest: Path,
     params: StageParams,
 ) -> list[dict[str, Any]]:
     """`stager.extra_writer`'s `ffcv`: one beton per tier per non-empty split. Idempotent: verified betons are kept

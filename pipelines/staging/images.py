@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image

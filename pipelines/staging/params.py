@@ -107,8 +107,9 @@ class StageParams:
             raise ValueError(f"unknown formats {sorted(unknown)}; known: {sorted(EXTRA_FORMATS)}")
         if self.ffcv_write_mode not in ("jpg", "raw", "proportion"):
             raise ValueError(f"ffcv_write_mode must be jpg, raw or proportion, got {self.ffcv_write_mode!r}")
-        object.__setattr__(self, "ffcv_compress_probability",
-                           fraction("ffcv_compress_probability", self.ffcv_compress_probability))
+        object.__setattr__(
+            self, "ffcv_compress_probability", fraction("ffcv_compress_probability", self.ffcv_compress_probability)
+        )
         object.__setattr__(self, "ffcv_jpeg_quality", whole_number("ffcv_jpeg_quality", self.ffcv_jpeg_quality, 1, 100))
 
 
@@ -116,7 +117,8 @@ def whole_number(name: str, value: Any, low: int, high: int | None = None) -> in
     """`value` as an int in [low, high]: an int, or a float without a fraction (JSON, YAML and the CLI give
     floats); ValueError (one line naming `name`) for anything else, inf and nan included."""
     integral = isinstance(value, (int, np.integer)) or (
-        isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer())
+        isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+    )
     if integral and not isinstance(value, bool) and low <= value and (high is None or value <= high):
         return int(value)
     bounds = f">= {low}" if high is None else f"in {low}..{high}"
@@ -142,10 +144,12 @@ def _checked_minival(value: Any) -> int | float:
 def minival_value(value: Any) -> int | float:
     """A minival as the flow and the CLI take it, for StageParams: below 1 a fraction of each class, from 1 a
     whole number of images (1.5 is an error, not 1); inf, nan and negative values are errors."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-            math.isfinite(value) and value >= 0):
-        raise ValueError(f"minival must be a number of images (>= 1) or a fraction of each class (< 1), "
-                         f"got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"minival must be a number of images (>= 1) or a fraction of each class (< 1), got {value!r}")
     if value < 1:
         return float(value)
     if not float(value).is_integer():

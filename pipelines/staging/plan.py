@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from pipelines.dataset import Manifest, shard_relpath
 from pipelines.seeds import Stream, mix_seed
@@ -46,7 +47,9 @@ def unit_args(
     (whole,) = src.val_units(max(1, src.num_val)) or [imagenet.ValUnit(0, "", ())]
     new = [e for e in whole.entries if Path(e.source_name).stem not in known_val]
     for i, start in enumerate(range(0, len(new), params.val_chunk)):
-        args.append((imagenet.ValUnit(i, whole.path, tuple(new[start:start + params.val_chunk])), "val", work, params))
+        args.append(
+            (imagenet.ValUnit(i, whole.path, tuple(new[start : start + params.val_chunk])), "val", work, params)
+        )
     return args
 
 
@@ -101,26 +104,30 @@ def minival_quota(counts: dict[str, int], minival: int | float, seed: int) -> di
     return {c: max(0, min(counts[c] - 1, base + (c in lucky))) for c in classes}
 
 
-def check_minival(
-    totals: dict[str, int], held: dict[str, int], minival: int | float, min_train_per_class: int
-) -> None:
+def check_minival(totals: dict[str, int], held: dict[str, int], minival: int | float, min_train_per_class: int) -> None:
     """StagingError, in one line, for a minival that asks for more images than there are, or that leaves a class
     it takes from (`held` per class, of `totals`) with fewer than `min_train_per_class` train images."""
     total = sum(totals.values())
     if isinstance(minival, int) and minival > total:
         raise StagingError(f"minival {minival} is more than the {total} train images of the source")
-    short = sorted((c for c in totals if held.get(c, 0) and totals[c] - held[c] < min_train_per_class),
-                   key=lambda c: (totals[c] - held[c], c))
+    short = sorted(
+        (c for c in totals if held.get(c, 0) and totals[c] - held[c] < min_train_per_class),
+        key=lambda c: (totals[c] - held[c], c),
+    )
     if short:
         shown = ", ".join(f"{c}: {totals[c] - held[c]} of {totals[c]}" for c in short[:3])
         raise StagingError(
             f"minival {minival} leaves {len(short)} of {len(totals)} classes with fewer than {min_train_per_class} "
             f"train images ({shown}{', ...' if len(short) > 3 else ''}); hold out fewer, or stage it anyway with "
-            f"--allow-small-train (min_train_per_class=0)")
+            f"--allow-small-train (min_train_per_class=0)"
+        )
 
 
 def plan_dataset(
-    units: Iterable[UnitResult], classes: Sequence[str], params: StageParams, base: BaseVersion | None = None,
+    units: Iterable[UnitResult],
+    classes: Sequence[str],
+    params: StageParams,
+    base: BaseVersion | None = None,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> DatasetPlan:
     """Split, shuffle and shard the units' images. With a base, only its new images are planned: the minival
@@ -152,11 +159,14 @@ def plan_dataset(
         per_class[records[key]["wnid"]].append(key)
     old_train = base.manifest.splits["train"].per_class if base is not None else {}
     old_minival = base.manifest.splits["minival"].per_class if base is not None else {}
-    totals = {c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
-              for c in set(per_class) | set(old_train) | set(old_minival)}
+    totals = {
+        c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
+        for c in set(per_class) | set(old_train) | set(old_minival)
+    }
     quota = minival_quota(totals, params.minival, params.seed)
-    check_minival(totals, {c: max(quota[c], old_minival.get(c, 0)) for c in totals}, params.minival,
-                  min_train_per_class)
+    check_minival(
+        totals, {c: max(quota[c], old_minival.get(c, 0)) for c in totals}, params.minival, min_train_per_class
+    )
     held: set[str] = set()
     for wnid, keys in per_class.items():
         take = max(0, quota[wnid] - old_minival.get(wnid, 0))
@@ -174,10 +184,12 @@ def plan_dataset(
         for tier in params.tiers:
             start = first_index.get((split, tier), 0)
             for i in range(0, len(keys), params.shard_size):
-                shards.append(ShardPlan(split, tier, start + i // params.shard_size,
-                                        tuple(keys[i : i + params.shard_size])))
-    return DatasetPlan(tuple(classes), splits, shards, sorted(bad, key=lambda b: b["source"]), total_seen, records,
-                       base)
+                shards.append(
+                    ShardPlan(split, tier, start + i // params.shard_size, tuple(keys[i : i + params.shard_size]))
+                )
+    return DatasetPlan(
+        tuple(classes), splits, shards, sorted(bad, key=lambda b: b["source"]), total_seen, records, base
+    )
 
 
 @dataclass(frozen=True)

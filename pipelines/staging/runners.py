@@ -15,9 +15,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from pipelines.source import imagenet
 from pipelines.staging.images import opencv
@@ -134,7 +135,7 @@ def _keep_freed_memory() -> None:
 
 
 @contextmanager
-def unit_runner(workers: int, processes: bool = False) -> Iterator[Callable[..., UnitResult]]:
+def unit_runner(workers: int, processes: bool = False) -> Iterator[_Limited]:
     """`process_unit`, at most `workers` at a time, on the callers' threads or (`processes`) in worker processes.
 
     Threads are the default: OpenCV's decode, resize and encode, hashing and file IO release the GIL, so on two
@@ -179,7 +180,7 @@ class _Limited:
         self.fn, self._slots = fn, threading.BoundedSemaphore(limit)
         self.failure: Exception | None = None
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any) -> UnitResult:
         with self._slots:
             if self.failure is not None:
                 raise NotStarted(f"not started: {self.failure}")
@@ -203,8 +204,14 @@ def progress_bar(file: Any = None) -> Progress:
         with lock:
             bar = bars.get(phase)
             if bar is None:
-                bar = bars[phase] = tqdm(total=total, desc=f"staging {phase}", unit=phase.rstrip("s"),
-                                         file=file or sys.stderr, dynamic_ncols=True, leave=True)
+                bar = bars[phase] = tqdm(
+                    total=total,
+                    desc=f"staging {phase}",
+                    unit=phase.rstrip("s"),
+                    file=file or sys.stderr,
+                    dynamic_ncols=True,
+                    leave=True,
+                )
             bar.update(done - bar.n)
             if done >= total:
                 bar.close()

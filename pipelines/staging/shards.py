@@ -14,8 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from pipelines.atomic import atomic_open, atomic_path, atomic_write_bytes, sidecar_path, verified_digest, write_sidecar
 from pipelines.dataset import (
@@ -161,6 +162,12 @@ def write_shard_indexes(dest: Path, shard_entries: Sequence[dict[str, Any]]) -> 
     entries = []
     for shard in sorted(shard_entries, key=lambda s: s["path"]):
         data = ensure_index(Path(dest) / shard["path"]).read_bytes()
-        entries.append({"path": index_path(Path(shard["path"])).as_posix(), "shard": shard["path"],
-                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        entries.append(
+            {
+                "path": index_path(Path(shard["path"])).as_posix(),
+                "shard": shard["path"],
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
     return entries

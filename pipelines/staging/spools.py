@@ -97,7 +97,10 @@ def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def process_unit(
-    unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, work: Path, params: StageParams,
+    unit: imagenet.TrainUnit | imagenet.ValUnit,
+    split: str,
+    work: Path,
+    params: StageParams,
     skip: frozenset[str] = frozenset(),
 ) -> UnitResult:
     """Decode, check and encode one unit's images (but those in `skip`) into its spool; reuse a finished spool.
@@ -118,14 +121,24 @@ def process_unit(
         tar.close()
     atomic_write_json(
         index,
-        {"unit": unit_id, "split": split, "params": unit_params(params), "spool_sha256": tar.sha256.hexdigest(),
-         "records": records, "bad": bad, "skipped": skipped},
+        {
+            "unit": unit_id,
+            "split": split,
+            "params": unit_params(params),
+            "spool_sha256": tar.sha256.hexdigest(),
+            "records": records,
+            "bad": bad,
+            "skipped": skipped,
+        },
     )
     return UnitResult(unit_id, split, tuple(records), tuple(bad), skipped)
 
 
 def _write_spool(
-    tar: TarWriter, unit: imagenet.TrainUnit | imagenet.ValUnit, split: str, params: StageParams,
+    tar: TarWriter,
+    unit: imagenet.TrainUnit | imagenet.ValUnit,
+    split: str,
+    params: StageParams,
     skip: frozenset[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
     if isinstance(unit, imagenet.TrainUnit):

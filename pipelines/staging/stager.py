@@ -31,10 +31,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pipelines.atomic import (
     atomic_write_json,
@@ -82,9 +83,7 @@ from pipelines.staging.versions import (
 )
 
 
-def work_dir(
-    root: Path, fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None
-) -> Path:
+def work_dir(root: Path, fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None) -> Path:
     """Spools shared by every version staged from the same source with the same encoding parameters.
 
     A rerun with another shard size, minival or bad-file limit is a new version but decodes nothing again. An
@@ -126,8 +125,11 @@ def _fingerprint_cache(src: imagenet.ImageNetSource, root: Path) -> Path:
 
 
 def find_finished(
-    source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
-    base_version: str | None = AUTO, min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    source_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    params: StageParams,
+    base_version: str | None = AUTO,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> Path | None:
     """The finished version that staging this source with these parameters would return at once, or None.
 
@@ -161,8 +163,10 @@ def check_out(root: Path, src: imagenet.ImageNetSource) -> None:
     for folder in src.folders:
         folder = folder.resolve()
         if root == folder or folder in root.parents:
-            raise StagingError(f"{root}: the output folder is inside the source's {folder}, where the next run "
-                               f"would read it as part of the source; choose a folder outside it")
+            raise StagingError(
+                f"{root}: the output folder is inside the source's {folder}, where the next run "
+                f"would read it as part of the source; choose a folder outside it"
+            )
 
 
 def _listed_train_counts(src: imagenet.ImageNetSource) -> dict[str, int] | None:
@@ -177,14 +181,21 @@ def _precheck_minival(src: imagenet.ImageNetSource, params: StageParams, min_tra
     and fewer images never leave a class more train images, so what fails here fails after decoding too."""
     counts = _listed_train_counts(src)
     if counts is not None:
-        check_minival(counts, minival_quota(counts, params.minival, params.seed), params.minival,
-                      min_train_per_class)
+        check_minival(counts, minival_quota(counts, params.minival, params.seed), params.minival, min_train_per_class)
 
 
 def stage(
-    source_path: str | os.PathLike[str], out: str | os.PathLike[str], params: StageParams,
-    map_units: Mapper | None = None, map_shards: Mapper | None = None, log: Callable[..., None] = print, *,
-    progress: Progress | None = None, workers: int = 1, base_version: str | None = AUTO, processes: bool = False,
+    source_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    params: StageParams,
+    map_units: Mapper | None = None,
+    map_shards: Mapper | None = None,
+    log: Callable[..., None] = print,
+    *,
+    progress: Progress | None = None,
+    workers: int = 1,
+    base_version: str | None = AUTO,
+    processes: bool = False,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
 ) -> Path:
     """Stage a source into `out/<version>`; returns that directory. Idempotent and resumable.
@@ -233,44 +244,70 @@ def stage(
             _record_work(work, src.root, _work_inputs(fingerprint, params, base.name if base else None), version)
             # Only this run's folders (it holds their lock); elsewhere under the root only what is clearly stale
             # (LATEST and fingerprint caches are rewritten in a blink by whichever run finishes).
-            removed = (remove_stale_temporaries(work) + remove_stale_temporaries(dest)
-                       + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
-                       + remove_stale_temporaries(root / WORK / FINGERPRINTS, older_than_s=3600))
+            removed = (
+                remove_stale_temporaries(work)
+                + remove_stale_temporaries(dest)
+                + remove_stale_temporaries(root, recursive=False, older_than_s=3600)
+                + remove_stale_temporaries(root / WORK / FINGERPRINTS, older_than_s=3600)
+            )
             if removed:
                 log(f"removed {removed} partial files left by an interrupted run")
             orphans = remove_orphans(root, work, src.root, version)
             if orphans:
                 log(f"removed what failed runs left and no run will reuse: {', '.join(orphans)}")
             units = unit_args(src, work, params, base)
-            log(f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
+            log(
+                f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
                 f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
-                f"{workers} worker(s)")
+                f"{workers} worker(s)"
+            )
             with unit_runner(workers, processes) as run_unit:
                 tracker = Tracker("units", len(units), log, progress)
                 try:
-                    results = largest_first(map_units or thread_map(workers), Counted(run_unit, tracker), units,
-                                            lambda a: unit_images(a[0]))
+                    results = largest_first(
+                        map_units or thread_map(workers), Counted(run_unit, tracker), units, lambda a: unit_images(a[0])
+                    )
                 except NotStarted:
+                    assert run_unit.failure is not None  # raised only once a unit has failed
                     raise run_unit.failure from None  # the unit that failed, not one stopped behind it
             if base is not None and src.kind == "archives":
                 check_base_seen(results, base)
             plan = plan_dataset(results, src.classes, params, base, min_train_per_class)
-            log(f"plan: {({k: len(v) for k, v in plan.splits.items()})} new images, {len(plan.bad)} bad files, "
-                f"{len(plan.shards)} shards to write")
+            log(
+                f"plan: { ({k: len(v) for k, v in plan.splits.items()}) } new images, {len(plan.bad)} bad files, "
+                f"{len(plan.shards)} shards to write"
+            )
             inherited = link_base_shards(root / base.name, dest, base.manifest.shards) if base else []
             tracker = Tracker("shards", len(plan.shards), log, progress)
-            entries = largest_first(map_shards or thread_map(workers), Counted(write_shard, tracker),
-                                    [(plan, shard, work, dest) for shard in plan.shards],
-                                    lambda a: shard_bytes(plan, a[1]))
+            entries = largest_first(
+                map_shards or thread_map(workers),
+                Counted(write_shard, tracker),
+                [(plan, shard, work, dest) for shard in plan.shards],
+                lambda a: shard_bytes(plan, a[1]),
+            )
             indexes = write_shard_indexes(dest, [*inherited, *entries])
             extras = {fmt: extra_writer(fmt)(plan, entries, work, dest, params) for fmt in params.formats}
             # The commit point: every file the manifest will list is on disk before the manifest is (shards and
             # FFCV files were only handed to the writeback; linked or copied base shards too).
-            fsync_files(dest / e["path"]
-                        for e in [*inherited, *entries, *indexes, *chain.from_iterable(extras.values())])
+            fsync_files(
+                dest / e["path"] for e in [*inherited, *entries, *indexes, *chain.from_iterable(extras.values())]
+            )
             keys = write_keys(dest, plan)
-            write_manifest(dest, build_manifest(plan, inherited + entries, params, fingerprint, src.kind, version,
-                                                code_version(), keys=keys, indexes=indexes, extra=extras))
+            write_manifest(
+                dest,
+                build_manifest(
+                    plan,
+                    inherited + entries,
+                    params,
+                    fingerprint,
+                    src.kind,
+                    version,
+                    code_version(),
+                    keys=keys,
+                    indexes=indexes,
+                    extra=extras,
+                ),
+            )
             _finish(root, version, src, fingerprint)
             return dest
     except BaseException:
@@ -290,8 +327,9 @@ def _exclusive(work: Path) -> Iterator[None]:
     delete each other's temporary files."""
     with _locked(work) as held:
         if not held:
-            raise StagingError(f"{work}: another staging run of this source is in progress; let it finish (or "
-                               f"stop it) and run again")
+            raise StagingError(
+                f"{work}: another staging run of this source is in progress; let it finish (or stop it) and run again"
+            )
         yield
 
 
@@ -370,8 +408,11 @@ def remove_orphans(root: Path, work: Path, source: Path, version: str) -> list[s
         meta = _work_meta(other)
         encoding = meta.get("inputs", {}).get("unit", {}).get("encoding") if meta else _spool_encoding(other)
         stale = encoding is not None and encoding != ENCODING
-        failed = meta is not None and meta.get("source") == str(source) and not any(
-            (root / v / MANIFEST).is_file() for v in meta.get("versions", []))
+        failed = (
+            meta is not None
+            and meta.get("source") == str(source)
+            and not any((root / v / MANIFEST).is_file() for v in meta.get("versions", []))
+        )
         if not (stale or failed):
             continue
         try:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from pipelines.atomic import (
     atomic_write_bytes,
@@ -108,13 +109,15 @@ def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: Stage
             continue  # class tars: checked while reading (the units count the base images they saw)
         missing = sorted(k for k, wnid in base.known(split).items() if listed.get(k) != wnid)
         if missing:
-            return (f"{len(missing)} of its {split} images are not in the source with the same class "
-                    f"(e.g. {missing[0]})")
+            return f"{len(missing)} of its {split} images are not in the source with the same class (e.g. {missing[0]})"
     return None
 
 
 def resolve_base(
-    root: Path, base_version: str | None, src: imagenet.ImageNetSource, params: StageParams,
+    root: Path,
+    base_version: str | None,
+    src: imagenet.ImageNetSource,
+    params: StageParams,
     log: Callable[..., None],
 ) -> BaseVersion | None:
     """The version to grow from: `base_version` by name, the latest compatible one for AUTO, or None."""
@@ -166,16 +169,28 @@ def check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
 def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None) -> str:
     """A content address: the same source staged with the same parameters (from the same base) by code that cuts
     the same shards is the same version."""
-    inputs: dict[str, Any] = {"source": fingerprint, "params": asdict(params), "encoding": ENCODING,
-                              "shard_layout": SHARD_LAYOUT}
+    inputs: dict[str, Any] = {
+        "source": fingerprint,
+        "params": asdict(params),
+        "encoding": ENCODING,
+        "shard_layout": SHARD_LAYOUT,
+    }
     if base_version is not None:
         inputs["base_version"] = base_version
     return "imagenet-" + content_hash(inputs, 12)
 
 
 def build_manifest(
-    plan: DatasetPlan, shards: Sequence[FileEntry], params: StageParams, fingerprint: dict[str, Any],
-    source_kind: str, version: str, code_version: str, *, keys: FileEntry, indexes: Sequence[FileEntry],
+    plan: DatasetPlan,
+    shards: Sequence[FileEntry],
+    params: StageParams,
+    fingerprint: dict[str, Any],
+    source_kind: str,
+    version: str,
+    code_version: str,
+    *,
+    keys: FileEntry,
+    indexes: Sequence[FileEntry],
     extra: Mapping[str, Sequence[FileEntry]],
 ) -> Manifest:
     """The manifest of a version: its own shards and, for an incremental version, the base's too, with the keys

@@ -12,8 +12,10 @@ Modules, in the order a job uses them:
   `driver` is that Ray job's process (`python -m pipelines.training.driver`).
 - `job`: `run_training`, the driver's work: MLflow run, Ray Train's TorchTrainer, val on the chosen checkpoint,
   registration.
+- `supervise`: the driver's watch over its Ray Train run: abort, SIGTERM, one progress line per epoch.
 - `warm_start`: a job's initial weights from a registered version (fine-tuning, nightly).
 - `loop`: `train_worker`, the loop on every Ray worker: epochs, minival, early stopping, checkpoints.
+- `steps`: the pieces of one step (optimizer, EMA, batch preparation, gradient accumulation, seeding).
 - `evaluate`: top-1/top-5/loss of a model on a split, in the loop, on the cluster, or in-process.
 - `schedules`: learning rate, EMA decay and the progressive-learning stage settings as pure functions of epoch.
 - `augment`: batch augmentations on the device (RandAugment, AutoAugment, mixup/cutmix).

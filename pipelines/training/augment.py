@@ -12,7 +12,7 @@ Magnitudes follow the TF reference: level in [0, 10] maps linearly onto each op'
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -151,15 +151,26 @@ def sharpness(x: torch.Tensor, level: float, g: torch.Generator) -> torch.Tensor
 
 Op = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 RANDAUGMENT_OPS: dict[str, Op] = {
-    "Identity": identity, "AutoContrast": auto_contrast, "Equalize": equalize, "Rotate": rotate,
-    "Solarize": solarize, "Color": color, "Posterize": posterize, "Contrast": contrast,
-    "Brightness": brightness, "Sharpness": sharpness, "ShearX": shear_x, "ShearY": shear_y,
-    "TranslateX": translate_x, "TranslateY": translate_y,
+    "Identity": identity,
+    "AutoContrast": auto_contrast,
+    "Equalize": equalize,
+    "Rotate": rotate,
+    "Solarize": solarize,
+    "Color": color,
+    "Posterize": posterize,
+    "Contrast": contrast,
+    "Brightness": brightness,
+    "Sharpness": sharpness,
+    "ShearX": shear_x,
+    "ShearY": shear_y,
+    "TranslateX": translate_x,
+    "TranslateY": translate_y,
 }
 
 
-def rand_augment(images: torch.Tensor, magnitude: float, num_ops: int = 2,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def rand_augment(
+    images: torch.Tensor, magnitude: float, num_ops: int = 2, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """RandAugment on a uint8 NCHW batch: each image gets `num_ops` ops drawn uniformly, at `magnitude`."""
     if magnitude <= 0 or num_ops <= 0:
         return images
@@ -178,18 +189,30 @@ def rand_augment(images: torch.Tensor, magnitude: float, num_ops: int = 2,
 # The AutoAugment ImageNet policy (Cubuk et al. 2019, Table 9 / the TF reference "v0"): 25 sub-policies of
 # two (op, probability, level) steps; one sub-policy is drawn per image.
 IMAGENET_POLICY: tuple[tuple[tuple[str, float, int], tuple[str, float, int]], ...] = (
-    (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)), (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
-    (("Color", 0.4, 1), ("Rotate", 0.6, 8)), (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
-    (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)), (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
-    (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)), (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
-    (("Color", 0.6, 1), ("Equalize", 1.0, 2)), (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
-    (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)), (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
-    (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)), (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
-    (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)), (("Rotate", 1.0, 7), ("TranslateY", 0.8, 9)),
-    (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)), (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
-    (("Color", 1.0, 0), ("Rotate", 0.6, 2)), (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
-    (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)), (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
-    (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)), (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)),
+    (("Equalize", 0.8, 1), ("ShearY", 0.8, 4)),
+    (("Color", 0.4, 9), ("Equalize", 0.6, 3)),
+    (("Color", 0.4, 1), ("Rotate", 0.6, 8)),
+    (("Solarize", 0.8, 3), ("Equalize", 0.4, 7)),
+    (("Solarize", 0.4, 2), ("Solarize", 0.6, 2)),
+    (("Color", 0.2, 0), ("Equalize", 0.8, 8)),
+    (("Equalize", 0.4, 8), ("SolarizeAdd", 0.8, 3)),
+    (("ShearX", 0.2, 9), ("Rotate", 0.6, 8)),
+    (("Color", 0.6, 1), ("Equalize", 1.0, 2)),
+    (("Invert", 0.4, 9), ("Rotate", 0.6, 0)),
+    (("Equalize", 1.0, 9), ("ShearY", 0.6, 3)),
+    (("Color", 0.4, 7), ("Equalize", 0.6, 0)),
+    (("Posterize", 0.4, 6), ("AutoContrast", 0.4, 7)),
+    (("Solarize", 0.6, 8), ("Color", 0.6, 9)),
+    (("Solarize", 0.2, 4), ("Rotate", 0.8, 9)),
+    (("Rotate", 1.0, 7), ("TranslateY", 0.8, 9)),
+    (("ShearX", 0.0, 0), ("Solarize", 0.8, 4)),
+    (("ShearY", 0.8, 0), ("Color", 0.6, 4)),
+    (("Color", 1.0, 0), ("Rotate", 0.6, 2)),
+    (("Equalize", 0.8, 4), ("Equalize", 0.0, 8)),
+    (("Equalize", 1.0, 4), ("AutoContrast", 0.6, 2)),
+    (("ShearY", 0.4, 7), ("SolarizeAdd", 0.6, 7)),
+    (("Posterize", 0.8, 2), ("Solarize", 0.6, 10)),
+    (("Solarize", 0.6, 8), ("Equalize", 0.6, 1)),
     (("Color", 0.8, 6), ("Rotate", 0.4, 5)),
 )
 
@@ -221,8 +244,13 @@ def auto_augment(images: torch.Tensor, generator: torch.Generator | None = None)
 
 
 def mix_batch(
-    x: torch.Tensor, labels: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
-    label_smoothing: float, generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    label_smoothing: float,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix (one per batch, chosen evenly when both are on) with smoothed soft targets.
 

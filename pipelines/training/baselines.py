@@ -31,8 +31,7 @@ def baseline_path(layout: DataLayout, name: str) -> Path:
 
 
 def save_baseline(layout: DataLayout, name: str, arch: Architecture, source: dict[str, Any] | None = None) -> Path:
-    return atomic_write_json(baseline_path(layout, name), {"table": architecture_to_dict(arch),
-                                                           "source": source or {}})
+    return atomic_write_json(baseline_path(layout, name), {"table": architecture_to_dict(arch), "source": source or {}})
 
 
 def load_baseline(layout: DataLayout, name: str) -> Architecture:
@@ -40,8 +39,9 @@ def load_baseline(layout: DataLayout, name: str) -> Architecture:
     path = baseline_path(layout, name)
     if not path.exists():
         known = sorted(p.stem for p in layout.baselines.glob(f"*{SUFFIX}"))
-        raise ValueError(f"no baseline {name!r}; known: {', '.join(known) or 'none'} (baselines live in "
-                         f"{layout.baselines})")
+        raise ValueError(
+            f"no baseline {name!r}; known: {', '.join(known) or 'none'} (baselines live in {layout.baselines})"
+        )
     try:
         return architecture_from_dict(json.loads(path.read_text())["table"])
     except (KeyError, TypeError, ValueError) as exc:

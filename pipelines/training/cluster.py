@@ -10,8 +10,9 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from pipelines.settings import RAY_LOOPBACK_ENV, TRACKING_URI_ENV, DataLayout
 from pipelines.training.recipe import Recipe
@@ -53,11 +54,14 @@ def unmet_request(workers: int, per_worker: Resources, nodes: Sequence[Resources
         return None
     totals = {k: sum(n.get(k, 0.0) for n in nodes) for k in _SHOWN}
     missing = [k for k, v in per_worker.items() if v * workers > totals.get(k, 0.0)] or [
-        f"room on one node for a whole worker ({_describe(per_worker)})"]
-    return (f"the job asks for {workers} workers x {_describe(per_worker)}, the cluster has {len(nodes)} "
-            f"node(s) with {_describe(totals)} in all (per node: {', '.join(_describe(n) for n in nodes)}); "
-            f"missing: {', '.join(missing)}. Lower ray.num_workers / ray.cpus_per_worker, set ray.use_gpu: false, "
-            "or add nodes")
+        f"room on one node for a whole worker ({_describe(per_worker)})"
+    ]
+    return (
+        f"the job asks for {workers} workers x {_describe(per_worker)}, the cluster has {len(nodes)} "
+        f"node(s) with {_describe(totals)} in all (per node: {', '.join(_describe(n) for n in nodes)}); "
+        f"missing: {', '.join(missing)}. Lower ray.num_workers / ray.cpus_per_worker, set ray.use_gpu: false, "
+        "or add nodes"
+    )
 
 
 def alive_node_resources() -> list[dict[str, float]]:
@@ -120,11 +124,11 @@ def init_local(**init_args: Any) -> Any:
         def __init__(self, *args: Any, dashboard_agent_listen_port: int | None = port, **kwargs: Any):
             super().__init__(*args, dashboard_agent_listen_port=dashboard_agent_listen_port, **kwargs)
 
-    parameter.RayParams = _ParamsWithFreeAgentPort
+    parameter.RayParams = _ParamsWithFreeAgentPort  # type: ignore[misc]  # the swap the docstring describes
     try:
         return ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **init_args)
     finally:
-        parameter.RayParams = original
+        parameter.RayParams = original  # type: ignore[misc]
 
 
 def _free_port() -> int:

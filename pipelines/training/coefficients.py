@@ -32,14 +32,20 @@ def known_sets(layout: DataLayout) -> list[str]:
     return [PAPER_COEFFICIENTS.name, *sorted(p.stem for p in layout.coefficients.glob(f"*{SUFFIX}"))]
 
 
-def save_coefficient_set(layout: DataLayout, cs: CoefficientSet, tolerance: float = DEFAULT_COEFFICIENT_TOLERANCE,
-                         source: dict[str, Any] | None = None) -> Path:
+def save_coefficient_set(
+    layout: DataLayout,
+    cs: CoefficientSet,
+    tolerance: float = DEFAULT_COEFFICIENT_TOLERANCE,
+    source: dict[str, Any] | None = None,
+) -> Path:
     """Store a set under its name (checked first; `paper` is built in and cannot be replaced)."""
     if cs.name == PAPER_COEFFICIENTS.name:
         raise ValueError(f"coefficient set {cs.name!r} is built in; store a search's result under another name")
     check_coefficients(f"coefficient set {cs.name!r}", cs.alpha, cs.beta, cs.gamma, tolerance)
-    return atomic_write_json(set_path(layout, cs.name), {"alpha": cs.alpha, "beta": cs.beta, "gamma": cs.gamma,
-                                                         "tolerance": tolerance, "source": source or {}})
+    return atomic_write_json(
+        set_path(layout, cs.name),
+        {"alpha": cs.alpha, "beta": cs.beta, "gamma": cs.gamma, "tolerance": tolerance, "source": source or {}},
+    )
 
 
 def load_coefficient_set(layout: DataLayout, name: str) -> tuple[CoefficientSet, float]:
@@ -48,13 +54,15 @@ def load_coefficient_set(layout: DataLayout, name: str) -> tuple[CoefficientSet,
         return PAPER_COEFFICIENTS, DEFAULT_COEFFICIENT_TOLERANCE
     path = set_path(layout, name)
     if not path.exists():
-        raise ValueError(f"no coefficient set {name!r}; known: {', '.join(known_sets(layout))} "
-                         f"(sets live in {layout.coefficients})")
+        raise ValueError(
+            f"no coefficient set {name!r}; known: {', '.join(known_sets(layout))} (sets live in {layout.coefficients})"
+        )
     try:
         data = json.loads(path.read_text())
         tolerance = float(data.get("tolerance", DEFAULT_COEFFICIENT_TOLERANCE))
-        cs = check_coefficients(f"coefficient set {name!r} ({path})", data["alpha"], data["beta"], data["gamma"],
-                                tolerance)
+        cs = check_coefficients(
+            f"coefficient set {name!r} ({path})", data["alpha"], data["beta"], data["gamma"], tolerance
+        )
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a coefficient set ({exc.__class__.__name__}: {exc})") from None
     return CoefficientSet(name, cs.alpha, cs.beta, cs.gamma), tolerance
@@ -70,6 +78,8 @@ def resolve_coefficients(recipe: Recipe, layout: DataLayout) -> Recipe:
     numbers = {"alpha": cs.alpha, "beta": cs.beta, "gamma": cs.gamma}
     clash = [k for k, v in numbers.items() if getattr(m, k) is not None and getattr(m, k) != v]
     if clash:
-        raise ValueError(f"model.coefficients {cs.name!r} has {', '.join(f'{k} {numbers[k]:g}' for k in clash)}, "
-                         f"the recipe says {', '.join(f'{k} {getattr(m, k):g}' for k in clash)}: give one of them")
+        raise ValueError(
+            f"model.coefficients {cs.name!r} has {', '.join(f'{k} {numbers[k]:g}' for k in clash)}, "
+            f"the recipe says {', '.join(f'{k} {getattr(m, k):g}' for k in clash)}: give one of them"
+        )
     return recipe.with_overrides(model={**numbers, "coefficient_tolerance": tolerance})

@@ -10,25 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from pipelines.atomic import atomic_write_json
-from pipelines.dataset import DataError
-from pipelines.settings import DataLayout, StackError, data_layout
+from pipelines.dataset import BAD_INPUT
+from pipelines.settings import DataLayout, data_layout
 
 if TYPE_CHECKING:
     from pipelines.training.job import TrainResult
     from pipelines.training.recipe import Recipe
 # The job's modules are imported where used: after `use_stack`, which sets what Ray and MLflow read at import.
 
-# What a caller gets as one line (exit 2) rather than a traceback: the input it gave is wrong.
-BAD_INPUT = (ValueError, FileNotFoundError, DataError, StackError)
 
-
-def train_and_report(recipe: Recipe, dataset_dir: str | Path, layout: DataLayout, ray_address: str | None = None,
-                     tags: Mapping[str, str] | None = None, result_file: str | None = None) -> TrainResult:
+def train_and_report(
+    recipe: Recipe,
+    dataset_dir: str | Path,
+    layout: DataLayout,
+    ray_address: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    result_file: str | None = None,
+) -> TrainResult:
     """A named coefficient set or baseline resolved, the job checked before Ray starts, trained; its result
     written to `result_file` (else printed as JSON), each epoch's line on stderr."""
     from pipelines.training.baselines import resolve_named
@@ -36,8 +40,14 @@ def train_and_report(recipe: Recipe, dataset_dir: str | Path, layout: DataLayout
 
     recipe = resolve_named(recipe, layout)
     validate_job(recipe, dataset_dir)  # a bad variant or dataset fails here, before Ray starts
-    result = run_training(recipe, dataset_dir, layout, ray_address=ray_address,
-                          progress=lambda line: print(line, file=sys.stderr, flush=True), tags=dict(tags or {}))
+    result = run_training(
+        recipe,
+        dataset_dir,
+        layout,
+        ray_address=ray_address,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        tags=dict(tags or {}),
+    )
     if result_file:
         atomic_write_json(result_file, asdict(result))
     else:
@@ -54,15 +64,34 @@ def key_value(flag: str, text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.training.driver",
-                                description="Train one job of a recipe file on a staged dataset version.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.training.driver",
+        description="Train one job of a recipe file on a staged dataset version.",
+    )
     p.add_argument("--data-dir", default=None, help="the data directory (default $EFFNET_DATA_DIR or ./data)")
     p.add_argument("--recipe", required=True, help="the job's whole recipe, a YAML or JSON file")
     p.add_argument("--data", required=True, help="a staged dataset version directory")
-    p.add_argument("--ray-address", help="the Ray cluster to join")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="a tag for the MLflow run")
-    p.add_argument("--result-file", help="write the result (JSON) to this file instead of to stdout")
+    add_job_arguments(p)
     return p
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of one job's run (the driver's and `effnet train`/`finetune`'s): where, tagged how, reported where."""
+    p.add_argument(
+        "--ray-address",
+        help="the Ray cluster to join (default: $RAY_ADDRESS, the stack's head, or a "
+        "local instance of this process's own)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a tag for the MLflow run (repeatable), e.g. the Prefect flow run that submitted the job",
+    )
+    p.add_argument(
+        "--result-file", help="write the result (JSON) to this file, whole or not at all, instead of to stdout"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,8 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         layout.use_stack(check=True)
         from pipelines.training.recipe import load_recipe
 
-        train_and_report(load_recipe(args.recipe), args.data, layout, args.ray_address,
-                         dict(key_value("--tag", t) for t in args.tag), args.result_file)
+        train_and_report(
+            load_recipe(args.recipe),
+            args.data,
+            layout,
+            args.ray_address,
+            dict(key_value("--tag", t) for t in args.tag),
+            args.result_file,
+        )
         return 0
     except BAD_INPUT as exc:
         print(f"effnet train: error: {exc}", file=sys.stderr)

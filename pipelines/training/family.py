@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines.dataset import latest_version
 from pipelines.registry import tracking
-from pipelines.registry.compare import FAILED, TRAINED
+from pipelines.registry.compare import FAILED, row_status
 from pipelines.registry.tracking import Tags
 from pipelines.settings import DataLayout, data_layout
 from pipelines.training.baselines import resolve_named
@@ -28,9 +28,13 @@ DEMO_BASELINE = DEMO_FAMILY[0]
 DEMO_PHI = float(parse_family_member(DEMO_BASELINE)["phi"])
 
 
-def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
-                   member_overrides: dict[str, dict] | None = None,
-                   layout: DataLayout | None = None) -> Jobs:
+def member_recipes(
+    variants: list[str],
+    recipe: str,
+    overrides: dict | None,
+    member_overrides: dict[str, dict] | None = None,
+    layout: DataLayout | None = None,
+) -> Jobs:
     """Each member's recipe: the recipe, `overrides`, the member's model, then the member's own overrides; a named
     coefficient set resolved to its numbers (from `layout`'s sets).
 
@@ -47,14 +51,18 @@ def member_recipes(variants: list[str], recipe: str, overrides: dict | None,
     jobs = []
     for variant in variants:
         tuned = base.with_overrides(model=parse_family_member(variant))
-        if (own := (member_overrides or {}).get(variant)):
+        if own := (member_overrides or {}).get(variant):
             tuned = tuned.with_overrides(**own)
         jobs.append((variant, resolve_named(tuned, layout or data_layout())))
     return jobs
 
 
 def plan_family(
-    variants: list[str], recipe: str, dataset_dir: str | None, data_dir: str | None, overrides: dict | None,
+    variants: list[str],
+    recipe: str,
+    dataset_dir: str | None,
+    data_dir: str | None,
+    overrides: dict | None,
     member_overrides: dict[str, dict] | None = None,
 ) -> tuple[Path, Jobs]:
     """Every member's recipe (`member_recipes`), checked with the dataset, before anything trains.
@@ -88,9 +96,8 @@ def from_champions(c: Any, jobs: Jobs) -> tuple[Jobs, list[str]]:
 def variant_row(variant: str, outcome: dict | BaseException) -> dict:
     """A variant's row: its TrainResult's fields and status "trained", or its name, status "failed" and why."""
     if isinstance(outcome, BaseException):
-        lines = str(outcome).strip().splitlines()
-        return {"variant": variant, "status": FAILED, "reason": lines[0] if lines else type(outcome).__name__}
-    return {**outcome, "status": TRAINED}
+        return {"variant": variant, **row_status(outcome)}
+    return {**outcome, **row_status(None)}
 
 
 def failed_members(rows: list[dict]) -> str | None:
@@ -98,8 +105,9 @@ def failed_members(rows: list[dict]) -> str | None:
     failed = [row for row in rows if row["status"] == FAILED]
     if not failed:
         return None
-    return (f"{len(failed)} of {len(rows)} variant(s) failed: "
-            + "; ".join(f"{row['variant']} ({row['reason']})" for row in failed))
+    return f"{len(failed)} of {len(rows)} variant(s) failed: " + "; ".join(
+        f"{row['variant']} ({row['reason']})" for row in failed
+    )
 
 
 def finetune_overrides(recipe: Recipe, epochs: int, lr_scale: float) -> dict[str, dict[str, Any]]:
@@ -107,12 +115,15 @@ def finetune_overrides(recipe: Recipe, epochs: int, lr_scale: float) -> dict[str
     already) at `lr_scale` times the recipe's learning rate; minival at least once."""
     if epochs < 1 or not lr_scale > 0:
         raise ValueError(f"finetune_epochs ({epochs}) must be >= 1 and finetune_lr_scale ({lr_scale}) > 0")
-    return {"schedule": {"epochs": epochs, "eval_every": min(recipe.schedule.eval_every, epochs)},
-            "optim": {"warmup_epochs": 0.0, "lr_per_256": recipe.optim.lr_per_256 * lr_scale}}
+    return {
+        "schedule": {"epochs": epochs, "eval_every": min(recipe.schedule.eval_every, epochs)},
+        "optim": {"warmup_epochs": 0.0, "lr_per_256": recipe.optim.lr_per_256 * lr_scale},
+    }
 
 
 def untrained_members(c: Any, members: list[tuple[str, str]], dataset_version: str) -> list[str]:
     """The members (variant as written, its variant slug) with no registered version on `dataset_version`."""
+
     def trained(slug: str) -> bool:
         name = tracking.registered_name(slug)
         query = f"name = '{name}' and tags.{Tags.DATASET_VERSION} = '{dataset_version}'"
@@ -121,15 +132,17 @@ def untrained_members(c: Any, members: list[tuple[str, str]], dataset_version: s
     return [variant for variant, slug in members if not trained(slug)]
 
 
-def night_member_overrides(c: Any, members: list[tuple[str, str]], night: dict | None,
-                           member_overrides: dict | None) -> tuple[dict[str, dict], list[str]]:
+def night_member_overrides(
+    c: Any, members: list[tuple[str, str]], night: dict | None, member_overrides: dict | None
+) -> tuple[dict[str, dict], list[str]]:
     """Each member's own overrides for the night, and the members that fine-tune: with `night` (fine-tuning),
     a member whose variant has a champion gets the fine-tuning sections under its own overrides; one without
     trains from scratch with the recipe's whole schedule (the first night)."""
     names = {v for v, _ in members}
     own = {v: o for v, o in (member_overrides or {}).items() if v in names}
-    finetuned = [v for v, slug in members
-                 if night and tracking.champion_version(c, tracking.registered_name(slug)) is not None]
+    finetuned = [
+        v for v, slug in members if night and tracking.champion_version(c, tracking.registered_name(slug)) is not None
+    ]
     for v in finetuned:
         own[v] = merge_sections({}, night, own.get(v))
     return own, finetuned

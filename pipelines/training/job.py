@@ -6,7 +6,7 @@ Read `run_training` top to bottom: check the job (variant, dataset, cluster), st
 (`_open_job`: a job is its variant, its whole recipe and the dataset version), fit, evaluate the chosen
 checkpoint on val (`_chosen_checkpoint`, `evaluate_on_cluster` of `pipelines.training.evaluate`), decide on
 minival whether it takes `champion` (`_promotion`), register it (`_register`). Cancelling the caller (SIGTERM,
-Ctrl-C, a cancelled flow run) stops the workers and records the run KILLED (`_StopOnSigterm`, `_abort`);
+Ctrl-C, a cancelled flow run) stops the workers and records the run KILLED (`supervise.StopOnSigterm`, `abort`);
 `EpochProgress` prints one line per epoch from MLflow while the job runs.
 """
 
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
-import signal
-import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,29 +28,29 @@ import models
 from models.checkpoint import read_checkpoint, scored_weights
 from models.summary import count_gmacs, count_params, meta_model
 from pipelines.atomic import atomic_write_json
-from pipelines.dataset import FFCV, SPLITS, DataError, check_version, manifest_hash, read_manifest
+from pipelines.dataset import FFCV, SPLITS, DataError, Manifest, check_version, manifest_hash, read_manifest
 from pipelines.hashing import content_hash
 from pipelines.loading.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.registry import tracking
+from pipelines.registry.promotion import Promotion, decide_promotion
+from pipelines.registry.tracking import Tags
 from pipelines.settings import TRACKING_URI_ENV, DataLayout, data_layout
 from pipelines.training import cluster
 from pipelines.training.evaluate import evaluate_on_cluster
-from pipelines.registry import tracking
-from pipelines.registry.promotion import Promotion, decide_promotion
-from pipelines.training.recipe import Recipe
-from pipelines.training.schedules import check_progressive_eval_size
-from pipelines.training.sizing import BatchPlan, size_job
-from pipelines.registry.tracking import Tags
-from pipelines.training.warm_start import write_init_weights
 from pipelines.training.loop import (
     CHECKPOINT_FILE,
     CHECKPOINT_RANK,
     UNSCORED,
     JobSpec,
-    last_logged_epoch,
     score_order,
     train_steps_per_epoch,
     train_worker,
 )
+from pipelines.training.recipe import Recipe
+from pipelines.training.schedules import check_progressive_eval_size
+from pipelines.training.sizing import BatchPlan, size_job
+from pipelines.training.supervise import EpochProgress, StopOnSigterm, abort, abortable_trainer
+from pipelines.training.warm_start import write_init_weights
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ def _job_marker(layout: DataLayout, key: str) -> Path:
 RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
-def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str, Any], BatchPlan]:
+def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[models.VariantSpec, Manifest, BatchPlan]:
     """Everything that can be checked before Ray starts: the variant, the dataset and its files, and that the
     variant fits the recipe's device memory (the micro-batch and accumulation that make its batch)."""
     spec = recipe.model.spec()
@@ -126,11 +124,14 @@ def validate_job(recipe: Recipe, dataset_dir: str | Path) -> tuple[Any, dict[str
     # A stat per file: a deleted or truncated shard is found here, not inside the Ray workers after retries.
     check_version(dataset_dir)
     if recipe.data.backend == FFCV and FFCV not in manifest.extra:
-        raise DataError(f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
-                        f"files; stage it with formats including '{FFCV}' (or choose the wds backend)")
+        raise DataError(
+            f"{dataset_dir}: the recipe reads through data.backend {FFCV}, but the version has no FFCV "
+            f"files; stage it with formats including '{FFCV}' (or choose the wds backend)"
+        )
     batches = size_job(recipe, spec, manifest.num_classes)
-    train_steps_per_epoch(manifest.splits["train"].samples, recipe.data, batches.micro_batch,
-                          batches.accumulation, recipe.ray.num_workers)
+    train_steps_per_epoch(
+        manifest.splits["train"].samples, recipe.data, batches.micro_batch, batches.accumulation, recipe.ray.num_workers
+    )
     return spec, manifest, batches
 
 
@@ -145,12 +146,25 @@ class _Job:
 
     def mark(self, status: str, seconds: float = 0.0) -> None:
         """Record the job's status and its wall-clock seconds so far (this attempt's `seconds` added)."""
-        atomic_write_json(self.marker, {"job_name": self.name, "run_id": self.run_id, "status": status,
-                                        "wall_clock_seconds": self.seconds_before + seconds})
+        atomic_write_json(
+            self.marker,
+            {
+                "job_name": self.name,
+                "run_id": self.run_id,
+                "status": status,
+                "wall_clock_seconds": self.seconds_before + seconds,
+            },
+        )
 
 
 def _open_job(
-    c: Any, exp_id: str, layout: DataLayout, spec: Any, recipe: Recipe, manifest: dict, batches: BatchPlan,
+    c: Any,
+    exp_id: str,
+    layout: DataLayout,
+    spec: Any,
+    recipe: Recipe,
+    manifest: Manifest,
+    batches: BatchPlan,
     tags: Mapping[str, str],
 ) -> _Job:
     """The unfinished job with this key (reopened), or a new one with a new MLflow run whose params are the recipe
@@ -159,8 +173,9 @@ def _open_job(
     marker = _job_marker(layout, key)
     previous = json.loads(marker.read_text()) if marker.exists() else None
     if previous is not None and previous.get("status") != "finished":
-        job = _Job(key, previous["job_name"], previous["run_id"], True, marker,
-                   float(previous.get("wall_clock_seconds", 0.0)))
+        job = _Job(
+            key, previous["job_name"], previous["run_id"], True, marker, float(previous.get("wall_clock_seconds", 0.0))
+        )
         c.update_run(job.run_id, status="RUNNING")
         for k, v in tags.items():
             c.set_tag(job.run_id, k, v)
@@ -168,9 +183,18 @@ def _open_job(
     else:
         name = f"{key}__{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(
-            c, exp_id, run_name=f"{spec.name} {recipe.name}", params={**recipe.model_dump(), **batches.as_params()},
-            tags={Tags.VARIANT: spec.name, Tags.RECIPE: recipe.name, Tags.DATASET_VERSION: manifest.version,
-                  Tags.JOB_NAME: name, Tags.JOB_KEY: key, **tags},
+            c,
+            exp_id,
+            run_name=f"{spec.name} {recipe.name}",
+            params={**recipe.model_dump(), **batches.as_params()},
+            tags={
+                Tags.VARIANT: spec.name,
+                Tags.RECIPE: recipe.name,
+                Tags.DATASET_VERSION: manifest.version,
+                Tags.JOB_NAME: name,
+                Tags.JOB_KEY: key,
+                **tags,
+            },
         )
         tracking.log_dict(c, run_id, recipe.model_dump(), "config/recipe.json")
         tracking.log_dict(c, run_id, {"variant": spec.to_dict()}, "config/variant.json")
@@ -179,153 +203,13 @@ def _open_job(
     return job
 
 
-def _abortable_trainer(*args: Any, **kwargs: Any) -> Any:
-    """A TorchTrainer whose run can be aborted from the driver (a cancelled flow run), so Ray Train stops its
-    workers and withdraws its resource request instead of leaving them to the owner's death (`_abort`)."""
-    from ray.train.torch import TorchTrainer
-
-    class AbortableTorchTrainer(TorchTrainer):
-        controller: Any = None
-
-        # NOTE: Ray 2.60's only hook that sees the controller actor (DataParallelTrainer registers its own
-        # SIGINT handler with it); pinned in constraints.txt.
-        def _register_sigint_handler(self, controller: Any) -> None:
-            self.controller = controller
-            super()._register_sigint_handler(controller)
-
-        # NOTE: Ray 2.60 starts a DatasetManager actor for every run, also one without Ray Datasets (ours have
-        # their own loaders): one more process, importing Ray Data, on the way to the first step.
-        def _create_default_callbacks(self) -> list[Any]:
-            from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-
-            callbacks = super()._create_default_callbacks()
-            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-
-    return AbortableTorchTrainer(*args, **kwargs)
-
-
-def _abort(trainer: Any) -> None:
-    import ray
-
-    if getattr(trainer, "controller", None) is None:
-        return
-    try:
-        ray.get(trainer.controller.abort.remote(), timeout=25)
-    except Exception:  # noqa: BLE001 (already gone: nothing left to stop)
-        pass
-
-
-class _StopOnSigterm:
-    """SIGTERM (a cancelled Prefect flow run, `kill`) while Ray Train runs the job.
-
-    The driver waits in `ray.get`, which runs a signal handler at once but raises the handler's exception only
-    when the job has ended (as a SystemError): the cancellation would wait for the whole training. So the
-    handler here keeps the exception that the handler before it (Prefect's TerminationSignal, or exit) raises,
-    and stops the job from a thread (`on_stop`); once `fit` returns, `reraise` raises that exception.
-    """
-
-    def __init__(self, on_stop: Callable[[], Any]):
-        self.on_stop, self.exc, self.previous = on_stop, None, None
-        self.thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_StopOnSigterm":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.exc is not None:
-            return  # already stopping
-        try:
-            if callable(self.previous):
-                self.previous(signum, frame)
-            self.exc = SystemExit(128 + signum)  # the default action, after the job is stopped
-        except BaseException as exc:  # noqa: BLE001 (kept, raised by `reraise`)
-            self.exc = exc
-        self.thread = threading.Thread(target=self.on_stop, name="stop-job", daemon=True)
-        self.thread.start()
-
-    def wait(self, timeout: float = 30) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
-
-    def reraise(self) -> None:
-        if self.exc is not None:
-            self.wait()
-            raise self.exc
-
-
-class EpochProgress:
-    """One line per finished epoch, read from the job's MLflow run while Ray trains (rank 0 logs each epoch
-    there as soon as its checkpoint is persisted), so the driver's log (the Prefect run's) follows the job."""
-
-    # An epoch's metrics land in one batch: once its `epoch_seconds` is seen, the rest of its row is there too,
-    # so that key is read first and decides which epochs are complete.
-    DONE_KEY = "epoch_seconds"
-    KEYS = ("train_loss", "minival_top1", "best_minival_top1", "images_per_s", "image_size")
-
-    def __init__(self, c: Any, run_id: str, label: str, epochs: int, emit: Callable[[str], None],
-                 interval: float = 2.0):
-        self.c, self.run_id, self.label, self.epochs = c, run_id, label, epochs
-        self.emit, self.interval = emit, interval
-        self.shown = last_logged_epoch(c, run_id)  # a resumed job shows only its new epochs
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
-
-    def __enter__(self) -> "EpochProgress":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.poll()  # the last epoch's line, if it landed after the final poll
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.poll()
-            except Exception as exc:  # noqa: BLE001 (a missed poll is shown by the next one)
-                log.debug("progress poll failed: %s", exc)
-
-    def poll(self) -> None:
-        rows = {m.step: {self.DONE_KEY: m.value}
-                for m in self.c.get_metric_history(self.run_id, self.DONE_KEY) if m.step > self.shown}
-        if not rows:
-            return
-        for key in self.KEYS:
-            for m in self.c.get_metric_history(self.run_id, key):
-                if m.step in rows:
-                    rows[m.step][key] = m.value
-        for epoch in sorted(rows):
-            self.emit(format_epoch_line(self.label, epoch, self.epochs, rows[epoch]))
-            self.shown = epoch
-
-
-def format_epoch_line(label: str, epoch: int, epochs: int, row: Mapping[str, float]) -> str:
-    parts = [f"{label} epoch {epoch + 1}/{epochs}"]
-    if "train_loss" in row:
-        parts.append(f"train loss {row['train_loss']:.3f}")
-    if not math.isnan(row.get("minival_top1", math.nan)):
-        parts.append(f"minival top-1 {row['minival_top1']:.1f}")
-    if "best_minival_top1" in row:
-        parts.append(f"best {row['best_minival_top1']:.1f}")
-    if "image_size" in row:
-        parts.append(f"{row['image_size']:.0f} px")
-    if "images_per_s" in row:
-        parts.append(f"{row['images_per_s']:.0f} img/s")
-    if "epoch_seconds" in row:
-        parts.append(f"{row['epoch_seconds']:.1f} s")
-    return ", ".join(parts)
-
-
 def run_training(
-    recipe: Recipe, dataset_dir: str | Path, layout: DataLayout | None = None, ray_address: str | None = None,
-    progress: Callable[[str], None] | None = None, tags: Mapping[str, str] | None = None,
+    recipe: Recipe,
+    dataset_dir: str | Path,
+    layout: DataLayout | None = None,
+    ray_address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Train one variant to the end (or early stop), evaluate the chosen checkpoint on val, register it.
 
@@ -343,8 +227,16 @@ def run_training(
 
     c = tracking.client(layout.tracking_uri)
     init_weights, lineage = _warm_start(c, layout, recipe, spec, manifest)
-    job = _open_job(c, tracking.experiment_id(c, layout.artifact_root), layout, spec, recipe, manifest, batches,
-                    {**(tags or {}), **lineage})
+    job = _open_job(
+        c,
+        tracking.experiment_id(c, layout.artifact_root),
+        layout,
+        spec,
+        recipe,
+        manifest,
+        batches,
+        {**(tags or {}), **lineage},
+    )
     trainer = _trainer(job, recipe, layout, dataset_dir, manifest, batches, init_weights)
 
     started = time.monotonic()
@@ -356,7 +248,11 @@ def run_training(
         except Exception:  # noqa: BLE001 (the tracking server may be what failed)
             log.warning("could not mark MLflow run %s %s", job.run_id, RUN_STATUS[status])
 
-    stop = _StopOnSigterm(lambda: (record("killed"), _abort(trainer)))
+    def stop_job() -> None:
+        record("killed")
+        abort(trainer)
+
+    stop = StopOnSigterm(stop_job)
     try:
         with EpochProgress(c, job.run_id, spec.name, recipe.schedule.epochs, progress or log.info), stop:
             result = trainer.fit()
@@ -365,8 +261,9 @@ def run_training(
             raise RuntimeError(f"training job {job.name} failed: {result.error}") from result.error
         chosen = _chosen_checkpoint(result, job, recipe, manifest)
         val = evaluate_on_cluster(chosen.model, dataset_dir, "val", spec, recipe)
-        tracking.log_metrics(c, job.run_id, {f"val_{k}": val[k] for k in ("top1", "top5", "loss")},
-                             step=chosen.best_epoch)
+        tracking.log_metrics(
+            c, job.run_id, {f"val_{k}": val[k] for k in ("top1", "top5", "loss")}, step=chosen.best_epoch
+        )
         promotion = _promotion(c, chosen.model, dataset_dir, spec, recipe, manifest)
         hours = (job.seconds_before + time.monotonic() - started) / 3600
         out = _register(c, layout, job, recipe, spec, manifest, dataset_dir, chosen, val, promotion, hours, lineage)
@@ -380,14 +277,15 @@ def run_training(
         # SystemExit) is the job being stopped from outside. Recorded first, as a canceller waits only so long
         # (Prefect's runner: 30 s) before a SIGKILL; stopping Ray Train's workers takes longer.
         record("failed" if isinstance(exc, Exception) else "killed")
-        _abort(trainer)
+        abort(trainer)
         raise
     record("finished")
     return out
 
 
-def _warm_start(c: Any, layout: DataLayout, recipe: Recipe, spec: Any,
-                manifest: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
+def _warm_start(
+    c: Any, layout: DataLayout, recipe: Recipe, spec: Any, manifest: Manifest
+) -> tuple[str | None, dict[str, str]]:
     """A fine-tuning job's starting weights, fitted and written once for its workers (recipe `init`), and its
     lineage tag; (None, {}) from scratch."""
     if recipe.init is None:
@@ -398,27 +296,42 @@ def _warm_start(c: Any, layout: DataLayout, recipe: Recipe, spec: Any,
 
 
 def _trainer(
-    job: _Job, recipe: Recipe, layout: DataLayout, dataset_dir: Path, manifest: dict[str, Any], batches: BatchPlan,
+    job: _Job,
+    recipe: Recipe,
+    layout: DataLayout,
+    dataset_dir: Path,
+    manifest: Manifest,
+    batches: BatchPlan,
     init_weights: str | None,
 ) -> Any:
     """The job's TorchTrainer: its workers, its storage (where a resumed job finds its checkpoints), the best
     checkpoint by minival kept."""
     import ray.train
 
-    spec_for_workers = JobSpec(recipe=recipe, dataset_dir=str(dataset_dir), num_classes=manifest.num_classes,
-                               tracking_uri=layout.tracking_uri, run_id=job.run_id, micro_batch=batches.micro_batch,
-                               accumulation=batches.accumulation, init_weights=init_weights)
-    return _abortable_trainer(
+    spec_for_workers = JobSpec(
+        recipe=recipe,
+        dataset_dir=str(dataset_dir),
+        num_classes=manifest.num_classes,
+        tracking_uri=layout.tracking_uri,
+        run_id=job.run_id,
+        micro_batch=batches.micro_batch,
+        accumulation=batches.accumulation,
+        init_weights=init_weights,
+    )
+    return abortable_trainer(
         train_worker,
         train_loop_config=spec_for_workers.model_dump(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=recipe.ray.num_workers, use_gpu=recipe.ray.use_gpu,
+            num_workers=recipe.ray.num_workers,
+            use_gpu=recipe.ray.use_gpu,
             resources_per_worker=cluster.worker_resources(recipe),
         ),
         run_config=ray.train.RunConfig(
-            name=job.name, storage_path=str(layout.ray_storage),
+            name=job.name,
+            storage_path=str(layout.ray_storage),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_RANK, checkpoint_score_order="max"
+            ),
             failure_config=ray.train.FailureConfig(max_failures=recipe.ray.max_failures),
         ),
     )
@@ -444,7 +357,7 @@ def best_scored_checkpoint(kept: list[tuple[Any, Mapping[str, Any]]]) -> Any:
     return best[0] if best is not None else None
 
 
-def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[str, Any]) -> _Chosen:
+def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: Manifest) -> _Chosen:
     best = best_scored_checkpoint(result.best_checkpoints or [])
     if best is None:
         raise RuntimeError(f"training job {job.name} reported no checkpoint scored on minival")
@@ -458,26 +371,40 @@ def _chosen_checkpoint(result: Any, job: _Job, recipe: Recipe, manifest: dict[st
     return _Chosen(
         # The epoch these weights are of (saved after it, so `epoch` is already the next one): the same as
         # early stopping's best epoch, given the rank's tie-break (EPOCH_RANK_STEP).
-        model=model.eval(), model_args=saved["model_args"], best_epoch=int(loop["epoch"]) - 1,
-        minival_top1=float(loop["best_top1"]), epochs_run=int(ret.get("epochs_run", loop["epoch"])),
+        model=model.eval(),
+        model_args=saved["model_args"],
+        best_epoch=int(loop["epoch"]) - 1,
+        minival_top1=float(loop["best_top1"]),
+        epochs_run=int(ret.get("epochs_run", loop["epoch"])),
         stopped_early=bool(ret.get("stopped_early", False)),
     )
 
 
-def _promotion(c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe,
-               manifest: dict[str, Any]) -> Promotion:
+def _promotion(
+    c: Any, model: torch.nn.Module, dataset_dir: Path, spec: Any, recipe: Recipe, manifest: Manifest
+) -> Promotion:
     """The candidate and the current champion, each evaluated on this version's minival: champion or not."""
 
     def minival_top1(m: torch.nn.Module, m_spec: Any) -> float:
         return evaluate_on_cluster(m, dataset_dir, "minival", m_spec, recipe)["top1"]
 
-    return decide_promotion(c, registered_model_name(recipe, spec.name), minival_top1(model, spec),
-                            manifest.num_classes, minival_top1)
+    return decide_promotion(
+        c, registered_model_name(recipe, spec.name), minival_top1(model, spec), manifest.num_classes, minival_top1
+    )
 
 
 def _register(
-    c: Any, layout: DataLayout, job: _Job, recipe: Recipe, spec: Any, manifest: dict[str, Any], dataset_dir: Path,
-    chosen: _Chosen, val: dict[str, float], promotion: Promotion, wall_clock_hours: float,
+    c: Any,
+    layout: DataLayout,
+    job: _Job,
+    recipe: Recipe,
+    spec: Any,
+    manifest: Manifest,
+    dataset_dir: Path,
+    chosen: _Chosen,
+    val: dict[str, float],
+    promotion: Promotion,
+    wall_clock_hours: float,
     lineage: Mapping[str, str],
 ) -> TrainResult:
     """The chosen checkpoint registered with the variant's tags, its preprocessing and the promotion decision;
@@ -485,39 +412,83 @@ def _register(
     model, resolution = chosen.model, spec.eval_resolution
     params, gmacs = count_params(model), count_gmacs(model, resolution)
     gpu_hours = wall_clock_hours * recipe.ray.num_workers if recipe.ray.use_gpu else 0.0
-    tracking.log_metrics(c, job.run_id, {
-        "model_params": params, "gmacs": gmacs, "train_resolution": spec.train_resolution,
-        "eval_resolution": resolution, "wall_clock_hours": wall_clock_hours, "gpu_hours": gpu_hours,
-    }, step=chosen.best_epoch)
+    tracking.log_metrics(
+        c,
+        job.run_id,
+        {
+            "model_params": params,
+            "gmacs": gmacs,
+            "train_resolution": spec.train_resolution,
+            "eval_resolution": resolution,
+            "wall_clock_hours": wall_clock_hours,
+            "gpu_hours": gpu_hours,
+        },
+        step=chosen.best_epoch,
+    )
     preprocessing = {
         "input": "float32 NCHW RGB, normalised with mean/std below",
-        "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resolution": resolution,
-        "resize": spec.eval_resize, "crop": resolution, "crop_ratio": spec.crop_ratio,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "resolution": resolution,
+        "resize": spec.eval_resize,
+        "crop": resolution,
+        "crop_ratio": spec.crop_ratio,
         "classes": list(manifest.classes),
     }
     tags = {
-        Tags.VARIANT: spec.name, Tags.PARAMS: params, Tags.GMACS: f"{gmacs:.4f}",
-        Tags.TRAIN_RESOLUTION: spec.train_resolution, Tags.EVAL_RESOLUTION: resolution, Tags.RECIPE: recipe.name,
-        Tags.DATASET_VERSION: manifest.version, Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
-        Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}", Tags.VAL_TOP1: f"{val['top1']:.3f}",
-        Tags.EPOCHS_RUN: chosen.epochs_run, Tags.BEST_EPOCH: chosen.best_epoch,
+        Tags.VARIANT: spec.name,
+        Tags.PARAMS: params,
+        Tags.GMACS: f"{gmacs:.4f}",
+        Tags.TRAIN_RESOLUTION: spec.train_resolution,
+        Tags.EVAL_RESOLUTION: resolution,
+        Tags.RECIPE: recipe.name,
+        Tags.DATASET_VERSION: manifest.version,
+        Tags.MANIFEST_SHA256: manifest_hash(dataset_dir),
+        Tags.MINIVAL_TOP1: f"{chosen.minival_top1:.3f}",
+        Tags.VAL_TOP1: f"{val['top1']:.3f}",
+        Tags.EPOCHS_RUN: chosen.epochs_run,
+        Tags.BEST_EPOCH: chosen.best_epoch,
         Tags.EARLY_STOPPED_EPOCH: chosen.epochs_run - 1 if chosen.stopped_early else "none",
-        **promotion.tags(), **lineage, **scaling_tags(recipe),
+        **promotion.tags(),
+        **lineage,
+        **scaling_tags(recipe),
     }
     example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
     name, version, champion = tracking.register_best_checkpoint(
-        layout.tracking_uri, job.run_id, spec.name, example, preprocessing, tags, promotion.promote,
+        layout.tracking_uri,
+        job.run_id,
+        spec.name,
+        example,
+        preprocessing,
+        tags,
+        promotion.promote,
         weights={"state_dict": model.state_dict(), "model_args": chosen.model_args},
         name=registered_model_name(recipe, spec.name),
     )
     return TrainResult(
-        variant=spec.name, run_id=job.run_id, job_name=job.name, registered_model=name, version=version,
-        champion=champion, best_epoch=chosen.best_epoch, epochs_run=chosen.epochs_run,
-        stopped_early=chosen.stopped_early, minival_top1=chosen.minival_top1, val_top1=val["top1"],
-        val_top5=val["top5"], params=params, resumed=job.resumed, gmacs=gmacs,
-        train_resolution=spec.train_resolution, eval_resolution=resolution, wall_clock_hours=wall_clock_hours,
-        gpu_hours=gpu_hours, promotion=promotion.reason, promotion_top1=promotion.candidate_top1,
-        champion_before=promotion.champion_version, champion_before_top1=promotion.champion_top1,
+        variant=spec.name,
+        run_id=job.run_id,
+        job_name=job.name,
+        registered_model=name,
+        version=version,
+        champion=champion,
+        best_epoch=chosen.best_epoch,
+        epochs_run=chosen.epochs_run,
+        stopped_early=chosen.stopped_early,
+        minival_top1=chosen.minival_top1,
+        val_top1=val["top1"],
+        val_top5=val["top5"],
+        params=params,
+        resumed=job.resumed,
+        gmacs=gmacs,
+        train_resolution=spec.train_resolution,
+        eval_resolution=resolution,
+        wall_clock_hours=wall_clock_hours,
+        gpu_hours=gpu_hours,
+        promotion=promotion.reason,
+        promotion_top1=promotion.candidate_top1,
+        champion_before=promotion.champion_version,
+        champion_before_top1=promotion.champion_top1,
         init_from=lineage.get(Tags.INIT_FROM),
     )
 
@@ -533,5 +504,8 @@ def scaling_tags(recipe: Recipe) -> dict[str, str]:
     if m.phi is None:
         return {}
     cs = m.coefficient_set()
-    return {Tags.PHI: f"{m.phi:g}", Tags.COEFFICIENTS: cs.name,
-            Tags.SCALING: f"alpha={cs.alpha:g} beta={cs.beta:g} gamma={cs.gamma:g}"}
+    return {
+        Tags.PHI: f"{m.phi:g}",
+        Tags.COEFFICIENTS: cs.name,
+        Tags.SCALING: f"alpha={cs.alpha:g} beta={cs.beta:g} gamma={cs.gamma:g}",
+    }

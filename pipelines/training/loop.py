@@ -23,17 +23,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, cast
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 
 import models
@@ -41,20 +38,24 @@ from models.checkpoint import read_checkpoint, scored_weights
 from pipelines.dataset import read_manifest
 from pipelines.loading import make_loader
 from pipelines.loading.sampling import batches_per_epoch
-from pipelines.loading.transforms import normalize
-from pipelines.seeds import Stream, mix_seed
-from pipelines.training import augment
-from pipelines.training.evaluate import evaluate
 from pipelines.registry import tracking
+from pipelines.registry.tracking import Tags
+from pipelines.training.evaluate import evaluate
 from pipelines.training.recipe import Recipe
 from pipelines.training.schedules import (
-    EpochSettings,
     ema_decay_at,
     epoch_settings,
     first_scored_epoch,
     learning_rate,
 )
-from pipelines.registry.tracking import Tags
+from pipelines.training.steps import (
+    accumulate_gradients,
+    build_optimizer,
+    seed_everything,
+    seed_step,
+    set_bn_momentum,
+    update_ema,
+)
 from pipelines.training.warm_start import load_init_weights
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def score_order(score: Any, order: int) -> tuple[Any, int]:
     return score, -order
 
 
-def checkpoint_rank(score: float, epoch: int) -> float:
+def checkpoint_rank(score: float, epoch: float) -> float:
     """`score_order` as the one number Ray Train keeps checkpoints by: Ray keeps the later of two checkpoints of
     equal rank, so the epoch's tie-break is folded into the number (EPOCH_RANK_STEP)."""
     return score - EPOCH_RANK_STEP * epoch
@@ -105,102 +106,10 @@ class JobSpec(BaseModel):
         return self.micro_batch or self.recipe.data.batch_size
 
 
-def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """Weight decay on weight matrices and kernels only: BN scales/shifts and biases (ndim < 2) are exempt."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    o = recipe.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.optimizer == "rmsprop":
-        # TF adds eps inside the square root and PyTorch outside; with eps=1e-3 the two differ only for tiny
-        # second moments, which is where eps matters least. `alpha` is TF's `decay`.
-        return torch.optim.RMSprop(groups, lr=0.0, alpha=o.rmsprop_decay, eps=o.eps, momentum=o.momentum)
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=0.0, eps=1e-8)
-
-
-def set_bn_momentum(model: torch.nn.Module, momentum: float) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = momentum
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """Weights: ema = decay * ema + (1 - decay) * model. Buffers (BN running statistics) are copied, not averaged
-    (the TF reference averages them too): they are a running average already, and the EMA weights are scored
-    with the statistics the model has now."""
-    # One fused kernel per group of tensors (torch._foreach_*), not one per parameter: B0 has ~300 tensors, and
-    # on a GPU the per-tensor launches of a Python loop leave it idle for longer than B0's step takes.
-    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
-    if len(ema_params) != len(params):
-        raise ValueError(f"EMA has {len(ema_params)} parameters, the model {len(params)}")
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-    ema_buffers, buffers = list(ema.buffers()), list(model.buffers())
-    if ema_buffers:
-        torch._foreach_copy_(ema_buffers, buffers)
-
-
-def prepare_batch(
-    images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, settings: EpochSettings, num_classes: int,
-    channels_last: bool, generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch on the device -> augmented, normalised input and soft targets (smoothing, mixup/cutmix)."""
-    if recipe.augment.policy == "randaugment":
-        images = augment.rand_augment(images, settings.randaug_magnitude, recipe.augment.randaug_ops, generator)
-    elif recipe.augment.policy == "autoaugment":
-        images = augment.auto_augment(images, generator)
-    x = normalize(images, channels_last)
-    return augment.mix_batch(x, labels, num_classes, settings.mixup_alpha, settings.cutmix_alpha,
-                             recipe.regularization.label_smoothing, generator)
-
-
-def accumulate_gradients(
-    net: torch.nn.Module, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], recipe: Recipe,
-    settings: EpochSettings, num_classes: int, device: torch.device, amp: bool, generator: torch.Generator,
-) -> tuple[torch.Tensor, int]:
-    """Forward and backward over one step's micro-batches, each loss divided by their number, so the gradients
-    add up to those of their concatenation (equal micro-batches; batch norm normalises each micro-batch on its
-    own, as it does each GPU's share). Under DDP only the last backward all-reduces (`no_sync` before it).
-    Returns (the summed per-image loss on the device, the images)."""
-    batches = list(micro_batches)
-    loss_sum, images = torch.zeros((), dtype=torch.float64, device=device), 0
-    no_sync = getattr(getattr(net, "_orig_mod", net), "no_sync", None)  # DDP's, under torch.compile too
-    for k, (uint8_images, labels) in enumerate(batches):
-        x, targets = prepare_batch(uint8_images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
-                                   recipe, settings, num_classes, recipe.runtime.channels_last, generator)
-        with no_sync() if no_sync is not None and k < len(batches) - 1 else nullcontext():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), targets)
-            (loss / len(batches)).backward()
-        loss_sum += loss.detach().double() * len(labels)
-        images += len(labels)
-    return loss_sum, images
-
-
 def _bad_samples(loader: Any) -> int:
     """Samples a loader skipped because they did not decode (counted in this process only: a DataLoader
     worker's count stays in the worker)."""
     return int(getattr(loader, "bad_samples", getattr(getattr(loader, "dataset", None), "bad_samples", 0)))
-
-
-def seed_everything(seed: int, epoch: int, rank: int) -> None:
-    """Python's, numpy's and torch's global generators from (seed, epoch, rank): a resumed epoch draws what an
-    uninterrupted one would."""
-    s = mix_seed(seed, epoch, rank)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-
-
-def seed_step(seed: int, epoch: int, batch: int, rank: int, augment_generator: torch.Generator) -> None:
-    """torch's global generators (dropout, stochastic depth; CPU and CUDA) and the batch augmentations' generator
-    for one step, from (seed, epoch, batch, rank): a step draws the same whatever ran before it in the process
-    (a mid-epoch resume, a DataLoader drawing its workers' base seed)."""
-    torch.manual_seed(mix_seed(seed, Stream.STEP, epoch, batch, rank))
-    augment_generator.manual_seed(mix_seed(seed, Stream.AUGMENT, epoch, batch, rank))
 
 
 @dataclass
@@ -219,7 +128,7 @@ class LoopState:
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     stopped_early: bool = False
-    history: list[dict[str, float]] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def record_minival(state: LoopState, top1: float, epoch: int, patience: int | None) -> None:
@@ -288,8 +197,13 @@ def _system_metrics(job: JobSpec, resumed: bool) -> Any:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(job.run_id, sampling_interval=seconds, node_id=f"node_{ctx.get_node_rank()}",
-                                   tracking_uri=job.tracking_uri, resume_logging=resumed)
+    monitor = SystemMetricsMonitor(
+        job.run_id,
+        sampling_interval=seconds,
+        node_id=f"node_{ctx.get_node_rank()}",
+        tracking_uri=job.tracking_uri,
+        resume_logging=resumed,
+    )
     monitor.start()
     return monitor
 
@@ -297,8 +211,11 @@ def _system_metrics(job: JobSpec, resumed: bool) -> Any:
 def _train_loop(worker: Worker, state: LoopState) -> dict[str, Any]:
     """Per epoch from the resumed one: train, evaluate and early-stop when due, checkpoint, log."""
     job = worker.job
-    logged_upto = log_pending(worker.client, job.run_id, state.history, last_logged_epoch(worker.client, job.run_id)
-                              ) if worker.client else 0
+    logged_upto = (
+        log_pending(worker.client, job.run_id, state.history, last_logged_epoch(worker.client, job.run_id))
+        if worker.client
+        else 0
+    )
     schedule = job.recipe.schedule
     clock = CheckpointClock(schedule.checkpoint_every_steps, schedule.checkpoint_every_minutes)
     for epoch in range(state.epoch, schedule.epochs):
@@ -311,8 +228,12 @@ def _train_loop(worker: Worker, state: LoopState) -> dict[str, Any]:
             logged_upto = log_pending(worker.client, job.run_id, state.history, logged_upto)
         if state.stopped_early:
             break
-    return {"epochs_run": state.epoch, "best_epoch": state.best_epoch, "best_minival_top1": state.best_top1,
-            "stopped_early": state.stopped_early}
+    return {
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_minival_top1": state.best_top1,
+        "stopped_early": state.stopped_early,
+    }
 
 
 def run_epoch(worker: Worker, state: LoopState, epoch: int, clock: CheckpointClock) -> dict[str, float]:
@@ -364,12 +285,18 @@ def start_worker(job: JobSpec) -> Worker:
     import ray.train.torch
 
     ctx = ray.train.get_context()
-    return build_worker(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
-                        wrap=ray.train.torch.prepare_model)
+    return build_worker(
+        job,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.torch.get_device(),
+        wrap=ray.train.torch.prepare_model,
+    )
 
 
-def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
-                 wrap: Callable[..., torch.nn.Module] | None = None) -> Worker:
+def build_worker(
+    job: JobSpec, rank: int, world: int, device: torch.device, wrap: Callable[..., torch.nn.Module] | None = None
+) -> Worker:
     """A rank's model, EMA and optimizer on `device`, with the same initial weights on every rank; `wrap` (DDP's)
     wraps the model when `world` > 1. With rank 0 and world 1 it is a whole training process on its own (a Tune
     trial of the scaling search)."""
@@ -383,15 +310,25 @@ def build_worker(job: JobSpec, rank: int, world: int, device: torch.device,
     if recipe.model.bn_momentum is not None:
         set_bn_momentum(model, recipe.model.bn_momentum)
     if recipe.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # torch's stubs omit Module.to's memory_format keyword (documented, and what runs).
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ema = copy.deepcopy(model).requires_grad_(False).to(device) if recipe.regularization.ema_decay else None
     model = model.to(device)
     net = wrap(model, move_to_device=False) if world > 1 and wrap is not None else model
     if recipe.runtime.compile:
-        net = torch.compile(net)
+        # A compiled Module is a Module (OptimizedModule); torch's stubs type the result as any callable.
+        net = cast(torch.nn.Module, torch.compile(net))
     return Worker(
-        job=job, rank=rank, world=world, device=device, amp=recipe.runtime.amp and device.type == "cuda", spec=spec,
-        model=model, ema=ema, net=net, optimizer=build_optimizer(model, recipe),
+        job=job,
+        rank=rank,
+        world=world,
+        device=device,
+        amp=recipe.runtime.amp and device.type == "cuda",
+        spec=spec,
+        model=model,
+        ema=ema,
+        net=net,
+        optimizer=build_optimizer(model, recipe),
         client=tracking.client(job.tracking_uri) if rank == 0 else None,
         steps_per_epoch=_steps_per_epoch(job, world),
     )
@@ -447,14 +384,20 @@ def write_checkpoint(worker: Worker, state: LoopState, path: Path) -> None:
     that rebuild the model."""
     recipe = worker.recipe
     torch.save(
-        {"model": worker.model.state_dict(), "ema": worker.ema.state_dict() if worker.ema is not None else None,
-         "optimizer": worker.optimizer.state_dict(), "loop": dict(state.__dict__), "variant": worker.spec.name,
-         "model_args": recipe.model.model_args(worker.job.num_classes), "recipe": recipe.model_dump()},
+        {
+            "model": worker.model.state_dict(),
+            "ema": worker.ema.state_dict() if worker.ema is not None else None,
+            "optimizer": worker.optimizer.state_dict(),
+            "loop": dict(state.__dict__),
+            "variant": worker.spec.name,
+            "model_args": recipe.model.model_args(worker.job.num_classes),
+            "recipe": recipe.model_dump(),
+        },
         path,
     )
 
 
-def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "CheckpointClock") -> dict[str, float]:
+def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: CheckpointClock) -> dict[str, float]:
     """One pass over this rank's share of train at the epoch's image size and regularisation, from the batch a
     mid-epoch checkpoint reached (`state.batch`, else the first); the epoch's row. Reports a mid-epoch checkpoint
     whenever `clock` says one is due."""
@@ -470,9 +413,18 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
     frozen = frozen_parameters(worker, epoch)
     start = state.batch
     loader = make_loader(
-        job.dataset_dir, "train", settings.image_size, job.loader_batch, worker.rank, worker.world, epoch,
-        recipe.data.backend, seed=recipe.seed, num_workers=recipe.data.loader_workers,
-        start_batch=start * job.accumulation, train_crop=recipe.data.train_crop,
+        job.dataset_dir,
+        "train",
+        settings.image_size,
+        job.loader_batch,
+        worker.rank,
+        worker.world,
+        epoch,
+        recipe.data.backend,
+        seed=recipe.seed,
+        num_workers=recipe.data.loader_workers,
+        start_batch=start * job.accumulation,
+        train_crop=recipe.data.train_crop,
     )
     micro_batches = iter(loader)
     # Summed on the device: read back (a host sync) only at a checkpoint and at the end of the epoch.
@@ -486,8 +438,15 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
             g["lr"] = lr
         worker.optimizer.zero_grad(set_to_none=True)
         step_loss, images = accumulate_gradients(
-            worker.net, (next(micro_batches) for _ in range(job.accumulation)), recipe, settings, job.num_classes,
-            device, worker.amp, aug_gen)
+            worker.net,
+            (next(micro_batches) for _ in range(job.accumulation)),
+            recipe,
+            settings,
+            job.num_classes,
+            device,
+            worker.amp,
+            aug_gen,
+        )
         for p in frozen:  # no gradient: the optimizer leaves them (and their decay, their moments) be
             p.grad = None
         if recipe.optim.grad_clip:
@@ -498,6 +457,7 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
             # When the job's first step ended: the start-up latency a user waits through (flow run -> here).
             worker.client.set_tag(job.run_id, Tags.FIRST_STEP, f"{time.time():.3f}")
         if worker.ema is not None:
+            assert recipe.regularization.ema_decay is not None  # the EMA is built only when the recipe has a decay
             update_ema(worker.ema, worker.model, ema_decay_at(state.step, recipe.regularization.ema_decay))
         loss_sum += step_loss
         state.batch, state.samples_consumed = i + 1, (i + 1) * global_batch
@@ -505,18 +465,28 @@ def train_one_epoch(worker: Worker, state: LoopState, epoch: int, clock: "Checkp
         if state.batch < worker.steps_per_epoch and clock.due(state.step, device):
             state.epoch_loss_sum = loss_sum.item()
             state.epoch_seconds, t0 = state.epoch_seconds + time.perf_counter() - t0, time.perf_counter()
-            save_checkpoint(worker, state, {"epoch": epoch, "batch": state.batch, "step": state.step,
-                                            "samples_consumed": state.samples_consumed})
+            save_checkpoint(
+                worker,
+                state,
+                {"epoch": epoch, "batch": state.batch, "step": state.step, "samples_consumed": state.samples_consumed},
+            )
             clock.restart()
     elapsed = state.epoch_seconds + time.perf_counter() - t0
     seen, loss_total = state.epoch_samples, loss_sum.item()
     state.batch = state.samples_consumed = state.epoch_samples = 0
     state.epoch_loss_sum = state.epoch_seconds = 0.0
     return {
-        "epoch": epoch, "train_loss": loss_total / max(seen, 1), "lr": lr,
-        "images_per_s": seen * worker.world / elapsed, "epoch_seconds": elapsed, "image_size": settings.image_size,
-        "stage": settings.stage, "dropout": settings.dropout, "stochastic_depth": settings.stochastic_depth,
-        "randaug_magnitude": settings.randaug_magnitude, "mixup_alpha": settings.mixup_alpha,
+        "epoch": epoch,
+        "train_loss": loss_total / max(seen, 1),
+        "lr": lr,
+        "images_per_s": seen * worker.world / elapsed,
+        "epoch_seconds": elapsed,
+        "image_size": settings.image_size,
+        "stage": settings.stage,
+        "dropout": settings.dropout,
+        "stochastic_depth": settings.stochastic_depth,
+        "randaug_magnitude": settings.randaug_magnitude,
+        "mixup_alpha": settings.mixup_alpha,
         "train_bad_samples": float(_bad_samples(loader)),
     }
 
@@ -555,8 +525,9 @@ class CheckpointClock:
             return True
         if self.every_minutes is None or step % self.MINUTES_CHECK_STEPS:
             return False
-        late = torch.tensor([time.monotonic() - self.since >= 60 * self.every_minutes], dtype=torch.uint8,
-                            device=device)
+        late = torch.tensor(
+            [time.monotonic() - self.since >= 60 * self.every_minutes], dtype=torch.uint8, device=device
+        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast(late, src=0)
         return bool(late.item())
@@ -567,8 +538,15 @@ def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dic
     scored epoch on (`progressive.choose_from`)."""
     recipe, spec = worker.recipe, worker.spec
     loader = make_loader(
-        worker.job.dataset_dir, "minival", spec.eval_resolution, recipe.data.eval_batch_size or recipe.data.batch_size,
-        worker.rank, worker.world, backend=recipe.data.backend, seed=recipe.seed, crop_ratio=spec.crop_ratio,
+        worker.job.dataset_dir,
+        "minival",
+        spec.eval_resolution,
+        recipe.data.eval_batch_size or recipe.data.batch_size,
+        worker.rank,
+        worker.world,
+        backend=recipe.data.backend,
+        seed=recipe.seed,
+        crop_ratio=spec.crop_ratio,
         num_workers=recipe.data.loader_workers,
     )
     m = evaluate(worker.scored, loader, worker.device, recipe.runtime.channels_last, worker.amp)

@@ -28,10 +28,9 @@ from models import (
     check_override,
     resolve_variant,
 )
-from pipelines.training.recipes import RECIPES_DIR, list_recipes
-from pipelines.loading import BACKENDS
+from pipelines.dataset import Backend
 from pipelines.loading.transforms import TrainCrop
-
+from pipelines.training.recipes import RECIPES_DIR, list_recipes
 
 
 class RecipeError(ValueError):
@@ -57,7 +56,7 @@ class TableConfig(_Strict):
     ten_percent_rule: bool = True
 
     @model_validator(mode="after")
-    def _builds(self) -> "TableConfig":
+    def _builds(self) -> TableConfig:
         architecture_from_dict(self.model_dump())  # ValueError naming what is wrong
         return self
 
@@ -72,17 +71,24 @@ class ModelConfig(_Strict):
     alpha: float | None = Field(None, description="depth base of compound scaling")
     beta: float | None = Field(None, description="width base of compound scaling")
     gamma: float | None = Field(None, description="resolution base of compound scaling")
-    coefficient_tolerance: float = Field(DEFAULT_COEFFICIENT_TOLERANCE, gt=0, lt=1,
-                                         description="alpha * beta^2 * gamma^2 within this fraction of 2")
+    coefficient_tolerance: float = Field(
+        DEFAULT_COEFFICIENT_TOLERANCE, gt=0, lt=1, description="alpha * beta^2 * gamma^2 within this fraction of 2"
+    )
     width_mult: float | None = None
     depth_mult: float | None = None
     resolution: int | None = Field(None, description="train resolution; default: the variant's")
     eval_resolution: int | None = Field(None, description="eval resolution; default: the variant's")
-    crop_ratio: float | None = Field(None, description="eval centre crop's share of the resized image; "
-                                     "default: the variant's (V1: res / (res + 32), V2: 1)")
+    crop_ratio: float | None = Field(
+        None,
+        description="eval centre crop's share of the resized image; "
+        "default: the variant's (V1: res / (res + 32), V2: 1)",
+    )
     allow_large_resolution: bool = Field(False, description="a V2 resolution above the paper's cap of 480")
-    late_depth_stages: int | None = Field(None, description="non-uniform depth: the blocks depth scaling "
-                                          "adds go to the last N stages (V2's rule); 0 or unset: every stage")
+    late_depth_stages: int | None = Field(
+        None,
+        description="non-uniform depth: the blocks depth scaling "
+        "adds go to the last N stages (V2's rule); 0 or unset: every stage",
+    )
     dropout: float | None = None
     stochastic_depth: float | None = None
     # PyTorch convention (weight of the new batch). None keeps the paper's 0.01 (TF decay 0.99), which needs
@@ -97,7 +103,10 @@ class ModelConfig(_Strict):
     def _in_range(cls, value: Any, info: ValidationInfo) -> Any:
         """Each override's range is the one `models` applies to it (`models.check_override`): a recipe is refused
         when it is written, for the reason the variant would be (a resolution below the network's stride, ...)."""
-        return value if value is None else check_override(info.field_name, value)
+        if value is None:
+            return value
+        assert info.field_name is not None  # set for a field validator
+        return check_override(info.field_name, value)
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `models.create_model` / `models.resolve_variant`."""
@@ -116,28 +125,34 @@ class ModelConfig(_Strict):
         return {"name": self.variant, **self.overrides(), "num_classes": num_classes}
 
     @classmethod
-    def of_model_args(cls, model_args: dict[str, Any], like: "ModelConfig") -> "ModelConfig":
+    def of_model_args(cls, model_args: dict[str, Any], like: ModelConfig) -> ModelConfig:
         """The model section that rebuilds a saved model from its checkpoint's `model_args` (the variant's name,
         its overrides, its classes), with `like`'s training knobs (BN momentum, the coefficients' tolerance)."""
         args = {k: v for k, v in model_args.items() if k not in ("name", "num_classes")}
-        return cls(variant=model_args["name"], bn_momentum=like.bn_momentum,
-                   coefficient_tolerance=like.coefficient_tolerance, **args)
+        return cls(
+            variant=model_args["name"],
+            bn_momentum=like.bn_momentum,
+            coefficient_tolerance=like.coefficient_tolerance,
+            **args,
+        )
 
     def coefficient_set(self) -> CoefficientSet:
         """The set phi scales by: the given values, the paper's for those not given."""
         paper = PAPER_COEFFICIENTS
-        return CoefficientSet(self.coefficients or ("paper" if self.alpha is self.beta is self.gamma is None
-                                                    else "explicit"),
-                              self.alpha or paper.alpha, self.beta or paper.beta, self.gamma or paper.gamma)
+        return CoefficientSet(
+            self.coefficients or ("paper" if self.alpha is self.beta is self.gamma is None else "explicit"),
+            self.alpha or paper.alpha,
+            self.beta or paper.beta,
+            self.gamma or paper.gamma,
+        )
 
     @model_validator(mode="after")
-    def _coefficients_hold(self) -> "ModelConfig":
+    def _coefficients_hold(self) -> ModelConfig:
         if (self.alpha, self.beta, self.gamma) != (None, None, None):
             if self.phi is None:
                 raise ValueError("alpha, beta and gamma only apply together with phi")
             cs = self.coefficient_set()
-            check_coefficients(f"coefficient set {cs.name!r}", cs.alpha, cs.beta, cs.gamma,
-                               self.coefficient_tolerance)
+            check_coefficients(f"coefficient set {cs.name!r}", cs.alpha, cs.beta, cs.gamma, self.coefficient_tolerance)
         return self
 
 
@@ -147,7 +162,8 @@ class OptimConfig(_Strict):
     lr_per_256: float = Field(0.016, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     rmsprop_decay: float = Field(0.9, gt=0, lt=1)
-    # TF's RMSProp adds eps inside the square root; 1e-3 there ~ 1e-3 outside at these magnitudes (see `loop.build_optimizer`).
+    # TF's RMSProp adds eps inside the square root; 1e-3 there ~ 1e-3 outside at these magnitudes
+    # (see `steps.build_optimizer`).
     eps: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     schedule: Literal["exponential", "cosine"] = "exponential"
@@ -195,11 +211,12 @@ class ProgressiveConfig(_Strict):
     randaug_magnitude: tuple[float, float] | None = None
     mixup_alpha: tuple[float, float] | None = None
     choose_from: Literal["last_stage", "any_stage"] = Field(
-        "any_stage", description="the epochs whose checkpoints early stopping scores and may choose")
+        "any_stage", description="the epochs whose checkpoints early stopping scores and may choose"
+    )
 
 
 class DataConfig(_Strict):
-    backend: Literal[BACKENDS] = "wds"
+    backend: Backend = "wds"
     # Per worker and optimizer step: with the worker count, the global batch the learning rate scales with. What
     # does not fit a device at once is accumulated over micro-batches (pipelines/training/sizing.py).
     batch_size: int = Field(128, ge=1, description="per worker and optimizer step")
@@ -211,7 +228,7 @@ class DataConfig(_Strict):
     rrc_ratio: tuple[float, float] = Field(TrainCrop.ratio, description="aspect ratios of a training crop")
 
     @model_validator(mode="after")
-    def _crop_ranges(self) -> "DataConfig":
+    def _crop_ranges(self) -> DataConfig:
         (s0, s1), (r0, r1) = self.rrc_scale, self.rrc_ratio
         if not 0 < s0 <= s1 <= 1:
             raise ValueError(f"data.rrc_scale must be (min, max) with 0 < min <= max <= 1, got {self.rrc_scale}")
@@ -221,7 +238,7 @@ class DataConfig(_Strict):
 
     @property
     def train_crop(self) -> TrainCrop:
-        return TrainCrop(tuple(self.rrc_scale), tuple(self.rrc_ratio))
+        return TrainCrop(self.rrc_scale, self.rrc_ratio)  # tuples already: validation made them
 
 
 class ScheduleConfig(_Strict):
@@ -239,7 +256,8 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     device_memory_gb: float | None = Field(
-        None, gt=0, description="per worker: the device memory a micro-batch is sized to; None: the batch whole")
+        None, gt=0, description="per worker: the device memory a micro-batch is sized to; None: the batch whole"
+    )
     max_failures: int = Field(2, ge=0)
 
 
@@ -249,7 +267,8 @@ class RuntimeConfig(_Strict):
     compile: bool = False
     torch_threads: int | None = Field(None, ge=1, description="per worker; default: cpus_per_worker")
     system_metrics_seconds: float | None = Field(
-        10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) of each node sampled this often; null: off")
+        10.0, gt=0, description="MLflow system metrics (CPU, memory, GPU) of each node sampled this often; null: off"
+    )
 
 
 class InitConfig(_Strict):
@@ -258,8 +277,11 @@ class InitConfig(_Strict):
     keeps its classifier (same classes), `reset` builds a new one for the dataset's classes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    from_: str = Field(alias="from", pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$",
-                       description="models:/NAME/VERSION or models:/NAME@ALIAS")
+    from_: str = Field(
+        alias="from",
+        pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$",
+        description="models:/NAME/VERSION or models:/NAME@ALIAS",
+    )
     head: Literal["keep", "reset"] = "keep"
     # Layer-wise freezing for the first epochs (a new head settles before the features move): the stem and the
     # first N stages, or "backbone" (everything but the classifier), weights and BN statistics kept as loaded.
@@ -267,7 +289,7 @@ class InitConfig(_Strict):
     freeze_epochs: int = Field(0, ge=0, description="epochs the frozen part stays frozen")
 
     @model_validator(mode="after")
-    def _freeze_is_whole(self) -> "InitConfig":
+    def _freeze_is_whole(self) -> InitConfig:
         if isinstance(self.freeze, int) and self.freeze < 0:
             raise ValueError("init.freeze must be a number of stages >= 0 or 'backbone'")
         if (self.freeze != 0) != (self.freeze_epochs > 0):
@@ -294,13 +316,14 @@ class Recipe(_Strict):
     register_as: str | None = Field(None, pattern=SET_NAME)
 
     @model_validator(mode="after")
-    def _eval_every_fits(self) -> "Recipe":
+    def _eval_every_fits(self) -> Recipe:
         if self.schedule.eval_every > self.schedule.epochs:
             raise ValueError("schedule.eval_every is larger than schedule.epochs: minival would never run")
         return self
 
-    def with_overrides(self, **sections: dict[str, Any]) -> "Recipe":
-        """A copy with some fields of some sections replaced, validated like a file."""
+    def with_overrides(self, **sections: Any) -> Recipe:
+        """A copy with some fields of some sections replaced (a section's by a dict of them, a top-level field such
+        as `register_as` by its value), validated like a file."""
         data = self.model_dump(by_alias=True)  # as a file spells the fields (init's `from`)
         unknown = [s for s in sections if s not in data]
         if unknown:
@@ -405,8 +428,10 @@ def parse_family_member(member: str) -> dict[str, Any]:
         key, eq, value = part.partition("=")
         key = key.strip()
         if not eq or key not in MEMBER_SCALING_KEYS:
-            raise ValueError(f"family member {member!r}: {part.strip()!r} is not one of "
-                             f"{', '.join(k + '=...' for k in MEMBER_SCALING_KEYS)}")
+            raise ValueError(
+                f"family member {member!r}: {part.strip()!r} is not one of "
+                f"{', '.join(k + '=...' for k in MEMBER_SCALING_KEYS)}"
+            )
         if key in ("coefficients", "baseline"):
             out[key] = value.strip()
         else:

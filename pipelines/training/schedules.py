@@ -71,7 +71,7 @@ def stage_fraction(stage: int, stages: int, rule: str) -> float:
     raise ValueError(f"unknown progressive rule {rule!r}")
 
 
-def first_scored_epoch(recipe: "Recipe") -> int:
+def first_scored_epoch(recipe: Recipe) -> int:
     """The first epoch early stopping scores: the last stage's first under `progressive.choose_from:
     last_stage`, else 0."""
     prog, epochs = recipe.progressive, recipe.schedule.epochs
@@ -81,11 +81,12 @@ def first_scored_epoch(recipe: "Recipe") -> int:
     return next(e for e in range(epochs) if progressive_stage(e, epochs, prog.stages) == last)
 
 
-def _lerp(lo: float, hi: float, t: float) -> float:
+def _lerp(bounds: tuple[float, float], t: float) -> float:
+    lo, hi = bounds
     return lo + (hi - lo) * t
 
 
-def epoch_settings(epoch: int, recipe: "Recipe", spec: Any) -> EpochSettings:
+def epoch_settings(epoch: int, recipe: Recipe, spec: Any) -> EpochSettings:
     """The settings in force at `epoch` for a variant `spec` (a models.VariantSpec) under `recipe`."""
     model, aug, prog = recipe.model, recipe.augment, recipe.progressive
     size = model.resolution or spec.train_resolution
@@ -104,16 +105,19 @@ def epoch_settings(epoch: int, recipe: "Recipe", spec: Any) -> EpochSettings:
     mags = prog.randaug_magnitude or (table.randaug_magnitude_min, table.randaug_magnitude_max)
     mixes = prog.mixup_alpha or (table.mixup_alpha_min, table.mixup_alpha_max)
     # automl computes a dropout schedule but never applies it: its dropout stays at the final value.
-    stage_dropout = drops[1] if prog.rule == "automl" else _lerp(*drops, t)
+    stage_dropout = drops[1] if prog.rule == "automl" else _lerp(drops, t)
     return EpochSettings(
-        stage=stage, image_size=int(_lerp(*sizes, t)), dropout=stage_dropout,
+        stage=stage,
+        image_size=int(_lerp(sizes, t)),
+        dropout=stage_dropout,
         stochastic_depth=spec.stochastic_depth,
-        randaug_magnitude=_lerp(*mags, t) if aug.policy == "randaugment" else 0.0,
-        mixup_alpha=_lerp(*mixes, t), cutmix_alpha=aug.cutmix_alpha,
+        randaug_magnitude=_lerp(mags, t) if aug.policy == "randaugment" else 0.0,
+        mixup_alpha=_lerp(mixes, t),
+        cutmix_alpha=aug.cutmix_alpha,
     )
 
 
-def check_progressive_eval_size(recipe: "Recipe", spec: Any) -> None:
+def check_progressive_eval_size(recipe: Recipe, spec: Any) -> None:
     """Refuse a progressive recipe whose last stage trains above the size the model is evaluated at.
 
     The V2 paper evaluates at or above its last training size (V2-S: trains up to 300, evaluates at 384). Below
@@ -128,4 +132,5 @@ def check_progressive_eval_size(recipe: "Recipe", spec: Any) -> None:
     if last > spec.eval_resolution:
         raise ValueError(
             f"progressive training ends at {last} px but {spec.name} evaluates at {spec.eval_resolution} px: "
-            f"set model.resolution to {last} (the eval size follows it) or model.eval_resolution to at least {last}")
+            f"set model.resolution to {last} (the eval size follows it) or model.eval_resolution to at least {last}"
+        )

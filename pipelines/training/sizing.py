@@ -61,8 +61,11 @@ class BatchPlan:
 
     def as_params(self) -> dict[str, str]:
         """The resolved sizes as MLflow params."""
-        return {"sizing.micro_batch": str(self.micro_batch), "sizing.accumulation": str(self.accumulation),
-                "sizing.estimated_gb_per_worker": "none" if self.estimated_gb is None else f"{self.estimated_gb:.2f}"}
+        return {
+            "sizing.micro_batch": str(self.micro_batch),
+            "sizing.accumulation": str(self.accumulation),
+            "sizing.estimated_gb_per_worker": "none" if self.estimated_gb is None else f"{self.estimated_gb:.2f}",
+        }
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: int, resolution: int, dtype: torch.dtype) -> int:
@@ -83,30 +86,34 @@ def saved_activation_bytes(model: torch.nn.Module, batch: int, resolution: int, 
     return sum(storages.values())
 
 
-def memory_model(spec: models.VariantSpec, num_classes: int, resolution: int, amp: bool, optimizer: str,
-                 ema: bool) -> MemoryModel:
+def memory_model(
+    spec: models.VariantSpec, num_classes: int, resolution: int, amp: bool, optimizer: str, ema: bool
+) -> MemoryModel:
     """The variant's training memory at `resolution`. Under bf16 autocast the saved activations are bf16, so the
     count runs in bf16; weights, gradients, optimizer state and EMA stay fp32."""
     dtype = torch.bfloat16 if amp else torch.float32
     model = meta_model(spec, num_classes)
     params = count_params(model)
-    model = model.to(dtype=dtype, memory_format=torch.channels_last)
+    # torch's stubs omit Module.to's memory_format keyword (documented, and what runs).
+    model = model.to(dtype=dtype, memory_format=torch.channels_last)  # type: ignore[call-overload]
     one, two = (saved_activation_bytes(model, b, resolution, dtype) for b in (1, 2))
     per_image = two - one
     states = 2 + OPTIMIZER_SLOTS[optimizer] + (1 if ema else 0)  # weights, gradients, optimizer slots, EMA
     return MemoryModel(fixed_bytes=4 * params * states + (one - per_image), per_image_bytes=per_image)
 
 
-def plan_batches(batch_size: int, model: MemoryModel | None, budget_gb: float | None, what: str,
-                 micro_batch: int | None = None) -> BatchPlan:
+def plan_batches(
+    batch_size: int, model: MemoryModel | None, budget_gb: float | None, what: str, micro_batch: int | None = None
+) -> BatchPlan:
     """The largest micro-batch that divides `batch_size` and fits `budget_gb` (with HEADROOM), or the one given.
 
     Without a budget (or a model) the batch is taken whole. `what` names the variant and resolution in errors.
     """
     if micro_batch is not None:
         if batch_size % micro_batch:
-            raise SizingError(f"{what}: data.micro_batch_size {micro_batch} does not divide data.batch_size "
-                              f"{batch_size}")
+            raise SizingError(
+                f"{what}: data.micro_batch_size {micro_batch} does not divide data.batch_size {batch_size}"
+            )
         return _plan(batch_size, micro_batch, model)
     if budget_gb is None or model is None:
         return _plan(batch_size, batch_size, model)
@@ -116,7 +123,8 @@ def plan_batches(batch_size: int, model: MemoryModel | None, budget_gb: float | 
         raise SizingError(
             f"{what} needs {model.bytes_at(1) / GIB:.1f} GB for one image per worker ({model.fixed_bytes / GIB:.1f} "
             f"GB of weights and optimizer state, {model.per_image_bytes / GIB:.2f} GB of activations per image); "
-            f"the recipe allows {budget_gb:g} GB (ray.device_memory_gb), {HEADROOM:.0%} of it planned for")
+            f"the recipe allows {budget_gb:g} GB (ray.device_memory_gb), {HEADROOM:.0%} of it planned for"
+        )
     micro = max(d for d in range(1, min(fits, batch_size) + 1) if batch_size % d == 0)
     return _plan(batch_size, micro, model)
 
@@ -133,7 +141,14 @@ def size_job(recipe: Recipe, spec: models.VariantSpec, num_classes: int) -> Batc
     budget = recipe.ray.device_memory_gb
     model = None
     if budget is not None and recipe.data.micro_batch_size is None:
-        model = memory_model(spec, num_classes, resolution, amp=recipe.runtime.amp and recipe.ray.use_gpu,
-                             optimizer=recipe.optim.optimizer, ema=recipe.regularization.ema_decay is not None)
-    return plan_batches(recipe.data.batch_size, model, budget, f"{spec.name} at {resolution} px",
-                        recipe.data.micro_batch_size)
+        model = memory_model(
+            spec,
+            num_classes,
+            resolution,
+            amp=recipe.runtime.amp and recipe.ray.use_gpu,
+            optimizer=recipe.optim.optimizer,
+            ema=recipe.regularization.ema_decay is not None,
+        )
+    return plan_batches(
+        recipe.data.batch_size, model, budget, f"{spec.name} at {resolution} px", recipe.data.micro_batch_size
+    )

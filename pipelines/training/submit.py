@@ -19,18 +19,19 @@ import shlex
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from pipelines.atomic import atomic_write_bytes
+from pipelines.registry import tracking
+from pipelines.registry.tracking import Tags
 from pipelines.settings import DATA_DIR_ENV, RAY_AUTH_ENV, RAY_LOOPBACK_ENV, TRACKING_URI_ENV, DataLayout
 from pipelines.training import cluster
-from pipelines.registry import tracking
 from pipelines.training.job import TrainResult, job_key_for
 from pipelines.training.recipe import Recipe, load_recipe
-from pipelines.registry.tracking import Tags
 
 # The Ray job's metadata keys: the same names as the MLflow run's tags.
 KEY_FIELD, FLOW_RUN_FIELD = Tags.JOB_KEY, Tags.FLOW_RUN
@@ -85,7 +86,8 @@ def write_recipe(layout: DataLayout, key: str, recipe: Recipe) -> Path:
 def job_environment(layout: DataLayout) -> dict[str, str]:
     """The variables the driver needs (the runtime_env's env_vars, which its Ray workers get too)."""
     env = {
-        TRACKING_URI_ENV: layout.tracking_uri, DATA_DIR_ENV: str(layout.root),
+        TRACKING_URI_ENV: layout.tracking_uri,
+        DATA_DIR_ENV: str(layout.root),
         # The driver's ray.init names MLFLOW_TRACKING_URI again (cluster.connect); Ray refuses a variable set by
         # both the job and its driver unless told that the driver's wins (here they are the same).
         "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
@@ -97,16 +99,36 @@ def job_environment(layout: DataLayout) -> dict[str, str]:
     return env
 
 
-def entrypoint(layout: DataLayout, recipe_file: Path, dataset_dir: Path, result_file: Path, gcs_address: str,
-               flow_run_id: str, tags: Mapping[str, str] | None = None) -> str:
+def entrypoint(
+    layout: DataLayout,
+    recipe_file: Path,
+    dataset_dir: Path,
+    result_file: Path,
+    gcs_address: str,
+    flow_run_id: str,
+    tags: Mapping[str, str] | None = None,
+) -> str:
     # The cluster's address is given, not left to Ray's job supervisor: it names the cluster started last on the
     # head's machine (/tmp/ray/ray_current_cluster), which is another one where two clusters share a machine.
     all_tags = {Tags.FLOW_RUN: flow_run_id, **(tags or {})}
-    return shlex.join([
-        sys.executable, "-m", "pipelines.training.driver", "--data-dir", str(layout.root), "--recipe", str(recipe_file),
-        "--data", str(dataset_dir), "--ray-address", gcs_address,
-        *(arg for k, v in all_tags.items() for arg in ("--tag", f"{k}={v}")), "--result-file", str(result_file),
-    ])
+    return shlex.join(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.training.driver",
+            "--data-dir",
+            str(layout.root),
+            "--recipe",
+            str(recipe_file),
+            "--data",
+            str(dataset_dir),
+            "--ray-address",
+            gcs_address,
+            *(arg for k, v in all_tags.items() for arg in ("--tag", f"{k}={v}")),
+            "--result-file",
+            str(result_file),
+        ]
+    )
 
 
 def jobs_api(layout: DataLayout) -> tuple[Any, str]:
@@ -119,8 +141,10 @@ def jobs_api(layout: DataLayout) -> tuple[Any, str]:
     cluster.connect_layout(layout)
     url = ray._private.worker.global_worker.node.address_info.get("webui_url")
     if not url:
-        raise cluster.ClusterError("the Ray cluster runs no dashboard, whose Jobs API runs the training jobs; "
-                                   "start its head with --include-dashboard=true")
+        raise cluster.ClusterError(
+            "the Ray cluster runs no dashboard, whose Jobs API runs the training jobs; "
+            "start its head with --include-dashboard=true"
+        )
     url = url if "://" in url else f"http://{url}"
     return JobSubmissionClient(url), ray.get_runtime_context().gcs_address
 
@@ -144,8 +168,13 @@ def _is_active(job: Any) -> bool:
 
 
 def train_on_cluster(
-    recipe: Recipe, dataset_dir: str | Path, layout: DataLayout, flow_run_id: str,
-    emit: Callable[[str], None] = print, poll_s: float = POLL_S, tags: Mapping[str, str] | None = None,
+    recipe: Recipe,
+    dataset_dir: str | Path,
+    layout: DataLayout,
+    flow_run_id: str,
+    emit: Callable[[str], None] = print,
+    poll_s: float = POLL_S,
+    tags: Mapping[str, str] | None = None,
 ) -> TrainResult:
     """Run one training job as a Ray job, wait for it to end, and return its result.
 
@@ -161,15 +190,29 @@ def train_on_cluster(
     if sid is not None:
         emit(f"reattaching to Ray job {sid}, which is already training job {key}")
     else:
-        done = [j.submission_id for j in jobs if j.status == "SUCCEEDED"
-                and j.metadata.get(FLOW_RUN_FIELD) == flow_run_id
-                and result_path(layout, key, j.submission_id).exists()]
+        done = [
+            j.submission_id
+            for j in jobs
+            if j.status == "SUCCEEDED"
+            and j.metadata.get(FLOW_RUN_FIELD) == flow_run_id
+            and result_path(layout, key, j.submission_id).exists()
+        ]
         if done:
             emit(f"Ray job {done[-1]} has already trained job {key} for this flow run")
             return read_result(result_path(layout, key, done[-1]))
         prepare_tracking(layout)
-        sid = _submit(client, layout, key, recipe, dataset_dir, gcs_address, flow_run_id,
-                      next_attempt((j.submission_id for j in jobs), key, flow_run_id), emit, tags)
+        sid = _submit(
+            client,
+            layout,
+            key,
+            recipe,
+            dataset_dir,
+            gcs_address,
+            flow_run_id,
+            next_attempt((j.submission_id for j in jobs), key, flow_run_id),
+            emit,
+            tags,
+        )
     info, logs = wait_for_job(client, sid, emit, poll_s)
     if info.status != "SUCCEEDED":
         raise JobFailed(failure_reason(info, logs))
@@ -179,17 +222,37 @@ def train_on_cluster(
     return read_result(path)
 
 
-def _submit(client: Any, layout: DataLayout, key: str, recipe: Recipe, dataset_dir: Path, gcs_address: str,
-            flow_run_id: str, attempt: int, emit: Callable[[str], None], tags: Mapping[str, str] | None) -> str:
+def _submit(
+    client: Any,
+    layout: DataLayout,
+    key: str,
+    recipe: Recipe,
+    dataset_dir: Path,
+    gcs_address: str,
+    flow_run_id: str,
+    attempt: int,
+    emit: Callable[[str], None],
+    tags: Mapping[str, str] | None,
+) -> str:
     sid = submission_id(key, flow_run_id, attempt)
-    command = entrypoint(layout, write_recipe(layout, key, recipe), dataset_dir, result_path(layout, key, sid),
-                         gcs_address, flow_run_id, tags)
+    command = entrypoint(
+        layout,
+        write_recipe(layout, key, recipe),
+        dataset_dir,
+        result_path(layout, key, sid),
+        gcs_address,
+        flow_run_id,
+        tags,
+    )
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            client.submit_job(entrypoint=command, submission_id=sid,
-                              metadata={KEY_FIELD: key, FLOW_RUN_FIELD: flow_run_id},
-                              runtime_env={"env_vars": job_environment(layout)})
+            client.submit_job(
+                entrypoint=command,
+                submission_id=sid,
+                metadata={KEY_FIELD: key, FLOW_RUN_FIELD: flow_run_id},
+                runtime_env={"env_vars": job_environment(layout)},
+            )
             emit(f"submitted Ray job {sid} (attempt {attempt})")
             return sid
         except RuntimeError as exc:
@@ -201,7 +264,8 @@ def _submit(client: Any, layout: DataLayout, key: str, recipe: Recipe, dataset_d
             if time.monotonic() > deadline:
                 raise cluster.ClusterError(
                     f"the Ray cluster's job agent did not answer within {AGENT_WAIT_S} s (see the head's "
-                    "dashboard_agent.log: its port may be held by another Ray instance on the machine)") from None
+                    "dashboard_agent.log: its port may be held by another Ray instance on the machine)"
+                ) from None
             time.sleep(1)
 
 
@@ -215,8 +279,10 @@ def wait_for_job(client: Any, sid: str, emit: Callable[[str], None], poll_s: flo
             logs = client.get_job_logs(sid)
         except Exception as exc:  # noqa: BLE001 (the job runs on without its dashboard; asked again below)
             if time.monotonic() - answered > UNREACHABLE_S:
-                raise JobFailed(f"Ray job {sid}: the cluster's dashboard has not answered for {UNREACHABLE_S} s "
-                                f"({type(exc).__name__}); a retry reattaches to the job if it still runs") from None
+                raise JobFailed(
+                    f"Ray job {sid}: the cluster's dashboard has not answered for {UNREACHABLE_S} s "
+                    f"({type(exc).__name__}); a retry reattaches to the job if it still runs"
+                ) from None
             time.sleep(poll_s)
             continue
         answered = time.monotonic()
@@ -259,8 +325,9 @@ def stop_jobs(layout: DataLayout, keys: Iterable[str]) -> list[str]:
     runs killed. Returns the submission ids stopped."""
     client, _ = jobs_api(layout)
     keys = set(keys)
-    stopped = [j.submission_id for j in client.list_jobs()
-               if (j.metadata or {}).get(KEY_FIELD) in keys and _is_active(j)]
+    stopped = [
+        j.submission_id for j in client.list_jobs() if (j.metadata or {}).get(KEY_FIELD) in keys and _is_active(j)
+    ]
     for sid in stopped:
         client.stop_job(sid)
     return stopped

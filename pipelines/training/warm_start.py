@@ -18,8 +18,8 @@ import models
 from models.checkpoint import read_checkpoint
 from pipelines.atomic import atomic_path
 from pipelines.registry.model_ref import ModelError, load_registered_weights, registered_version
-from pipelines.training.recipe import InitConfig
 from pipelines.registry.tracking import STATE_DICT_ARTIFACT
+from pipelines.training.recipe import InitConfig
 
 CLASSIFIER = "classifier."  # the state_dict prefix of the head `head: reset` rebuilds
 
@@ -43,12 +43,16 @@ def fitted_state(source: dict[str, torch.Tensor], target: torch.nn.Module, head:
     unexpected = sorted(source.keys() - own.keys())
     shapes = [k for k in sorted(own.keys() & source.keys()) if own[k].shape != source[k].shape]
     if shapes and all(k.startswith(CLASSIFIER) for k in shapes) and not (missing or unexpected):
-        raise ValueError(f"its classifier has {source[CLASSIFIER + 'weight'].shape[0]} classes, the dataset "
-                         f"{own[CLASSIFIER + 'weight'].shape[0]}: set init.head: reset to train a new one")
+        raise ValueError(
+            f"its classifier has {source[CLASSIFIER + 'weight'].shape[0]} classes, the dataset "
+            f"{own[CLASSIFIER + 'weight'].shape[0]}: set init.head: reset to train a new one"
+        )
     if missing or unexpected or shapes:
         first = (shapes or missing or unexpected)[0]
-        raise ValueError(f"its weights do not fit the job's variant ({len(shapes)} tensor(s) of other shapes, "
-                         f"{len(missing)} missing, {len(unexpected)} unexpected; first: {first})")
+        raise ValueError(
+            f"its weights do not fit the job's variant ({len(shapes)} tensor(s) of other shapes, "
+            f"{len(missing)} missing, {len(unexpected)} unexpected; first: {first})"
+        )
     return {k: source[k] for k in own}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from flows.demo import demo
-from pipelines.registry.tracking import Tags
+from pipelines.registry.tracking import EXPERIMENT, Tags
 
 
 def test_demo_end_to_end_and_rerun(data_layout_tmp, prefect_server, ray_cluster):
@@ -30,6 +30,6 @@ def test_demo_end_to_end_and_rerun(data_layout_tmp, prefect_server, ray_cluster)
     assert mtimes() == before  # no archive or shard rewritten
     assert again[0]["run_id"] != rows[0]["run_id"] and not again[0]["resumed"]
     assert again[0]["version"] == "2"
-    runs = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id])
+    runs = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id])
     families = [r for r in runs if r.data.tags.get(Tags.RUN_KIND) == "family"]
     assert len(runs) - len(families) == 3 and len(families) == 2  # each demo: its members nested under a family run

@@ -24,12 +24,11 @@ from typing import Any, Iterator
 
 import psutil
 import pytest
+from helpers import browse
 from mlflow.tracking import MlflowClient
 
+from pipelines.registry.tracking import EXPERIMENT, Tags
 from pipelines.settings import PROJECT_ROOT, RAY_LOOPBACK_ENV, DataLayout
-from pipelines.registry.tracking import Tags
-
-from helpers import browse
 
 STACK = PROJECT_ROOT / "infra" / "local-stack.sh"
 EFFNET = PROJECT_ROOT / ".venv" / "bin" / "effnet"
@@ -171,7 +170,7 @@ def _of_run(flow_run_id: Any) -> Any:
 def _mlflow_runs_of(stack: Stack, flow_run_id: Any, kind: str | None = None) -> list:
     """The MLflow runs a flow run made: its members' jobs, or (kind "family") the family's parent run."""
     c = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
-    exp = c.get_experiment_by_name("efficientnet-family")
+    exp = c.get_experiment_by_name(EXPERIMENT)
     runs = [] if exp is None else c.search_runs([exp.experiment_id],
                                                 filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
     return [r for r in runs if r.data.tags.get("run_kind") == kind]

@@ -6,19 +6,19 @@ from __future__ import annotations
 import time
 
 import pytest
+from helpers import flow_run_logs
 from mlflow.tracking import MlflowClient
 
 from flows.train_family import train_family
+from pipelines.registry.tracking import EXPERIMENT
 from pipelines.training import cluster
 from pipelines.training.job import run_training
 from pipelines.training.recipe import load_recipe
 
-from helpers import flow_run_logs
-
 
 def _runs(layout) -> list:
     c = MlflowClient(tracking_uri=layout.tracking_uri)
-    exp = c.get_experiment_by_name("efficientnet-family")
+    exp = c.get_experiment_by_name(EXPERIMENT)
     return c.search_runs([exp.experiment_id]) if exp else []
 
 

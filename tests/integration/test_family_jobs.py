@@ -9,15 +9,14 @@ from __future__ import annotations
 import threading
 import time
 
+from helpers import flow_run_logs, jobs_client, ray_jobs
 from mlflow.tracking import MlflowClient
 
 from flows.train_family import FamilyFailed, train_family
-from pipelines.training.family import plan_family
+from pipelines.registry.tracking import EXPERIMENT, Tags
 from pipelines.training import submit
+from pipelines.training.family import plan_family
 from pipelines.training.job import TrainResult, job_key_for
-from pipelines.registry.tracking import Tags
-
-from helpers import flow_run_logs, jobs_client, ray_jobs
 
 # Each job needs 1 Ray worker x 1 CPU: two fit the session's 2-CPU cluster at once.
 EPOCHS = 3
@@ -42,7 +41,7 @@ def _keys(staged_dataset, layout, variants=PAIR, overrides=OVERRIDES, member_ove
 
 def _runs_of(layout, key: str) -> list:
     c = MlflowClient(tracking_uri=layout.tracking_uri)
-    exp = c.get_experiment_by_name("efficientnet-family")
+    exp = c.get_experiment_by_name(EXPERIMENT)
     return c.search_runs([exp.experiment_id], filter_string=f"tags.{Tags.JOB_KEY} = '{key}'") if exp else []
 
 

@@ -19,7 +19,7 @@ from pipelines.loading.transforms import normalize
 from pipelines.training import augment
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import epoch_settings, peak_lr
-from pipelines.training.loop import build_optimizer, prepare_batch, set_bn_momentum
+from pipelines.training.steps import build_optimizer, prepare_batch, set_bn_momentum
 
 pytestmark = pytest.mark.gpu
 

@@ -14,6 +14,7 @@ import psutil
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipelines.registry.tracking import EXPERIMENT
 from pipelines.source.demo import write_demo_imagenet
 from pipelines.training.recipe import load_recipe
 
@@ -48,7 +49,7 @@ def test_a_killed_training_leaves_no_ray_process(staged_dataset, data_layout_tmp
     deadline = time.time() + 300
     while True:
         assert proc.poll() is None and time.time() < deadline, "training did not start"
-        exp = c.get_experiment_by_name("efficientnet-family")
+        exp = c.get_experiment_by_name(EXPERIMENT)
         runs = c.search_runs([exp.experiment_id]) if exp else []
         if runs and c.get_metric_history(runs[0].info.run_id, "train_loss"):
             break

@@ -7,16 +7,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import flow_run_artifacts
 from mlflow.tracking import MlflowClient
 
 import models
 from flows.scaling import SEARCH_ARTIFACT, STUDY_ARTIFACT, scaling_study, search_scaling
 from flows.train_family import train_family
 from models.summary import count_params
+from pipelines.registry.tracking import EXPERIMENT, Tags
 from pipelines.training.coefficients import load_coefficient_set, save_coefficient_set
-from pipelines.registry.tracking import Tags
-
-from helpers import flow_run_artifacts
 
 SET = "test-search"
 # Small and fast: one image size tier's batch, a few epochs; the grid has 4 points within 10% of 2.
@@ -43,7 +42,7 @@ def test_search_stores_the_winner_asha_stops_some_and_a_family_trains_with_the_s
     assert state.is_completed(), state.message
     out = state.result()
     c = _client(layout)
-    trials = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id],
+    trials = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
                            filter_string=f"tags.{Tags.PARENT_RUN} = '{out['parent_run']}'")
     # Every grid point met the constraint, and every one that meets it became a trial (a nested run).
     points = {(float(r.data.params["alpha"]), float(r.data.params["beta"]), float(r.data.params["gamma"]))

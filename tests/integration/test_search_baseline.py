@@ -5,17 +5,16 @@ baseline that a family then trains with through `train-family`; bad input failin
 from __future__ import annotations
 
 import pytest
+from helpers import flow_run_artifacts
 from mlflow.tracking import MlflowClient
 
 from flows.search_baseline import ARTIFACT, search_baseline
 from flows.train_family import train_family
 from models import ARCHITECTURES
 from models.search_space import space_around
-from pipelines.training.baselines import load_baseline
 from pipelines.registry.model_ref import load_model
-from pipelines.registry.tracking import Tags
-
-from helpers import flow_run_artifacts
+from pipelines.registry.tracking import EXPERIMENT, Tags
+from pipelines.training.baselines import load_baseline
 
 OVERRIDES = {"data": {"batch_size": 4}}
 
@@ -28,7 +27,7 @@ def test_the_search_stores_the_best_table_and_a_family_trains_from_it(staged_dat
     assert state.is_completed(), state.message
     out = state.result()
     c = MlflowClient(tracking_uri=layout.tracking_uri, registry_uri=layout.tracking_uri)
-    trials = c.search_runs([c.get_experiment_by_name("efficientnet-family").experiment_id],
+    trials = c.search_runs([c.get_experiment_by_name(EXPERIMENT).experiment_id],
                            filter_string=f"tags.{Tags.PARENT_RUN} = '{out['parent_run']}'")
     assert len(trials) == 3
     for t in trials:  # accuracy, FLOPs, parameters and step time, and the reward, on each trial's run

@@ -8,8 +8,9 @@ import pytest
 
 from pipelines.settings import DataLayout, StackError, is_loopback_address
 from pipelines.training import cluster
-from pipelines.training.job import _job_key, format_epoch_line, tuned_variant_slug
+from pipelines.training.job import _job_key, tuned_variant_slug
 from pipelines.training.recipe import RecipeError, load_recipe
+from pipelines.training.supervise import format_epoch_line
 
 
 @pytest.mark.parametrize("workers, per_worker, nodes, fits", [

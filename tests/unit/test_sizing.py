@@ -14,7 +14,7 @@ from pipelines.loading.transforms import normalize
 from pipelines.training.recipe import load_recipe
 from pipelines.training.schedules import epoch_settings
 from pipelines.training.sizing import GIB, HEADROOM, MemoryModel, SizingError, memory_model, plan_batches, size_job
-from pipelines.training.loop import accumulate_gradients, set_bn_momentum
+from pipelines.training.steps import accumulate_gradients, set_bn_momentum
 
 
 def _model(name: str, resolution: int) -> MemoryModel:

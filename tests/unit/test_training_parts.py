@@ -15,22 +15,20 @@ from torch import nn
 import models
 from pipelines.training.evaluate import evaluate
 from pipelines.training.job import best_scored_checkpoint
-from pipelines.training.recipe import load_recipe
-from pipelines.training.schedules import ema_decay_at
 from pipelines.training.loop import (
     CHECKPOINT_RANK,
     SCORE,
     UNSCORED,
     CheckpointClock,
     LoopState,
-    build_optimizer,
     checkpoint_rank,
     ray_metrics,
     record_minival,
     score_order,
-    seed_step,
-    update_ema,
 )
+from pipelines.training.recipe import load_recipe
+from pipelines.training.schedules import ema_decay_at
+from pipelines.training.steps import build_optimizer, seed_step, update_ema
 
 # --------------------------------------------------------------------------------------------- weight decay
 
