@@ -109,3 +109,10 @@ def machine() -> dict[str, Any]:
     if hasattr(os, "getloadavg"):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
+
+
+def write_report(path: Path, report: dict, note: str = "") -> None:
+    """A benchmark's figures as JSON (`benchmarks/results/*.json`), said on stdout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}{f' ({note})' if note else ''}")

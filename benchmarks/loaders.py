@@ -62,7 +62,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import machine, make_images  # noqa: E402
+from benchmarks.common import machine, make_images, write_report  # noqa: E402
 from pipelines.dataset import EXTRA_FORMATS, read_manifest, select_tier
 from pipelines.loading import BACKENDS, make_loader
 from pipelines.loading.transforms import random_resized_crop_box
@@ -391,9 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gpu": gpu,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out} ({report['seconds']} s)")
+    write_report(args.out, report, f"{report['seconds']} s")
     return 0
 
 

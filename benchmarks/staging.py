@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import cProfile
 import datetime as dt
-import json
 import os
 import pstats
 import shutil
@@ -56,7 +55,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import IMAGE_SIZE, machine, make_images  # noqa: E402
+from benchmarks.common import IMAGE_SIZE, machine, make_images, write_report  # noqa: E402
 from pipelines.dataset import SPLITS, read_manifest
 from pipelines.source import imagenet
 from pipelines.staging.params import ENCODING, WORK, StageParams
@@ -292,9 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "units_speedup_over_serial": scaling,
         "goal_met": None if ratio is None else ratio >= 1,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""`effnet`: the command line. Each subcommand is a thin wrapper over a flow or a pipeline function; the choices
-it offers (recipes, splits, loader backends, export formats) are the lists the pipelines define."""
+"""`effnet`: the command line. Each subcommand is a thin wrapper over a flow or a pipeline function (`stage`
+answers a version already staged at once, without starting Prefect); the choices it offers (recipes, splits,
+loader backends, export formats) are the lists the pipelines define."""
 
 from __future__ import annotations
 
