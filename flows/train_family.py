@@ -26,7 +26,7 @@ from flows.failures import RunFailed, one_line_failures
 from pipelines.registry import compare, tracking
 from pipelines.registry.compare import TRAINED
 from pipelines.registry.tracking import Tags
-from pipelines.settings import data_layout
+from pipelines.settings import DataLayout, data_layout
 from pipelines.training import cluster, submit
 from pipelines.training.family import Jobs, failed_members, from_champions, plan_family, variant_row
 from pipelines.training.job import TrainResult, job_key_for
@@ -103,7 +103,7 @@ def train_family(
     title = f"train-family {flow_run.name}: {recipe} on {dataset.name}"
     parent = tracking.open_family_run(c, tracking.experiment_id(c, layout.artifact_root), str(flow_run.id),
                                       title, {"variants": variants, "recipe": recipe, "dataset": dataset.name})
-    rows = train_members(jobs, dataset, data_dir, parent, retries, retry_delay_seconds)
+    rows = train_members(c, layout, jobs, dataset, data_dir, parent, retries, retry_delay_seconds)
     report_family(c, parent, rows, title)
     problem = failed_members(rows)
     if problem:
@@ -111,10 +111,9 @@ def train_family(
     return rows
 
 
-def train_members(jobs: Jobs, dataset: Path, data_dir: str | None, parent: str, retries: int,
-                  retry_delay_seconds: float) -> list[dict]:
+def train_members(c: Any, layout: DataLayout, jobs: Jobs, dataset: Path, data_dir: str | None, parent: str,
+                  retries: int, retry_delay_seconds: float) -> list[dict]:
     """Every member's job submitted at once, each waited on by a task run; their rows, in the members' order."""
-    layout = data_layout(data_dir)
     logger = get_run_logger()
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
     futures = [train.submit(variant, tuned, str(dataset), data_dir, {Tags.PARENT_RUN: parent})
@@ -127,7 +126,7 @@ def train_members(jobs: Jobs, dataset: Path, data_dir: str | None, parent: str, 
         # leaves them running; a rerun reattaches.)
         stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned in jobs])
         logger.warning("stopped Ray job(s): %s", ", ".join(stopped) or "none running")
-        tracking.client(layout.tracking_uri).set_terminated(parent, "KILLED")
+        c.set_terminated(parent, "KILLED")
         raise
     rows = [variant_row(variant, outcome) for (variant, _), outcome in zip(jobs, outcomes)]
     for (variant, _), row in zip(jobs, rows):

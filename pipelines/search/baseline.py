@@ -24,7 +24,7 @@ from models import search_space
 from models.variants import architecture_to_dict, compound_scale
 from pipelines.dataset import Manifest, latest_version
 from pipelines.registry import tracking
-from pipelines.registry.compare import TRAINED, row_status
+from pipelines.registry.compare import TRAINED
 from pipelines.search import experiment as ex
 from pipelines.search import trials
 from pipelines.settings import DataLayout
@@ -209,22 +209,11 @@ def rewards(rows: list[dict[str, Any]], kind: str, target_gmacs: float) -> list[
 
 
 def baseline_row(o: trials.TrialOutcome, num_classes: int) -> dict[str, Any]:
-    """A trial's row: its table's figures, its best minival and its training speed."""
-    figures = trials.member_figures(o, num_classes)
+    """A trial's row: a scaling trial's (`experiment.trial_row`) and its training speed."""
     # Training speed after the first epoch (which pays the start-up), or the first alone.
     speeds = [r["images_per_s"] for r in (o.history[1:] or o.history) if r.get("images_per_s")]
-    return {
-        "trial": o.label,
-        **o.params,
-        **figures,
-        "epochs_run": o.epochs_run,
-        "best_epoch": o.best_epoch,
-        "stopped_early": "yes" if o.stopped_early else "no",
-        "best_minival_top1": o.best_minival_top1,
-        "seconds_per_image": 1 / statistics.median(speeds) if speeds else math.nan,
-        "run_id": o.run_id,
-        **row_status(o.error),
-    }
+    seconds_per_image = 1 / statistics.median(speeds) if speeds else math.nan
+    return {**ex.trial_row(o, trials.member_figures(o, num_classes)), "seconds_per_image": seconds_per_image}
 
 
 def run_rounds(s: Search, layout: DataLayout, c: Any, exp_id: str, open_parent: Any, target: float) -> str:
