@@ -16,6 +16,7 @@ from pipelines.inference import EXPORT_FORMATS
 from pipelines.registry.tracking import EXPERIMENT
 from pipelines.settings import DATA_DIR_ENV, PREFECT_API_ENV, data_layout
 from pipelines.source.demo import DEMO_SIZE, write_demo_imagenet
+from pipelines.source.records import DEFAULT_VAL_PER_CLASS, SOURCE_KINDS
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, whole_number
 from pipelines.training.driver import add_job_arguments, key_value, train_and_report
 from pipelines.training.recipes import list_recipes
@@ -80,7 +81,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     # Checks the parameters, the source and the output folder (each fails here, in one line) and returns a
     # finished version at once, without starting Prefect.
     base_version = None if args.full else args.base_version
-    done = find_finished(args.source, args.out, stage_params(**knobs), base_version, floor)
+    vpc = None if args.val_per_class is None else whole_number("--val-per-class", whole(args.val_per_class), 1)
+    done = find_finished(
+        args.source,
+        args.out,
+        stage_params(**knobs),
+        base_version,
+        floor,
+        source_kind=args.source_kind,
+        val_per_class=vpc,
+    )
     if done is not None:
         print(f"already staged: {done.name}", file=sys.stderr)
         mark_latest(done.parent, done.name)
@@ -95,6 +105,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         progress_bar=progress,
         processes=args.processes,
         min_train_per_class=floor,
+        source_kind=args.source_kind,
+        val_per_class=vpc,
     )
     print(dest)
     return 0
@@ -305,8 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=DEMO_SIZE.seed)
     s.set_defaults(fn=cmd_demo_data)
 
-    s = sub.add_parser("stage", help="stage ILSVRC2012 (archives, tree or Kaggle layout) into shards")
-    s.add_argument("--source", required=True)
+    s = sub.add_parser(
+        "stage",
+        help="stage a dataset as distributed (ILSVRC2012, ImageNet-21k, CIFAR, Flowers-102, Stanford Cars, idx "
+        "files, class folders) into shards",
+    )
+    s.add_argument("--source", required=True, help="the folder holding the dataset's files as distributed")
+    s.add_argument(
+        "--source-kind",
+        choices=SOURCE_KINDS,
+        default=None,
+        help="the kind of source, instead of detecting it from the file names",
+    )
+    s.add_argument(
+        "--val-per-class",
+        type=float,
+        default=None,
+        help=f"images of each class held out as val where the dataset has no val split (ImageNet-21k, class "
+        f"folders without val/ or test/; default {DEFAULT_VAL_PER_CLASS})",
+    )
     s.add_argument("--out", required=True, help="datasets root; the version goes in a sub-folder")
     # Numbers as floats: staging checks them (whole numbers, ranges, inf and nan) and says what is wrong in a line.
     s.add_argument(

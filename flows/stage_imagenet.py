@@ -1,4 +1,6 @@
-"""Prefect flow `stage-imagenet`: ILSVRC2012 source -> one staged dataset version (shards + manifest).
+"""Prefect flow `stage-imagenet`: a dataset as distributed (ILSVRC2012, ImageNet-21k, CIFAR, Flowers-102, Stanford
+Cars, idx files, class folders; `pipelines.source.kinds`) -> one staged dataset version (shards + manifest). The
+name stays from when ILSVRC2012 was the only source: deployments and runs are found by it.
 
 Only sequencing lives here; `pipelines.staging.stager` does the work and calls back into this flow to run its
 units (a train class, a val chunk) and shards as Prefect tasks with retries on a thread pool. Exactly `workers`
@@ -25,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.failures import one_line_failures
+from pipelines.source.records import SourceKind
 from pipelines.staging import runners
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
 from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
@@ -110,14 +113,17 @@ def stage_imagenet(
     minival: float = DEFAULTS.minival, seed: int = DEFAULTS.seed, jpeg_quality: int = DEFAULTS.jpeg_quality,
     max_bad_fraction: float = DEFAULTS.max_bad_fraction, base_version: str | None = AUTO, workers: int | None = None,
     progress_bar: bool = False, formats: list[str] = list(DEFAULTS.formats), processes: bool = False,
-    min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS, source_kind: SourceKind | None = None,
+    val_per_class: int | None = None,
 ) -> str:
-    """Stage an ILSVRC2012 source (raw archives, extracted tree or Kaggle layout) under `out/<version>`; returns
+    """Stage a dataset as distributed under `out/<version>` (named after the dataset: `cifar100-<hash>`); returns
     the dataset version directory. Rerunning reuses everything finished. The Args are what the Prefect UI's run
     form shows beside each field.
 
     Args:
-        source: The ILSVRC2012 archives' directory, an extracted tree, or a Kaggle layout.
+        source: The folder holding the dataset's files as distributed: ILSVRC2012 (archives, extracted tree,
+            Kaggle layout), ImageNet-21k's whole tar, the CIFAR binary archives, Flowers-102, Stanford Cars, idx
+            files (MNIST, Fashion-MNIST, KMNIST) or a class-folder tree.
         out: The datasets directory; the version is staged under out/<version>.
         tiers: Shorter-side sizes (px) to write the shards at, one set of shards per tier.
         shard_size: Images per WebDataset shard.
@@ -133,6 +139,9 @@ def stage_imagenet(
         formats: Extra files beside the shards: "ffcv" (.beton per tier and split), "dali" (shard indexes).
         processes: Decode in worker processes rather than threads (for many cores).
         min_train_per_class: A minival that leaves a class fewer train images than this is refused (0 allows it).
+        source_kind: The kind of source, instead of detecting it from the file names.
+        val_per_class: Images of each class held out as val where the dataset has no val split (ImageNet-21k,
+            class folders without val/ or test/); empty for the default.
     """
     logger = get_run_logger()
     t0 = time.time()
@@ -145,6 +154,7 @@ def stage_imagenet(
         map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}", _SHARD_TASKS),
         log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
         base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
+        source_kind=source_kind, val_per_class=val_per_class,
     )
     logger.info("dataset ready in %.1f s: %s", time.time() - t0, dest)
     return str(dest)

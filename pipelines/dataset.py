@@ -155,8 +155,8 @@ class Manifest:
     """
 
     format: int  # MANIFEST_FORMAT
-    version: str  # the version's name, `imagenet-<hash>`
-    classes: tuple[str, ...]  # the sorted WNIDs: a label is an index into them
+    version: str  # the version's name, `<dataset>-<hash>` (`imagenet-...`, `cifar100-...`)
+    classes: tuple[str, ...]  # the class ids (ImageNet: the sorted WNIDs): a label is an index into them
     num_classes: int
     splits: dict[str, SplitCounts]  # by split name (SPLITS)
     minival_keys: tuple[str, ...]  # the keys held out of the source's train images, sorted
@@ -164,7 +164,9 @@ class Manifest:
     shards: tuple[FileEntry, ...]  # the WebDataset shards, a base version's included
     bad_files: tuple[dict[str, str], ...]  # the source files that did not decode: `source`, `split`, `wnid`, `reason`
     images_seen: int  # the source's images staging read, bad files and a base version's included
-    source: dict[str, Any]  # the source's `kind` and `fingerprint`
+    # The source's `kind`, `fingerprint`, `dataset`, its own split definition (`splits`) and, where it names its
+    # classes, `class_names` (in label order); versions staged before these were recorded hold kind and fingerprint.
+    source: dict[str, Any]
     params: dict[str, Any]  # the StageParams, as JSON
     code_version: str  # the code that staged it
     base_version: str | None = None  # the version this one was staged on top of

@@ -36,6 +36,7 @@ class Stream(IntEnum):
     AUGMENT = 0x5EED_0009  # training.worker: a rank's batch augmentations (RandAugment, AutoAugment, mixup) in a step
     WDS_WINDOW = 0x5EED_000A  # loading.wds: the permutation of one window of a loader worker's share in an epoch
     STEP = 0x5EED_000B  # training.worker: a rank's global generators (dropout, stochastic depth) in one step
+    VAL_CARVE = 0x5EED_000C  # staging.plan: which train images of a class are held out as val (no val split)
 
 
 def mix_seed(*parts: int) -> int:

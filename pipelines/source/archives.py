@@ -41,7 +41,7 @@ def open_archives(root: Path) -> ImageNetSource:
     devkit = read_devkit(paths[DEVKIT_ARCHIVE])
     train_tar, val_tar = paths[TRAIN_ARCHIVE], paths[VAL_ARCHIVE]
 
-    spans = _index_class_tars(train_tar)
+    spans = index_class_tars(train_tar)
     classes = devkit.wnids
     check_same_classes(classes, spans.keys(), f"{devkit.path} ({META_MAT})", str(train_tar))
     labels = {wnid: i for i, wnid in enumerate(classes)}
@@ -62,7 +62,7 @@ def open_archives(root: Path) -> ImageNetSource:
         train_units=units,
         val_dir=val_tar,
         val_entries=val,
-        label_files=[],
+        archives=tuple(paths.values()),
     )
 
 
@@ -96,8 +96,8 @@ def _index_tar(
     return members
 
 
-def _index_class_tars(path: Path) -> dict[str, tuple[int, int]]:
-    """WNID -> (offset, size) of each per-class tar inside the train tar."""
+def index_class_tars(path: Path) -> dict[str, tuple[int, int]]:
+    """WNID -> (offset, size) of each per-class tar inside a tar of class tars (ILSVRC2012 train, ImageNet-21k)."""
 
     def class_tars(members: Iterable[tarfile.TarInfo]) -> Iterator[tarfile.TarInfo]:
         for m in members:

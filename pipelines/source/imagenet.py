@@ -19,12 +19,8 @@ Decoding is not done here; staging decodes, converts and reports bad files.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from pipelines.source.archives import open_archives
 from pipelines.source.devkit import Devkit, read_devkit
-from pipelines.source.kaggle import open_kaggle
+from pipelines.source.kinds import detect_layout, detect_source_kind, open_layout, open_source
 from pipelines.source.records import (
     ARCHIVES,
     DEFAULT_VAL_CHUNK,
@@ -48,7 +44,6 @@ from pipelines.source.records import (
     read_train_unit,
     read_val_unit,
 )
-from pipelines.source.tree import open_tree
 
 __all__ = [
     "ARCHIVES",
@@ -71,53 +66,11 @@ __all__ = [
     "TrainUnit",
     "ValEntry",
     "ValUnit",
+    "detect_layout",
     "detect_source_kind",
+    "open_layout",
     "open_source",
     "read_devkit",
     "read_train_unit",
     "read_val_unit",
 ]
-
-
-def detect_source_kind(path: str | os.PathLike[str]) -> SourceKind:
-    """Which layout `path` holds. Checked in order Kaggle, extracted tree, archives.
-
-    A root holding both the archives and a tree extracted next to them (what torchvision's ImageNet class
-    leaves behind) is read as a tree: the files are the same and reading loose files is cheaper. Pass `kind`
-    to `open_source` to choose.
-    """
-    root = _existing_dir(path)
-    if (root / KAGGLE_DATA).is_dir():
-        return "kaggle"
-    if (root / "train").is_dir():
-        return "tree"
-    if any((root / name).exists() for name in ARCHIVES):
-        return "archives"
-    raise ImageNetSourceError(
-        f"{root}: no ILSVRC2012 source found. Looked for the archives ({', '.join(ARCHIVES)}), an extracted "
-        f"tree (train/<wnid>/, val/ and {DEVKIT_DIR}/ or {DEVKIT_ARCHIVE}) and the Kaggle layout "
-        f"({KAGGLE_DATA}/ with {KAGGLE_SYNSETS} and {KAGGLE_VAL_SOLUTION})"
-    )
-
-
-def open_source(path: str | os.PathLike[str], kind: SourceKind | None = None) -> ImageNetSource:
-    """Index the source at `path` (headers and directory listings only) and check it is consistent."""
-    root = _existing_dir(path)
-    if kind is None:
-        kind = detect_source_kind(root)
-    if kind == "archives":
-        return open_archives(root)
-    if kind == "tree":
-        return open_tree(root)
-    if kind == "kaggle":
-        return open_kaggle(root)
-    raise ValueError(f"kind must be one of {SOURCE_KINDS}, got {kind!r}")
-
-
-def _existing_dir(path: str | os.PathLike[str]) -> Path:
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise ImageNetSourceError(f"{root}: path does not exist")
-    if not root.is_dir():
-        raise ImageNetSourceError(f"{root}: not a folder (point at the folder holding the ILSVRC2012 files)")
-    return root.resolve()

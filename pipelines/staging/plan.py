@@ -1,6 +1,7 @@
 """The plan between units and shards: which images a version holds, in which split, shard and order.
 
-`plan_dataset` takes the units' records and holds out the minival per class (`minival_quota`: seeded, stable
+`plan_dataset` takes the units' records, holds out a val per class where the source has none (`Source.val_per_class`:
+ImageNet-21k, a class-folder tree without val/), then the minival per class (`minival_quota`: seeded, stable
 whatever order the units finished in, and refused by `check_minival` when it leaves a class too few train
 images), shuffles every split across classes from the seed, and cuts it into `shard_size` shards per tier. The
 plan depends on the records, the base and StageParams only, never on timing (`SHARD_LAYOUT` versions how it is
@@ -21,43 +22,38 @@ from typing import Any
 
 from pipelines.dataset import Manifest, shard_relpath
 from pipelines.seeds import Stream, mix_seed
-from pipelines.source import imagenet
+from pipelines.source.records import Source, TrainUnit, Unit, ValUnit
 from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
 from pipelines.staging.spools import UnitResult
 
 
-def unit_args(
-    src: imagenet.ImageNetSource, work: Path, params: StageParams, base: BaseVersion | None
-) -> list[tuple[Any, ...]]:
-    """Argument tuples for process_unit: every unit, or with a base only what the base lacks."""
+def unit_args(src: Source, work: Path, params: StageParams, base: BaseVersion | None) -> list[tuple[Any, ...]]:
+    """Argument tuples for process_unit: every unit, or with a base only what the base lacks (a base is found
+    only for the kinds that grow: class tars and listed folders)."""
     if base is None:
         args: list[tuple[Any, ...]] = [(u, "train", work, params) for u in src.train_units()]
         return args + [(u, "val", work, params) for u in src.val_units(params.val_chunk)]
-    known = base.known_by_class("train")
+    known = base.known_by_class("train", carved=bool(src.val_per_class))
     args = []
     for u in src.train_units():
+        assert isinstance(u, TrainUnit)  # the growing kinds' units
         skip = frozenset(known.get(u.wnid, ()))
         if u.names:  # a listed folder: read only the new files
-            names = tuple(n for n in u.names if Path(n).stem not in skip)
+            names = tuple(n for n in u.names if u.key(n) not in skip)
             if names:
                 args.append((replace(u, names=names), "train", work, params))
         else:  # a class tar is read whole; the images the base holds are skipped and counted
             args.append((u, "train", work, params, skip))
     known_val = base.known("val")
-    (whole,) = src.val_units(max(1, src.num_val)) or [imagenet.ValUnit(0, "", ())]
-    new = [e for e in whole.entries if Path(e.source_name).stem not in known_val]
+    new = [e for e in src.val_entries() if e.key not in known_val]
     for i, start in enumerate(range(0, len(new), params.val_chunk)):
-        args.append(
-            (imagenet.ValUnit(i, whole.path, tuple(new[start : start + params.val_chunk])), "val", work, params)
-        )
+        args.append((ValUnit(i, src.val_path, tuple(new[start : start + params.val_chunk])), "val", work, params))
     return args
 
 
-def unit_images(unit: imagenet.TrainUnit | imagenet.ValUnit) -> float:
-    """About how many images a unit holds (a class tar's size over ImageNet's ~110 KB per image)."""
-    if isinstance(unit, imagenet.ValUnit):
-        return len(unit.entries)
-    return len(unit.names) if unit.names else max(unit.size, 0) / 110e3
+def unit_images(unit: Unit) -> float:
+    """About how many images a unit holds, for running the largest first."""
+    return unit.estimated_images()
 
 
 @dataclass(frozen=True)
@@ -85,6 +81,12 @@ class DatasetPlan:
 def _stable_rank(seed: int, key: str) -> str:
     """A per-image sort key that does not depend on processing order, so the minival is stable."""
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def carve_quota(total: int, val_per_class: int) -> int:
+    """Val images held out of a class of `total` where the source has no val split: `val_per_class`, but never
+    more than half the class (ImageNet-21k's smallest synsets hold a handful of images)."""
+    return min(val_per_class, total // 2)
 
 
 def minival_quota(counts: dict[str, int], minival: int | float, seed: int) -> dict[str, int]:
@@ -129,11 +131,15 @@ def plan_dataset(
     params: StageParams,
     base: BaseVersion | None = None,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    val_per_class: int = 0,
 ) -> DatasetPlan:
     """Split, shuffle and shard the units' images. With a base, only its new images are planned: the minival
     takes as many of a class's new images as brings the class to its quota over old and new images together
     (the base's minival images stay), and the new shards are numbered after the base's. A minival that leaves a
-    class with fewer than `min_train_per_class` train images is refused (`check_minival`)."""
+    class with fewer than `min_train_per_class` train images is refused (`check_minival`).
+
+    `val_per_class` (a source without a val split) first holds that many of each class's train images out as
+    val (`carve_quota`), seeded and stable like the minival, and the same way over a base's images."""
     records: dict[str, dict[str, Any]] = {}
     bad: list[dict[str, str]] = []
     by_split: dict[str, list[str]] = defaultdict(list)
@@ -144,6 +150,11 @@ def plan_dataset(
                 raise StagingError(f"image key {rec['key']} appears twice in the source")
             records[rec["key"]] = {**rec, "unit": unit.unit_id}
             by_split[unit.split].append(rec["key"])
+    if not classes:  # a stream whose classes are learnt as it is read (a gzipped ImageNet-21k): sorted, numbered now
+        classes = tuple(sorted({rec["wnid"] for rec in records.values()} | {b["wnid"] for b in bad}))
+        label = {c: i for i, c in enumerate(classes)}
+        for rec in records.values():
+            rec["label"] = label[rec["wnid"]]
     base_seen = base.manifest.images_seen if base is not None else 0
     base_bad = len(base.manifest.bad_files) if base is not None else 0
     total_seen = len(records) + len(bad) + base_seen
@@ -159,6 +170,11 @@ def plan_dataset(
         per_class[records[key]["wnid"]].append(key)
     old_train = base.manifest.splits["train"].per_class if base is not None else {}
     old_minival = base.manifest.splits["minival"].per_class if base is not None else {}
+    if val_per_class:
+        carved = _carve_val(per_class, val_per_class, params.seed, base)
+        by_split["val"].extend(carved)
+        per_class = {c: [k for k in keys if k not in carved] for c, keys in per_class.items()}
+        by_split["train"] = [k for k in by_split["train"] if k not in carved]
     totals = {
         c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
         for c in set(per_class) | set(old_train) | set(old_minival)
@@ -192,6 +208,20 @@ def plan_dataset(
     )
 
 
+def _carve_val(per_class: dict[str, list[str]], val_per_class: int, seed: int, base: BaseVersion | None) -> set[str]:
+    """The train keys held out as val: per class, as many as bring it to `carve_quota` over the base's images
+    and the new ones together (the base's val images stay val)."""
+    old = {s: base.manifest.splits[s].per_class for s in ("train", "minival", "val")} if base is not None else {}
+    carve_seed = mix_seed(seed, Stream.VAL_CARVE)
+    carved: set[str] = set()
+    for wnid, keys in per_class.items():
+        old_val = old.get("val", {}).get(wnid, 0)
+        total = len(keys) + sum(counts.get(wnid, 0) for counts in old.values())
+        take = max(0, carve_quota(total, val_per_class) - old_val)
+        carved.update(sorted(keys, key=lambda k: _stable_rank(carve_seed, k))[:take])
+    return carved
+
+
 @dataclass(frozen=True)
 class BaseVersion:
     """A finished version that a new one grows from: its images keep their split and shards."""
@@ -201,17 +231,18 @@ class BaseVersion:
     splits: dict[str, dict[str, str]] = field(repr=False)  # split -> key -> wnid
     bad: dict[str, list[str]] = field(repr=False)  # key of a file that did not decode -> [source split, wnid]
 
-    def known(self, split: str) -> dict[str, str]:
-        """key -> wnid of every image the base holds (staged or reported bad) from a source split."""
+    def known(self, split: str, carved: bool = False) -> dict[str, str]:
+        """key -> wnid of every image the base holds (staged or reported bad) from a source split; `carved`: its
+        val was held out of the source's train images, so they are train's too."""
         out: dict[str, str] = {}
-        for s in ("train", "minival") if split == "train" else ("val",):
+        for s in ("train", "minival", *(("val",) if carved else ())) if split == "train" else ("val",):
             out.update(self.splits[s])
         out.update((key, wnid) for key, (s, wnid) in self.bad.items() if s == split)
         return out
 
-    def known_by_class(self, split: str) -> dict[str, set[str]]:
+    def known_by_class(self, split: str, carved: bool = False) -> dict[str, set[str]]:
         out: dict[str, set[str]] = defaultdict(set)
-        for key, wnid in self.known(split).items():
+        for key, wnid in self.known(split, carved).items():
             out[wnid].add(key)
         return out
 

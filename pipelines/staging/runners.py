@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_compl
 from contextlib import contextmanager
 from typing import Any
 
-from pipelines.source import imagenet
+from pipelines.source.records import SourceError
 from pipelines.staging.images import opencv
 from pipelines.staging.params import StagingError, whole_number
 from pipelines.staging.spools import UnitResult, process_unit
@@ -29,7 +29,7 @@ Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], list[Any]]
 
 # Bad input (a corrupt archive, too many bad files, inconsistent units): it fails the same way on every try, so
 # it ends a run at once and is never retried.
-INPUT_ERRORS = (imagenet.ImageNetSourceError, StagingError)
+INPUT_ERRORS = (SourceError, StagingError)
 
 
 def sequential_map(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:

@@ -103,9 +103,9 @@ def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> d
         for key in shard.keys:
             rec = plan.records[key]
             jpeg = reader.read(rec, shard.tier)
-            meta = json.dumps({"wnid": rec["wnid"], "source": rec["source"]}, sort_keys=True).encode()
+            meta = json.dumps({"wnid": rec["wnid"], "source": rec["source"], **rec.get("meta", {})}, sort_keys=True)
             members = []
-            for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, str(rec["label"]).encode()), (META_EXT, meta)):
+            for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, str(rec["label"]).encode()), (META_EXT, meta.encode())):
                 members.append(index_component(ext, tar.add(f"{key}.{ext}", payload), len(payload), f"{key}.{ext}"))
             lines.append(" ".join(members))
         tar.close()

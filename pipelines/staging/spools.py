@@ -1,6 +1,6 @@
 """Units: each decodes its images once and spools every tier's JPEG into its work folder's `units/<unit>.tar`.
 
-A unit is one train class or one chunk of val files (`pipelines.source.imagenet`'s TrainUnit, ValUnit).
+A unit is one train class, one chunk of val files, one batch file... (`pipelines.source.records.Unit`).
 `process_unit` decodes, checks and encodes its images (`images.encode_tiers`) and writes the spool, a tar of
 the re-encoded tiers, plus a JSON index of every record (key, label, where each tier's bytes lie) and the bad
 files with their reasons. A tier that keeps an original as it is points at the source instead of holding a second
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.atomic import atomic_open, atomic_write_json, sha256_file
-from pipelines.source import imagenet
+from pipelines.source.records import Unit
 from pipelines.staging.images import BadImage, encode_tiers
 from pipelines.staging.params import ENCODING, UNITS, StageParams
 
@@ -97,7 +97,7 @@ def _deterministic_tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def process_unit(
-    unit: imagenet.TrainUnit | imagenet.ValUnit,
+    unit: Unit,
     split: str,
     work: Path,
     params: StageParams,
@@ -107,7 +107,7 @@ def process_unit(
 
     Needs nothing but its (picklable) arguments, so it runs in any worker process.
     """
-    unit_id = unit_identifier(unit, split)
+    unit_id = unit.ident(split)
     spool, index = unit_paths(work, unit_id)
     cached = load_unit(work, unit_id, params)
     if cached is not None:
@@ -136,15 +136,12 @@ def process_unit(
 
 def _write_spool(
     tar: TarWriter,
-    unit: imagenet.TrainUnit | imagenet.ValUnit,
+    unit: Unit,
     split: str,
     params: StageParams,
     skip: frozenset[str],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
-    if isinstance(unit, imagenet.TrainUnit):
-        images = imagenet.read_train_unit(unit)
-    else:
-        images = imagenet.read_val_unit(unit)
+    images = unit.read()
     records: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
     skipped = 0
@@ -169,6 +166,8 @@ def _write_spool(
         record = {"key": raw.key, "wnid": raw.wnid, "label": raw.label, "source": raw.source_name, "tiers": offsets}
         if raw.origin is not None and None in written.values():
             record["origin"] = list(raw.origin)
+        if raw.meta:
+            record["meta"] = raw.meta
         records.append(record)
     return records, bad, skipped
 
@@ -193,8 +192,6 @@ def load_unit(work: Path, unit_id: str, params: StageParams) -> UnitResult | Non
     return UnitResult(unit_id, meta["split"], tuple(meta["records"]), tuple(meta["bad"]), meta.get("skipped", 0))
 
 
-def unit_identifier(unit: imagenet.TrainUnit | imagenet.ValUnit, split: str) -> str:
-    """A file-safe, stable name for a unit: the class WNID for train, the chunk index for val."""
-    if isinstance(unit, imagenet.TrainUnit):
-        return f"{split}-{unit.wnid}"
-    return f"{split}-{unit.index:05d}"
+def unit_identifier(unit: Unit, split: str) -> str:
+    """A file-safe, stable name for a unit (the class for a train class, the chunk index for val...)."""
+    return unit.ident(split)

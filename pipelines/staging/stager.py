@@ -1,9 +1,9 @@
-"""`stage`: an ImageNet source -> checked RGB images -> minival hold-out -> WebDataset shards per resolution
-tier, as one dataset version under a datasets root. Idempotent and resumable.
+"""`stage`: a source of any kind (`pipelines.source.kinds`) -> checked RGB images -> minival hold-out -> WebDataset
+shards per resolution tier, as one dataset version under a datasets root. Idempotent and resumable.
 
 The work is split in two kinds of idempotent steps so that a killed run resumes where it stopped:
 
-1. units (`spools.process_unit`, one per train class and one per chunk of val): decode every image once,
+1. units (`spools.process_unit`: a train class, a chunk of val, a batch file...): decode every image once,
    convert it to RGB, encode it once per tier that needs new pixels, and spool those into
    `work/<inputs>/units/<unit>.tar` plus a JSON index. A unit whose index exists and whose spool verifies is
    not redone. Units run `workers` at a time on threads or processes (`runners.unit_runner`).
@@ -44,7 +44,8 @@ from pipelines.atomic import (
 )
 from pipelines.dataset import DALI, EXTRA_FORMATS, FFCV, MANIFEST, mark_latest
 from pipelines.hashing import content_hash
-from pipelines.source import imagenet
+from pipelines.source.kinds import open_source
+from pipelines.source.records import Source, SourceKind
 from pipelines.staging.params import (
     AUTO,
     ENCODING,
@@ -57,7 +58,14 @@ from pipelines.staging.params import (
     StagingError,
     whole_number,
 )
-from pipelines.staging.plan import check_minival, minival_quota, plan_dataset, unit_args, unit_images
+from pipelines.staging.plan import (
+    carve_quota,
+    check_minival,
+    minival_quota,
+    plan_dataset,
+    unit_args,
+    unit_images,
+)
 from pipelines.staging.runners import (
     Counted,
     Mapper,
@@ -100,13 +108,14 @@ def _work_inputs(fingerprint: dict[str, Any], params: StageParams, base_version:
     return inputs
 
 
-def source_fingerprint(src: imagenet.ImageNetSource, root: Path) -> dict[str, Any]:
-    """`src.fingerprint()`, cached for archives (where it hashes every byte: minutes on the real ~145 GB).
+def source_fingerprint(src: Source, root: Path) -> dict[str, Any]:
+    """`src.fingerprint()`, cached for sources read from archives (where it hashes every byte: minutes on
+    ILSVRC2012's ~145 GB, an hour on ImageNet-21k's 1.2 TB).
 
     The cache is keyed by each archive's path, size, modification time and inode, the test `make` and `rsync`
     use, so rerunning a finished stage is quick. It is written only by a stage that finished.
     """
-    if src.kind != "archives":
+    if not src.archives:
         return src.fingerprint()
     path = _fingerprint_cache(src, root)
     try:
@@ -115,11 +124,13 @@ def source_fingerprint(src: imagenet.ImageNetSource, root: Path) -> dict[str, An
         return src.fingerprint()
 
 
-def _fingerprint_cache(src: imagenet.ImageNetSource, root: Path) -> Path:
-    stats = []
-    for name in imagenet.ARCHIVES:
-        st = (src.root / name).stat()
-        stats.append([str(src.root / name), st.st_size, st.st_mtime_ns, st.st_ino])
+def _fingerprint_cache(src: Source, root: Path) -> Path:
+    stats: list[list[Any]] = []
+    for path in (*src.archives, *src.label_files):
+        st = path.stat()
+        stats.append([str(path), st.st_size, st.st_mtime_ns, st.st_ino])
+    if src.val_per_class:
+        stats.append(["val_per_class", src.val_per_class])
     key = content_hash(stats, 16)
     return root / WORK / FINGERPRINTS / f"{key}.json"
 
@@ -130,22 +141,25 @@ def find_finished(
     params: StageParams,
     base_version: str | None = AUTO,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    *,
+    source_kind: SourceKind | None = None,
+    val_per_class: int | None = None,
 ) -> Path | None:
     """The finished version that staging this source with these parameters would return at once, or None.
 
     Checks what `stage` checks before its first unit (the source, the output folder and, when there is no
     finished version, the minival against a listed source), so bad input fails here, in one line.
     """
-    src = imagenet.open_source(source_path)
+    src = open_source(source_path, source_kind, val_per_class=val_per_class)
     root = Path(out).resolve()
     check_out(root, src)
-    done = find_staged(root, source_fingerprint(src, root), params, base_version)
+    done = find_staged(root, source_fingerprint(src, root), params, base_version, src.dataset)
     if done is None:
         _precheck_minival(src, params, min_train_per_class)
     return done
 
 
-def check_out(root: Path, src: imagenet.ImageNetSource) -> None:
+def check_out(root: Path, src: Source) -> None:
     """StagingError, in one line, for an output folder that cannot hold versions: a file, under a file, not
     writable, or inside a folder the source lists (its train/ or val/: the next run would read the versions as
     classes or images). Before any work, so that a run does not fail at its first write.
@@ -169,14 +183,16 @@ def check_out(root: Path, src: imagenet.ImageNetSource) -> None:
             )
 
 
-def _listed_train_counts(src: imagenet.ImageNetSource) -> dict[str, int] | None:
-    """Train files per class where the source lists them without reading (trees), else None (class tars)."""
-    if src.kind == "archives":
+def _listed_train_counts(src: Source) -> dict[str, int] | None:
+    """Train files per class where the source lists them without reading (trees), less the val a source without
+    one holds out, else None (archives: read to count)."""
+    if not src.listed:
         return None
-    return {u.wnid: len(u.names) for u in src.train_units()}
+    counts = {u.wnid: len(u.names) for u in src.train_units()}  # type: ignore[attr-defined]  # listed: TrainUnits
+    return {c: n - carve_quota(n, src.val_per_class) for c, n in counts.items()}
 
 
-def _precheck_minival(src: imagenet.ImageNetSource, params: StageParams, min_train_per_class: int) -> None:
+def _precheck_minival(src: Source, params: StageParams, min_train_per_class: int) -> None:
     """`check_minival` on the listed file counts, before any unit is decoded: bad files only lower the counts,
     and fewer images never leave a class more train images, so what fails here fails after decoding too."""
     counts = _listed_train_counts(src)
@@ -197,8 +213,14 @@ def stage(
     base_version: str | None = AUTO,
     processes: bool = False,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
+    source_kind: SourceKind | None = None,
+    val_per_class: int | None = None,
 ) -> Path:
     """Stage a source into `out/<version>`; returns that directory. Idempotent and resumable.
+
+    `source_kind` forces the kind of source (`pipelines.source.kinds`) instead of detecting it;
+    `val_per_class` is how many images of each class to hold out as val where the source has no val split
+    (ImageNet-21k, a class-folder tree without val/ or test/; None: the kind's default).
 
     `map_units` / `map_shards` run a function over argument tuples and return results in order (on threads
     of this process; default: `workers` threads); the Prefect flow passes mappers that submit tasks to its task
@@ -220,18 +242,18 @@ def stage(
     """
     workers = resolve_workers(workers)
     min_train_per_class = whole_number("min_train_per_class", min_train_per_class, 0)
-    src = imagenet.open_source(source_path)
+    src = open_source(source_path, source_kind, val_per_class=val_per_class)
     root = Path(out).resolve()
     check_out(root, src)
     fingerprint = source_fingerprint(src, root)
-    done = find_staged(root, fingerprint, params, base_version)
+    done = find_staged(root, fingerprint, params, base_version, src.dataset)
     if done is not None:
         log(f"dataset {done.name} is already staged at {done}: reusing it")
         _finish(root, done.name, src, fingerprint)
         return done
     _precheck_minival(src, params, min_train_per_class)
     base = resolve_base(root, base_version, src, params, log)
-    version = dataset_version(fingerprint, params, base.name if base else None)
+    version = dataset_version(fingerprint, params, base.name if base else None, src.dataset)
     dest = root / version
     work = work_dir(root, fingerprint, params, base.name if base else None)
     created = [p for p in (root, root / WORK, work, dest) if not p.exists()]
@@ -257,7 +279,7 @@ def stage(
                 log(f"removed what failed runs left and no run will reuse: {', '.join(orphans)}")
             units = unit_args(src, work, params, base)
             log(
-                f"staging {source_path} ({src.kind} source, {len(src.classes)} classes) as {version}"
+                f"staging {source_path} ({src.dataset}, {src.kind} source, {len(src.classes)} classes) as {version}"
                 f"{f' on top of {base.name}' if base else ''}: {len(units)} units, tiers {list(params.tiers)}, "
                 f"{workers} worker(s)"
             )
@@ -270,9 +292,9 @@ def stage(
                 except NotStarted:
                     assert run_unit.failure is not None  # raised only once a unit has failed
                     raise run_unit.failure from None  # the unit that failed, not one stopped behind it
-            if base is not None and src.kind == "archives":
+            if base is not None and not src.listed:
                 check_base_seen(results, base)
-            plan = plan_dataset(results, src.classes, params, base, min_train_per_class)
+            plan = plan_dataset(results, src.classes, params, base, min_train_per_class, src.val_per_class)
             log(
                 f"plan: { ({k: len(v) for k, v in plan.splits.items()}) } new images, {len(plan.bad)} bad files, "
                 f"{len(plan.shards)} shards to write"
@@ -300,7 +322,7 @@ def stage(
                     inherited + entries,
                     params,
                     fingerprint,
-                    src.kind,
+                    {"kind": src.kind, **src.manifest_record()},
                     version,
                     code_version(),
                     keys=keys,
@@ -427,10 +449,10 @@ def remove_orphans(root: Path, work: Path, source: Path, version: str) -> list[s
     return removed
 
 
-def _finish(root: Path, version: str, src: imagenet.ImageNetSource, fingerprint: dict[str, Any]) -> None:
+def _finish(root: Path, version: str, src: Source, fingerprint: dict[str, Any]) -> None:
     """Point LATEST at a finished version; remember an archive source's fingerprint for the next run."""
     mark_latest(root, version)
-    if src.kind == "archives":
+    if src.archives:
         atomic_write_json(_fingerprint_cache(src, root), {"fingerprint": fingerprint})
 
 

@@ -36,7 +36,7 @@ from pipelines.dataset import (
 )
 from pipelines.hashing import content_hash
 from pipelines.settings import PROJECT_ROOT
-from pipelines.source import imagenet
+from pipelines.source.records import GROWING_KINDS, Source
 from pipelines.staging.params import AUTO, ENCODING, SHARD_LAYOUT, WORK, StageParams, StagingError
 from pipelines.staging.plan import BaseVersion, DatasetPlan
 from pipelines.staging.spools import UnitResult
@@ -71,11 +71,15 @@ def _same_params(manifest: Manifest, params: StageParams) -> bool:
 
 
 def find_staged(
-    root: Path, fingerprint: dict[str, Any], params: StageParams, base_version: str | None = AUTO
+    root: Path,
+    fingerprint: dict[str, Any],
+    params: StageParams,
+    base_version: str | None = AUTO,
+    dataset: str = "imagenet",
 ) -> Path | None:
     """A finished version of exactly this source and these parameters, if any: staged in full, on top of
     `base_version`, or (AUTO) either way."""
-    named = dataset_version(fingerprint, params, None if base_version == AUTO else base_version)
+    named = dataset_version(fingerprint, params, None if base_version == AUTO else base_version, dataset)
     if (root / named / MANIFEST).is_file():
         return root / named
     if base_version != AUTO:
@@ -86,18 +90,24 @@ def find_staged(
     return None
 
 
-def _source_keys(src: imagenet.ImageNetSource) -> dict[str, dict[str, str] | None]:
+def _source_keys(src: Source) -> dict[str, dict[str, str] | None]:
     """Source split ('train', 'val') -> key -> wnid where the source lists its files without reading them
-    (trees; val of archives). None for the train split of archives: a class tar must be read to list it."""
+    (trees; val of archives). None for the train split of archives: a class tar must be read to list it. A
+    source that holds its val out of train lists both under 'train'."""
     train = None
-    if src.kind != "archives":
-        train = {Path(n).stem: u.wnid for u in src.train_units() for n in u.names}
-    val = {Path(e.source_name).stem: e.wnid for u in src.val_units(max(1, src.num_val)) for e in u.entries}
-    return {"train": train, "val": val}
+    if src.listed:
+        train = {u.key(n): u.wnid for u in src.train_units() for n in u.names}  # type: ignore[attr-defined]
+    if src.val_per_class:
+        return {"train": train}
+    return {"train": train, "val": {e.key: e.wnid for e in src.val_entries()}}
 
 
-def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: StageParams) -> str | None:
+def _base_problem(base: BaseVersion, src: Source, params: StageParams) -> str | None:
     """Why `base` cannot be grown into this source, or None."""
+    if src.kind not in GROWING_KINDS:
+        return f"a {src.dataset} source is a fixed release, staged whole"
+    if base.manifest.source.get("dataset", "imagenet") != src.dataset:
+        return "it is another dataset's version"
     if base.manifest.classes != tuple(src.classes):
         return "its classes differ from the source's"
     if not _same_params(base.manifest, params):
@@ -107,7 +117,8 @@ def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: Stage
     for split, listed in _source_keys(src).items():
         if listed is None:
             continue  # class tars: checked while reading (the units count the base images they saw)
-        missing = sorted(k for k, wnid in base.known(split).items() if listed.get(k) != wnid)
+        known = base.known(split, carved=bool(src.val_per_class))
+        missing = sorted(k for k, wnid in known.items() if listed.get(k) != wnid)
         if missing:
             return f"{len(missing)} of its {split} images are not in the source with the same class (e.g. {missing[0]})"
     return None
@@ -116,12 +127,13 @@ def _base_problem(base: BaseVersion, src: imagenet.ImageNetSource, params: Stage
 def resolve_base(
     root: Path,
     base_version: str | None,
-    src: imagenet.ImageNetSource,
+    src: Source,
     params: StageParams,
     log: Callable[..., None],
 ) -> BaseVersion | None:
-    """The version to grow from: `base_version` by name, the latest compatible one for AUTO, or None."""
-    if base_version is None:
+    """The version to grow from: `base_version` by name, the latest compatible one for AUTO, or None (always
+    for a fixed release: CIFAR, Flowers... are staged whole)."""
+    if base_version is None or (base_version == AUTO and src.kind not in GROWING_KINDS):
         return None
     if base_version != AUTO:
         if not (root / base_version / MANIFEST).is_file():
@@ -166,9 +178,11 @@ def check_base_seen(units: Sequence[UnitResult], base: BaseVersion) -> None:
             )
 
 
-def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None) -> str:
-    """A content address: the same source staged with the same parameters (from the same base) by code that cuts
-    the same shards is the same version."""
+def dataset_version(
+    fingerprint: dict[str, Any], params: StageParams, base_version: str | None = None, dataset: str = "imagenet"
+) -> str:
+    """A content address named after its dataset (`cifar100-<hash>`): the same source staged with the same
+    parameters (from the same base) by code that cuts the same shards is the same version."""
     inputs: dict[str, Any] = {
         "source": fingerprint,
         "params": asdict(params),
@@ -177,7 +191,7 @@ def dataset_version(fingerprint: dict[str, Any], params: StageParams, base_versi
     }
     if base_version is not None:
         inputs["base_version"] = base_version
-    return "imagenet-" + content_hash(inputs, 12)
+    return f"{dataset}-{content_hash(inputs, 12)}"
 
 
 def build_manifest(
@@ -185,7 +199,7 @@ def build_manifest(
     shards: Sequence[FileEntry],
     params: StageParams,
     fingerprint: dict[str, Any],
-    source_kind: str,
+    source: dict[str, Any],
     version: str,
     code_version: str,
     *,
@@ -221,7 +235,7 @@ def build_manifest(
         shards=tuple(sorted(shards, key=lambda s: (s["tier"], s["split"], s["path"]))),
         bad_files=tuple(sorted(bad, key=lambda b: (b["source"], b["split"]))),
         images_seen=plan.total_seen,
-        source={"kind": source_kind, "fingerprint": fingerprint},
+        source={**source, "fingerprint": fingerprint},
         params=_params_record(params),
         encoding=ENCODING,
         code_version=code_version,
