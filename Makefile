@@ -9,6 +9,9 @@ TORCH_VERSION := 2.13.0
 FFCV_DEBS := pkg-config libopencv-dev libturbojpeg0-dev
 # The UI tests look at the MLflow and Prefect UIs through it (they skip without it).
 UI_DEBS := chromium
+# Real photos for the accuracy figures and the real-data tests (they skip without it): Fashion-MNIST's idx files
+# under /usr/share/datasets/fashion-mnist.
+DATA_DEBS := dataset-fashion-mnist
 STAMP := $(VENV)/.setup-stamp
 STAMP_INPUTS := pyproject.toml constraints.txt Makefile
 CHECKED := models pipelines flows cli
@@ -34,14 +37,14 @@ setup:
 	if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$$want" ] && $(PY) -c "import models, pipelines, flows, cli" 2>/dev/null; then \
 		echo "setup: $(VENV) is up to date"; exit 0; fi; \
 	set -e; \
-	missing=$$(for p in $(FFCV_DEBS) $(UI_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	missing=$$(for p in $(FFCV_DEBS) $(UI_DEBS) $(DATA_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then echo "setup: installing Debian packages: $$missing"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		else needed=$$(for p in $(FFCV_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 			if [ -n "$$needed" ]; then echo "setup: FFCV needs the Debian packages: $$needed"; \
 				echo "       run: sudo apt-get install -y $$missing   (then make setup again)"; exit 1; fi; \
-			echo "setup: without $(UI_DEBS) the UI tests skip (sudo apt-get install -y $(UI_DEBS))"; fi; fi; \
+			echo "setup: without $(UI_DEBS) $(DATA_DEBS) the UI and real-data tests skip (sudo apt-get install -y $(UI_DEBS) $(DATA_DEBS))"; fi; fi; \
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
 	$(PIP) install -q --upgrade pip wheel setuptools; \
 	echo "setup: installing torch $(TORCH_VERSION) first, so the project's torch range is already met"; \

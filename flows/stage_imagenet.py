@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.failures import one_line_failures
-from pipelines.source.records import SourceKind
+from pipelines.source.records import SOURCE_KINDS, SourceKind
 from pipelines.staging import runners
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
 from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
@@ -87,6 +87,17 @@ def _task_mapper(t: Any, name: Callable[[tuple], str], window: int) -> Mapper:
     return run
 
 
+def _kind(value: str | None) -> SourceKind | None:
+    """The flow's `source_kind` (a plain string: Prefect validates parameters against the flow's own module, where
+    the Literal is not defined) checked against the kinds, in one line."""
+    if value is None or value == "":
+        return None
+    for kind in SOURCE_KINDS:
+        if kind == value:
+            return kind
+    raise ValueError(f"source_kind must be one of {', '.join(SOURCE_KINDS)}, got {value!r}")
+
+
 def stage_params(**fields: Any) -> StageParams:
     """Flow parameters (StageParams fields by name) as StageParams: lists become tuples, and `minival` >= 1 is a
     whole number of images, below 1 a fraction. A field not given keeps StageParams' default; an empty `tiers`
@@ -113,7 +124,7 @@ def stage_imagenet(
     minival: float = DEFAULTS.minival, seed: int = DEFAULTS.seed, jpeg_quality: int = DEFAULTS.jpeg_quality,
     max_bad_fraction: float = DEFAULTS.max_bad_fraction, base_version: str | None = AUTO, workers: int | None = None,
     progress_bar: bool = False, formats: list[str] = list(DEFAULTS.formats), processes: bool = False,
-    min_train_per_class: int = MIN_TRAIN_PER_CLASS, source_kind: SourceKind | None = None,
+    min_train_per_class: int = MIN_TRAIN_PER_CLASS, source_kind: str | None = None,
     val_per_class: int | None = None,
 ) -> str:
     """Stage a dataset as distributed under `out/<version>` (named after the dataset: `cifar100-<hash>`); returns
@@ -139,7 +150,8 @@ def stage_imagenet(
         formats: Extra files beside the shards: "ffcv" (.beton per tier and split), "dali" (shard indexes).
         processes: Decode in worker processes rather than threads (for many cores).
         min_train_per_class: A minival that leaves a class fewer train images than this is refused (0 allows it).
-        source_kind: The kind of source, instead of detecting it from the file names.
+        source_kind: The kind of source, instead of detecting it from the file names: one of archives, tree,
+            kaggle (ILSVRC2012), folders, imagenet21k, cifar, flowers102, cars, idx.
         val_per_class: Images of each class held out as val where the dataset has no val split (ImageNet-21k,
             class folders without val/ or test/); empty for the default.
     """
@@ -154,7 +166,7 @@ def stage_imagenet(
         map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}", _SHARD_TASKS),
         log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
         base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,
-        source_kind=source_kind, val_per_class=val_per_class,
+        source_kind=_kind(source_kind), val_per_class=val_per_class,
     )
     logger.info("dataset ready in %.1f s: %s", time.time() - t0, dest)
     return str(dest)
