@@ -418,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--head",
         default="reset",
-        help="reset (a new classifier for the dataset's classes, the default) or keep (the same classes)",
+        choices=("reset", "keep", "match"),
+        help="reset (a new classifier for the dataset's classes, the default), keep (the same classes) or match "
+        "(the rows of the class ids both datasets share start from the source's: ImageNet-21k onto ILSVRC2012)",
     )
     s.add_argument(
         "--freeze",

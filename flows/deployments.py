@@ -68,6 +68,10 @@ DEPLOYMENTS = (
     DeploymentSpec("search-baseline", "default", {},
                    description="The baseline search at proxy scale (V1 space around B0, random search; defaults: "
                                "the demo's), the best table stored as a named baseline"),
+    DeploymentSpec("transfer", "v2-paper", {"family": V2_FAMILY, "recipe": "finetune"},
+                   description="Transfer as the V2 paper runs it: V2-S/M/L's champions fine-tuned onto each dataset "
+                               "version given (pass datasets), each registered as <variant>-<dataset>; the transfer "
+                               "table on the parent MLflow run and as the run's artifact"),
     DeploymentSpec("nightly", "demo", {"variants": list(DEMO_FAMILY), "recipe": "demo", "mode": "finetune",
                                        "staging": DEMO_STAGING, "finetune_epochs": 2}, one_at_a_time=True,
                    description="The nightly of the demo family: pass source (make demo writes one to the data "
@@ -114,8 +118,10 @@ def deployable_flows() -> dict[str, Any]:
     from flows.search_baseline import search_baseline
     from flows.stage_imagenet import stage_imagenet
     from flows.train_family import train_family
+    from flows.transfer import transfer
 
-    return {f.name: f for f in (train_family, stage_imagenet, nightly, search_scaling, scaling_study, search_baseline)}
+    flows = (train_family, stage_imagenet, nightly, search_scaling, scaling_study, search_baseline, transfer)
+    return {f.name: f for f in flows}
 
 
 def build_deployments(names: list[str] | None = None, source: Path | None = None,

@@ -114,27 +114,35 @@ def train_family(
 def train_members(c: Any, layout: DataLayout, jobs: Jobs, dataset: Path, data_dir: str | None, parent: str,
                   retries: int, retry_delay_seconds: float) -> list[dict]:
     """Every member's job submitted at once, each waited on by a task run; their rows, in the members' order."""
+    return train_jobs(c, layout, [(variant, tuned, dataset) for variant, tuned in jobs], data_dir, parent, retries,
+                      retry_delay_seconds)
+
+
+def train_jobs(c: Any, layout: DataLayout, jobs: list[tuple[str, Recipe, Path]], data_dir: str | None, parent: str,
+               retries: int, retry_delay_seconds: float) -> list[dict]:
+    """Every job (label, recipe, dataset version) submitted at once as a Ray job, each waited on by a task run and
+    nested under the `parent` MLflow run; their rows (`variant_row`, by label), in the jobs' order."""
     logger = get_run_logger()
     train = train_variant.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
-    futures = [train.submit(variant, tuned, str(dataset), data_dir, {Tags.PARENT_RUN: parent})
-               for variant, tuned in jobs]
+    futures = [train.submit(label, tuned, str(dataset), data_dir, {Tags.PARENT_RUN: parent})
+               for label, tuned, dataset in jobs]
     try:
         outcomes = [f.result(raise_on_failure=False) for f in futures]
     except BaseException:
         # Cancelled or interrupted (Prefect's TerminationSignal, Ctrl-C): the Ray jobs would train on with nobody
         # waiting. Stopped, their drivers record their runs killed. (A flow process that dies without a signal
         # leaves them running; a rerun reattaches.)
-        stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned in jobs])
+        stopped = submit.stop_jobs(layout, [job_key_for(tuned, dataset) for _, tuned, dataset in jobs])
         logger.warning("stopped Ray job(s): %s", ", ".join(stopped) or "none running")
         c.set_terminated(parent, "KILLED")
         raise
-    rows = [variant_row(variant, outcome) for (variant, _), outcome in zip(jobs, outcomes)]
-    for (variant, _), row in zip(jobs, rows):
+    rows = [variant_row(label, outcome) for (label, _, _), outcome in zip(jobs, outcomes)]
+    for (label, _, _), row in zip(jobs, rows):
         if row["status"] == TRAINED:
-            logger.info("%s: trained, val top-1 %.2f (model %s v%s)", variant, row["val_top1"],
+            logger.info("%s: trained, val top-1 %.2f (model %s v%s)", label, row["val_top1"],
                         row["registered_model"], row["version"])
         else:
-            logger.error("%s: failed: %s", variant, row["reason"])
+            logger.error("%s: failed: %s", label, row["reason"])
     return rows
 
 

@@ -106,7 +106,12 @@ def to_csv(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
 
 
 def to_markdown(rows: Sequence[dict[str, Any]], columns: Columns = COLUMNS) -> str:
-    cells = table(rows, columns)
+    return markdown_table(table(rows, columns))
+
+
+def markdown_table(cells: Sequence[Sequence[str]]) -> str:
+    """Rows of cells, the header first, as a markdown table (a `|` in a cell escaped). The one markdown-table
+    layout of the project (the family's summary, the nightly's promotions, the transfer table)."""
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     return "\n".join([lines[0], "|" + "---|" * len(cells[0]), *lines[1:]]) + "\n"
 

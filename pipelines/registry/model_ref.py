@@ -9,6 +9,7 @@ the arguments the file carries. Its eval preprocessing (resolution, crop ratio) 
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from models import VariantSpec
 from models.checkpoint import ModelError, model_from_checkpoint, read_checkpoint
-from pipelines.registry.tracking import STATE_DICT_ARTIFACT, Tags
+from pipelines.registry.tracking import PREPROCESSING_ARTIFACT, STATE_DICT_ARTIFACT, Tags
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 _RUN_URI = re.compile(r"^runs:/(?P<run>[0-9a-f]{32})/?$")
@@ -69,6 +70,34 @@ def run_weights(c: Any, run_id: str, where: str) -> tuple[torch.nn.Module, Varia
             ) from None
         saved = read_checkpoint(path)
         return (*model_from_checkpoint(saved, f"{where} ({STATE_DICT_ARTIFACT})"), dict(saved["model_args"]))
+
+
+def registered_model_args(c: Any, version: Any) -> dict[str, Any]:
+    """The arguments that rebuild a registered version's model (its variant, overrides, classes), read from its
+    run's plain weights without building the model; NoWeights when the run holds none."""
+    where = f"models:/{version.name}/{version.version}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(version.run_id, STATE_DICT_ARTIFACT, tmp)
+        except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact or run)
+            raise NoWeights(f"{where}: run {version.run_id} holds no {STATE_DICT_ARTIFACT}") from None
+        saved = read_checkpoint(path)
+    if not isinstance(saved.get("model_args"), dict):
+        raise ModelError(f"{where} ({STATE_DICT_ARTIFACT}): no model_args to rebuild the model from")
+    return dict(saved["model_args"])
+
+
+def registered_classes(c: Any, version: Any) -> tuple[str, ...] | None:
+    """The class ids a registered version was trained on, in the order of its classifier's rows (its staged
+    version's `manifest.classes`, recorded with its preprocessing); None when it records none (registered some
+    other way)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = c.download_artifacts(version.run_id, PREPROCESSING_ARTIFACT, tmp)
+        except Exception:  # noqa: BLE001 (MLflow raises several kinds for a missing artifact or run)
+            return None
+        classes = json.loads(Path(path).read_text()).get("classes")
+    return tuple(str(k) for k in classes) if isinstance(classes, list) else None
 
 
 def registered_version(c: Any, ref: str) -> Any:

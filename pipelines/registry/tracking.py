@@ -28,6 +28,12 @@ CANDIDATE, CHAMPION = "candidate", "champion"  # registered-model aliases: the l
 # Where a registered version's run keeps its plain weights: a state_dict and the arguments that rebuild the model
 # through `models`, read back without unpickling (`pipelines.registry.model_ref`).
 STATE_DICT_ARTIFACT = "checkpoint/state_dict.pt"
+# Where a registered version's run keeps its eval preprocessing, with the class ids of its training data in the
+# order of the classifier's rows (`classes`: the staged version's `manifest.classes`), read by `model_ref`.
+PREPROCESSING_ARTIFACT = "model/preprocessing.json"
+# Where `mlflow ui` serves a local store when asked to (`--port 5000`, as the README says): the links to a run when
+# the tracking URI is a file or a database rather than a server.
+LOCAL_UI = "http://127.0.0.1:5000"
 
 
 class Tags:
@@ -43,7 +49,7 @@ class Tags:
     FIRST_STEP = "first_step_unix"  # R: when the first training step ended (start-up latency)
     REGISTERED = "registered_version"  # R: "<name>/<version>" once the run's model is registered
     FLOW_RUN = "prefect_flow_run_id"  # R: the Prefect flow run that drove the job (the last, if resumed)
-    RUN_KIND = "run_kind"  # R: "family" on a family's parent run (its members' runs are nested under it)
+    RUN_KIND = "run_kind"  # R: "family" / "transfer" on a flow's parent run (its members' runs nested under it)
     PARENT_RUN = "mlflow.parentRunId"  # R: MLflow's own tag, which nests a member's run under the family's
     PARAMS = "params"  # V: parameter count
     GMACS = "gmacs"  # V: multiply-accumulates at the eval resolution
@@ -61,6 +67,7 @@ class Tags:
     COEFFICIENTS = "coefficients"  # V: the coefficient set's name ("paper", a search's, "explicit")
     SCALING = "scaling"  # V: "alpha=A beta=B gamma=G", the set's numbers
     INIT_FROM = "init_from"  # R V: models:/NAME/VERSION a fine-tuned job started from (recipe `init`)
+    INIT_HEAD = "init_head"  # R V: how its classifier started: keep, reset, or "match: K of N classes from ..."
     EPOCHS_RUN = "epochs_run"  # R V (R: a scaling experiment's trial)
     SEARCH_KEY = "search_key"  # R: a scaling experiment's key, on its parent run and its trials' runs
     TRIAL = "trial"  # R: a trial's label in its experiment ("alpha=1.2 beta=1.1 gamma=1.15", "width x2")
@@ -158,12 +165,27 @@ def find_or_start_run(
 
 
 FAMILY_KIND = "family"
+TRANSFER_KIND = "transfer"
 
 
 def open_family_run(c: MlflowClient, exp_id: str, flow_run_id: str, run_name: str, params: Mapping[str, Any]) -> str:
     """The parent run of one family flow run: its members' runs are nested under it (the tag `PARENT_RUN`), and
     it holds the family's comparison. A retry of the same flow run finds it again rather than make a second."""
-    return find_or_start_run(c, exp_id, {Tags.FLOW_RUN: flow_run_id, Tags.RUN_KIND: FAMILY_KIND}, run_name, params)
+    return open_parent_run(c, exp_id, flow_run_id, FAMILY_KIND, run_name, params)
+
+
+def open_parent_run(
+    c: MlflowClient, exp_id: str, flow_run_id: str, kind: str, run_name: str, params: Mapping[str, Any]
+) -> str:
+    """The parent run of one flow run of a `kind` (family, transfer), found again by a retry of the same flow run:
+    the runs of the jobs it starts are nested under it (the tag `PARENT_RUN`)."""
+    return find_or_start_run(c, exp_id, {Tags.FLOW_RUN: flow_run_id, Tags.RUN_KIND: kind}, run_name, params)
+
+
+def run_url(tracking_uri: str, exp_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run: on the tracking server itself, or where `mlflow ui` serves a local store."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
 
 
 def close_family_run(c: MlflowClient, run_id: str, rows: list[dict[str, Any]], title: str, status: str) -> None:
@@ -254,7 +276,7 @@ def register_best_checkpoint(
             mlflow.log_artifact(str(path), str(Path(STATE_DICT_ARTIFACT).parent))
             info = log_served_model(path, input_example, preprocessing, variant_slug)
             made["model_id"] = info.model_id
-            mlflow.log_dict(dict(preprocessing), "model/preprocessing.json")
+            mlflow.log_dict(dict(preprocessing), PREPROCESSING_ARTIFACT)
         if _registered_model(c, name) is None:
             c.create_registered_model(name, description=f"EfficientNet {variant_slug}, trained by effnet-family")
             made["registered_model"] = name

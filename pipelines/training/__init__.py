@@ -13,7 +13,9 @@ Modules, in the order a job uses them:
 - `job`: `run_training`, the driver's work: MLflow run, Ray Train's TorchTrainer, val on the chosen checkpoint,
   registration.
 - `supervise`: the driver's watch over its Ray Train run: abort, SIGTERM, one progress line per epoch.
-- `warm_start`: a job's initial weights from a registered version (fine-tuning, nightly).
+- `warm_start`: a job's initial weights from a registered version (fine-tuning, nightly; a new head, or one with
+  the rows of the class ids both share).
+- `transfer`: registered models onto other datasets as the papers run it: the jobs of each pair, the table.
 - `loop`: `train_worker`, the loop on every Ray worker: epochs, minival, early stopping, checkpoints.
 - `steps`: the pieces of one step (optimizer, EMA, batch preparation, gradient accumulation, seeding).
 - `evaluate`: top-1/top-5/loss of a model on a split, in the loop, on the cluster, or in-process.

@@ -287,12 +287,21 @@ def _warm_start(
     c: Any, layout: DataLayout, recipe: Recipe, spec: Any, manifest: Manifest
 ) -> tuple[str | None, dict[str, str]]:
     """A fine-tuning job's starting weights, fitted and written once for its workers (recipe `init`), and its
-    lineage tag; (None, {}) from scratch."""
+    lineage tags (`init_from`, `init_head`); (None, {}) from scratch."""
     if recipe.init is None:
         return None, {}
-    dest = _job_marker(layout, _job_key(spec.name, recipe, manifest.version)).with_suffix(".init.pt")
-    lineage = write_init_weights(c, recipe.init, spec, manifest.num_classes, recipe.seed, dest)
-    return str(dest), {Tags.INIT_FROM: lineage}
+    dest = _init_weights_file(layout, _job_key(spec.name, recipe, manifest.version))
+    return str(dest), write_init_weights(c, recipe.init, spec, manifest.classes, recipe.seed, dest)
+
+
+def _init_weights_file(layout: DataLayout, key: str) -> Path:
+    return _job_marker(layout, key).with_suffix(".init.pt")
+
+
+def init_weights_path(layout: DataLayout, recipe: Recipe, dataset_dir: str | Path) -> Path:
+    """Where this recipe's job on this dataset version keeps the weights it started from (recipe `init`): a
+    tensors-only state_dict, e.g. to check a `head: match` classifier's rows after the job."""
+    return _init_weights_file(layout, job_key_for(recipe, dataset_dir))
 
 
 def _trainer(

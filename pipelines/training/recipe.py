@@ -274,7 +274,10 @@ class RuntimeConfig(_Strict):
 class InitConfig(_Strict):
     """Start from a registered model's weights rather than from scratch (fine-tuning): `from` names the version
     (`models:/efficientnet-b0/3`, or `models:/efficientnet-b0@champion`, read when the job starts); `head: keep`
-    keeps its classifier (same classes), `reset` builds a new one for the dataset's classes."""
+    keeps its classifier (same classes), `reset` builds a new one for the dataset's classes, `match` builds a new
+    one whose rows for the class ids the source was also trained on (WNIDs: ImageNet-21k -> ILSVRC2012, as the V2
+    paper fine-tunes) are the source's rows, weight and bias; the rest stay freshly initialised
+    (`warm_start.matched_rows`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     from_: str = Field(
@@ -282,7 +285,7 @@ class InitConfig(_Strict):
         pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$",
         description="models:/NAME/VERSION or models:/NAME@ALIAS",
     )
-    head: Literal["keep", "reset"] = "keep"
+    head: Literal["keep", "reset", "match"] = "keep"
     # Layer-wise freezing for the first epochs (a new head settles before the features move): the stem and the
     # first N stages, or "backbone" (everything but the classifier), weights and BN statistics kept as loaded.
     freeze: int | Literal["backbone"] = Field(0, description="stages frozen with the stem (0: none), or 'backbone'")
