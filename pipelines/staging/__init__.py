@@ -6,6 +6,7 @@ Modules, in the order the data goes through them:
 - `params`: StageParams (what a run is asked for, checked once) and the numbers and names that version its files.
 - `images`: one image decoded, checked, made upright RGB and encoded at every tier.
 - `spools`: units (a train class, a val chunk), each decoded once into a spool in the work folder.
+- `catalog`: the units' records read back into columns, a row per image (bytes, not a dict, per image).
 - `plan`: the minival hold-out, the shuffles and the cut into shards: which image goes where.
 - `shards`: the WebDataset shards, copied from the spools, each with its checksum sidecar.
 - `ffcv_files`: the "ffcv" format, a `.beton` per tier and split.

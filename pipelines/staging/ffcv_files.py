@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ from pipelines.dataset import SPLITS, DataError, beton_relpath
 from pipelines.seeds import Stream, mix_seed
 from pipelines.staging.params import StageParams
 from pipelines.staging.plan import DatasetPlan
-from pipelines.staging.shards import SampleReader
 
 _MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
 
@@ -38,15 +38,15 @@ class _StagedImages:
     Indexable and picklable, as FFCV's DatasetWriter wants; it runs in the writer's worker processes.
     """
 
-    def __init__(self, spans: list[tuple[str, int, int, int]], seed: int) -> None:
-        self.spans, self.seed = spans, seed  # spans: (file, offset, size, label)
+    def __init__(self, files: list[str], spans: np.ndarray, seed: int) -> None:
+        self.files, self.spans, self.seed = files, spans, seed  # spans: (file index, offset, size, label) rows
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, offset, size, label = self.spans[i]
-        with open(path, "rb") as f:
+        file, offset, size, label = self.spans[i].tolist()
+        with open(self.files[file], "rb") as f:
             f.seek(offset)
             data = f.read(size)
         # write_mode='proportion' draws from numpy's global generator in the worker: seeding it per sample makes
@@ -56,23 +56,26 @@ class _StagedImages:
         return np.asarray(image, dtype=np.uint8), int(label)
 
 
-def _spans(plan: DatasetPlan, split: str, tier: int, work: Path) -> list[tuple[str, int, int, int]]:
-    """(file, offset, size, label) of every sample of a split at a tier, in the split's order."""
-    reader = SampleReader(work)
-    spans = [(*reader.where(plan.records[key], tier), plan.records[key]["label"]) for key in plan.splits[split]]
+def _spans(plan: DatasetPlan, split: str, tier: int, work: Path) -> tuple[list[str], np.ndarray]:
+    """The files a split's samples at a tier lie in, and each sample's (file index, offset, size, label), in the
+    split's order: an array row per sample, not a tuple and a path."""
+    catalog = plan.catalog
+    files: dict[str, int] = {}
+    spans = array("q")
+    for row in plan.splits[split].tolist():
+        path, offset, size = catalog.where(row, tier, work)
+        spans.extend((files.setdefault(path, len(files)), offset, size, catalog.label(row)))
     # A worker that raises leaves FFCV's writer waiting forever for its samples: check the files first.
-    for path in {s[0] for s in spans}:
+    for path in files:
         if not Path(path).exists():
             raise DataError(f"{path}: staged image bytes missing; cannot write the FFCV files")
-    return spans
+    return list(files), np.frombuffer(spans, np.int64).reshape(-1, 4) if spans else np.empty((0, 4), np.int64)
 
 
 def _page_size(plan: DatasetPlan, split: str, tier: int) -> int:
     """Smallest FFCV page (a power of two, >= 2 MiB) that holds two of the split's largest raw images."""
-    largest = max(
-        (w * h * 3 for key in plan.splits[split] for _, _, w, h in [plan.records[key]["tiers"][str(tier)]]),
-        default=0,
-    )
+    dims = plan.catalog.dims[plan.splits[split], plan.catalog.column(tier)].astype(np.int64)
+    largest = int((dims[:, 0] * dims[:, 1] * 3).max()) if len(dims) else 0
     return max(_MIN_PAGE, 1 << math.ceil(math.log2(max(1, 2 * largest))))
 
 
@@ -95,7 +98,7 @@ def write_beton(
     digest = verified_digest(path)
     if digest is not None:
         return {**entry, "bytes": path.stat().st_size, "sha256": digest}
-    dataset = _StagedImages(_spans(plan, split, tier, work), params.seed)
+    dataset = _StagedImages(*_spans(plan, split, tier, work), params.seed)
     workers = num_workers or os.cpu_count() or 1
     workers = max(1, min(workers, math.ceil(len(dataset) / 64)))  # a tiny split is not worth a second process
     fields = {
@@ -134,6 +137,6 @@ def write_ffcv_files(
     entries = []
     for tier in params.tiers:
         for split in SPLITS:
-            if plan.splits[split]:
+            if len(plan.splits[split]):
                 entries.append(write_beton(plan, split, tier, Path(work), Path(dest), params))
     return entries

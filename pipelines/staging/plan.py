@@ -1,28 +1,34 @@
 """The plan between units and shards: which images a version holds, in which split, shard and order.
 
-`plan_dataset` takes the units' records, holds out a val per class where the source has none (`Source.val_per_class`:
-ImageNet-21k, a class-folder tree without val/), then the minival per class (`minival_quota`: seeded, stable
-whatever order the units finished in, and refused by `check_minival` when it leaves a class too few train
-images), shuffles every split across classes from the seed, and cuts it into `shard_size` shards per tier. The
-plan depends on the records, the base and StageParams only, never on timing (`SHARD_LAYOUT` versions how it is
-cut). With a `BaseVersion`, a finished version the new one grows from, only the new images are planned: the
-base's keep their split and shards. `unit_args` lists the units a run decodes: all of them, or with a base
-only what the base lacks.
+`plan_dataset` reads the units' records back into a `Catalog` (one unit at a time, from the indexes in the work
+folder), holds out a val per class where the source has none (`Source.val_per_class`: ImageNet-21k, a
+class-folder tree without val/), then the minival per class (`minival_quota`: seeded, stable whatever order the
+units finished in, and refused by `check_minival` when it leaves a class too few train images), shuffles every
+split across classes from the seed, and cuts it into `shard_size` shards per tier. The plan depends on the
+records, the base and StageParams only, never on timing (`SHARD_LAYOUT` versions how it is cut). Splits and
+shards are arrays of the catalog's rows, not lists of keys: beside its catalog, a plan of ImageNet-21k's ~14M
+images holds a few bytes an image. With a `BaseVersion`, a finished version the new one grows from, only the new
+images are planned: the base's keep their split and shards. `unit_args` lists the units a run decodes: all of
+them, or with a base only what the base lacks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from array import array
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.dataset import Manifest, shard_relpath
 from pipelines.seeds import Stream, mix_seed
 from pipelines.source.records import Source, TrainUnit, Unit, ValUnit
+from pipelines.staging.catalog import Catalog, read_catalog
 from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
 from pipelines.staging.spools import UnitResult
 
@@ -56,12 +62,16 @@ def unit_images(unit: Unit) -> float:
     return unit.estimated_images()
 
 
-@dataclass(frozen=True)
+# The splits a plan cuts, in the order they are shuffled and cut (a split's place seeds its shuffle).
+PLANNED_SPLITS = ("train", "minival", "val")
+
+
+@dataclass(frozen=True, eq=False)
 class ShardPlan:
     split: str
     tier: int
     index: int
-    keys: tuple[str, ...]
+    rows: np.ndarray = field(repr=False)  # the catalog rows it holds, in order (a slice of its split's)
 
     def relpath(self) -> str:
         return shard_relpath(self.tier, self.split, self.index)
@@ -70,11 +80,11 @@ class ShardPlan:
 @dataclass
 class DatasetPlan:
     classes: tuple[str, ...]
-    splits: dict[str, list[str]]  # split -> shuffled keys written by this version (a base's are not repeated)
+    splits: dict[str, np.ndarray]  # split -> shuffled catalog rows written by this version (not a base's)
     shards: list[ShardPlan]
     bad: list[dict[str, str]]
     total_seen: int  # the base's images included
-    records: dict[str, dict[str, Any]] = field(repr=False)  # key -> record (with its unit id)
+    catalog: Catalog = field(repr=False)  # the images of this version's units
     base: BaseVersion | None = None
 
 
@@ -126,38 +136,31 @@ def check_minival(totals: dict[str, int], held: dict[str, int], minival: int | f
 
 
 def plan_dataset(
-    units: Iterable[UnitResult],
+    units: Sequence[UnitResult],
+    work: Path,
     classes: Sequence[str],
     params: StageParams,
     base: BaseVersion | None = None,
     min_train_per_class: int = MIN_TRAIN_PER_CLASS,
     val_per_class: int = 0,
 ) -> DatasetPlan:
-    """Split, shuffle and shard the units' images. With a base, only its new images are planned: the minival
-    takes as many of a class's new images as brings the class to its quota over old and new images together
-    (the base's minival images stay), and the new shards are numbered after the base's. A minival that leaves a
-    class with fewer than `min_train_per_class` train images is refused (`check_minival`).
+    """Split, shuffle and shard the images of `units` (their records read back from their indexes in `work`).
+    With a base, only its new images are planned: the minival takes as many of a class's new images as brings
+    the class to its quota over old and new images together (the base's minival images stay), and the new
+    shards are numbered after the base's. A minival that leaves a class with fewer than `min_train_per_class`
+    train images is refused (`check_minival`).
 
     `val_per_class` (a source without a val split) first holds that many of each class's train images out as
     val (`carve_quota`), seeded and stable like the minival, and the same way over a base's images."""
-    records: dict[str, dict[str, Any]] = {}
-    bad: list[dict[str, str]] = []
-    by_split: dict[str, list[str]] = defaultdict(list)
-    for unit in units:
-        bad.extend(unit.bad)
-        for rec in unit.records:
-            if rec["key"] in records:
-                raise StagingError(f"image key {rec['key']} appears twice in the source")
-            records[rec["key"]] = {**rec, "unit": unit.unit_id}
-            by_split[unit.split].append(rec["key"])
+    bad = [b for unit in units for b in unit.bad]
+    catalog = read_catalog(work, units, params.tiers)
+    by_key = catalog.key_order()  # a key two images share is an error here
     if not classes:  # a stream whose classes are learnt as it is read (a gzipped ImageNet-21k): sorted, numbered now
-        classes = tuple(sorted({rec["wnid"] for rec in records.values()} | {b["wnid"] for b in bad}))
-        label = {c: i for i, c in enumerate(classes)}
-        for rec in records.values():
-            rec["label"] = label[rec["wnid"]]
+        classes = tuple(sorted(set(catalog.wnids) | {b["wnid"] for b in bad}))
+        catalog.relabel(classes)
     base_seen = base.manifest.images_seen if base is not None else 0
     base_bad = len(base.manifest.bad_files) if base is not None else 0
-    total_seen = len(records) + len(bad) + base_seen
+    total_seen = len(catalog) + len(bad) + base_seen
     total_bad = len(bad) + base_bad
     if total_seen and total_bad / total_seen > params.max_bad_fraction:
         first = (bad or base.manifest.bad_files)[0]  # type: ignore[union-attr]
@@ -165,16 +168,17 @@ def plan_dataset(
             f"{total_bad} of {total_seen} images do not decode ({total_bad / total_seen:.2%} > "
             f"max_bad_fraction {params.max_bad_fraction:.2%}); first: {first['source']}: {first['reason']}"
         )
-    per_class: dict[str, list[str]] = defaultdict(list)
-    for key in by_split["train"]:
-        per_class[records[key]["wnid"]].append(key)
+    # Each row's split as a PLANNED_SPLITS index: its unit's, until the val carve and the minival move it.
+    split_of = np.empty(len(catalog), np.int8)
+    for split, start, end in catalog.unit_spans():
+        split_of[start:end] = PLANNED_SPLITS.index(split)
+    train, minival, val = range(len(PLANNED_SPLITS))
+    per_class = _rows_by_class(catalog, np.arange(len(catalog), dtype=np.intc)[split_of == train])
     old_train = base.manifest.splits["train"].per_class if base is not None else {}
     old_minival = base.manifest.splits["minival"].per_class if base is not None else {}
     if val_per_class:
-        carved = _carve_val(per_class, val_per_class, params.seed, base)
-        by_split["val"].extend(carved)
-        per_class = {c: [k for k in keys if k not in carved] for c, keys in per_class.items()}
-        by_split["train"] = [k for k in by_split["train"] if k not in carved]
+        split_of[_carve_val(catalog, per_class, val_per_class, params.seed, base)] = val
+        per_class = {c: rows[split_of[rows] == train] for c, rows in per_class.items()}
     totals = {
         c: len(per_class.get(c, ())) + old_train.get(c, 0) + old_minival.get(c, 0)
         for c in set(per_class) | set(old_train) | set(old_minival)
@@ -183,43 +187,63 @@ def plan_dataset(
     check_minival(
         totals, {c: max(quota[c], old_minival.get(c, 0)) for c in totals}, params.minival, min_train_per_class
     )
-    held: set[str] = set()
-    for wnid, keys in per_class.items():
-        take = max(0, quota[wnid] - old_minival.get(wnid, 0))
-        held.update(sorted(keys, key=lambda k: _stable_rank(params.seed, k))[:take])
-    splits = {
-        "train": sorted(k for k in by_split["train"] if k not in held),
-        "minival": sorted(held),
-        "val": sorted(by_split["val"]),
-    }
+    for wnid, rows in per_class.items():
+        split_of[_first_ranked(catalog, rows, params.seed, quota[wnid] - old_minival.get(wnid, 0))] = minival
     first_index = base.num_shards if base is not None else {}
+    splits: dict[str, np.ndarray] = {}
     shards: list[ShardPlan] = []
-    for split_index, (split, keys) in enumerate(splits.items()):
-        # Shuffled across classes so that a sequential read of a few shards already mixes labels.
-        random.Random(mix_seed(params.seed, Stream.SHARD_PLAN, split_index)).shuffle(keys)
+    for split_index, split in enumerate(PLANNED_SPLITS):
+        # Sorted by key, then shuffled across classes so that a sequential read of a few shards already mixes labels.
+        rows = _shuffled(by_key[split_of[by_key] == split_index], mix_seed(params.seed, Stream.SHARD_PLAN, split_index))
+        splits[split] = rows
         for tier in params.tiers:
             start = first_index.get((split, tier), 0)
-            for i in range(0, len(keys), params.shard_size):
-                shards.append(
-                    ShardPlan(split, tier, start + i // params.shard_size, tuple(keys[i : i + params.shard_size]))
-                )
+            for i in range(0, len(rows), params.shard_size):
+                shards.append(ShardPlan(split, tier, start + i // params.shard_size, rows[i : i + params.shard_size]))
     return DatasetPlan(
-        tuple(classes), splits, shards, sorted(bad, key=lambda b: b["source"]), total_seen, records, base
+        tuple(classes), splits, shards, sorted(bad, key=lambda b: b["source"]), total_seen, catalog, base
     )
 
 
-def _carve_val(per_class: dict[str, list[str]], val_per_class: int, seed: int, base: BaseVersion | None) -> set[str]:
-    """The train keys held out as val: per class, as many as bring it to `carve_quota` over the base's images
+def _rows_by_class(catalog: Catalog, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """`rows` by wnid (each class's in row order), for the classes that have any."""
+    ids = catalog.wnid_ids[rows]
+    counts = np.bincount(ids, minlength=len(catalog.wnids)).tolist()
+    rows = rows[np.argsort(ids, kind="stable")]
+    ends = np.cumsum(counts).tolist()
+    return {catalog.wnids[i]: rows[end - n : end] for i, (n, end) in enumerate(zip(counts, ends)) if n}
+
+
+def _first_ranked(catalog: Catalog, rows: np.ndarray, seed: int, take: int) -> np.ndarray:
+    """The `take` rows whose keys rank first by `_stable_rank`: a draw that does not depend on the order the
+    units finished in."""
+    if take <= 0:
+        return rows[:0]
+    ranks = [_stable_rank(seed, key) for key in catalog.key_list(rows)]
+    return rows[sorted(range(len(rows)), key=ranks.__getitem__)[:take]]
+
+
+def _shuffled(rows: np.ndarray, seed: int) -> np.ndarray:
+    """`rows` shuffled by `random.Random(seed).shuffle`, which swaps positions by the length alone: the same order
+    it gives the sorted keys. Shuffled as a C int array, not a list (a Python int object per image)."""
+    buffer = array("i", rows.astype(np.intc).tobytes())
+    random.Random(seed).shuffle(buffer)
+    return np.frombuffer(buffer, np.intc) if len(buffer) else np.empty(0, np.intc)
+
+
+def _carve_val(
+    catalog: Catalog, per_class: dict[str, np.ndarray], val_per_class: int, seed: int, base: BaseVersion | None
+) -> np.ndarray:
+    """The train rows held out as val: per class, as many as bring it to `carve_quota` over the base's images
     and the new ones together (the base's val images stay val)."""
     old = {s: base.manifest.splits[s].per_class for s in ("train", "minival", "val")} if base is not None else {}
     carve_seed = mix_seed(seed, Stream.VAL_CARVE)
-    carved: set[str] = set()
-    for wnid, keys in per_class.items():
+    carved = [np.empty(0, np.int64)]
+    for wnid, rows in per_class.items():
         old_val = old.get("val", {}).get(wnid, 0)
-        total = len(keys) + sum(counts.get(wnid, 0) for counts in old.values())
-        take = max(0, carve_quota(total, val_per_class) - old_val)
-        carved.update(sorted(keys, key=lambda k: _stable_rank(carve_seed, k))[:take])
-    return carved
+        total = len(rows) + sum(counts.get(wnid, 0) for counts in old.values())
+        carved.append(_first_ranked(catalog, rows, carve_seed, carve_quota(total, val_per_class) - old_val))
+    return np.concatenate(carved)
 
 
 @dataclass(frozen=True)

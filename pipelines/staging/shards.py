@@ -4,7 +4,7 @@
 `<key>.json` per sample, in the plan's order), with the same bytes for the same samples, and a `.sha256`
 sidecar after it; a shard whose sidecar verifies is reused, so a killed run resumes with the shards it had
 finished. `SampleReader` reads a sample's JPEG at a tier from wherever staging left it (a spool, or the source for
-an original kept as it is); the FFCV writer finds its images through it too. A version staged on top of another
+an original kept as it is; `Catalog.where`, which the FFCV writer asks too). A version staged on top of another
 hard-links the base's shards and sidecars (`link_base_shards`).
 """
 
@@ -30,31 +30,25 @@ from pipelines.dataset import (
     index_path,
     index_text,
 )
+from pipelines.staging.catalog import Catalog
 from pipelines.staging.params import StagingError
 from pipelines.staging.plan import DatasetPlan, ShardPlan
-from pipelines.staging.spools import TarWriter, unit_paths
+from pipelines.staging.spools import TarWriter
 
 
 class SampleReader:
-    """Reads a planned sample's JPEG at a tier: from its unit's spool, or from the source where an original kept
-    as it is lies (`origin`). Keeps the last few files open (spools and archives are read many times)."""
+    """Reads a planned sample's JPEG at a tier (by its catalog row): from its unit's spool, or from the source where
+    an original kept as it is lies (`origin`). Keeps the last few files open (spools and archives are read many
+    times)."""
 
     _OPEN_FILES = 64
 
-    def __init__(self, work: Path) -> None:
-        self.work = work
+    def __init__(self, catalog: Catalog, work: Path) -> None:
+        self.catalog, self.work = catalog, work
         self._files: dict[str, Any] = {}  # path -> open file, oldest first
 
-    def where(self, rec: dict[str, Any], tier: int) -> tuple[str, int, int]:
-        """(file, offset, size) of the sample's bytes at `tier`."""
-        offset, size, _, _ = rec["tiers"][str(tier)]
-        if offset is None:
-            path, offset = rec["origin"]
-            return path, offset, size
-        return str(unit_paths(self.work, rec["unit"])[0]), offset, size
-
-    def read(self, rec: dict[str, Any], tier: int) -> bytes:
-        path, offset, size = self.where(rec, tier)
+    def read(self, row: int, tier: int) -> bytes:
+        path, offset, size = self.catalog.where(row, tier, self.work)
         f = self._files.pop(path, None)
         if f is None:
             if len(self._files) >= self._OPEN_FILES:
@@ -62,12 +56,14 @@ class SampleReader:
             try:
                 f = open(path, "rb")  # noqa: SIM115 (closed by close())
             except OSError as exc:
-                raise StagingError(f"{path}: cannot read {rec['key']} back: {exc}") from None
+                raise StagingError(f"{path}: cannot read {self.catalog.key(row)} back: {exc}") from None
         self._files[path] = f
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise StagingError(f"{path}: {rec['key']} ends past the end of the file: the file changed while staging")
+            raise StagingError(
+                f"{path}: {self.catalog.key(row)} ends past the end of the file: the file changed while staging"
+            )
         return data
 
     def close(self) -> None:
@@ -84,13 +80,13 @@ class SampleReader:
 
 def shard_bytes(plan: DatasetPlan, shard: ShardPlan) -> int:
     """The JPEG bytes a planned shard holds: its size, for running the largest shards first."""
-    return sum(plan.records[key]["tiers"][str(shard.tier)][1] for key in shard.keys)
+    return int(plan.catalog.sizes[shard.rows, plan.catalog.column(shard.tier)].sum())
 
 
 def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> dict[str, Any]:
     """Write one shard (reusing it if its checksum sidecar verifies); return its manifest entry."""
     path = out / shard.relpath()
-    entry = {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.keys)}
+    entry = {"path": shard.relpath(), "split": shard.split, "tier": shard.tier, "samples": len(shard.rows)}
     digest = verified_digest(path)
     if digest is not None:
         _refresh_index(path)
@@ -98,14 +94,18 @@ def write_shard(plan: DatasetPlan, shard: ShardPlan, work: Path, out: Path) -> d
     # Streamed to the file (a shard of full-size images is ~100 MB); not fsynced one by one: `stage` waits for
     # every shard once, before the manifest commits the version.
     lines = []  # the shard's index, from the offsets the writer knows: the tar is never read back for it
-    with atomic_open(path, durable=False) as f, SampleReader(work) as reader:
+    catalog = plan.catalog
+    with atomic_open(path, durable=False) as f, SampleReader(catalog, work) as reader:
         tar = TarWriter(f)
-        for key in shard.keys:
-            rec = plan.records[key]
-            jpeg = reader.read(rec, shard.tier)
-            meta = json.dumps({"wnid": rec["wnid"], "source": rec["source"], **rec.get("meta", {})}, sort_keys=True)
+        for row in shard.rows.tolist():
+            key = catalog.key(row)
+            jpeg = reader.read(row, shard.tier)
+            meta = json.dumps(
+                {"wnid": catalog.wnid(row), "source": catalog.source(row), **catalog.meta(row)}, sort_keys=True
+            )
+            label = str(catalog.label(row)).encode()
             members = []
-            for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, str(rec["label"]).encode()), (META_EXT, meta.encode())):
+            for ext, payload in ((IMAGE_EXT, jpeg), (LABEL_EXT, label), (META_EXT, meta.encode())):
                 members.append(index_component(ext, tar.add(f"{key}.{ext}", payload), len(payload), f"{key}.{ext}"))
             lines.append(" ".join(members))
         tar.close()

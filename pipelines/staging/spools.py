@@ -6,7 +6,8 @@ the re-encoded tiers, plus a JSON index of every record (key, label, where each 
 files with their reasons. A tier that keeps an original as it is points at the source instead of holding a second
 copy. A unit whose index matches the parameters and whose spool matches the index's checksum is reused, so a
 killed run resumes with the units it had finished; it needs nothing but its picklable arguments, so it runs on
-a thread or in a worker process alike (`runners.unit_runner`).
+a thread or in a worker process alike (`runners.unit_runner`). It returns a `UnitResult` of a few counts: its
+records stay in its index, which the plan reads back one unit at a time (`unit_records`, `catalog`).
 
 The spools' tar writer (`TarWriter`) is also the shards' (`shards.write_shard`): fixed metadata and a running
 sha256, so the same samples always give the same bytes.
@@ -75,9 +76,12 @@ class TarWriter:
 
 @dataclass(frozen=True)
 class UnitResult:
+    """A finished unit, without its records: they stay in its index (`unit_records`), so what a run holds per unit
+    (and Prefect, which keeps every task's result) does not grow with the unit's images."""
+
     unit_id: str
     split: str  # "train" or "val"
-    records: tuple[dict[str, Any], ...]  # key, wnid, label, source, offsets per tier
+    images: int  # the records in its index
     bad: tuple[dict[str, str], ...]
     skipped: int = 0  # images left out because the base version holds them
 
@@ -131,7 +135,7 @@ def process_unit(
             "skipped": skipped,
         },
     )
-    return UnitResult(unit_id, split, tuple(records), tuple(bad), skipped)
+    return UnitResult(unit_id, split, len(records), tuple(bad), skipped)
 
 
 def _write_spool(
@@ -184,12 +188,18 @@ def load_unit(work: Path, unit_id: str, params: StageParams) -> UnitResult | Non
     if not (spool.exists() and index.exists()):
         return None
     try:
-        meta = json.loads(index.read_text())
+        meta = json.loads(index.read_bytes())
     except (OSError, json.JSONDecodeError):
         return None
     if meta.get("params") != unit_params(params) or meta.get("spool_sha256") != sha256_file(spool):
         return None
-    return UnitResult(unit_id, meta["split"], tuple(meta["records"]), tuple(meta["bad"]), meta.get("skipped", 0))
+    return UnitResult(unit_id, meta["split"], len(meta["records"]), tuple(meta["bad"]), meta.get("skipped", 0))
+
+
+def unit_records(work: Path, unit_id: str) -> list[dict[str, Any]]:
+    """The records of a finished unit's index, as `process_unit` wrote them: key, wnid, label, source, tiers
+    ({tier: [spool offset or None, size, width, height]}), and where they apply origin and meta."""
+    return json.loads(unit_paths(work, unit_id)[1].read_bytes())["records"]
 
 
 def unit_identifier(unit: Unit, split: str) -> str:

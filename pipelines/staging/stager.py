@@ -294,7 +294,7 @@ def stage(
                     raise run_unit.failure from None  # the unit that failed, not one stopped behind it
             if base is not None and not src.listed:
                 check_base_seen(results, base)
-            plan = plan_dataset(results, src.classes, params, base, min_train_per_class, src.val_per_class)
+            plan = plan_dataset(results, work, src.classes, params, base, min_train_per_class, src.val_per_class)
             log(
                 f"plan: { ({k: len(v) for k, v in plan.splits.items()}) } new images, {len(plan.bad)} bad files, "
                 f"{len(plan.shards)} shards to write"

@@ -10,18 +10,22 @@ version); `build_manifest` says what the manifest holds.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import heapq
 import json
+import struct
+import zlib
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from pipelines.atomic import (
-    atomic_write_bytes,
-    atomic_write_json,
-)
+import numpy as np
+
+from pipelines.atomic import atomic_open, atomic_write_json
 from pipelines.dataset import (
     KEYS,
     MANIFEST,
@@ -30,13 +34,13 @@ from pipelines.dataset import (
     FileEntry,
     Manifest,
     SplitCounts,
-    keys_document,
     read_keys,
     read_manifest,
 )
 from pipelines.hashing import content_hash
 from pipelines.settings import PROJECT_ROOT
 from pipelines.source.records import GROWING_KINDS, Source
+from pipelines.staging.catalog import Catalog
 from pipelines.staging.params import AUTO, ENCODING, SHARD_LAYOUT, WORK, StageParams, StagingError
 from pipelines.staging.plan import BaseVersion, DatasetPlan
 from pipelines.staging.spools import UnitResult
@@ -212,16 +216,19 @@ def build_manifest(
     base = plan.base
     counts: dict[str, dict[str, int]] = {}
     samples: dict[str, int] = {}
-    for split, split_keys in plan.splits.items():
+    catalog = plan.catalog
+    for split, rows in plan.splits.items():
         per_class: dict[str, int] = defaultdict(int)
         if base is not None:
             for wnid, n in base.manifest.splits[split].per_class.items():
                 per_class[wnid] += n
-        for key in split_keys:
-            per_class[plan.records[key]["wnid"]] += 1
+        ids, numbers = np.unique(catalog.wnid_ids[rows], return_counts=True)
+        for i, n in zip(ids.tolist(), numbers.tolist()):
+            per_class[catalog.wnids[i]] += n
         counts[split] = dict(sorted(per_class.items()))
-        samples[split] = len(split_keys) + (base.manifest.splits[split].samples if base is not None else 0)
-    minival = set(plan.splits["minival"]) | (set(base.manifest.minival_keys) if base is not None else set())
+        samples[split] = len(rows) + (base.manifest.splits[split].samples if base is not None else 0)
+    minival = set(catalog.key_list(plan.splits["minival"]))
+    minival |= set(base.manifest.minival_keys) if base is not None else set()
     bad = [*plan.bad, *(base.manifest.bad_files if base is not None else ())]
     return Manifest(
         format=MANIFEST_FORMAT,
@@ -246,16 +253,91 @@ def build_manifest(
 
 
 def write_keys(dest: Path, plan: DatasetPlan) -> FileEntry:
-    """Write the version's keys file (the base's images and the new ones); return its manifest entry."""
+    """Write the version's keys file (the base's images and the new ones); return its manifest entry.
+
+    The bytes are `dataset.keys_document`'s for the same keys (the tests hold them to it), written as they are
+    made: the one-shot document would need a dict of every key and the whole JSON text (~150 bytes an image).
+    """
     base = plan.base
-    splits = {s: dict(base.splits[s]) if base else {} for s in SPLITS}
     bad = dict(base.bad) if base else {}
-    for split, keys in plan.splits.items():
-        splits[split].update((k, plan.records[k]["wnid"]) for k in keys)
     bad.update((Path(b["source"]).stem, [b["split"], b["wnid"]]) for b in plan.bad)
-    data = keys_document(splits, bad)
-    atomic_write_bytes(dest / KEYS, data)
-    return {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with atomic_open(dest / KEYS) as f:
+        out = _GzipWriter(f)
+        # json.dumps(doc, sort_keys=True, separators=(",", ":")) of keys_document's doc, piece by piece.
+        out.write(f'{{"bad":{json.dumps(bad, sort_keys=True, separators=(",", ":"))},"format":1,"splits":{{')
+        for i, split in enumerate(sorted(SPLITS)):
+            out.write(f"{',' if i else ''}{_json_str(split)}:{{")
+            pairs = _sorted_pairs(plan, split)
+            first = True
+            while chunk := list(islice(pairs, _KEYS_CHUNK)):
+                out.write(("" if first else ",") + ",".join(f"{_json_str(k)}:{_json_str(w)}" for k, w in chunk))
+                first = False
+            out.write("}")
+        out.write("}}")
+        out.close()
+    return {"path": KEYS, "bytes": out.size, "sha256": out.sha256.hexdigest()}
+
+
+_KEYS_CHUNK = 1 << 11  # keys file entries encoded at a time (a few hundred KB of Python strings)
+
+
+_json_str = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
+
+
+def _sorted_pairs(plan: DatasetPlan, split: str) -> Iterator[tuple[str, str]]:
+    """(key, wnid) of a split's images, the base's and the new ones, sorted by key (a new image's wins a tie, as
+    the dict update in keys_document's callers did)."""
+    catalog = plan.catalog
+    in_split = np.zeros(len(catalog), bool)
+    in_split[plan.splits[split]] = True
+    by_key = catalog.key_order()
+    new = _catalog_pairs(catalog, by_key[in_split[by_key]])
+    old_keys = plan.base.splits[split] if plan.base is not None else {}
+    old = ((key, 0, old_keys[key]) for key in sorted(old_keys))
+    pending: tuple[str, int, str] | None = None
+    for item in heapq.merge(old, new):  # by key, then the base's first: the last of a key is the one kept
+        if pending is not None and pending[0] != item[0]:
+            yield pending[0], pending[2]
+        pending = item
+    if pending is not None:
+        yield pending[0], pending[2]
+
+
+def _catalog_pairs(catalog: Catalog, rows: np.ndarray) -> Iterator[tuple[str, int, str]]:
+    """(key, 1, wnid) of `rows`, made a chunk at a time."""
+    for start in range(0, len(rows), _KEYS_CHUNK):
+        chunk = rows[start : start + _KEYS_CHUNK]
+        for key, wnid in zip(catalog.key_list(chunk), catalog.wnid_ids[chunk].tolist()):
+            yield key, 1, catalog.wnids[wnid]
+
+
+class _GzipWriter:
+    """Text to a file as `gzip.compress(data, 6, mtime=0)` would give it, compressed as it comes; counts and hashes
+    what it writes. The header is that of an empty document (so it is this Python's, whatever its version); the
+    deflate stream of data given piecewise is the one-shot stream; the trailer is the CRC and the length."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.size, self.sha256 = f, 0, hashlib.sha256()
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        self._crc = self._length = 0
+        self._put(gzip.compress(b"", compresslevel=6, mtime=0)[:_GZIP_HEADER])
+
+    def _put(self, data: bytes) -> None:
+        self._f.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        self._crc, self._length = zlib.crc32(data, self._crc), self._length + len(data)
+        self._put(self._deflate.compress(data))
+
+    def close(self) -> None:
+        self._put(self._deflate.flush())
+        self._put(struct.pack("<LL", self._crc, self._length & 0xFFFFFFFF))
+
+
+_GZIP_HEADER = 10  # bytes of a gzip header without a file name, comment or extra field
 
 
 def write_manifest(out: Path, manifest: Manifest) -> Path:

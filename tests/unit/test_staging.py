@@ -22,7 +22,17 @@ import webdataset as wds
 from PIL import Image
 
 from pipelines.atomic import sidecar_path
-from pipelines.dataset import KEYS, LATEST, MANIFEST, SPLITS, Manifest, latest_version, read_keys, read_manifest
+from pipelines.dataset import (
+    KEYS,
+    LATEST,
+    MANIFEST,
+    SPLITS,
+    Manifest,
+    keys_document,
+    latest_version,
+    read_keys,
+    read_manifest,
+)
 from pipelines.source.demo import DemoSummary, extract_to_tree
 from pipelines.staging import runners, spools, stager, versions
 from pipelines.staging.images import BadImage, encode_tiers, tier_size
@@ -410,33 +420,39 @@ def test_too_many_bad_files_raise_naming_one(demo_archives: Path, demo_summary: 
         stage_directly(demo_archives, tmp_path, strict)
 
 
-def _unit(split: str, good: int, bad: int, wnid: str = "n00000001") -> UnitResult:
-    records = tuple(
+def _unit(work: Path, split: str, good: int, bad: int, wnid: str = "n00000001", unit_id: str = "") -> UnitResult:
+    """A finished unit as `plan_dataset` reads it: its records in its index under `work`."""
+    unit_id = unit_id or f"{split}-{wnid}"
+    records = [
         {"key": f"{wnid}_{split}_{i}", "wnid": wnid, "label": 0, "source": f"{wnid}_{i}.JPEG",
          "tiers": {"32": [0, 1, 32, 32]}}
         for i in range(good)
-    )
+    ]
     bad_files = tuple(
         {"source": f"{wnid}_bad_{i}.JPEG", "split": split, "reason": "does not decode"} for i in range(bad))
-    return UnitResult(f"{split}-{wnid}", split, records, bad_files)
+    index = unit_paths(work, unit_id)[1]
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps({"unit": unit_id, "split": split, "records": records, "bad": list(bad_files)}))
+    return UnitResult(unit_id, split, good, bad_files)
 
 
 @pytest.mark.parametrize("max_bad, raises", [(0.1, False), (0.0999, True), (0.0, True), (1.0, False)])
-def test_max_bad_fraction_boundary(max_bad: float, raises: bool) -> None:
+def test_max_bad_fraction_boundary(max_bad: float, raises: bool, tmp_path: Path) -> None:
     params = StageParams(tiers=(32,), shard_size=4, minival=0, max_bad_fraction=max_bad)
-    units = [_unit("train", 9, 1)]  # exactly 10% bad
+    units = [_unit(tmp_path, "train", 9, 1)]  # exactly 10% bad
     if raises:
         with pytest.raises(StagingError, match="n00000001_bad_0.JPEG"):
-            plan_dataset(units, ["n00000001"], params)
+            plan_dataset(units, tmp_path, ["n00000001"], params)
     else:
-        plan = plan_dataset(units, ["n00000001"], params)
+        plan = plan_dataset(units, tmp_path, ["n00000001"], params)
         assert len(plan.splits["train"]) == 9 and len(plan.bad) == 1
 
 
-def test_duplicate_keys_are_an_error() -> None:
+def test_duplicate_keys_are_an_error(tmp_path: Path) -> None:
     params = StageParams(tiers=(32,), shard_size=4, minival=0)
-    with pytest.raises(StagingError, match="appears twice"):
-        plan_dataset([_unit("train", 2, 0), _unit("train", 2, 0)], ["n00000001"], params)
+    units = [_unit(tmp_path, "train", 2, 0, unit_id=f"train-n00000001-{i}") for i in range(2)]
+    with pytest.raises(StagingError, match="n00000001_train_0 appears twice"):
+        plan_dataset(units, tmp_path, ["n00000001"], params)
 
 
 # --------------------------------------------------------------------------------------------- params, images
@@ -543,9 +559,9 @@ def test_encode_tiers_rejects_broken_files(data: bytes, reason: str) -> None:
 def test_spool_offsets_point_at_the_encoded_bytes(staged_dataset: Path, demo_summary: DemoSummary) -> None:
     work = work_of(staged_dataset, STAGE_PARAMS)
     unit = load_unit(work, f"train-{demo_summary.wnids[0]}", STAGE_PARAMS)
-    assert unit is not None and unit.records
+    assert unit is not None and unit.images
     spool = unit_paths(work, unit.unit_id)[0].read_bytes()
-    for rec in unit.records:
+    for rec in spools.unit_records(work, unit.unit_id):
         for tier, (offset, size, w, h) in rec["tiers"].items():
             img = Image.open(io.BytesIO(spool[offset:offset + size]))
             img.load()
@@ -697,6 +713,7 @@ def test_keys_file_lists_every_image_of_a_version(grown: Grown) -> None:
         assert sorted(splits["minival"]) == list(manifest.minival_keys)
         assert sorted(bad) == sorted(Path(b["source"]).stem for b in manifest.bad_files)
         data = (dataset / KEYS).read_bytes()
+        assert data == keys_document(splits, bad)  # streamed by `write_keys`, the bytes of the one-shot document
         assert manifest.keys == {"path": KEYS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -742,7 +759,7 @@ def test_a_class_tar_that_lost_images_is_an_error() -> None:
                         tiers=(64,), shards=(), bad_files=(), images_seen=2, source={}, params={}, code_version="")
     base = BaseVersion("v1", manifest, {"train": {"n00000001_1": "n00000001", "n00000001_2": "n00000001"},
                                                 "minival": {}, "val": {}}, {})
-    whole = UnitResult("train-n00000001", "train", (), (), skipped=2)
+    whole = UnitResult("train-n00000001", "train", 0, (), skipped=2)
     check_base_seen([whole], base)
     with pytest.raises(StagingError, match="n00000001: the source holds 1 of the 2 images.*v1"):
         check_base_seen([dataclasses.replace(whole, skipped=1)], base)
