@@ -31,7 +31,7 @@ from pipelines.source.records import SOURCE_KINDS, SourceKind
 from pipelines.staging import runners
 from pipelines.staging.params import AUTO, DEFAULTS, MIN_TRAIN_PER_CLASS, StageParams, minival_value
 from pipelines.staging.runners import INPUT_ERRORS, MAX_WORKERS, Mapper, available_cores, resolve_workers
-from pipelines.staging.spools import UnitResult, unit_identifier
+from pipelines.staging.spools import UnitResult
 from pipelines.staging.stager import stage
 
 
@@ -162,7 +162,7 @@ def stage_imagenet(
         source, out,
         stage_params(tiers=tiers, shard_size=shard_size, minival=minival, seed=seed, jpeg_quality=jpeg_quality,
                      max_bad_fraction=max_bad_fraction, formats=formats),
-        map_units=_task_mapper(stage_unit, lambda a: unit_identifier(a[0], a[1]), workers),
+        map_units=_task_mapper(stage_unit, lambda a: a[0].ident(a[1]), workers),
         map_shards=_task_mapper(stage_shard, lambda a: f"shard-{a[1].split}-{a[1].tier}-{a[1].index}", _SHARD_TASKS),
         log=logger.info, progress=runners.progress_bar() if progress_bar else None, workers=workers,
         base_version=base_version, processes=processes, min_train_per_class=min_train_per_class,

@@ -272,19 +272,21 @@ def _image_bytes(plan: _Plan, seed: int, split: str, class_index: int, number: i
 # --------------------------------------------------------------------------------------------- archives
 
 
-def _tarinfo(name: str, size: int, directory: bool = False) -> tarfile.TarInfo:
+def tarinfo(name: str, size: int, directory: bool = False, mtime: int = _TAR_MTIME) -> tarfile.TarInfo:
+    """A tar member with fixed metadata (`mtime`, root, no owner names), so a written archive is the same bytes
+    every time: the demo's, and the format samples' (`pipelines.source.samples`), each with its release's date."""
     info = tarfile.TarInfo(name)
     info.size = 0 if directory else size
     info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
     info.mode = 0o755 if directory else 0o644
-    info.mtime = _TAR_MTIME
+    info.mtime = mtime
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+    tar.addfile(tarinfo(name, len(data)), io.BytesIO(data))
 
 
 def _write_train(f: Any, plan: _Plan, seed: int, size: tuple[int, int]) -> None:
@@ -314,9 +316,9 @@ def _write_devkit(f: Any, plan: _Plan) -> None:
     # filename='' and mtime=0 keep the gzip header free of names and times.
     with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            tar.addfile(_tarinfo(f"{top}/", 0, directory=True))
+            tar.addfile(tarinfo(f"{top}/", 0, directory=True))
             _add(tar, f"{top}/readme.txt", readme)
-            tar.addfile(_tarinfo(f"{top}/data/", 0, directory=True))
+            tar.addfile(tarinfo(f"{top}/data/", 0, directory=True))
             _add(tar, f"{top}/{imagenet.GROUND_TRUTH}", ground_truth)
             _add(tar, f"{top}/{imagenet.META_MAT}", _meta_mat_bytes(plan.synsets))
 

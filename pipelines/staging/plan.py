@@ -27,7 +27,7 @@ import numpy as np
 
 from pipelines.dataset import Manifest, shard_relpath
 from pipelines.seeds import Stream, mix_seed
-from pipelines.source.records import Source, TrainUnit, Unit, ValUnit
+from pipelines.source.records import Source, TrainUnit, ValUnit
 from pipelines.staging.catalog import Catalog, read_catalog
 from pipelines.staging.params import MIN_TRAIN_PER_CLASS, StageParams, StagingError
 from pipelines.staging.spools import UnitResult
@@ -55,11 +55,6 @@ def unit_args(src: Source, work: Path, params: StageParams, base: BaseVersion | 
     for i, start in enumerate(range(0, len(new), params.val_chunk)):
         args.append((ValUnit(i, src.val_path, tuple(new[start : start + params.val_chunk])), "val", work, params))
     return args
-
-
-def unit_images(unit: Unit) -> float:
-    """About how many images a unit holds, for running the largest first."""
-    return unit.estimated_images()
 
 
 # The splits a plan cuts, in the order they are shuffled and cut (a split's place seeds its shuffle).

@@ -200,8 +200,3 @@ def unit_records(work: Path, unit_id: str) -> list[dict[str, Any]]:
     """The records of a finished unit's index, as `process_unit` wrote them: key, wnid, label, source, tiers
     ({tier: [spool offset or None, size, width, height]}), and where they apply origin and meta."""
     return json.loads(unit_paths(work, unit_id)[1].read_bytes())["records"]
-
-
-def unit_identifier(unit: Unit, split: str) -> str:
-    """A file-safe, stable name for a unit (the class for a train class, the chunk index for val...)."""
-    return unit.ident(split)

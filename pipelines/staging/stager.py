@@ -64,7 +64,6 @@ from pipelines.staging.plan import (
     minival_quota,
     plan_dataset,
     unit_args,
-    unit_images,
 )
 from pipelines.staging.runners import (
     Counted,
@@ -287,7 +286,10 @@ def stage(
                 tracker = Tracker("units", len(units), log, progress)
                 try:
                     results = largest_first(
-                        map_units or thread_map(workers), Counted(run_unit, tracker), units, lambda a: unit_images(a[0])
+                        map_units or thread_map(workers),
+                        Counted(run_unit, tracker),
+                        units,
+                        lambda a: a[0].estimated_images(),
                     )
                 except NotStarted:
                     assert run_unit.failure is not None  # raised only once a unit has failed

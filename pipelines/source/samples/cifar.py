@@ -30,7 +30,7 @@ from pipelines.source.cifar import (
     VARIANTS,
     CifarVariant,
 )
-from pipelines.source.demo import render_image
+from pipelines.source.demo import render_image, tarinfo
 
 # The dataset's own class tables, from its download page (https://www.cs.toronto.edu/~kriz/cifar.html).
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -186,23 +186,12 @@ def _archive_bytes(spec: CifarVariant, batches: dict[str, bytes], names: dict[st
     # filename='' and mtime=0 keep the gzip header free of names and times.
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            tar.addfile(_tarinfo(f"{spec.folder}/", 0, directory=True))
+            tar.addfile(tarinfo(f"{spec.folder}/", 0, directory=True, mtime=_TAR_MTIME))
             for name, data in files:
-                tar.addfile(_tarinfo(spec.member(name), len(data)), io.BytesIO(data))
+                tar.addfile(tarinfo(spec.member(name), len(data), mtime=_TAR_MTIME), io.BytesIO(data))
     return buf.getvalue()
 
 
 def _names_text(names: Sequence[str]) -> bytes:
     # The real files end with a blank line after the last name.
     return ("".join(f"{n}\n" for n in names) + "\n").encode()
-
-
-def _tarinfo(name: str, size: int, directory: bool = False) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.type = tarfile.DIRTYPE if directory else tarfile.REGTYPE
-    info.mode = 0o755 if directory else 0o644
-    info.mtime = _TAR_MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info

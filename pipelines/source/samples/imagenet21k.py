@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.atomic import atomic_open
-from pipelines.source.demo import render_image
+from pipelines.source.demo import render_image, tarinfo
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,7 @@ class Release:
     images: dict[str, int]  # wnid -> images in its synset tar
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o644, 1_300_000_000  # fall 2011
-    return info
+_MTIME = 1_300_000_000  # fall 2011
 
 
 def _synset_tar(wnid: str, label: int, num_classes: int, count: int, seed: int, size: tuple[int, int]) -> bytes:
@@ -38,7 +35,7 @@ def _synset_tar(wnid: str, label: int, num_classes: int, count: int, seed: int, 
         for n in range(count):
             jpeg = io.BytesIO()
             render_image(label, num_classes, size, rng).save(jpeg, format="JPEG", quality=90)
-            tar.addfile(_tarinfo(f"{wnid}_{n}.JPEG", jpeg.tell()), io.BytesIO(jpeg.getvalue()))
+            tar.addfile(tarinfo(f"{wnid}_{n}.JPEG", jpeg.tell(), mtime=_MTIME), io.BytesIO(jpeg.getvalue()))
     return buf.getvalue()
 
 
@@ -64,7 +61,7 @@ def write_imagenet21k(
         with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as outer:
             for label, (wnid, count) in enumerate(zip(ordered, counts, strict=True)):
                 data = _synset_tar(wnid, label, len(ordered), count, seed, image_size)
-                outer.addfile(_tarinfo(f"{wnid}.tar", len(data)), io.BytesIO(data))
+                outer.addfile(tarinfo(f"{wnid}.tar", len(data), mtime=_MTIME), io.BytesIO(data))
         if gz:
             stream.close()
     return Release(path, ordered, dict(zip(ordered, counts, strict=True)))
