@@ -116,3 +116,10 @@ def write_report(path: Path, report: dict, note: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}{f' ({note})' if note else ''}")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, population standard deviation and range of one figure over the seeds."""
+    mean = sum(values) / len(values)
+    return {"mean": mean, "std": (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5,
+            "min": min(values), "max": max(values)}

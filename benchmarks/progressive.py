@@ -30,10 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "progressive.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "progressive.json"
 # Run as a script, this folder comes first on sys.path, where models.py would shadow the `models` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import spread  # noqa: E402
 
 AT_VARIANT_EVAL = "progressive-at-variant-eval"
 GOAL_SPEEDUP, GOAL_POINTS = 1.5, 1.0
@@ -49,13 +53,6 @@ def arm_recipes(progressive):
             progressive={"enabled": False}, model={**at_last_size, "dropout": last.dropout[1]},
             augment={"randaug_magnitude": last.randaug_magnitude[1]}),
     }
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, population standard deviation and range of one figure over the seeds."""
-    mean = sum(values) / len(values)
-    return {"mean": mean, "std": (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5,
-            "min": min(values), "max": max(values)}
 
 
 def summarise(rows: list[dict], arms: list[str]) -> dict:

@@ -106,7 +106,7 @@ def build_pipeline(
                 num_attempts=10,
             )
             images = fn.resize(images, resize_x=resolution, resize_y=resolution)  # type: ignore[assignment]
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5 if train_crop.flip else 0.0)
         else:
             # transforms.center_crop_box: the centred square of side round(shorter side x crop_ratio), resized to
             # the resolution (the same pixels as "resize shorter side to resolution / crop_ratio, centre crop",

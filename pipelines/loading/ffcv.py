@@ -80,12 +80,13 @@ def _seeded_crop_decoder_class() -> type:
     from ffcv.pipeline.compiler import Compiler
 
     class SeededRandomResizedCropFlipDecoder(RandomResizedCropRGBImageDecoder):
-        """Decode, random-resized-crop and flip with probability 1/2, drawing from a generator seeded with
-        (epoch seed, sample index) for each sample: the same pixels whatever thread decodes the sample."""
+        """Decode, random-resized-crop and flip with probability 1/2 (0 with `crop.flip` off), drawing from a
+        generator seeded with (epoch seed, sample index) for each sample: the same pixels whatever thread decodes
+        the sample."""
 
         def __init__(self, output_size: tuple[int, int], seed: int, crop: TrainCrop) -> None:
             super().__init__(output_size, scale=crop.scale, ratio=crop.ratio)
-            self.seed = seed
+            self.seed, self.flip_probability = seed, 0.5 if crop.flip else 0.0
 
         def generate_code(self) -> Any:
             jpg = IMAGE_MODES["jpg"]
@@ -95,6 +96,7 @@ def _seeded_crop_decoder_class() -> type:
             resize_crop_c = Compiler.compile(resize_crop)
             get_crop_c = Compiler.compile(get_random_crop)
             scale, ratio = np.array(self.scale), np.array(self.ratio)
+            flip_probability = self.flip_probability
             # A sample's seed: the epoch's seed XOR the high half of (index x 2**64 / golden ratio) mod 2**64.
             # Computed inside numba (no mix_seed call per sample), it depends on (seed, epoch, index) only, and
             # no two indices below 10**8 share that high half (checked), so no two samples of an epoch share a seed.
@@ -120,7 +122,7 @@ def _seeded_crop_decoder_class() -> type:
                     i, j, h, w = get_crop_c(height, width, scale, ratio)
                     out = destination[dst_ix]
                     resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
-                    if np.random.random() < 0.5:
+                    if np.random.random() < flip_probability:
                         cols = out.shape[1]
                         for y in range(out.shape[0]):
                             for x in range(cols // 2):

@@ -29,10 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class TrainCrop:
     """The random-resized crop's ranges: the area fraction kept (`scale`) and the aspect ratio (`ratio`, drawn
-    log-uniformly). Every backend draws from these."""
+    log-uniformly), and whether half the crops are mirrored left to right (`flip`). Every backend draws from
+    these."""
 
     scale: tuple[float, float] = (0.08, 1.0)  # Inception's (Szegedy et al. 2015), as every EfficientNet trains
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # Off where a mirror image is another class or no image of the data (digits, text, left/right signs).
+    flip: bool = True
 
 
 def random_resized_crop_box(

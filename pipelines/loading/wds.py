@@ -183,7 +183,9 @@ class WdsDataset(IterableDataset):
             if self.train:
                 crop = self.train_crop
                 box = lambda w, h: random_resized_crop_box(w, h, rng, crop.scale, crop.ratio)  # noqa: E731
-                hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution, flip=rng.random() < 0.5)
+                # The coin is tossed with the flip off too: the crops drawn after it stay the same.
+                heads = rng.random() < 0.5
+                hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution, flip=crop.flip and heads)
             else:
                 box = lambda w, h: center_crop_box(w, h, self.resolution, self.crop_ratio)  # noqa: E731
                 hwc = decode_crop(parts[IMAGE_EXT], box, self.resolution)

@@ -173,6 +173,20 @@ def read_chunk(unit: IdxChunk) -> Iterator[RawImage]:
         yield RawImage(key, f"{path.name}#{n}", CLASSES[label], label, png_grey(image))
 
 
+def read_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's images (N x rows x cols uint8) and labels (N,) as numpy arrays, checked as staging checks
+    them: what classical baselines and subsets read."""
+    labels = read_labels(_find(root, labels_file(split)))
+    images = _find(root, images_file(split))
+    count, rows, cols = read_images_header(images)
+    if count != len(labels):
+        raise SourceError(f"{images}: {count} images, but {labels_file(split)} has {len(labels)} labels")
+    data = _read_whole(images)[IMAGES_HEADER.size :]
+    if len(data) != count * rows * cols:
+        raise SourceError(f"{images}: {len(data)} bytes of pixels, the header says {count * rows * cols}")
+    return np.frombuffer(data, np.uint8).reshape(count, rows, cols), np.frombuffer(labels, np.uint8)
+
+
 def png_grey(pixels: np.ndarray) -> bytes:
     """(H, W) uint8 pixels as a lossless 8-bit grey PNG."""
     import cv2  # imported on first use: detecting a kind need not load OpenCV

@@ -243,6 +243,27 @@ def auto_augment(images: torch.Tensor, generator: torch.Generator | None = None)
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def random_translate(images: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image of a batch (N, C, H, W, any dtype) shifted by whole pixels, drawn uniformly from
+    [-fraction x side, +fraction x side] on each axis; the border it uncovers is 0 (black for uint8). A
+    whole-pixel shift moves pixels without resampling them: what padding by k and a random crop back to the
+    size gives (the CIFAR-style translation)."""
+    n, _, h, w = images.shape
+    max_y, max_x = round(fraction * h), round(fraction * w)
+    if n == 0 or max_y == max_x == 0:
+        return images
+    device = images.device
+    dy = torch.randint(-max_y, max_y + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(-max_x, max_x + 1, (n, 1), generator=generator, device=device)
+    padded = F.pad(images, (max_x, max_x, max_y, max_y))
+    # Output pixel (y, x) of image i is padded pixel (y + max_y - dy_i, x + max_x - dx_i).
+    rows = torch.arange(h, device=device) + max_y - dy  # N x H
+    cols = torch.arange(w, device=device) + max_x - dx  # N x W
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def mix_batch(
     x: torch.Tensor,
     labels: torch.Tensor,

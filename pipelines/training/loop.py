@@ -50,6 +50,7 @@ from pipelines.training.schedules import (
 )
 from pipelines.training.steps import (
     accumulate_gradients,
+    average_bn_statistics,
     build_optimizer,
     seed_everything,
     seed_step,
@@ -535,8 +536,10 @@ class CheckpointClock:
 
 def evaluate_and_early_stop(worker: Worker, state: LoopState, epoch: int) -> dict[str, float]:
     """Minival top-1 of the scored weights (summed across ranks), recorded for early stopping from the first
-    scored epoch on (`progressive.choose_from`)."""
+    scored epoch on (`progressive.choose_from`). The ranks' BN statistics are averaged first, so that the score is
+    that of the weights rank 0 checkpoints."""
     recipe, spec = worker.recipe, worker.spec
+    average_bn_statistics(*(m for m in (worker.model, worker.ema) if m is not None))
     loader = make_loader(
         worker.job.dataset_dir,
         "minival",

@@ -184,6 +184,9 @@ class AugmentConfig(_Strict):
     RandAugment magnitude and the mixup alpha stage by stage."""
 
     policy: Literal["none", "randaugment", "autoaugment"] = "none"
+    # Small datasets whose objects fill the frame (28 px photos) keep the whole image and shift it instead of
+    # cropping it: each image moved by whole pixels, up to this fraction of its side, black filling the border.
+    translate: float = Field(0.0, ge=0, lt=0.5, description="max shift of an image, as a fraction of its side")
     randaug_ops: int = Field(2, ge=1)
     randaug_magnitude: float = Field(9.0, ge=0)
     mixup_alpha: float = Field(0.0, ge=0)
@@ -226,6 +229,7 @@ class DataConfig(_Strict):
     # The training crop's ranges (the papers': Inception's); small or close-up datasets often keep more area.
     rrc_scale: tuple[float, float] = Field(TrainCrop.scale, description="area fraction a training crop keeps")
     rrc_ratio: tuple[float, float] = Field(TrainCrop.ratio, description="aspect ratios of a training crop")
+    flip: bool = Field(TrainCrop.flip, description="mirror half the training crops left to right")
 
     @model_validator(mode="after")
     def _crop_ranges(self) -> DataConfig:
@@ -238,7 +242,7 @@ class DataConfig(_Strict):
 
     @property
     def train_crop(self) -> TrainCrop:
-        return TrainCrop(self.rrc_scale, self.rrc_ratio)  # tuples already: validation made them
+        return TrainCrop(self.rrc_scale, self.rrc_ratio, self.flip)  # tuples already: validation made them
 
 
 class ScheduleConfig(_Strict):

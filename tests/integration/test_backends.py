@@ -195,6 +195,19 @@ def test_the_training_crop_ranges_reach_every_backend(formats_dataset: Path, bac
     assert torch.equal(default[1], narrow[1]) and not torch.equal(default[0], narrow[0])  # same samples, other crops
 
 
+@pytest.mark.parametrize("backend", ("wds", *BACKENDS))
+def test_the_flip_can_be_turned_off_in_every_backend(formats_dataset: Path, backend: str) -> None:
+    """Whole images (no crop): with the flip on, some come out mirrored; with it off, none does."""
+    def epoch(flip: bool) -> torch.Tensor:
+        whole = TrainCrop((1.0, 1.0), (1.0, 1.0), flip=flip)
+        return _epoch(make_loader(formats_dataset, "train", 32, 5, backend=backend, train_crop=whole))[0].float()
+
+    on, off = epoch(True), epoch(False)
+    mirrored = (on - off.flip(-1)).abs().mean(dim=(1, 2, 3)) < (on - off).abs().mean(dim=(1, 2, 3))
+    assert 0 < int(mirrored.sum()) < len(on)  # with the flip on, some images but not all are the mirror of off's
+    assert torch.equal(epoch(False), off)  # and off is deterministic (no coin decides anything)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_loader_started_at_batch_k_yields_the_epoch_from_batch_k(formats_dataset: Path, backend: str) -> None:
     def batches(start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -56,6 +56,9 @@ def test_train_job_learns_and_registers(learnable_dataset, five_classes, data_la
     chance = 100 / CLASSES
     assert result.minival_top1 > chance + 20, f"minival top-1 {result.minival_top1} is near chance"
     assert result.epochs_run == recipe.schedule.epochs
+    # The score early stopping chose the checkpoint by (2 ranks, each scoring half of minival) is that checkpoint's
+    # own, as promotion measures it alone in one process: the ranks' BN statistics were averaged into it.
+    assert result.promotion_top1 == pytest.approx(result.minival_top1, abs=1e-9)
 
     mv = c.get_model_version_by_alias(result.registered_model, "candidate")
     assert str(mv.version) == result.version and mv.run_id == result.run_id

@@ -31,6 +31,7 @@ from pipelines.source.idx import (
     dataset_of,
     images_file,
     labels_file,
+    read_split,
     split_definition,
 )
 
@@ -86,6 +87,30 @@ def write_idx(
         pixel_sha256=digests,
         splits=split_definition(),
     )
+
+
+def write_idx_subset(
+    source: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, per_class_train: int, per_class_test: int
+) -> Path:
+    """The first `per_class_train` train and `per_class_test` test images of each class of the idx files in
+    `source` (a real MNIST, Fashion-MNIST or KMNIST), in their order, as the four gzipped files of `out_dir` (name
+    it after the dataset: the name says which it is). Byte-identical for the same arguments."""
+    if per_class_train < 1 or per_class_test < 1:
+        raise ValueError("per_class_train and per_class_test must be >= 1")
+    folder = Path(out_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class in zip(SPLITS, (per_class_train, per_class_test)):
+        images, labels = read_split(Path(source), split)
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(len(CLASSES))]))
+        _, rows, cols = images.shape
+        pixels = IMAGES_HEADER.pack(IMAGES_MAGIC, len(keep), rows, cols) + images[keep].tobytes()
+        _write(folder / (images_file(split) + GZ), pixels, gz=True)
+        _write(
+            folder / (labels_file(split) + GZ),
+            LABELS_HEADER.pack(LABELS_MAGIC, len(keep)) + labels[keep].tobytes(),
+            gz=True,
+        )
+    return folder
 
 
 def _grey(class_index: int, rng: np.random.Generator) -> bytes:
