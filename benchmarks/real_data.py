@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-per-class", type=int, default=200)
     p.add_argument("--full-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--full-epochs", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--tiers", type=int, nargs="+", default=[32], help="staged sizes (the photos are 28 px)")
+    p.add_argument("--tiers", type=int, nargs="+", default=[64],
+                   help="staged sizes (the photos are 28 px; the small recipe trains at 64)")
     p.add_argument("--minival", type=float, default=0.1, help="fraction of each class's train images held out")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -20,8 +20,9 @@ from pipelines.dataset import read_manifest
 from pipelines.source.samples.idx import write_idx_subset
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-# Measured on this subset with 2 CPU workers: val top-1 81-83 over seeds 0-2 (the SVC on the same pixels: ~77).
-FLOOR = 72.0
+# Measured: val top-1 83.3 after 8 epochs (seed 0, 2 CPU workers, 2026-12-08); chance is 10.
+FLOOR = 75.0
+EPOCHS = 8
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
@@ -54,7 +55,10 @@ def test_the_small_recipe_learns_real_photos(tmp_path, prefect_server):
     assert manifest.bad_files == ()
 
     result_file = tmp_path / "result.json"
-    _effnet(tmp_path, env, "train", "--recipe", "small", "--data", version, "--result-file", str(result_file))
+    # Fewer epochs than the recipe's 15: a CI-sized run, still far above chance.
+    _effnet(tmp_path, env, "train", "--recipe", "small", "--epochs", str(EPOCHS), "--data", version,
+            "--result-file", str(result_file))
     result = json.loads(result_file.read_text())
+    print(f"small recipe, {EPOCHS} epochs on 1,800 Fashion-MNIST photos: val top-1 {result['val_top1']:.1f}")
     assert result["params"] < 1_000_000
     assert result["val_top1"] >= FLOOR, result

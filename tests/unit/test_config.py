@@ -28,7 +28,7 @@ def _write(tmp_path: Path, text: str, name: str = "mine.yaml") -> Path:
 
 
 # The recipes the README, the deployments and the CLI's defaults name: each must be listed and load by its name.
-KNOWN_RECIPES = ("demo", "demo-progressive", "finetune", "v1", "v2-progressive")
+KNOWN_RECIPES = ("demo", "demo-progressive", "finetune", "small", "small-progressive", "v1", "v2-progressive")
 
 
 @pytest.mark.parametrize("name", KNOWN_RECIPES)

@@ -75,7 +75,7 @@ def _spec(recipe):
     return recipe.model.spec()
 
 
-@pytest.mark.parametrize("recipe_name,variant", [("demo-progressive", None), ("v2-progressive", None),
+@pytest.mark.parametrize("recipe_name,variant", [("demo-progressive", None), ("small-progressive", None), ("v2-progressive", None),
                                                  ("v2-progressive", "efficientnet_v2_m"),
                                                  ("v2-progressive", "efficientnet_v2_l")])
 @pytest.mark.parametrize("rule", ["paper", "automl"])
