@@ -43,8 +43,8 @@ if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import spread  # noqa: E402
+from pipelines.source.idx import DEBIAN_FASHION_MNIST  # noqa: E402
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 AT_VARIANT_EVAL = "progressive-at-variant-eval"
 GOAL_SPEEDUP, GOAL_POINTS = 1.5, 1.0
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.source.samples.idx import write_idx_subset
 
         # The test split whole: 10,000 images, one point of top-1 is 100 of them.
-        source = write_idx_subset(FASHION_MNIST, work / "fashion-mnist", per_class_train=args.train_per_class,
+        source = write_idx_subset(DEBIAN_FASHION_MNIST, work / "fashion-mnist", per_class_train=args.train_per_class,
                                   per_class_test=1000)
     else:
         source = write_demo_imagenet(work / "archives", num_classes=args.classes,
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({
         "benchmark": "progressive", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
-        "setup": {"data": args.data, "recipe": args.recipe, "phi": args.phi, "sizes": args.sizes, "image_size": args.image_size, "classes": args.classes,
+        "setup": {"data": args.data, "recipe": args.recipe, "phi": args.phi, "sizes": args.sizes,
+                  "image_size": args.image_size, "classes": args.classes,
                   "train_per_class": args.train_per_class, "epochs": args.epochs,
                   "seeds": args.seeds, "val_per_class": args.val_per_class, "arms": args.arms,
                   "minival_images": split_images(dataset, "minival"), "val_images": split_images(dataset, "val"),

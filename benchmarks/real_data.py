@@ -32,13 +32,13 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "real_data.json"
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Run as a script, this folder comes first on sys.path, where models.py would shadow the `models` package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import machine, spread, write_report  # noqa: E402
+from pipelines.source.idx import DEBIAN_FASHION_MNIST  # noqa: E402
 
 PARAMS_LIMIT = 1_000_000
 SUBSET_MINUTES_LIMIT = 20
@@ -60,11 +60,11 @@ def staged_pixels(source: Path, dataset: Path) -> dict[str, tuple]:
     import numpy as np
 
     from pipelines.dataset import read_manifest
-    from pipelines.source.idx import TEST_SPLIT, TRAIN_SPLIT, read_split
+    from pipelines.source.idx import TEST_SPLIT, TRAIN_SPLIT, read_split, record_key
 
     held_out = set(read_manifest(dataset).minival_keys)
     images, labels = read_split(source, TRAIN_SPLIT)
-    train = np.array([f"{TRAIN_SPLIT}_{i:05d}" not in held_out for i in range(len(labels))])
+    train = np.array([record_key(TRAIN_SPLIT, i) not in held_out for i in range(len(labels))])
     test_images, test_labels = read_split(source, TEST_SPLIT)
     flat = lambda a: a.reshape(len(a), -1).astype(np.float32) / 255  # noqa: E731
     return {"train": (flat(images[train]), labels[train]), "test": (flat(test_images), test_labels)}
@@ -146,7 +146,7 @@ def run_full(args: argparse.Namespace, recipe, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=FASHION_MNIST, help="the folder of Fashion-MNIST's idx files")
+    p.add_argument("--source", type=Path, default=DEBIAN_FASHION_MNIST, help="Fashion-MNIST's idx files' folder")
     p.add_argument("--parts", nargs="+", choices=("subset", "full"), default=["subset", "full"])
     p.add_argument("--recipe", default="small")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -25,12 +25,12 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "real_data_ablation.json"
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 if str(REPO_ROOT) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import machine, write_report  # noqa: E402
+from pipelines.source.idx import DEBIAN_FASHION_MNIST  # noqa: E402
 
 WHOLE = {"model": {"crop_ratio": 1.0}, "data": {"rrc_scale": [1.0, 1.0], "rrc_ratio": [1.0, 1.0]}}
 
@@ -95,7 +95,7 @@ def run_arm(recipe, dataset: str, label: str, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=FASHION_MNIST)
+    p.add_argument("--source", type=Path, default=DEBIAN_FASHION_MNIST)
     p.add_argument("--base", default="demo", help="the recipe every arm changes")
     p.add_argument("--arms", nargs="+", default=None, help="default: all")
     p.add_argument("--epochs", type=int, default=10)

@@ -51,6 +51,14 @@ def split_definition() -> dict[str, list[str]]:
 
 
 FILE_NAMES = tuple(name(split) for split in SPLITS for name in (images_file, labels_file))
+# Where Debian's dataset-fashion-mnist installs the real files (`make setup` installs it as root): the real-data
+# tests and benchmarks read it there.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def record_key(split: str, index: int) -> str:
+    """The key of a file's `index`-th image ('train_00012'), as staged."""
+    return safe_key(f"{split}_{index:05d}")
 
 
 # --------------------------------------------------------------------------------------------- the datasets
@@ -169,18 +177,15 @@ def read_chunk(unit: IdxChunk) -> Iterator[RawImage]:
     pixels = np.frombuffer(data, np.uint8).reshape(-1, rows, cols)
     for i, (label, image) in enumerate(zip(unit.labels, pixels)):
         n = unit.start + i
-        key = safe_key(f"{unit.split}_{n:05d}")
-        yield RawImage(key, f"{path.name}#{n}", CLASSES[label], label, png_grey(image))
+        yield RawImage(record_key(unit.split, n), f"{path.name}#{n}", CLASSES[label], label, png_grey(image))
 
 
 def read_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """One split's images (N x rows x cols uint8) and labels (N,) as numpy arrays, checked as staging checks
     them: what classical baselines and subsets read."""
-    labels = read_labels(_find(root, labels_file(split)))
-    images = _find(root, images_file(split))
-    count, rows, cols = read_images_header(images)
-    if count != len(labels):
-        raise SourceError(f"{images}: {count} images, but {labels_file(split)} has {len(labels)} labels")
+    labels_path, images = _find(root, labels_file(split)), _find(root, images_file(split))
+    labels = read_labels(labels_path)
+    count, rows, cols = _images_header_for(images, labels_path, labels)
     data = _read_whole(images)[IMAGES_HEADER.size :]
     if len(data) != count * rows * cols:
         raise SourceError(f"{images}: {len(data)} bytes of pixels, the header says {count * rows * cols}")
@@ -222,14 +227,20 @@ def open_source(root: Path, *, val_per_class: int | None = None) -> Source:
 
 def _split_units(images: Path, labels_path: Path, split: str) -> list[IdxChunk]:
     labels = read_labels(labels_path)
-    count, rows, cols = read_images_header(images)
-    if count != len(labels):
-        raise SourceError(f"{images}: {count} images, but {labels_path.name} has {len(labels)} labels")
+    count, rows, cols = _images_header_for(images, labels_path, labels)
     _check_data_size(images, count * rows * cols)
     return [
         IdxChunk(str(images), split, start, labels[start : start + CHUNK], (rows, cols))
         for start in range(0, count, CHUNK)
     ]
+
+
+def _images_header_for(images: Path, labels_path: Path, labels: bytes) -> tuple[int, int, int]:
+    """(count, rows, cols) of an images file whose count its labels file agrees with."""
+    count, rows, cols = read_images_header(images)
+    if count != len(labels):
+        raise SourceError(f"{images}: {count} images, but {labels_path.name} has {len(labels)} labels")
+    return count, rows, cols
 
 
 def read_labels(path: Path) -> bytes:

@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 
 from pipelines.dataset import read_manifest
+from pipelines.source.idx import DEBIAN_FASHION_MNIST
 from pipelines.source.samples.idx import write_idx_subset
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Measured: val top-1 83.3 after 8 epochs (seed 0, 2 CPU workers, 2026-12-08); chance is 10.
 FLOOR = 75.0
 EPOCHS = 8
 
 pytestmark = pytest.mark.skipif(
-    not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+    not (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
     reason="the Debian package dataset-fashion-mnist is not installed (make setup installs it as root)",
 )
 
@@ -41,7 +41,8 @@ def test_the_small_recipe_learns_real_photos(tmp_path, prefect_server):
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_HOME": str(tmp_path / "ph")}
-    source = write_idx_subset(FASHION_MNIST, tmp_path / "fashion-mnist", per_class_train=200, per_class_test=100)
+    source = write_idx_subset(DEBIAN_FASHION_MNIST, tmp_path / "fashion-mnist", per_class_train=200,
+                              per_class_test=100)
     staged = _effnet(tmp_path, env, "stage", "--source", str(source), "--out", str(tmp_path / "datasets"),
                      "--tiers", "32", "--minival", "0.1", "--no-progress")
     version = staged.stdout.strip().splitlines()[-1]

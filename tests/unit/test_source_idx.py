@@ -24,12 +24,12 @@ from PIL import Image
 from pipelines.dataset import read_manifest
 from pipelines.source import idx
 from pipelines.source.kinds import detect_source_kind, open_source
+from pipelines.source.idx import DEBIAN_FASHION_MNIST
 from pipelines.source.records import RawImage, SourceError
 from pipelines.source.samples.idx import IdxSample, write_idx
 from pipelines.staging.params import StageParams
 from pipelines.staging.stager import stage
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 PER_CLASS_TRAIN, PER_CLASS_TEST, SEED = 4, 2, 3
 IMAGES = {"train": "train-images-idx3-ubyte", "t10k": "t10k-images-idx3-ubyte"}
 LABELS = {"train": "train-labels-idx1-ubyte", "t10k": "t10k-labels-idx1-ubyte"}
@@ -233,9 +233,9 @@ def test_a_file_cut_after_indexing_fails_at_read(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- the real set
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason=f"{FASHION_MNIST} missing (Debian: dataset-fashion-mnist)")
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason=f"{DEBIAN_FASHION_MNIST} missing (Debian: dataset-fashion-mnist)")
 def test_the_real_fashion_mnist() -> None:
-    src = open_source(FASHION_MNIST)
+    src = open_source(DEBIAN_FASHION_MNIST)
     assert (src.kind, src.dataset) == ("idx", "fashion-mnist")
     assert src.manifest_record()["class_names"] == [
         "T-shirt/top",
@@ -264,7 +264,7 @@ def test_the_real_fashion_mnist() -> None:
     assert counts == {"train": {c: 6000 for c in range(10)}, "t10k": {c: 1000 for c in range(10)}}
     # A decoded record is the raw idx pixels, parsed here independently.
     for split, numbers in spot.items():
-        raw = np.frombuffer(gzip.decompress((FASHION_MNIST / f"{IMAGES[split]}.gz").read_bytes()), np.uint8, offset=16)
+        raw = np.frombuffer(gzip.decompress((DEBIAN_FASHION_MNIST / f"{IMAGES[split]}.gz").read_bytes()), np.uint8, offset=16)
         images = raw.reshape(-1, 28, 28)
         for i in numbers:
             assert np.array_equal(_grey_pixels(picked[f"{split}_{i:05d}"]), images[i])
